@@ -1,0 +1,183 @@
+"""The ``simclr`` command: thin Typer wrappers over the importable stage functions.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or recipe error, 130 interrupted
+(state saved). Errors print one line on stderr; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+import simclr_cli
+from simclr_cli.errors import SimclrError
+
+app = typer.Typer(
+    name="simclr",
+    help="SimCLR end to end: contrastive pretraining, evaluation, semi-supervised fine-tuning, distillation, transfer.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes", rich_help_panel="Recipes")
+
+STAGES_PANEL = "Stages"
+_debug = {"on": False}
+
+RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or the name of a bundled recipe (see `simclr recipes list`).")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", metavar="SECTION.KEY=VALUE",
+                 help="Override a recipe key; repeatable. VALUE is a TOML literal or a plain string."),
+]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<recipe name>).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"simclr-cli {simclr_cli.__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    _debug["on"] = debug
+
+
+@contextmanager
+def _handled(debug: bool = False) -> Iterator[None]:
+    """Turn errors into one stderr line and an exit code; re-raise with ``--debug``."""
+    debug = debug or _debug["on"]
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except SimclrError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise typer.Exit(130) from None
+    except Exception as e:  # noqa: BLE001 - the last line of defence for the user
+        if debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        raise typer.Exit(1) from None
+
+
+@app.command(rich_help_panel=STAGES_PANEL)
+def pretrain(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/pretrain/state.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pretrain run in OUT.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Contrastive pretraining on unlabeled images; writes OUT/pretrain/model.safetensors."""
+    with _handled(debug):
+        from simclr_cli.recipe import load_recipe
+        from simclr_cli.stages import pretrain as stage
+
+        r = load_recipe(recipe, set_ or [])
+        summary = stage.run(r, out, resume=resume, overwrite=overwrite, show_progress=not quiet)
+        if not quiet and summary is not None:
+            knn = summary.get("knn_top1")
+            extra = f", kNN top-1 {knn:.2f} (random init {summary.get('knn_top1_init')})" if knn is not None else ""
+            print(f"done: {summary['steps']} steps, {summary['images_per_sec']:.1f} img/s{extra}")
+
+
+def _not_implemented(stage: str) -> None:
+    with _handled():
+        from simclr_cli.errors import NotImplementedStage
+
+        raise NotImplementedStage(f"'simclr {stage}' is not implemented yet; only 'simclr pretrain' works in this version")
+
+
+_PENDING = {
+    "linear-eval": "Linear probe on a frozen encoder (not implemented yet).",
+    "knn": "Weighted kNN evaluation of a frozen encoder (not implemented yet).",
+    "finetune": "Semi-supervised fine-tuning, e.g. --labels 1% (not implemented yet).",
+    "distill": "Teacher -> student self-training (not implemented yet).",
+    "transfer": "Transfer to other datasets (not implemented yet).",
+}
+
+
+def _register_pending(name: str, help_text: str) -> None:
+    def command(ctx: typer.Context) -> None:
+        _not_implemented(name)
+
+    command.__doc__ = help_text
+    app.command(
+        name=name,
+        rich_help_panel=STAGES_PANEL,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(command)
+
+
+for _name, _help in _PENDING.items():
+    _register_pending(_name, _help)
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List the bundled recipes."""
+    with _handled():
+        from rich.console import Console
+        from rich.table import Table
+
+        from simclr_cli.recipe import bundled_recipe_names, load_recipe
+
+        table = Table("name", "dataset", "backbone", "image", "batch", "epochs", "optimizer", "lr", "tau")
+        for name in bundled_recipe_names():
+            r = load_recipe(name)
+            p = r.pretrain
+            table.add_row(name, r.data.dataset, r.model.backbone + (" (cifar stem)" if r.model.cifar_stem else ""),
+                          str(r.data.image_size), str(p.batch_size), str(p.epochs), p.optimizer,
+                          f"{p.lr:g} ({p.lr_scaling})", f"{p.temperature:g}")
+        Console().print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(
+    name: RecipeArg,
+    resolved: Annotated[bool, typer.Option("--resolved", help="Show every key, defaults included.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Print a recipe's TOML (as written, or fully resolved)."""
+    with _handled():
+        from simclr_cli.recipe import load_recipe, recipe_to_toml, resolve_recipe_path
+
+        if resolved or set_:
+            print(recipe_to_toml(load_recipe(name, set_ or [])), end="")
+        else:
+            load_recipe(name)  # validate before showing
+            print(resolve_recipe_path(name).read_text(), end="")
+
+
+@recipes_app.command("validate")
+def recipes_validate(file: RecipeArg, set_: SetOpt = None) -> None:
+    """Check a recipe file (and overrides) against the schema; exit 2 with the first problem."""
+    with _handled():
+        from simclr_cli.recipe import load_recipe, resolve_recipe_path
+
+        r = load_recipe(file, set_ or [])
+        print(f"ok: {resolve_recipe_path(file)} (name={r.name}, dataset={r.data.dataset}, backbone={r.model.backbone})")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="simclr")

@@ -1,0 +1,182 @@
+"""The one training loop, on HF Accelerate, for every stage.
+
+A stage hands it a prepared task (``forward(batch) -> {"loss": ...}``), an
+optimizer, a deterministic sampler and loader, and a schedule; the loop does
+the rest: lr per iteration, backward, logging, epoch hooks (kNN, ...),
+resumable state, and a clean stop on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+
+from simclr_cli.checkpoints import save_state
+from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
+from simclr_cli.engine.signals import StopRequest
+from simclr_cli.errors import DataError, Interrupted
+from simclr_cli.utils import mix_seed
+
+
+@dataclass
+class LoopSpec:
+    """Plain numbers for one run of the loop."""
+
+    total_steps: int
+    steps_per_epoch: int
+    global_batch: int
+    peak_lrs: list[float]  # one per optimizer param group
+    schedule: Callable[[int], float]  # step -> lr multiplier
+    seed: int
+    log_every: int = 10
+    save_every: int = 1  # epochs
+    dataset_size: int = 0
+    max_bad_fraction: float = 0.01
+    stage: str = "train"
+    resume_hint: str = ""
+    interrupt_after: int | None = None  # tests: behave as if SIGTERM arrived after this step
+
+
+@dataclass
+class LoopResult:
+    step: int
+    epoch: int
+    last: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    images_per_sec: float = 0.0
+    bad_images: int = 0
+
+
+EpochHook = Callable[[int, int], dict[str, float]]  # (epoch finished, step) -> metrics to log
+
+
+def run_loop(
+    accelerator: Accelerator,
+    task: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: Any,
+    loader: torch.utils.data.DataLoader,
+    spec: LoopSpec,
+    *,
+    state_dir: Path,
+    metrics: MetricsLog,
+    progress: ProgressDisplay,
+    start_step: int = 0,
+    epoch_hook: EpochHook | None = None,
+    hook_every: int = 0,
+    start_time_offset: float = 0.0,
+) -> LoopResult:
+    """Train from ``start_step`` to ``spec.total_steps``; see the module docstring."""
+    spe = spec.steps_per_epoch
+    step = start_step
+    epoch = step // spe
+    device = accelerator.device
+    world = accelerator.num_processes
+    t0 = time.perf_counter() - start_time_offset
+    train_seconds = 0.0
+    window_start, window_steps = time.perf_counter(), 0
+    bad: set[int] = set()
+    result = LoopResult(step=step, epoch=epoch)
+    loss_sum = torch.zeros((), device=device)
+
+    def save(at_step: int) -> None:
+        if accelerator.is_main_process:
+            save_state(state_dir, accelerator.unwrap_model(task), optimizer,
+                       {"step": at_step, "epoch": at_step // spe, "elapsed": time.perf_counter() - t0})
+        accelerator.wait_for_everyone()
+
+    with StopRequest() as stop:
+        while step < spec.total_steps:
+            sampler.set_epoch(epoch, step - epoch * spe)
+            for batch in loader:
+                torch.manual_seed(mix_seed(spec.seed, "step", step, accelerator.process_index))
+                mult = spec.schedule(step)
+                for group, peak in zip(optimizer.param_groups, spec.peak_lrs):
+                    group["lr"] = peak * mult
+                bad.update(int(i) for i in batch["bad"] if int(i) >= 0)
+                batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                with accelerator.autocast():
+                    out = task(batch)
+                accelerator.backward(out["loss"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_steps += 1
+                loss_sum += out["loss"].detach().float()
+                end_of_epoch = step % spe == 0
+                if step % spec.log_every == 0 or step == spec.total_steps or end_of_epoch:
+                    stats = torch.stack([loss_sum / window_steps, out["z_std"].detach().float(),
+                                         torch.tensor(float(len(bad)), device=device)])
+                    stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
+                    elapsed = time.perf_counter() - window_start
+                    train_seconds += elapsed
+                    record = {
+                        "step": step,
+                        "epoch": round(step / spe, 4),
+                        "loss": round(stats[0].item() / world, 6),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "images_per_sec": round(window_steps * spec.global_batch / max(elapsed, 1e-9), 2),
+                        "z_std": round(stats[1].item() / world, 6),
+                        "time": round(time.perf_counter() - t0, 3),
+                    }
+                    metrics.write(record)
+                    result.last = record
+                    progress.update(
+                        step,
+                        f"loss {record['loss']:.4f} lr {record['lr']:.3g} {record['images_per_sec']:.0f} img/s",
+                        f"{spec.stage} step {step}/{spec.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
+                        f"lr {record['lr']:.4g} img/s {record['images_per_sec']:.1f}",
+                    )
+                    n_bad = int(stats[2].item())
+                    if spec.dataset_size and n_bad > spec.max_bad_fraction * spec.dataset_size:
+                        raise DataError(
+                            f"{n_bad} unreadable images, more than data.max_bad_fraction="
+                            f"{spec.max_bad_fraction} of {spec.dataset_size}; fix or remove them (each was named above)"
+                        )
+                    result.bad_images = n_bad
+                    loss_sum.zero_()
+                    window_start, window_steps = time.perf_counter(), 0
+                if _stop_requested(stop, accelerator) or step == spec.interrupt_after:
+                    save(step)
+                    why = stop.signal_name or "interrupt"
+                    raise Interrupted(f"stopped by {why} at step {step}; state saved in {state_dir}. {spec.resume_hint}")
+                if step >= spec.total_steps:
+                    break
+            if step % spe == 0:  # a whole epoch finished
+                epoch = step // spe
+                if epoch_hook is not None and hook_every and epoch % hook_every == 0 and step < spec.total_steps:
+                    _log_hook(epoch_hook, epoch, step, t0, metrics, progress, result)
+                if spec.save_every and epoch % spec.save_every == 0 and step < spec.total_steps:
+                    save(step)
+                window_start = time.perf_counter()
+            else:
+                epoch = step // spe
+        save(step)
+    result.step, result.epoch = step, epoch
+    result.train_seconds = train_seconds
+    result.images_per_sec = (step - start_step) * spec.global_batch / max(train_seconds, 1e-9)
+    return result
+
+
+def _log_hook(hook: EpochHook, epoch: int, step: int, t0: float, metrics: MetricsLog,
+              progress: ProgressDisplay, result: LoopResult) -> dict[str, float]:
+    values = hook(epoch, step)
+    if values:
+        record = {"step": step, "epoch": epoch, **values, "time": round(time.perf_counter() - t0, 3)}
+        metrics.write(record)
+        progress.message("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        result.last.update(values)
+    return values
+
+
+def _stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
+    """True on every process as soon as any process got a signal (so none is left in a collective)."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

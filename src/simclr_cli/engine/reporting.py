@@ -1,0 +1,73 @@
+"""Metrics to ``metrics.jsonl`` and progress to the screen (rich bar on a terminal, plain lines otherwise)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class MetricsLog:
+    """Append-only JSON lines, flushed per line; only the main process writes."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled and keep_until_step is not None and self.path.exists():
+            # Resuming: drop lines logged after the saved state, they will be logged again.
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif enabled and keep_until_step is None:
+            self.path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class ProgressDisplay:
+    """One rich progress bar on a terminal; plain log lines when stdout is not a terminal."""
+
+    def __init__(self, total: int, done: int, enabled: bool, description: str) -> None:
+        self.enabled = enabled
+        self.console = Console(file=sys.stdout)
+        self.rich = enabled and self.console.is_terminal
+        self.progress: Progress | None = None
+        if self.rich:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.task = self.progress.add_task(description, total=total, completed=done, info="")
+            self.progress.start()
+
+    def update(self, step: int, info: str, line: str | None = None) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=info)
+        elif line:
+            print(line, flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

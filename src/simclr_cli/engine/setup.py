@@ -1,0 +1,38 @@
+"""Building the Accelerator and global BN: the parts of a run that depend on the hardware."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch import nn
+
+from simclr_cli.errors import UsageError
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator for this launch (plain process, torchrun or ``accelerate launch``).
+
+    fp16 needs a GPU; on CPU use ``bf16`` or ``no``.
+    """
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError("pretrain.mixed_precision='fp16' needs a GPU; use 'bf16' or 'no' on CPU")
+    state = AcceleratorState._shared_state
+    if state and state.get("mixed_precision") not in (None, mixed_precision):
+        # Several runs in one Python process (tests, notebooks) may differ in precision.
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def convert_sync_bn(model: nn.Module, accelerator: Accelerator, enabled: bool) -> tuple[nn.Module, str]:
+    """Global BN across processes when asked for and there is more than one process.
+
+    Returns the model and a word for the log: ``local`` (one process or off),
+    ``sync`` (torch SyncBatchNorm on GPU), or ``local-cpu`` when processes run on
+    CPU, where torch's SyncBatchNorm cannot run.
+    """
+    if not enabled or accelerator.num_processes == 1:
+        return model, "local"
+    if accelerator.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model), "sync"
+    return model, "local-cpu"

@@ -1,0 +1,1 @@
+"""Evaluation: kNN, linear probes and metrics."""

@@ -1,0 +1,89 @@
+"""Contrastive losses on two batches of projections, SIMCLR.md section 2 and paper Table 4.
+
+All three take ``z1, z2`` of shape (n, d): the two views of this process's n
+images, row i of each a positive pair. Negatives are gathered from every
+process, so each process scores its own 2n rows against all 2N columns. The
+self-similarity k = i is masked out (set to -inf), never subtracted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from simclr_cli.losses.dist import gather_with_grad, rank
+
+
+def _similarities(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cosine similarities of local rows against all columns, with index helpers.
+
+    Returns:
+        sim: (2n, 2N) float32; row r < n is z1[r], row n + r is z2[r]; columns are
+             [all z1; all z2] across processes.
+        self_col: (2n,) column of each row's own view.
+        pos_col: (2n,) column of each row's positive.
+    """
+    n = z1.shape[0]
+    z1 = F.normalize(z1.float(), dim=1)
+    z2 = F.normalize(z2.float(), dim=1)
+    all1, all2 = gather_with_grad(z1), gather_with_grad(z2)
+    big_n = all1.shape[0]
+    rows = torch.cat([z1, z2], dim=0)
+    cols = torch.cat([all1, all2], dim=0)
+    sim = rows @ cols.T
+    g = rank() * n + torch.arange(n, device=z1.device)  # global index of each local image
+    self_col = torch.cat([g, g + big_n])
+    pos_col = torch.cat([g + big_n, g])
+    return sim, self_col, pos_col
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent: mean over all 2N positive pairs (i, j) and (j, i) of
+    -log[exp(s_ij / t) / sum_{k != i} exp(s_ik / t)].
+
+    Returns this process's share: the mean over its 2n rows. Averaged over
+    processes (as DDP does with gradients), it equals the global loss.
+    """
+    sim, self_col, pos_col = _similarities(z1, z2)
+    logits = sim / temperature
+    logits[torch.arange(logits.shape[0], device=logits.device), self_col] = float("-inf")
+    return F.cross_entropy(logits, pos_col)
+
+
+def nt_logistic(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Logistic (Table 2): -log sigmoid(s_pos / t) - mean_neg log sigmoid(-s_neg / t), per row.
+
+    Negatives are averaged so positive and negative terms carry equal weight.
+    """
+    sim, self_col, pos_col = _similarities(z1, z2)
+    r = torch.arange(sim.shape[0], device=sim.device)
+    logits = sim / temperature
+    pos = logits[r, pos_col]
+    neg_mask = torch.ones_like(logits, dtype=torch.bool)
+    neg_mask[r, self_col] = False
+    neg_mask[r, pos_col] = False
+    neg_term = (F.logsigmoid(-logits) * neg_mask).sum(1) / neg_mask.sum(1)
+    return -(F.logsigmoid(pos) + neg_term).mean()
+
+
+def margin_triplet(z1: torch.Tensor, z2: torch.Tensor, margin: float) -> torch.Tensor:
+    """Margin triplet (Table 2): mean over negatives of max(s_neg - s_pos + m, 0), per row."""
+    sim, self_col, pos_col = _similarities(z1, z2)
+    r = torch.arange(sim.shape[0], device=sim.device)
+    pos = sim[r, pos_col].unsqueeze(1)
+    neg_mask = torch.ones_like(sim, dtype=torch.bool)
+    neg_mask[r, self_col] = False
+    neg_mask[r, pos_col] = False
+    hinge = (sim - pos + margin).clamp_min(0) * neg_mask
+    return (hinge.sum(1) / neg_mask.sum(1)).mean()
+
+
+def contrastive_loss(name: str, z1: torch.Tensor, z2: torch.Tensor, *, temperature: float, margin: float) -> torch.Tensor:
+    """Dispatch on the recipe's ``pretrain.loss``."""
+    if name == "nt_xent":
+        return nt_xent(z1, z2, temperature)
+    if name == "nt_logistic":
+        return nt_logistic(z1, z2, temperature)
+    if name == "margin_triplet":
+        return margin_triplet(z1, z2, margin)
+    raise ValueError(f"unknown loss {name!r}")

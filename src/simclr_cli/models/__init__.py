@@ -1,0 +1,37 @@
+"""Models: timm backbones (with the CIFAR stem), projection heads, and the SimCLR encoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from simclr_cli.models.backbone import apply_cifar_stem, create_backbone
+from simclr_cli.models.heads import projection_head
+from simclr_cli.recipe.schema import ModelConfig
+
+
+class SimCLRModel(nn.Module):
+    """f and g together: ``forward(x)`` returns ``(h, z)`` with h (B, d) and z (B, proj_dim)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.backbone(x)
+        return h, self.head(h)
+
+
+def build_simclr_model(cfg: ModelConfig) -> SimCLRModel:
+    """The encoder and projection head the ``[model]`` section describes."""
+    backbone = create_backbone(cfg.backbone, cifar_stem=cfg.cifar_stem, pretrained=cfg.pretrained)
+    if cfg.proj_layers not in (0, 1, 2, 3):
+        from simclr_cli.errors import UsageError
+
+        raise UsageError(f"model.proj_layers must be 0, 1, 2 or 3, got {cfg.proj_layers}")
+    head = projection_head(backbone.num_features, cfg.proj_layers, cfg.proj_hidden_dim, cfg.proj_dim)
+    return SimCLRModel(backbone, head)
+
+
+__all__ = ["SimCLRModel", "apply_cifar_stem", "build_simclr_model", "create_backbone", "projection_head"]

@@ -1,0 +1,55 @@
+"""Encoder f: any timm model with its classifier removed, plus the CIFAR stem for ResNets."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from simclr_cli.errors import UsageError
+
+
+def create_backbone(name: str, *, cifar_stem: bool = False, pretrained: bool = False) -> nn.Module:
+    """``timm.create_model(name, num_classes=0)``; h = model(x) is the pooled feature, ``model.num_features`` wide.
+
+    Args:
+        name: any timm model name.
+        cifar_stem: apply :func:`apply_cifar_stem` (App. B.9).
+        pretrained: load timm's pretrained weights (downloads); off by default.
+    """
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UsageError(f"model.backbone: '{name}' is not a timm model{hint}; see timm.list_models()")
+    model = timm.create_model(name, num_classes=0, pretrained=pretrained)
+    if cifar_stem:
+        apply_cifar_stem(model, name)
+    return model
+
+
+def apply_cifar_stem(model: nn.Module, name: str = "") -> nn.Module:
+    """CIFAR variant of a ResNet stem: 3x3 stride-1 first conv without bias, and no max-pool.
+
+    A plain stem (``conv1`` is a Conv2d) gets a new 3x3 conv; a deep stem
+    (``conv1`` is a Sequential of 3x3 convs, e.g. resnet18d) keeps its convs with
+    the first one's stride set to 1. Works in place and returns the model.
+    """
+    conv1 = getattr(model, "conv1", None)
+    if conv1 is None or not hasattr(model, "maxpool"):
+        raise UsageError(f"model.cifar_stem is for ResNet-family backbones (conv1 + maxpool); '{name}' has none")
+    if isinstance(conv1, nn.Conv2d):
+        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    elif isinstance(conv1, nn.Sequential) and isinstance(conv1[0], nn.Conv2d):
+        conv1[0].stride = (1, 1)
+    else:
+        raise UsageError(f"model.cifar_stem: cannot adapt the stem of '{name}'")
+    model.maxpool = nn.Identity()
+    return model
+
+
+@torch.no_grad()
+def feature_dim(model: nn.Module) -> int:
+    """Width of h."""
+    return int(model.num_features)

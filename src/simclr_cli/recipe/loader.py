@@ -1,0 +1,269 @@
+"""Read TOML recipes into the typed schema, apply ``--set`` overrides, write them back.
+
+Errors are :class:`~simclr_cli.errors.RecipeError` (exit 2) with one line that
+names the file (or ``--set``), the key, and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+import typing
+from dataclasses import fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from simclr_cli.errors import RecipeError
+from simclr_cli.recipe.schema import Recipe
+
+_REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
+
+
+def bundled_recipes_dir() -> Path:
+    """The folder of recipes shipped with the package (repo ``recipes/`` in a source checkout)."""
+    packaged = Path(str(resources.files("simclr_cli"))) / "recipes"
+    if packaged.is_dir():
+        return packaged
+    return _REPO_RECIPES
+
+
+def bundled_recipe_names() -> list[str]:
+    """Names (file stems) of the bundled recipes, sorted."""
+    folder = bundled_recipes_dir()
+    return sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+
+
+def resolve_recipe_path(arg: str | Path) -> Path:
+    """Turn a recipe argument into a file: an existing path, or a bundled recipe name."""
+    path = Path(arg)
+    if path.is_file():
+        return path
+    names = bundled_recipe_names()
+    stem = path.stem if path.suffix == ".toml" else str(arg)
+    if stem in names and (path.suffix != ".toml" or len(path.parts) == 1 or path.parent.name == "recipes"):
+        return bundled_recipes_dir() / f"{stem}.toml"
+    hint = _did_you_mean(stem, names)
+    if path.suffix == ".toml" or len(path.parts) > 1:
+        raise RecipeError(f"{arg}: no such recipe file{hint}; bundled recipes: {', '.join(names)}")
+    raise RecipeError(f"'{arg}' is neither a recipe file nor a bundled recipe{hint}; bundled recipes: {', '.join(names)}")
+
+
+def load_recipe(arg: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Load a recipe file or bundled name, apply ``section.key=value`` overrides, validate.
+
+    Args:
+        arg: a path to a TOML file or the name of a bundled recipe (``cifar10``).
+        overrides: ``--set`` strings such as ``pretrain.epochs=2``.
+    """
+    path = resolve_recipe_path(arg)
+    raw = read_toml(path)
+    return recipe_from_dict(raw, source=str(path), overrides=overrides)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read recipe: {e.strerror or e}") from None
+    return parse_toml(text, source=str(path))
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message already ends with "(at line L, column C)".
+        raise RecipeError(f"{source}: invalid TOML: {e}") from None
+
+
+def recipe_from_dict(
+    raw: dict[str, Any], source: str = "<recipe>", overrides: typing.Sequence[str] = ()
+) -> Recipe:
+    """Validate a parsed TOML mapping (plus overrides) into a :class:`Recipe`."""
+    merged = _deep_copy(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply_override(merged, key, value, text, source)
+    return _build(Recipe, merged, prefix="", source=source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``section.key=value``; the value is a TOML literal when it parses as one, else a string."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected section.key=value, e.g. pretrain.epochs=2")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"--set {text!r}: missing key before '='")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key, parsed
+
+
+def _apply_override(merged: dict, key: str, value: Any, text: str, source: str) -> None:
+    parts = key.split(".")
+    node = merged
+    cls: Any = Recipe
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in fields(cls)}
+        if part not in names:
+            dotted = ".".join(parts[: i + 1])
+            valid = [".".join([*parts[:i], n]) for n in names]
+            raise RecipeError(f"--set {text}: unknown key '{dotted}'{_did_you_mean(dotted, valid)}")
+        hint = get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            if is_dataclass(hint):
+                raise RecipeError(f"--set {text}: '{key}' is a section; set one of its keys, e.g. {key}.{fields(hint)[0].name}=...")
+            node[part] = value
+            return
+        if not is_dataclass(hint):
+            raise RecipeError(f"--set {text}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"{source}: '{'.'.join(parts[: i + 1])}' must be a table")
+        cls = hint
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: [{where}] must be a table, got {_type_name(raw)}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            valid = [prefix + n for n in known]
+            extra = ""
+            if not known:
+                extra = f" ([{where}] is reserved for a stage that has no settings yet)"
+            raise RecipeError(f"{source}: unknown key '{prefix}{key}'{_did_you_mean(prefix + key, valid)}{extra}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if is_dataclass(hint):
+            kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(raw[name], hint, f"{prefix}{name}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            shown = " | ".join(repr(c) for c in choices)
+            hint_text = _did_you_mean(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
+            raise RecipeError(f"{source}: '{key}' must be one of {shown}, got {value!r}{hint_text}")
+        return value
+    if origin is tuple:
+        args = get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise RecipeError(f"{source}: '{key}' must be an array of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{source}: '{key}' must be a boolean (true/false), got {_type_name(value)} {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{source}: '{key}' must be an integer, got {_type_name(value)} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{source}: '{key}' must be a number, got {_type_name(value)} {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{source}: '{key}' must be a string, got {_type_name(value)} {value!r}")
+        return value
+    raise TypeError(f"unsupported schema type {hint!r} for {key}")  # a bug in the schema, not the user's
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def recipe_to_dict(recipe: Any) -> dict[str, Any]:
+    """A plain nested dict of the recipe (tuples become lists)."""
+    out: dict[str, Any] = {}
+    for f in fields(recipe):
+        value = getattr(recipe, f.name)
+        if is_dataclass(value):
+            out[f.name] = recipe_to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The resolved recipe as TOML text; ``load`` of it gives back an equal recipe."""
+    data = recipe_to_dict(recipe)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines.append("")
+            lines.append(f"[{section}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def recipe_diff(a: Recipe, b: Recipe) -> list[str]:
+    """Dotted keys whose values differ between two recipes."""
+    da, db = _flatten(recipe_to_dict(a)), _flatten(recipe_to_dict(b))
+    return sorted(k for k in da.keys() | db.keys() if da.get(k) != db.get(k))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+

@@ -1,0 +1,137 @@
+"""The recipe schema: frozen, typed dataclasses, one per TOML section.
+
+Every field has a type, a default and a one-line meaning (the ``help`` metadata);
+the recipe reference in the docs is generated from these, so keep them true.
+Each stage reads only its own section plus the shared ones
+(``[data]``, ``[augment]``, ``[model]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best in the schema
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+DatasetName = Literal["synthetic", "cifar10", "cifar100", "stl10", "imagefolder"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: where images come from and how they are fed."""
+
+    dataset: DatasetName = _f("synthetic", "synthetic | cifar10 | cifar100 | stl10 | imagefolder")
+    root: str = _f("data", "dataset root; for imagefolder, the folder holding the split folders")
+    train_split: str = _f("train", "split used for training (stl10: 'train+unlabeled' for pretraining)")
+    val_split: str = _f("val", "labeled split for the kNN monitor and evaluation; '' for none")
+    image_size: int = _f(32, "training resolution in pixels (square)")
+    num_workers: int = _f(2, "DataLoader worker processes per training process")
+    download: bool = _f(False, "let torchvision download cifar10/cifar100/stl10 into root")
+    max_bad_fraction: float = _f(0.01, "stop once more than this fraction of images are unreadable")
+    synthetic_train_size: int = _f(4096, "synthetic: number of training images")
+    synthetic_val_size: int = _f(1024, "synthetic: number of validation images")
+    synthetic_classes: int = _f(10, "synthetic: number of classes (at most 10)")
+    mean: tuple[float, float, float] = _f((0.485, 0.456, 0.406), "per-channel normalization mean")
+    std: tuple[float, float, float] = _f((0.229, 0.224, 0.225), "per-channel normalization std")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """``[augment]``: the SimCLR view pipeline, SIMCLR.md section 2."""
+
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "random resized crop: area range, fraction of the image")
+    crop_ratio: tuple[float, float] = _f((0.75, 4 / 3), "random resized crop: aspect ratio range")
+    flip_p: float = _f(0.5, "horizontal flip probability")
+    strength: float = _f(1.0, "color distortion strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)")
+    jitter_p: float = _f(0.8, "probability of applying color jitter")
+    grayscale_p: float = _f(0.2, "probability of converting to grayscale")
+    blur: bool = _f(True, "Gaussian blur on/off (off for 32 px CIFAR)")
+    blur_p: float = _f(0.5, "blur probability when blur is on")
+    blur_sigma: tuple[float, float] = _f((0.1, 2.0), "blur sigma range, uniform")
+    blur_kernel_frac: float = _f(0.1, "blur kernel size as a fraction of the image side")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: encoder f (any timm model) and projection head g."""
+
+    backbone: str = _f("resnet50", "timm model name; created with num_classes=0")
+    cifar_stem: bool = _f(False, "ResNets: 3x3 stride-1 first conv and no max-pool (App. B.9)")
+    pretrained: bool = _f(False, "start from timm's pretrained weights (downloads; off by default)")
+    proj_layers: int = _f(2, "projection head: 0 identity, 1 linear, 2 MLP (v1), 3 MLP with BN (v2)")
+    proj_hidden_dim: int = _f(0, "hidden width of the head; 0 means the encoder's feature dim")
+    proj_dim: int = _f(128, "output dim of the head (z)")
+
+
+OptimizerName = Literal["lars", "sgd", "adamw"]
+LrScaling = Literal["linear", "sqrt", "none"]
+LossName = Literal["nt_xent", "nt_logistic", "margin_triplet"]
+Precision = Literal["no", "fp16", "bf16"]
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """``[pretrain]``: contrastive pretraining, SIMCLR.md section 2."""
+
+    epochs: int = _f(100, "training epochs")
+    max_steps: int = _f(0, "stop after this many optimizer steps; 0 means no cap")
+    batch_size: int = _f(4096, "global batch size (images; each gives two views)")
+    optimizer: OptimizerName = _f("lars", "lars | sgd | adamw")
+    lr: float = _f(0.3, "base learning rate before lr_scaling")
+    lr_scaling: LrScaling = _f("linear", "linear: lr*B/256 | sqrt: lr*sqrt(B) | none: lr")
+    weight_decay: float = _f(1e-6, "weight decay (not applied to biases and BN)")
+    momentum: float = _f(0.9, "momentum for lars and sgd")
+    nesterov: bool = _f(False, "Nesterov momentum for sgd")
+    trust_coefficient: float = _f(1e-3, "LARS trust coefficient eta")
+    warmup_epochs: float = _f(10.0, "linear warmup length, then cosine decay to 0")
+    temperature: float = _f(0.1, "NT-Xent temperature tau")
+    loss: LossName = _f("nt_xent", "nt_xent | nt_logistic | margin_triplet (paper Table 4)")
+    margin: float = _f(0.5, "margin for margin_triplet")
+    sync_bn: bool = _f(True, "global BatchNorm across processes when there is more than one")
+    mixed_precision: Precision = _f("no", "no | fp16 | bf16")
+    knn_every: int = _f(10, "run the kNN monitor every this many epochs; 0 turns it off")
+    knn_k: int = _f(200, "kNN monitor: neighbours")
+    knn_temperature: float = _f(0.1, "kNN monitor: weights exp(sim / t)")
+    log_every: int = _f(10, "write a metrics line every this many steps")
+    save_every: int = _f(1, "save resumable state every this many epochs")
+
+
+@dataclass(frozen=True)
+class LinearEvalConfig:
+    """``[linear_eval]``: reserved for the linear-eval stage."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """``[finetune]``: reserved for the finetune stage."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """``[distill]``: reserved for the distill stage."""
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """``[transfer]``: reserved for the transfer stage."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe: top-level keys plus one dataclass per section."""
+
+    name: str = _f("run", "run name; the default output folder is runs/<name>")
+    seed: int = _f(0, "seed for initialization, augmentation and data order")
+    data: DataConfig = _f(DataConfig(), "data section")
+    augment: AugmentConfig = _f(AugmentConfig(), "augmentation section")
+    model: ModelConfig = _f(ModelConfig(), "model section")
+    pretrain: PretrainConfig = _f(PretrainConfig(), "pretrain stage section")
+    linear_eval: LinearEvalConfig = _f(LinearEvalConfig(), "linear-eval stage section (reserved)")
+    finetune: FinetuneConfig = _f(FinetuneConfig(), "finetune stage section (reserved)")
+    distill: DistillConfig = _f(DistillConfig(), "distill stage section (reserved)")
+    transfer: TransferConfig = _f(TransferConfig(), "transfer stage section (reserved)")

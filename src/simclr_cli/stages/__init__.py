@@ -1,0 +1,1 @@
+"""Stages: importable ``run()`` functions; the CLI commands are thin wrappers over them."""

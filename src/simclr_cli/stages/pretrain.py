@@ -1,0 +1,285 @@
+"""The ``pretrain`` stage: contrastive pretraining on unlabeled images (SIMCLR.md section 2).
+
+``run(recipe, out_dir)`` builds data, model, optimizer and task from the recipe,
+runs the shared loop, and writes ``OUT/pretrain/``: ``model.safetensors``,
+``recipe.toml``, ``metrics.jsonl``, ``summary.json`` and ``state/``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+import simclr_cli
+from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, has_state, load_state, prefixed_state, save_weights
+from simclr_cli.data.augment import EvalTransform, SimCLRAugment
+from simclr_cli.data.loaders import ContrastiveViews, EvalImages, GlobalBatchSampler, build_source, make_loader
+from simclr_cli.engine.loop import LoopSpec, run_loop
+from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
+from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
+from simclr_cli.engine.tasks import ContrastiveTask
+from simclr_cli.errors import UsageError
+from simclr_cli.evaluation.knn import extract_features, knn_top1
+from simclr_cli.models import SimCLRModel, build_simclr_model
+from simclr_cli.optim import build_optimizer, scaled_lr, warmup_cosine
+from simclr_cli.recipe import Recipe, parse_toml, recipe_diff, recipe_from_dict, recipe_to_toml
+from simclr_cli.utils import atomic_write_text
+
+STAGE = "pretrain"
+# Keys that may change between an interrupted run and its resume.
+RESUMABLE_CHANGES = {"data.num_workers", "data.root", "data.download", "pretrain.log_every"}
+
+
+def run(
+    recipe: Recipe,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    interrupt_after: int | None = None,
+) -> dict[str, Any]:
+    """Pretrain and return the summary (also written to ``OUT/pretrain/summary.json``).
+
+    Args:
+        recipe: the resolved recipe.
+        out_dir: run directory; default ``runs/<recipe.name>``.
+        resume: continue from ``OUT/pretrain/state``.
+        overwrite: replace a finished or interrupted run in the same place.
+        show_progress: progress bar / log lines on the main process.
+        interrupt_after: for tests, stop as if SIGTERM arrived after this step.
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
+    stage_dir = out / STAGE
+    state_dir = stage_dir / STATE_DIR
+    recipe = _check_output(recipe, stage_dir, state_dir, resume=resume, overwrite=overwrite)
+    cfg, pcfg = recipe.data, recipe.pretrain
+
+    accelerator = make_accelerator(pcfg.mixed_precision)
+    main = accelerator.is_main_process
+    torch.manual_seed(recipe.seed)
+
+    # Data.
+    train_source = build_source(cfg, cfg.train_split, recipe.seed)
+    augment = SimCLRAugment(recipe.augment, cfg.image_size, cfg.mean, cfg.std)
+    views = ContrastiveViews(train_source, augment, recipe.seed)
+    sampler = GlobalBatchSampler(len(views), pcfg.batch_size, recipe.seed, accelerator.process_index,
+                                 accelerator.num_processes)
+    pin = accelerator.device.type == "cuda"
+    loader = make_loader(views, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin)
+    spe = len(views) // pcfg.batch_size
+    total = pcfg.epochs * spe
+    warmup = round(pcfg.warmup_epochs * spe)
+    if pcfg.max_steps and pcfg.max_steps < total:
+        # A capped run keeps the same shape of schedule: warmup is the same fraction of it.
+        warmup = round(pcfg.max_steps * pcfg.warmup_epochs / max(pcfg.epochs, 1e-9))
+        total = pcfg.max_steps
+    if total <= 0:
+        raise UsageError("pretrain.epochs and pretrain.max_steps give no training steps; set pretrain.epochs >= 1")
+
+    # Model, optimizer, task.
+    model = build_simclr_model(recipe.model)
+    model, bn_mode = convert_sync_bn(model, accelerator, pcfg.sync_bn)
+    peak = scaled_lr(pcfg.lr, pcfg.batch_size, pcfg.lr_scaling)
+    optimizer = build_optimizer(pcfg.optimizer, model, lr=peak, weight_decay=pcfg.weight_decay,
+                                momentum=pcfg.momentum, nesterov=pcfg.nesterov,
+                                trust_coefficient=pcfg.trust_coefficient)
+    task = ContrastiveTask(model, pcfg.loss, pcfg.temperature, pcfg.margin)
+    task, optimizer = accelerator.prepare(task, optimizer)
+
+    start_step, elapsed0 = 0, 0.0
+    if resume:
+        counters = load_state(state_dir, accelerator.unwrap_model(task), optimizer)
+        start_step, elapsed0 = int(counters["step"]), float(counters.get("elapsed", 0.0))
+    if main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
+    metrics = MetricsLog(stage_dir / "metrics.jsonl", enabled=main, keep_until_step=start_step if resume else None)
+
+    # kNN monitor on h against the labeled val split.
+    knn = _KnnMonitor.build(recipe, accelerator) if pcfg.knn_every else None
+    progress = ProgressDisplay(total, start_step, enabled=show_progress and main, description=f"pretrain {recipe.name}")
+    progress.message(
+        f"pretrain {recipe.name}: {len(views)} images, {spe} steps/epoch, {total} steps, global batch "
+        f"{pcfg.batch_size} on {accelerator.num_processes} process(es) ({accelerator.device.type}), "
+        f"{recipe.model.backbone}, lr {peak:.4g}, BN {bn_mode} -> {stage_dir}"
+        + (f" (resuming at step {start_step})" if resume else "")
+    )
+    init_knn = None
+    if knn is not None and knn.enabled and not resume:
+        init_knn = knn(accelerator.unwrap_model(task).model)
+        metrics.write({"step": 0, "epoch": 0, "knn_top1": init_knn, "time": 0.0})
+        progress.message(f"knn_top1 at init (random encoder): {init_knn}")
+    elif resume:
+        init_knn = _first_knn(stage_dir / "metrics.jsonl")
+
+    spec = LoopSpec(
+        total_steps=total,
+        steps_per_epoch=spe,
+        global_batch=pcfg.batch_size,
+        peak_lrs=[peak] * len(optimizer.param_groups),
+        schedule=partial(warmup_cosine, total_steps=total, warmup_steps=warmup),
+        seed=recipe.seed,
+        log_every=pcfg.log_every,
+        save_every=pcfg.save_every,
+        dataset_size=len(views),
+        max_bad_fraction=cfg.max_bad_fraction,
+        stage=STAGE,
+        resume_hint=f"Resume with: simclr pretrain {stage_dir / 'recipe.toml'} --out {out} --resume",
+        interrupt_after=interrupt_after,
+    )
+    hook = None
+    if knn is not None and knn.enabled:
+        hook = lambda epoch, step: {"knn_top1": knn(accelerator.unwrap_model(task).model)}  # noqa: E731
+    try:
+        result = run_loop(accelerator, task, optimizer, sampler, loader, spec, state_dir=state_dir, metrics=metrics,
+                          progress=progress, start_step=start_step, epoch_hook=hook, hook_every=pcfg.knn_every,
+                          start_time_offset=elapsed0)
+        final_knn = None
+        if knn is not None and knn.enabled:
+            final_knn = knn(accelerator.unwrap_model(task).model)
+            metrics.write({"step": result.step, "epoch": round(result.step / spe, 4), "knn_top1": final_knn,
+                           "time": round(elapsed0 + result.train_seconds, 3)})
+    finally:
+        progress.close()
+
+    unwrapped: SimCLRModel = accelerator.unwrap_model(task).model
+    summary = {
+        "stage": STAGE,
+        "name": recipe.name,
+        "backbone": recipe.model.backbone,
+        "steps": result.step,
+        "epochs": round(result.step / spe, 4),
+        "images": len(views),
+        "global_batch": pcfg.batch_size,
+        "processes": accelerator.num_processes,
+        "device": accelerator.device.type,
+        "final_loss": result.last.get("loss"),
+        "images_per_sec": round(result.images_per_sec, 2),
+        "train_seconds": round(result.train_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - t_start + elapsed0, 2),
+        "bad_images": result.bad_images,
+        "knn_top1": final_knn,
+        "knn_top1_init": init_knn,
+        "version": simclr_cli.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if main:
+        metadata = checkpoint_metadata(recipe, unwrapped, STAGE)
+        tensors = {**prefixed_state("backbone", unwrapped.backbone), **prefixed_state("head", unwrapped.head)}
+        save_weights(stage_dir / MODEL_FILE, tensors, metadata)
+        atomic_write_text(stage_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+
+def checkpoint_metadata(recipe: Recipe, model: SimCLRModel, stage: str) -> dict[str, str]:
+    """The ``simclr.*`` string metadata every checkpoint carries."""
+    return {
+        "simclr.stage": stage,
+        "simclr.backbone": recipe.model.backbone,
+        "simclr.cifar_stem": "true" if recipe.model.cifar_stem else "false",
+        "simclr.feature_dim": str(model.backbone.num_features),
+        "simclr.proj_layers": str(recipe.model.proj_layers),
+        "simclr.image_size": str(recipe.data.image_size),
+        "simclr.version": simclr_cli.__version__,
+        "simclr.recipe": recipe_to_toml(recipe),
+    }
+
+
+def _check_output(recipe: Recipe, stage_dir: Path, state_dir: Path, *, resume: bool, overwrite: bool) -> Recipe:
+    """Never clobber finished work by accident; on resume, check the recipe still matches."""
+    finished = (stage_dir / MODEL_FILE).exists()
+    interrupted = has_state(state_dir) and not finished
+    if resume:
+        if not has_state(state_dir):
+            raise UsageError(f"nothing to resume: {state_dir} has no saved state; start without --resume")
+        saved_path = stage_dir / "recipe.toml"
+        saved = recipe_from_dict(parse_toml(saved_path.read_text(), str(saved_path)), str(saved_path))
+        changed = [k for k in recipe_diff(saved, recipe) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise UsageError(
+                f"--resume with a different recipe than {saved_path} ({', '.join(changed)}); "
+                f"resume with that recipe: simclr pretrain {saved_path} --out {stage_dir.parent} --resume"
+            )
+        return recipe
+    if (finished or interrupted) and not overwrite:
+        what = "a finished" if finished else "an interrupted"
+        todo = "" if finished else "--resume to continue it, "
+        raise UsageError(f"{stage_dir} already holds {what} pretrain run; pass {todo}--overwrite to replace it, "
+                         "or --out DIR to write elsewhere")
+    if overwrite and stage_dir.exists():
+        import shutil
+
+        shutil.rmtree(stage_dir)
+    return recipe
+
+
+def _first_knn(path: Path) -> float | None:
+    """The kNN top-1 logged at step 0 (the random-init encoder) by an earlier, interrupted invocation."""
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("step") == 0 and "knn_top1" in record:
+            return record["knn_top1"]
+    return None
+
+
+class _KnnMonitor:
+    """kNN top-1 of h on the labeled val split, with the labeled train split as memory bank.
+
+    Runs on the main process only (other processes wait); cost: one pass over both splits.
+    """
+
+    def __init__(self, accelerator, bank_loader, query_loader, num_classes: int, k: int, t: float, enabled: bool):
+        self.accelerator = accelerator
+        self.bank_loader = bank_loader
+        self.query_loader = query_loader
+        self.num_classes = num_classes
+        self.k, self.t = k, t
+        self.enabled = enabled
+
+    @classmethod
+    def build(cls, recipe: Recipe, accelerator) -> "_KnnMonitor":
+        cfg = recipe.data
+        if not cfg.val_split:
+            return cls(accelerator, None, None, 0, 0, 0, enabled=False)
+        bank_split = cfg.train_split.split("+")[0]  # stl10 "train+unlabeled": the labeled part
+        bank = build_source(cfg, bank_split, recipe.seed)
+        query = build_source(cfg, cfg.val_split, recipe.seed)
+        labeled = [i for i, y in enumerate(bank.labels) if y >= 0]
+        if not labeled or not any(y >= 0 for y in query.labels):
+            return cls(accelerator, None, None, 0, 0, 0, enabled=False)
+        tf = EvalTransform(cfg.image_size, cfg.mean, cfg.std)
+        bs = max(64, min(512, recipe.pretrain.batch_size))
+        workers = cfg.num_workers
+        pin = accelerator.device.type == "cuda"
+        bank_ds = EvalImages(bank, tf)
+        bank_loader = make_loader(Subset(bank_ds, labeled) if len(labeled) < len(bank) else bank_ds,
+                                  batch_size=bs, num_workers=workers, pin_memory=pin)
+        query_loader = make_loader(EvalImages(query, tf), batch_size=bs, num_workers=workers, pin_memory=pin)
+        num_classes = max(len(bank.classes), max(bank.labels) + 1)
+        return cls(accelerator, bank_loader, query_loader, num_classes, recipe.pretrain.knn_k,
+                   recipe.pretrain.knn_temperature, enabled=True)
+
+    def __call__(self, model: SimCLRModel) -> float | None:
+        acc = None
+        if self.accelerator.is_main_process:
+            autocast = self.accelerator.autocast
+            bank_f, bank_y = extract_features(model.backbone, self.bank_loader, self.accelerator.device, autocast)
+            q_f, q_y = extract_features(model.backbone, self.query_loader, self.accelerator.device, autocast)
+            acc = round(knn_top1(bank_f, bank_y, q_f, q_y, self.num_classes, self.k, self.t), 4)
+        self.accelerator.wait_for_everyone()
+        return acc
+
