@@ -83,10 +83,12 @@ def recipe_from_dict(
 ) -> Recipe:
     """Validate a parsed TOML mapping (plus overrides) into a :class:`Recipe`."""
     merged = _deep_copy(raw)
+    origins: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
         _apply_override(merged, key, value, text, source)
-    return _build(Recipe, merged, prefix="", source=source)
+        origins[key] = f"--set {text}"
+    return _build(Recipe, merged, prefix="", source=source, origins=origins)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -128,7 +130,7 @@ def _apply_override(merged: dict, key: str, value: Any, text: str, source: str) 
         cls = hint
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str]) -> Any:
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: [{where}] must be a table, got {_type_name(raw)}")
@@ -147,9 +149,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
             continue
         hint = hints[name]
         if is_dataclass(hint):
-            kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.", source)
+            kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.", source, origins)
         else:
-            kwargs[name] = _coerce(raw[name], hint, f"{prefix}{name}", source)
+            key = f"{prefix}{name}"
+            kwargs[name] = _coerce(raw[name], hint, key, origins.get(key, source))
     return cls(**kwargs)
 
 

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny recipes that train in seconds on CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download weights
+
+
+TINY_RECIPE = """
+name = "tiny"
+seed = 0
+
+[data]
+dataset = "synthetic"
+val_split = "val"
+image_size = 16
+num_workers = 0
+synthetic_train_size = 64
+synthetic_val_size = 32
+
+[augment]
+strength = 0.5
+blur = false
+
+[model]
+backbone = "test_resnet"
+proj_layers = 2
+proj_dim = 16
+
+[pretrain]
+epochs = 2
+batch_size = 16
+lr = 0.5
+weight_decay = 1e-4
+warmup_epochs = 1
+temperature = 0.5
+knn_every = 1
+knn_k = 5
+log_every = 2
+"""
+
+
+@pytest.fixture
+def tiny_recipe_file(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_RECIPE)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path, monkeypatch):
+    """Runs default to ./runs; keep every test's runs in its own temp folder."""
+    monkeypatch.chdir(tmp_path)

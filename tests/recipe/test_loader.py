@@ -1,0 +1,143 @@
+import tomllib
+
+import pytest
+
+from simclr_cli.errors import RecipeError
+from simclr_cli.recipe import (
+    Recipe,
+    bundled_recipe_names,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_toml,
+    resolve_recipe_path,
+)
+
+BUNDLED = ["cifar10", "cifar100", "imagenet", "quickstart", "stl10"]
+
+
+def test_bundled_recipes_are_shipped():
+    assert set(BUNDLED) <= set(bundled_recipe_names())
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_recipe_validates_and_name_matches_stem(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name == resolve_recipe_path(name).stem
+    # round trip through the writer gives the same recipe
+    assert recipe_from_dict(tomllib.loads(recipe_to_toml(recipe))) == recipe
+
+
+def test_imagenet_recipe_is_the_paper_default():
+    r = load_recipe("imagenet")
+    assert (r.model.backbone, r.pretrain.batch_size, r.pretrain.optimizer) == ("resnet50", 4096, "lars")
+    assert (r.pretrain.lr, r.pretrain.lr_scaling, r.pretrain.weight_decay) == (0.3, "linear", 1e-6)
+    assert (r.pretrain.temperature, r.pretrain.epochs, r.pretrain.warmup_epochs) == (0.1, 100, 10)
+    assert r.augment.blur and r.augment.strength == 1.0 and r.data.image_size == 224
+    assert (r.data.dataset, r.data.train_split, r.data.val_split) == ("imagefolder", "train", "val")
+
+
+def test_cifar10_recipe_is_the_reference_cifar_recipe():
+    r = load_recipe("cifar10")
+    assert (r.model.backbone, r.model.cifar_stem, r.pretrain.batch_size) == ("resnet18", True, 512)
+    assert (r.pretrain.optimizer, r.pretrain.lr, r.pretrain.temperature) == ("lars", 1.0, 0.5)
+    assert (r.augment.strength, r.augment.blur, r.pretrain.epochs) == (0.5, False, 1000)
+
+
+def test_stl10_recipe_pretrains_on_unlabeled_plus_train():
+    r = load_recipe("stl10")
+    assert r.data.train_split == "train+unlabeled" and r.data.image_size == 96 and r.augment.blur
+
+
+def test_required_keys_exist():
+    r = Recipe()
+    for section, keys in {
+        "data": "dataset root train_split val_split image_size num_workers",
+        "model": "backbone cifar_stem proj_layers proj_hidden_dim proj_dim",
+        "pretrain": "epochs max_steps batch_size optimizer lr lr_scaling weight_decay warmup_epochs temperature "
+        "sync_bn mixed_precision knn_every",
+    }.items():
+        for key in keys.split():
+            assert hasattr(getattr(r, section), key), f"{section}.{key}"
+    assert r.pretrain.max_steps == 0
+
+
+def test_overrides_parse_toml_literals_and_fall_back_to_strings():
+    r = load_recipe(
+        "quickstart",
+        ["pretrain.epochs=2", "data.root=/data/imagenet", "augment.crop_scale=[0.2,1.0]", "pretrain.sync_bn=false",
+         "seed=7", "pretrain.lr=2", "model.backbone=resnet18"],
+    )
+    assert r.pretrain.epochs == 2
+    assert r.data.root == "/data/imagenet"
+    assert r.augment.crop_scale == (0.2, 1.0)
+    assert r.pretrain.sync_bn is False and r.seed == 7
+    assert r.pretrain.lr == 2.0 and isinstance(r.pretrain.lr, float)
+    assert r.model.backbone == "resnet18"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pretrain.epoch=3", "unknown key 'pretrain.epoch' (did you mean 'pretrain.epochs'?)"),
+        ("pretrian.epochs=3", "unknown key 'pretrian' (did you mean 'pretrain'?)"),
+        ("pretrain.epochs=three", "'pretrain.epochs' must be an integer, got string 'three'"),
+        ("pretrain.optimizer=lasr", "must be one of 'lars' | 'sgd' | 'adamw', got 'lasr' (did you mean 'lars'?)"),
+        ("pretrain.epochs", "expected section.key=value"),
+        ("pretrain=3", "'pretrain' is a section"),
+    ],
+)
+def test_bad_overrides_are_named(override, message):
+    with pytest.raises(RecipeError, match=None) as e:
+        load_recipe("quickstart", [override])
+    assert message in str(e.value)
+    assert "--set" in str(e.value)
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "r.toml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_in_file_names_file_and_suggests(tmp_path):
+    p = _write(tmp_path, 'name = "x"\n[model]\nbackbon = "resnet18"\n')
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert str(p) in str(e.value) and "unknown key 'model.backbon' (did you mean 'model.backbone'?)" in str(e.value)
+
+
+def test_unknown_section(tmp_path):
+    p = _write(tmp_path, "[augmnet]\nstrength = 0.5\n")
+    with pytest.raises(RecipeError, match=r"unknown key 'augmnet' \(did you mean 'augment'\?\)"):
+        load_recipe(p)
+
+
+def test_wrong_type_names_expected_type(tmp_path):
+    p = _write(tmp_path, "[pretrain]\nbatch_size = 2.5\n")
+    with pytest.raises(RecipeError, match=r"r.toml: 'pretrain.batch_size' must be an integer, got number 2.5"):
+        load_recipe(p)
+    p = _write(tmp_path, '[augment]\nblur = "yes"\n')
+    with pytest.raises(RecipeError, match="'augment.blur' must be a boolean"):
+        load_recipe(p)
+    p = _write(tmp_path, "[augment]\ncrop_scale = 0.2\n")
+    with pytest.raises(RecipeError, match="'augment.crop_scale' must be an array of 2 numbers"):
+        load_recipe(p)
+
+
+def test_syntax_error_gives_line_and_column(tmp_path):
+    p = _write(tmp_path, 'name = "x"\n[pretrain]\nepochs = = 3\n')
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert str(p) in str(e.value) and "line 3" in str(e.value) and "column" in str(e.value)
+
+
+def test_reserved_stage_sections_accept_no_keys_yet(tmp_path):
+    p = _write(tmp_path, "[finetune]\nepochs = 3\n")
+    with pytest.raises(RecipeError, match="reserved"):
+        load_recipe(p)
+    load_recipe(_write(tmp_path, "[finetune]\n[distill]\n[transfer]\n[linear_eval]\n"))
+
+
+def test_missing_recipe_suggests_bundled():
+    with pytest.raises(RecipeError, match=r"did you mean 'cifar10'\?"):
+        load_recipe("cifar1O")

@@ -1,0 +1,102 @@
+"""The pretrain stage end to end on tiny data: files, checkpoint format, resume, safety."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from simclr_cli.checkpoints import read_metadata, sub_state
+from simclr_cli.errors import Interrupted, UsageError
+from simclr_cli.models import apply_cifar_stem
+from simclr_cli.recipe import load_recipe, recipe_from_dict
+from simclr_cli.recipe.loader import parse_toml
+from simclr_cli.stages import pretrain
+
+
+def test_pretrain_writes_all_outputs(tiny_recipe_file, tmp_path):
+    recipe = load_recipe(tiny_recipe_file, ["model.cifar_stem=true"])
+    summary = pretrain.run(recipe, tmp_path / "run", show_progress=False)
+    d = tmp_path / "run" / "pretrain"
+    assert {p.name for p in d.iterdir()} >= {"model.safetensors", "recipe.toml", "metrics.jsonl", "summary.json", "state"}
+    # summary
+    on_disk = json.loads((d / "summary.json").read_text())
+    assert on_disk["steps"] == summary["steps"] == 8  # 64 images / 16 per batch * 2 epochs
+    assert on_disk["knn_top1"] is not None and on_disk["knn_top1_init"] is not None
+    assert on_disk["images_per_sec"] > 0 and on_disk["wall_seconds"] > 0
+    # metrics
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train_lines] == [2, 4, 6, 8]
+    for x in train_lines:
+        assert {"step", "epoch", "loss", "lr", "images_per_sec", "time"} <= set(x)
+    assert sum("knn_top1" in x for x in lines) == 3  # init, after epoch 1, final
+    # recipe.toml is the resolved recipe
+    assert recipe_from_dict(parse_toml((d / "recipe.toml").read_text(), "r")) == recipe
+    # checkpoint: backbone.* loads strictly into timm with the CIFAR stem; metadata
+    tensors = load_file(d / "model.safetensors")
+    assert tensors and all(k.startswith(("backbone.", "head.")) for k in tensors)
+    timm_model = apply_cifar_stem(timm.create_model("test_resnet", num_classes=0))
+    timm_model.load_state_dict(sub_state(tensors, "backbone"), strict=True)
+    meta = read_metadata(d / "model.safetensors")
+    assert meta["simclr.stage"] == "pretrain" and meta["simclr.backbone"] == "test_resnet"
+    assert meta["simclr.cifar_stem"] == "true" and meta["simclr.feature_dim"] == str(timm_model.num_features)
+    assert meta["simclr.version"] and recipe_from_dict(parse_toml(meta["simclr.recipe"], "m")) == recipe
+
+
+def _weights(path):
+    return load_file(path / "pretrain" / "model.safetensors")
+
+
+def test_resume_matches_uninterrupted_run(tiny_recipe_file, tmp_path):
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.epochs=3", "pretrain.knn_every=0"])
+    pretrain.run(recipe, tmp_path / "full", show_progress=False)
+    with pytest.raises(Interrupted, match="--resume"):
+        pretrain.run(recipe, tmp_path / "cut", show_progress=False, interrupt_after=5)  # mid-epoch 2
+    assert not (tmp_path / "cut" / "pretrain" / "model.safetensors").exists()
+    with pytest.raises(UsageError, match="interrupted"):
+        pretrain.run(recipe, tmp_path / "cut", show_progress=False)
+    pretrain.run(recipe, tmp_path / "cut", show_progress=False, resume=True)
+    full, cut = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert full.keys() == cut.keys()
+    for k in full:
+        torch.testing.assert_close(cut[k], full[k], rtol=0, atol=0, msg=k)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_resume_refuses_a_changed_recipe(tiny_recipe_file, tmp_path):
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0"])
+    with pytest.raises(Interrupted):
+        pretrain.run(recipe, tmp_path / "r", show_progress=False, interrupt_after=2)
+    other = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.lr=0.1"])
+    with pytest.raises(UsageError, match="pretrain.lr"):
+        pretrain.run(other, tmp_path / "r", show_progress=False, resume=True)
+
+
+def test_finished_run_is_never_overwritten_silently(tiny_recipe_file, tmp_path):
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.epochs=1", "pretrain.knn_every=0"])
+    pretrain.run(recipe, tmp_path / "r", show_progress=False)
+    before = (tmp_path / "r" / "pretrain" / "model.safetensors").read_bytes()
+    with pytest.raises(UsageError, match="--overwrite"):
+        pretrain.run(recipe, tmp_path / "r", show_progress=False)
+    assert (tmp_path / "r" / "pretrain" / "model.safetensors").read_bytes() == before
+    pretrain.run(recipe, tmp_path / "r", show_progress=False, overwrite=True)
+    with pytest.raises(UsageError, match="nothing to resume"):
+        pretrain.run(recipe, tmp_path / "other", show_progress=False, resume=True)
+
+
+@pytest.mark.parametrize("loss", ["nt_logistic", "margin_triplet"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_loss_and_optimizer_choices_train(tiny_recipe_file, tmp_path, loss, optimizer):
+    recipe = load_recipe(tiny_recipe_file, [f"pretrain.loss={loss}", f"pretrain.optimizer={optimizer}",
+                                            "pretrain.epochs=1", "pretrain.knn_every=0", "pretrain.lr=0.01"])
+    summary = pretrain.run(recipe, tmp_path / "r", show_progress=False)
+    assert summary["steps"] == 4 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+
+
+def test_too_few_images_for_a_batch_is_a_usage_error(tiny_recipe_file, tmp_path):
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.batch_size=128"])
+    with pytest.raises(UsageError, match="fewer than one global batch"):
+        pretrain.run(recipe, tmp_path / "r", show_progress=False)
