@@ -136,19 +136,23 @@ for _name, _help in _PENDING.items():
 def recipes_list() -> None:
     """List the bundled recipes."""
     with _handled():
+        from rich import box
         from rich.console import Console
         from rich.table import Table
 
         from simclr_cli.recipe import bundled_recipe_names, load_recipe
 
-        table = Table("name", "dataset", "backbone", "image", "batch", "epochs", "optimizer", "lr", "tau")
+        table = Table("name", "dataset", "backbone", "px", "batch", "epochs", "optimizer", "tau", box=box.SIMPLE)
         for name in bundled_recipe_names():
             r = load_recipe(name)
             p = r.pretrain
             table.add_row(name, r.data.dataset, r.model.backbone + (" (cifar stem)" if r.model.cifar_stem else ""),
-                          str(r.data.image_size), str(p.batch_size), str(p.epochs), p.optimizer,
-                          f"{p.lr:g} ({p.lr_scaling})", f"{p.temperature:g}")
-        Console().print(table)
+                          str(r.data.image_size), str(p.batch_size), str(p.epochs),
+                          f"{p.optimizer} {p.lr:g} ({p.lr_scaling})", f"{p.temperature:g}")
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)  # files and pipes: never truncate
+        console.print(table)
 
 
 @recipes_app.command("show")

@@ -141,3 +141,12 @@ def test_reserved_stage_sections_accept_no_keys_yet(tmp_path):
 def test_missing_recipe_suggests_bundled():
     with pytest.raises(RecipeError, match=r"did you mean 'cifar10'\?"):
         load_recipe("cifar1O")
+
+
+def test_docs_recipe_reference_is_generated_from_the_schema():
+    from pathlib import Path
+
+    from simclr_cli.recipe.reference import recipe_reference
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
+    assert doc.read_text() == recipe_reference(), "regenerate: python -m simclr_cli.recipe.reference > docs/recipes.md"

@@ -17,10 +17,10 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     """
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("pretrain.mixed_precision='fp16' needs a GPU; use 'bf16' or 'no' on CPU")
-    state = AcceleratorState._shared_state
-    if state and state.get("mixed_precision") not in (None, mixed_precision):
-        # Several runs in one Python process (tests, notebooks) may differ in precision.
-        AcceleratorState._reset_state()
+    if AcceleratorState._shared_state:
+        # Several runs in one Python process (tests, notebooks) may differ in precision;
+        # the process-group part (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision)
 
 

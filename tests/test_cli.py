@@ -1,0 +1,112 @@
+"""The CLI as a user meets it: exit codes, one-line errors, help panels, outputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+import simclr_cli
+from simclr_cli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_version():
+    r = invoke("--version")
+    assert r.exit_code == 0 and simclr_cli.__version__ in r.stdout
+
+
+def test_help_lists_stages_in_panels():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for name in ("pretrain", "linear-eval", "finetune", "distill", "transfer", "recipes", "Stages"):
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize("stage", ["linear-eval", "finetune", "distill", "transfer", "knn"])
+def test_unbuilt_stages_exit_1(stage):
+    r = invoke(stage, "--labels", "1%")
+    assert r.exit_code == 1 and "not implemented yet" in r.stderr
+
+
+def test_recipe_error_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pretrain]\nepochz = 3\n")
+    r = invoke("pretrain", str(bad))
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "did you mean 'pretrain.epochs'" in lines[0]
+    assert "Traceback" not in r.output
+
+
+def test_toml_syntax_error_exit_2_with_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    r = invoke("recipes", "validate", str(bad))
+    assert r.exit_code == 2 and "line 1" in r.stderr
+
+
+def test_bad_set_exit_2():
+    r = invoke("pretrain", "quickstart", "--set", "pretrain.epochs=lots")
+    assert r.exit_code == 2 and "--set pretrain.epochs=lots" in r.stderr and "integer" in r.stderr
+
+
+def test_unknown_recipe_exit_2():
+    r = invoke("pretrain", "imagenett")
+    assert r.exit_code == 2 and "did you mean 'imagenet'" in r.stderr
+
+
+def test_missing_data_exit_2_names_the_place(tmp_path):
+    r = invoke("pretrain", "imagenet", "--set", f"data.root={tmp_path}/nowhere")
+    assert r.exit_code == 2 and f"{tmp_path}/nowhere/train" in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = invoke("--debug", "pretrain", "imagenett")
+    assert r.exit_code != 0 and r.exception is not None and not isinstance(r.exception, SystemExit)
+
+
+def test_runtime_failure_exit_1(tmp_path):
+    # An imagefolder whose only image is corrupt: every sample fails -> runtime error, exit 1.
+    root = tmp_path / "d" / "train" / "a"
+    root.mkdir(parents=True)
+    for i in range(4):
+        (root / f"{i}.jpg").write_bytes(b"not a jpeg")
+    r = invoke("pretrain", "quickstart", "--set", "data.dataset=imagefolder", "--set", f"data.root={tmp_path}/d",
+               "--set", "pretrain.batch_size=2", "--set", "pretrain.knn_every=0", "--out", str(tmp_path / "o"))
+    assert r.exit_code == 1, r.output
+    assert "unreadable" in r.stderr and len(r.stderr.strip().splitlines()[-1]) > 0
+
+
+def test_recipes_list_show_validate(tiny_recipe_file):
+    r = invoke("recipes", "list")
+    assert r.exit_code == 0 and "quickstart" in r.stdout and "imagenet" in r.stdout
+    r = invoke("recipes", "show", "cifar10")
+    assert r.exit_code == 0 and 'backbone = "resnet18"' in r.stdout
+    r = invoke("recipes", "show", "cifar10", "--resolved")
+    assert r.exit_code == 0 and "knn_k = 200" in r.stdout
+    r = invoke("recipes", "validate", str(tiny_recipe_file))
+    assert r.exit_code == 0 and "ok:" in r.stdout
+
+
+def test_pretrain_cli_writes_runs_name_by_default(tiny_recipe_file, tmp_path):
+    r = invoke("pretrain", str(tiny_recipe_file), "--set", "pretrain.epochs=1", "--set", "pretrain.knn_every=0")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "runs" / "tiny" / "pretrain" / "summary.json").read_text())
+    assert summary["steps"] == 4
+    # output is not a terminal: plain lines, no control codes
+    assert "\x1b[" not in r.stdout and "pretrain step 4/4" in r.stdout
+    r = invoke("pretrain", str(tiny_recipe_file), "--set", "pretrain.epochs=1", "--set", "pretrain.knn_every=0")
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+
+
+def test_python_dash_m_works():
+    r = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and simclr_cli.__version__ in r.stdout
