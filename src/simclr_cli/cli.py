@@ -94,10 +94,16 @@ def pretrain(
 
         r = load_recipe(recipe, set_ or [])
         summary = stage.run(r, out, resume=resume, overwrite=overwrite, show_progress=not quiet)
-        if not quiet and summary is not None:
+        if not quiet and summary is not None and _is_main_process():
             knn = summary.get("knn_top1")
             extra = f", kNN top-1 {knn:.2f} (random init {summary.get('knn_top1_init')})" if knn is not None else ""
             print(f"done: {summary['steps']} steps, {summary['images_per_sec']:.1f} img/s{extra}")
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _not_implemented(stage: str) -> None:

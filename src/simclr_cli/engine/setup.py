@@ -21,7 +21,8 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
         # Several runs in one Python process (tests, notebooks) may differ in precision;
         # the process-group part (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision)
+    # cpu=True lets Accelerate pick up torchrun/accelerate-launch processes on CPU (gloo).
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def convert_sync_bn(model: nn.Module, accelerator: Accelerator, enabled: bool) -> tuple[nn.Module, str]:

@@ -113,6 +113,9 @@ def run(
         f"{recipe.model.backbone}, lr {peak:.4g}, BN {bn_mode} -> {stage_dir}"
         + (f" (resuming at step {start_step})" if resume else "")
     )
+    if warmup >= total:
+        progress.message(f"warning: pretrain.warmup_epochs={pcfg.warmup_epochs:g} covers the whole run "
+                         f"({pcfg.epochs} epochs); the learning rate never reaches its peak. Lower warmup_epochs.")
     init_knn = None
     if knn is not None and knn.enabled and not resume:
         init_knn = knn(accelerator.unwrap_model(task).model)
