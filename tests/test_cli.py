@@ -110,3 +110,31 @@ def test_pretrain_cli_writes_runs_name_by_default(tiny_recipe_file, tmp_path):
 def test_python_dash_m_works():
     r = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and simclr_cli.__version__ in r.stdout
+
+
+def test_sigterm_saves_state_and_resume_finishes(tiny_recipe_file, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "simclr_cli", "pretrain", str(tiny_recipe_file), "--out", str(out),
+            "--set", "pretrain.epochs=200", "--set", "pretrain.max_steps=60", "--set", "pretrain.knn_every=0",
+            "--set", "pretrain.log_every=1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "pretrain" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGTERM" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    trainer = json.loads((out / "pretrain" / "state" / "trainer.json").read_text())
+    assert trainer["step"] >= 2
+    assert not (out / "pretrain" / "model.safetensors").exists()
+    assert trainer["step"] < 60, "the run finished before the signal; make it longer"
+    r = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "pretrain" / "summary.json").read_text())["steps"] == 60
+    r = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "finished" in r.stderr

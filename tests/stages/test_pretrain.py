@@ -100,3 +100,30 @@ def test_too_few_images_for_a_batch_is_a_usage_error(tiny_recipe_file, tmp_path)
     recipe = load_recipe(tiny_recipe_file, ["pretrain.batch_size=128"])
     with pytest.raises(UsageError, match="fewer than one global batch"):
         pretrain.run(recipe, tmp_path / "r", show_progress=False)
+
+
+def _folder_with_one_corrupt_image(root):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / "train" / c / f"{i}.png")
+    bad = root / "train" / "a" / "3.png"
+    bad.write_bytes(b"\x89PNG broken")
+    return bad
+
+
+def test_corrupt_images_skipped_then_stop_past_the_fraction(tiny_recipe_file, tmp_path, capsys):
+    from simclr_cli.errors import DataError
+
+    bad = _folder_with_one_corrupt_image(tmp_path / "imgs")
+    common = ["data.dataset='imagefolder'", f"data.root='{tmp_path / 'imgs'}'", "data.val_split=''",
+              "pretrain.epochs=1", "pretrain.batch_size=20", "pretrain.knn_every=0"]
+    summary = pretrain.run(load_recipe(tiny_recipe_file, [*common, "data.max_bad_fraction=0.1"]), tmp_path / "ok",
+                           show_progress=False)
+    assert summary["bad_images"] == 1 and str(bad) in capsys.readouterr().err
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        pretrain.run(load_recipe(tiny_recipe_file, common), tmp_path / "stop", show_progress=False)

@@ -205,6 +205,8 @@ def _check_output(recipe: Recipe, stage_dir: Path, state_dir: Path, *, resume: b
     finished = (stage_dir / MODEL_FILE).exists()
     interrupted = has_state(state_dir) and not finished
     if resume:
+        if finished:
+            raise UsageError(f"nothing to resume: {stage_dir} holds a finished run; use --overwrite to train it again")
         if not has_state(state_dir):
             raise UsageError(f"nothing to resume: {state_dir} has no saved state; start without --resume")
         saved_path = stage_dir / "recipe.toml"
