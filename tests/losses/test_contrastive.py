@@ -65,30 +65,30 @@ def test_self_similarity_is_masked_not_subtracted():
     assert loss == pytest.approx(expected, rel=1e-6)
 
 
-def naive_nt_logistic(z1, z2, tau):
+def _pairs(z1, z2):
+    """Normalized views and, per anchor i, its positive j and its 2N-2 negatives."""
     z = torch.nn.functional.normalize(torch.cat([z1, z2]).double(), dim=1)
     n2 = len(z)
-    n = n2 // 2
-    total = 0.0
     for i in range(n2):
-        j = (i + n) % n2
-        negs = [k for k in range(n2) if k not in (i, j)]
+        j = (i + n2 // 2) % n2
+        yield z, i, j, [k for k in range(n2) if k not in (i, j)]
+
+
+def naive_nt_logistic(z1, z2, tau):
+    total, count = 0.0, 0
+    for z, i, j, negs in _pairs(z1, z2):
         pos = torch.nn.functional.logsigmoid(z[i] @ z[j] / tau)
         neg = sum(torch.nn.functional.logsigmoid(-(z[i] @ z[k]) / tau) for k in negs) / len(negs)
-        total = total - (pos + neg)
-    return total / n2
+        total, count = total - (pos + neg), count + 1
+    return total / count
 
 
 def naive_margin_triplet(z1, z2, m):
-    z = torch.nn.functional.normalize(torch.cat([z1, z2]).double(), dim=1)
-    n2 = len(z)
-    n = n2 // 2
-    total = 0.0
-    for i in range(n2):
-        j = (i + n) % n2
-        negs = [k for k in range(n2) if k not in (i, j)]
-        total = total + sum(torch.clamp(z[i] @ z[k] - z[i] @ z[j] + m, min=0) for k in negs) / len(negs)
-    return total / n2
+    total, count = 0.0, 0
+    for z, i, j, negs in _pairs(z1, z2):
+        total += sum(torch.clamp(z[i] @ z[k] - z[i] @ z[j] + m, min=0) for k in negs) / len(negs)
+        count += 1
+    return total / count
 
 
 @pytest.mark.parametrize("n", [2, 7])

@@ -44,7 +44,7 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         data = path.read_bytes()
         return st_load(data), read_metadata(path)
-    except (OSError, Exception) as e:  # noqa: BLE001 - safetensors raises its own error types
+    except Exception as e:  # noqa: BLE001 - OSError or safetensors' own error types
         raise SimclrError(f"{path}: cannot read checkpoint: {e}") from None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import timm
-import torch
 from torch import nn
 
 from simclr_cli.errors import UsageError
@@ -48,8 +47,3 @@ def apply_cifar_stem(model: nn.Module, name: str = "") -> nn.Module:
     model.maxpool = nn.Identity()
     return model
 
-
-@torch.no_grad()
-def feature_dim(model: nn.Module) -> int:
-    """Width of h."""
-    return int(model.num_features)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -224,8 +225,6 @@ def _check_output(recipe: Recipe, stage_dir: Path, state_dir: Path, *, resume: b
         raise UsageError(f"{stage_dir} already holds {what} pretrain run; pass {todo}--overwrite to replace it, "
                          "or --out DIR to write elsewhere")
     if overwrite and stage_dir.exists():
-        import shutil
-
         shutil.rmtree(stage_dir)
     return recipe
 
