@@ -8,6 +8,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from simclr_cli.errors import UsageError
+from simclr_cli.models.global_bn import convert_global_bn, local_batchnorms
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
@@ -28,12 +29,19 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
 def convert_sync_bn(model: nn.Module, accelerator: Accelerator, enabled: bool) -> tuple[nn.Module, str]:
     """Global BN across processes when asked for and there is more than one process.
 
-    Returns the model and a word for the log: ``local`` (one process or off),
-    ``sync`` (torch SyncBatchNorm on GPU), or ``local-cpu`` when processes run on
-    CPU, where torch's SyncBatchNorm cannot run.
+    Returns the model and a word for the log: ``local`` (one process, or off),
+    ``sync`` (torch SyncBatchNorm on GPUs, via timm's converter that also handles
+    BatchNormAct2d) or ``global`` (our all-reduce BN for CPU processes, where
+    torch's SyncBatchNorm cannot run).
     """
     if not enabled or accelerator.num_processes == 1:
         return model, "local"
     if accelerator.device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model), "sync"
-    return model, "local-cpu"
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model), "sync"
+    model = convert_global_bn(model)
+    left = local_batchnorms(model)
+    if left:
+        return model, f"global (except {len(left)} layer(s) of unsupported type, e.g. {left[0]})"
+    return model, "global"

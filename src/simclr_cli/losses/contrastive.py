@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from simclr_cli.losses.dist import gather_with_grad, rank
+from simclr_cli.dist import gather_with_grad, rank
 
 
 def _similarities(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Autograd-aware all_gather for negatives from every process (SIMCLR.md section 2).
+"""Autograd-aware collectives: all_gather for negatives from every process (SIMCLR.md section 2), and all_reduce for global BN.
 
 Backward sums the gradient each process computed for the gathered tensor and
 returns this process's slice. With the per-rank losses averaged by DDP's
@@ -44,3 +44,24 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over processes; the gradient of each copy is the sum of all processes' gradients."""
+    if world_size() == 1:
+        return x
+    return _AllReduceSumWithGrad.apply(x)
