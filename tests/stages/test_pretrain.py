@@ -127,3 +127,19 @@ def test_corrupt_images_skipped_then_stop_past_the_fraction(tiny_recipe_file, tm
     assert summary["bad_images"] == 1 and str(bad) in capsys.readouterr().err
     with pytest.raises(DataError, match="max_bad_fraction"):
         pretrain.run(load_recipe(tiny_recipe_file, common), tmp_path / "stop", show_progress=False)
+
+
+def test_bf16_mixed_precision_on_cpu(tiny_recipe_file, tmp_path):
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.mixed_precision=bf16", "pretrain.epochs=1", "pretrain.knn_every=0"])
+    summary = pretrain.run(recipe, tmp_path / "r", show_progress=False)
+    assert summary["steps"] == 4 and summary["final_loss"] == summary["final_loss"]
+    weights = load_file(tmp_path / "r" / "pretrain" / "model.safetensors")
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())  # master weights stay fp32
+
+
+def test_fp16_on_cpu_is_a_usage_error(tiny_recipe_file, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on GPU")
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.mixed_precision=fp16"])
+    with pytest.raises(UsageError, match="bf16"):
+        pretrain.run(recipe, tmp_path / "r", show_progress=False)
