@@ -1,0 +1,1 @@
+"""Data: image sources, the synthetic set, SimCLR augmentation and deterministic loaders."""

@@ -1,0 +1,161 @@
+"""Datasets and loaders whose output is a pure function of (seed, epoch, sample index).
+
+* :class:`GlobalBatchSampler` draws one global permutation per epoch from the seed
+  and gives each process its slice of every global batch, so batch composition
+  does not depend on the number of processes.
+* :class:`ContrastiveViews` seeds each sample's augmentation from
+  (seed, epoch, index), so views do not depend on ``num_workers`` either.
+* Unreadable images are replaced by the next readable one (so batches keep
+  their size), reported once by file name, and counted by the training loop.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from simclr_cli.data.augment import EvalTransform, SimCLRAugment
+from simclr_cli.data.sources import ImageFolderSource, ImageSource, torchvision_source
+from simclr_cli.data.synthetic import synthetic_source
+from simclr_cli.errors import DataError, UsageError
+from simclr_cli.recipe.schema import DataConfig
+from simclr_cli.utils import mix_seed
+
+_WARNED: set[str] = set()
+_MAX_FALLBACK = 64
+
+
+def build_source(cfg: DataConfig, split: str, seed: int) -> ImageSource:
+    """The image source for ``split`` of the recipe's dataset."""
+    if cfg.dataset == "synthetic":
+        sizes = {"train": cfg.synthetic_train_size}
+        n = sizes.get(split, cfg.synthetic_val_size)
+        return synthetic_source(split, n, cfg.image_size, cfg.synthetic_classes, seed)
+    if cfg.dataset == "imagefolder":
+        return ImageFolderSource(cfg.root, split)
+    return torchvision_source(cfg.dataset, cfg.root, split, cfg.download)
+
+
+def load_with_fallback(source: ImageSource, index: int) -> tuple[torch.Tensor, int, int]:
+    """Load ``index``; if unreadable, warn with its name and take the next readable sample.
+
+    Returns:
+        (image, index actually used, index that failed or -1).
+    """
+    bad = -1
+    n = len(source)
+    tries = min(_MAX_FALLBACK, n)
+    for step in range(tries):
+        i = (index + step) % n
+        try:
+            return source.load(i), i, bad
+        except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
+            name = source.describe(i)
+            if bad < 0:
+                bad = i
+            if name not in _WARNED:
+                _WARNED.add(name)
+                print(f"warning: skipping unreadable image {name}: {e}", file=sys.stderr, flush=True)
+    raise DataError(f"{source.name}: {tries} unreadable images in a row from {source.describe(index)}; check the dataset")
+
+
+class ContrastiveViews(Dataset):
+    """Two independent SimCLR views per image; indexed by ``(epoch, index)``.
+
+    Returns a dict with ``view1``, ``view2`` (float (3, S, S)), ``index`` and ``bad``
+    (the index of an unreadable sample that was replaced, or -1).
+    """
+
+    def __init__(self, source: ImageSource, augment: SimCLRAugment, seed: int) -> None:
+        self.source = source
+        self.augment = augment
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        epoch, index = key
+        img, _, bad = load_with_fallback(self.source, index)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+        return {"view1": self.augment(img, g), "view2": self.augment(img, g), "index": index, "bad": bad}
+
+
+class EvalImages(Dataset):
+    """Un-augmented images with labels, for feature extraction."""
+
+    def __init__(self, source: ImageSource, transform: EvalTransform) -> None:
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        img, used, bad = load_with_fallback(self.source, index)
+        return {"image": self.transform(img), "label": self.source.labels[used], "index": index, "bad": bad}
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Slices of a seeded global permutation: batch ``b`` of process ``rank`` is
+    ``perm[b*B + rank*B/K : b*B + (rank+1)*B/K]`` for global batch B and K processes.
+
+    The last incomplete global batch is dropped. ``set_epoch`` picks the
+    permutation; ``start_batch`` skips batches already done (exact resume).
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise UsageError(
+                f"batch_size={global_batch} does not divide evenly over {world_size} processes; "
+                f"use a multiple of {world_size}"
+            )
+        if num_samples < global_batch:
+            raise UsageError(
+                f"the dataset has {num_samples} images, fewer than one global batch of {global_batch}; "
+                "lower batch_size"
+            )
+        self.num_samples = num_samples
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch - self.start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, "order", self.epoch))
+        perm = torch.randperm(self.num_samples, generator=g).tolist()
+        for b in range(self.start_batch, self.num_samples // self.global_batch):
+            lo = b * self.global_batch + self.rank * self.local_batch
+            yield [(self.epoch, i) for i in perm[lo : lo + self.local_batch]]
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    num_workers: int,
+    pin_memory: bool,
+    batch_sampler: Sampler | None = None,
+    batch_size: int | None = None,
+    collate_fn: Callable | None = None,
+) -> DataLoader:
+    """A DataLoader with the settings we want everywhere (persistent workers, prefetch)."""
+    kwargs: dict = {}
+    if num_workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=4)
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+                          collate_fn=collate_fn, **kwargs)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                      collate_fn=collate_fn, **kwargs)

@@ -1,0 +1,148 @@
+"""Image sources: indexable collections of (uint8 CHW image, label) with names for errors.
+
+A source knows how to load one image and what to call it in a message. Small
+datasets (CIFAR, STL-10, synthetic) live in memory as uint8 tensors; image
+folders are read from disk on demand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from simclr_cli.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+
+
+class ImageSource(Protocol):
+    """What the datasets and loaders need from a collection of images."""
+
+    name: str
+    classes: list[str]
+    labels: list[int]  # -1 where a sample has no label
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> torch.Tensor:
+        """The image as a uint8 tensor (3, H, W); raises on an unreadable file."""
+        ...
+
+    def describe(self, index: int) -> str:
+        """A name for the sample in messages: the file path, or ``name[index]``."""
+        ...
+
+
+class TensorSource:
+    """Images held in memory as one uint8 tensor (N, 3, H, W)."""
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int], classes: list[str], name: str) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.labels = list(labels)
+        self.classes = classes
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Decode any PIL-readable image to uint8 RGB (3, H, W); grayscale, palette, CMYK and alpha become RGB."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.draft("RGB", (img.width, img.height))  # lets JPEG decode straight to RGB
+        rgb = img.convert("RGB")
+        arr = np.asarray(rgb, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageFolderSource:
+    """``root/<split>/<class>/<image>``: class folders sorted by name, any common extension in any case."""
+
+    def __init__(self, root: Path, split: str) -> None:
+        folder = Path(root) / split
+        if not folder.is_dir():
+            raise DataError(
+                f"imagefolder: {folder} does not exist; expected images as {Path(root) / split}/<class>/<image>. "
+                f"Point data.root at the dataset (e.g. --set data.root=/path/to/data) or fix data.{_split_key(split)}",
+                missing=True,
+            )
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise DataError(f"imagefolder: {folder} has no class folders; expected {folder}/<class>/<image>", missing=True)
+        files: list[str] = []
+        labels: list[int] = []
+        for ci, cls in enumerate(classes):
+            for p in sorted((folder / cls).rglob("*")):
+                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                    files.append(str(p))
+                    labels.append(ci)
+        if not files:
+            raise DataError(
+                f"imagefolder: no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} in any case)", missing=True
+            )
+        self.files = files
+        self.labels = labels
+        self.classes = classes
+        self.name = f"imagefolder:{folder}"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> torch.Tensor:
+        return read_image(self.files[index])
+
+    def describe(self, index: int) -> str:
+        return self.files[index]
+
+
+def _split_key(split: str) -> str:
+    return "train_split" if split.startswith("train") else "val_split"
+
+
+_TORCHVISION_FILES = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
+
+
+def torchvision_source(dataset: str, root: str, split: str, download: bool) -> TensorSource:
+    """CIFAR-10/100 (splits train, test) and STL-10 (train, test, unlabeled, train+unlabeled) in memory."""
+    from torchvision import datasets
+
+    valid = {"cifar10": ("train", "test"), "cifar100": ("train", "test"),
+             "stl10": ("train", "test", "unlabeled", "train+unlabeled")}[dataset]
+    if split not in valid:
+        raise DataError(f"{dataset}: unknown split '{split}'; valid splits: {', '.join(valid)}", missing=True)
+    try:
+        if dataset == "stl10":
+            ds = datasets.STL10(root, split=split, download=download)
+            images = torch.from_numpy(ds.data)
+            labels = [int(v) for v in ds.labels]
+            classes = list(ds.classes)
+        else:
+            cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+            ds = cls(root, train=split == "train", download=download)
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            labels = [int(v) for v in ds.targets]
+            classes = list(ds.classes)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted..."
+        where = Path(root) / _TORCHVISION_FILES[dataset]
+        how = "set data.download=true (needs internet)" if not download else "check the download; it failed"
+        raise DataError(
+            f"{dataset}: no usable data at {where} ({str(e).splitlines()[0]}); {how}, "
+            f"or point data.root at a folder that holds {_TORCHVISION_FILES[dataset]}/",
+            missing=True,
+        ) from None
+    except OSError as e:  # download without network, unreadable root, ...
+        raise DataError(f"{dataset}: cannot read or download into {root}: {e}", missing=True) from None
+    return TensorSource(images, labels, classes, name=f"{dataset}:{split}")

@@ -1,0 +1,70 @@
+"""Image folders: any extension and case, mode conversion, corrupt files, clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simclr_cli.data.loaders import EvalImages, build_source, load_with_fallback
+from simclr_cli.data.augment import EvalTransform
+from simclr_cli.errors import DataError
+from simclr_cli.recipe.schema import DataConfig
+
+
+def _img(mode, size=(20, 12)):
+    rng = np.random.default_rng(0)
+    if mode == "P":
+        return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert("P")
+    if mode == "L":
+        return Image.fromarray(rng.integers(0, 255, (size[1], size[0]), dtype=np.uint8), "L")
+    arr = rng.integers(0, 255, (size[1], size[0], len(mode)), dtype=np.uint8)
+    return Image.fromarray(arr, mode)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "train" / "cat").mkdir(parents=True)
+    (root / "train" / "dog").mkdir(parents=True)
+    _img("RGB").save(root / "train" / "cat" / "a.JPG")
+    _img("L").save(root / "train" / "cat" / "b.png")
+    _img("P").save(root / "train" / "dog" / "c.gif")
+    _img("RGBA").save(root / "train" / "dog" / "d.PNG")
+    _img("CMYK").save(root / "train" / "dog" / "e.jpeg")
+    (root / "train" / "dog" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_imagefolder_reads_every_mode_as_rgb(folder):
+    src = build_source(DataConfig(dataset="imagefolder", root=str(folder)), "train", 0)
+    assert len(src) == 5 and src.classes == ["cat", "dog"]
+    assert src.labels == [0, 0, 1, 1, 1]
+    for i in range(len(src)):
+        img = src.load(i)
+        assert img.dtype == torch.uint8 and img.shape == (3, 12, 20)
+
+
+def test_missing_root_says_where_it_looked(tmp_path):
+    with pytest.raises(DataError) as e:
+        build_source(DataConfig(dataset="imagefolder", root=str(tmp_path / "nope")), "train", 0)
+    assert str(tmp_path / "nope" / "train") in str(e.value) and "data.root" in str(e.value)
+    assert e.value.exit_code == 2
+
+
+def test_missing_torchvision_data_is_clear(tmp_path):
+    with pytest.raises(DataError) as e:
+        build_source(DataConfig(dataset="cifar10", root=str(tmp_path)), "train", 0)
+    msg = str(e.value)
+    assert "cifar-10-batches-py" in msg and "data.download=true" in msg and "Traceback" not in msg
+
+
+def test_corrupt_image_is_skipped_with_a_named_warning(folder, capsys):
+    bad = folder / "train" / "cat" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    src = build_source(DataConfig(dataset="imagefolder", root=str(folder)), "train", 0)
+    i = src.files.index(str(bad))
+    img, used, failed = load_with_fallback(src, i)
+    assert failed == i and used != i and img.shape[0] == 3
+    assert str(bad) in capsys.readouterr().err
+    item = EvalImages(src, EvalTransform(8, (0.5,) * 3, (0.5,) * 3))[i]
+    assert item["bad"] == i
