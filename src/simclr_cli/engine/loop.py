@@ -100,9 +100,15 @@ def run_loop(
                     group["lr"] = peak * mult
                 bad.update(int(i) for i in batch["bad"] if int(i) >= 0)
                 batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                with accelerator.autocast():
-                    out = task(batch)
-                accelerator.backward(out["loss"])
+                inner = accelerator.unwrap_model(task)
+                if hasattr(inner, "forward_backward"):
+                    # Tasks that run their own backward (gradient cache) sync gradients themselves.
+                    with accelerator.no_sync(task):
+                        out = inner.forward_backward(batch, accelerator)
+                else:
+                    with accelerator.autocast():
+                        out = task(batch)
+                    accelerator.backward(out["loss"])
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

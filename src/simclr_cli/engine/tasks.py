@@ -34,3 +34,77 @@ class ContrastiveTask(nn.Module):
         with torch.no_grad():
             z_std = F.normalize(z.float(), dim=1).std(dim=0).mean()
         return {"loss": loss, "z_std": z_std}
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _bn_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(b, b.detach().clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in m.buffers()]
+
+
+class GradCacheContrastiveTask(ContrastiveTask):
+    """The same objective with the gradient-cache trick (SIMCLR.md section 5): exact full-batch
+    NT-Xent with the activation memory of one micro-batch.
+
+    1. Embed every micro-batch without grad (recording the RNG state of each).
+    2. Take the loss over all embeddings, and its gradient with respect to them.
+    3. Re-run each micro-batch with grad (same RNG state) and backpropagate its slice
+       of the cached gradient.
+
+    Gradients equal the full-batch ones for encoders without BatchNorm; with BN the
+    statistics are per micro-batch (global across processes with sync_bn), as with
+    per-device BN. BN running statistics are updated once, by the second pass.
+    """
+
+    def __init__(self, model: nn.Module, loss: str, temperature: float, margin: float, micro_batch_size: int) -> None:
+        super().__init__(model, loss, temperature, margin)
+        self.micro_batch_size = micro_batch_size
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], accelerator) -> dict[str, torch.Tensor]:
+        """Loss and gradients for ``batch``; gradients are averaged over processes here, not by DDP."""
+        x1, x2 = batch["view1"], batch["view2"]
+        n, m = x1.shape[0], self.micro_batch_size
+        chunks = [(a, min(a + m, n)) for a in range(0, n, m)]
+        device = x1.device
+        saved_bn = _bn_buffers(self.model)
+        states, z1s, z2s = [], [], []
+        with torch.no_grad():
+            for a, b in chunks:
+                states.append(_rng_state(device))
+                with accelerator.autocast():
+                    _, z = self.model(torch.cat([x1[a:b], x2[a:b]]))
+                za, zb = z.to(torch.promote_types(z.dtype, torch.float32)).chunk(2)
+                z1s.append(za)
+                z2s.append(zb)
+            for buf, copy in saved_bn:  # the second pass updates them, once
+                buf.copy_(copy)
+        z1 = torch.cat(z1s).requires_grad_()
+        z2 = torch.cat(z2s).requires_grad_()
+        loss = contrastive_loss(self.loss_name, z1, z2, temperature=self.temperature, margin=self.margin)
+        loss.backward()
+        scale = accelerator.scaler.get_scale() if getattr(accelerator, "scaler", None) is not None else 1.0
+        for (a, b), state in zip(chunks, states):
+            _set_rng_state(state, device)
+            with accelerator.autocast():
+                _, z = self.model(torch.cat([x1[a:b], x2[a:b]]))
+            za, zb = z.to(torch.promote_types(z.dtype, torch.float32)).chunk(2)
+            torch.autograd.backward([za, zb], [z1.grad[a:b] * scale, z2.grad[a:b] * scale])
+        world = accelerator.num_processes
+        if world > 1:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
+        with torch.no_grad():
+            z_std = F.normalize(torch.cat([z1, z2]), dim=1).std(dim=0).mean()
+        return {"loss": loss.detach(), "z_std": z_std}

@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from simclr_cli.dist import gather_with_grad, rank
 
 
+def _at_least_fp32(z: torch.Tensor) -> torch.Tensor:
+    """The loss is computed in float32 (float64 stays float64) whatever the autocast dtype."""
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
 def _similarities(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cosine similarities of local rows against all columns, with index helpers.
 
@@ -24,8 +29,8 @@ def _similarities(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, tor
         pos_col: (2n,) column of each row's positive.
     """
     n = z1.shape[0]
-    z1 = F.normalize(z1.float(), dim=1)
-    z2 = F.normalize(z2.float(), dim=1)
+    z1 = F.normalize(_at_least_fp32(z1), dim=1)
+    z2 = F.normalize(_at_least_fp32(z2), dim=1)
     all1, all2 = gather_with_grad(z1), gather_with_grad(z2)
     big_n = all1.shape[0]
     rows = torch.cat([z1, z2], dim=0)

@@ -25,7 +25,7 @@ from simclr_cli.data.loaders import ContrastiveViews, EvalImages, GlobalBatchSam
 from simclr_cli.engine.loop import LoopSpec, run_loop
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
-from simclr_cli.engine.tasks import ContrastiveTask
+from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
 from simclr_cli.errors import UsageError
 from simclr_cli.evaluation.knn import extract_features, knn_top1
 from simclr_cli.models import SimCLRModel, build_simclr_model
@@ -93,7 +93,12 @@ def run(
     optimizer = build_optimizer(pcfg.optimizer, model, lr=peak, weight_decay=pcfg.weight_decay,
                                 momentum=pcfg.momentum, nesterov=pcfg.nesterov,
                                 trust_coefficient=pcfg.trust_coefficient)
-    task = ContrastiveTask(model, pcfg.loss, pcfg.temperature, pcfg.margin)
+    local_batch = pcfg.batch_size // accelerator.num_processes
+    grad_cache = 0 < pcfg.micro_batch_size < local_batch
+    if grad_cache:
+        task = GradCacheContrastiveTask(model, pcfg.loss, pcfg.temperature, pcfg.margin, pcfg.micro_batch_size)
+    else:
+        task = ContrastiveTask(model, pcfg.loss, pcfg.temperature, pcfg.margin)
     task, optimizer = accelerator.prepare(task, optimizer)
 
     start_step, elapsed0 = 0, 0.0
@@ -111,7 +116,9 @@ def run(
     progress.message(
         f"pretrain {recipe.name}: {len(views)} images, {spe} steps/epoch, {total} steps, global batch "
         f"{pcfg.batch_size} on {accelerator.num_processes} process(es) ({accelerator.device.type}), "
-        f"{recipe.model.backbone}, lr {peak:.4g}, BN {bn_mode} -> {stage_dir}"
+        f"{recipe.model.backbone}, lr {peak:.4g}, BN {bn_mode}"
+        + (f", gradient cache in chunks of {pcfg.micro_batch_size}" if grad_cache else "")
+        + f" -> {stage_dir}"
         + (f" (resuming at step {start_step})" if resume else "")
     )
     if warmup >= total:
