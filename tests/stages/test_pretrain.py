@@ -143,3 +143,23 @@ def test_fp16_on_cpu_is_a_usage_error(tiny_recipe_file, tmp_path):
     recipe = load_recipe(tiny_recipe_file, ["pretrain.mixed_precision=fp16"])
     with pytest.raises(UsageError, match="bf16"):
         pretrain.run(recipe, tmp_path / "r", show_progress=False)
+
+
+def test_nonfinite_loss_stops_before_the_update_naming_the_step(tiny_recipe_file, tmp_path):
+    from simclr_cli.errors import SimclrError
+
+    base = ["pretrain.optimizer=sgd", "pretrain.lr=1e38", "pretrain.lr_scaling=none", "pretrain.warmup_epochs=0",
+            "pretrain.knn_every=0", "pretrain.epochs=3"]
+    with pytest.raises(SimclrError, match=r"non-finite loss or gradients at step \d+; the update was not applied"):
+        pretrain.run(load_recipe(tiny_recipe_file, base), tmp_path / "a", show_progress=False)
+    skip = [*base, "pretrain.on_nonfinite=skip", "pretrain.max_nonfinite_skips=2"]
+    with pytest.raises(SimclrError, match="3 steps in a row"):
+        pretrain.run(load_recipe(tiny_recipe_file, skip), tmp_path / "b", show_progress=False)
+
+
+def test_collapse_warning_and_ratio_logged(tiny_recipe_file, tmp_path, capsys):
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.collapse_warn=5.0", "pretrain.epochs=1", "pretrain.knn_every=0"])
+    pretrain.run(recipe, tmp_path / "r", show_progress=True)
+    assert "may be collapsing" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (tmp_path / "r" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < x["z_std_ratio"] <= 1.5 for x in lines if "loss" in x)

@@ -8,6 +8,7 @@ resumable state, and a clean stop on Ctrl-C / SIGTERM.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from accelerate import Accelerator
 from simclr_cli.checkpoints import save_state
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.signals import StopRequest
-from simclr_cli.errors import DataError, Interrupted
+from simclr_cli.errors import DataError, Interrupted, SimclrError
 from simclr_cli.utils import mix_seed
 
 
@@ -40,6 +41,9 @@ class LoopSpec:
     stage: str = "train"
     resume_hint: str = ""
     interrupt_after: int | None = None  # tests: behave as if SIGTERM arrived after this step
+    on_nonfinite: str = "stop"  # or "skip"
+    max_nonfinite_skips: int = 10  # consecutive
+    collapse_warn: float = 0.1  # warn when std of normalized z falls below this x 1/sqrt(d)
 
 
 @dataclass
@@ -83,6 +87,7 @@ def run_loop(
     bad: set[int] = set()
     result = LoopResult(step=step, epoch=epoch)
     loss_sum = torch.zeros((), device=device)
+    skipped, warned_collapse = 0, False
 
     def save(at_step: int) -> None:
         if accelerator.is_main_process:
@@ -109,6 +114,24 @@ def run_loop(
                     with accelerator.autocast():
                         out = task(batch)
                     accelerator.backward(out["loss"])
+                flags = torch.tensor([0.0 if _finite(out["loss"], optimizer, accelerator) else 1.0,
+                                      1.0 if stop.requested else 0.0], device=device)
+                if world > 1:  # every process takes the same decision
+                    flags = accelerator.reduce(flags, reduction="sum")
+                if flags[0].item() > 0:
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    last_good = f"{state_dir} (step {_saved_step(state_dir)})" if _saved_step(state_dir) is not None else "none yet"
+                    if spec.on_nonfinite == "stop" or skipped > spec.max_nonfinite_skips:
+                        why = "" if spec.on_nonfinite == "stop" else f" {skipped} steps in a row"
+                        raise SimclrError(
+                            f"non-finite loss or gradients at step {step + 1}{why}; the update was not applied. "
+                            f"Last saved state: {last_good}. Lower the learning rate, or use mixed_precision='no'"
+                            + ("" if spec.on_nonfinite == "skip" else ", or set on_nonfinite='skip'")
+                        )
+                    progress.message(f"warning: non-finite loss or gradients at step {step + 1}; step skipped")
+                    continue
+                skipped = 0
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -116,7 +139,8 @@ def run_loop(
                 loss_sum += out["loss"].detach().float()
                 end_of_epoch = step % spe == 0
                 if step % spec.log_every == 0 or step == spec.total_steps or end_of_epoch:
-                    stats = torch.stack([loss_sum / window_steps, out["z_std"].detach().float(),
+                    ratio = out.get("z_std_ratio", out["z_std"]).detach().float()
+                    stats = torch.stack([loss_sum / window_steps, out["z_std"].detach().float(), ratio,
                                          torch.tensor(float(len(bad)), device=device)])
                     stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
                     elapsed = time.perf_counter() - window_start
@@ -128,6 +152,7 @@ def run_loop(
                         "lr": optimizer.param_groups[0]["lr"],
                         "images_per_sec": round(window_steps * spec.global_batch / max(elapsed, 1e-9), 2),
                         "z_std": round(stats[1].item() / world, 6),
+                        "z_std_ratio": round(stats[2].item() / world, 4),
                         "time": round(time.perf_counter() - t0, 3),
                     }
                     metrics.write(record)
@@ -138,7 +163,13 @@ def run_loop(
                         f"{spec.stage} step {step}/{spec.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
                         f"lr {record['lr']:.4g} img/s {record['images_per_sec']:.1f}",
                     )
-                    n_bad = int(stats[2].item())
+                    if record["z_std_ratio"] < spec.collapse_warn and not warned_collapse:
+                        warned_collapse = True
+                        progress.message(
+                            f"warning: representations may be collapsing at step {step}: std of normalized z is "
+                            f"{record['z_std_ratio']:.3f} x 1/sqrt(d) (healthy is near 1). Check lr, temperature, augmentation"
+                        )
+                    n_bad = int(stats[3].item())
                     if spec.dataset_size and n_bad > spec.max_bad_fraction * spec.dataset_size:
                         raise DataError(
                             f"{n_bad} unreadable images, more than data.max_bad_fraction="
@@ -147,7 +178,7 @@ def run_loop(
                     result.bad_images = n_bad
                     loss_sum.zero_()
                     window_start, window_steps = time.perf_counter(), 0
-                if _stop_requested(stop, accelerator) or step == spec.interrupt_after:
+                if flags[1].item() > 0 or step == spec.interrupt_after:
                     save(step)
                     why = stop.signal_name or "interrupt"
                     raise Interrupted(f"stopped by {why} at step {step}; state saved in {state_dir}. {spec.resume_hint}")
@@ -180,9 +211,18 @@ def _log_hook(hook: EpochHook, epoch: int, step: int, t0: float, metrics: Metric
     return values
 
 
-def _stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
-    """True on every process as soon as any process got a signal (so none is left in a collective)."""
-    if accelerator.num_processes == 1:
-        return stop.requested
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+def _finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> bool:
+    """Loss and gradients are finite. With fp16 loss scaling, the scaler already skips inf gradients."""
+    if not torch.isfinite(loss.detach()).all():
+        return False
+    if getattr(accelerator, "scaler", None) is not None:
+        return True
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+
+
+def _saved_step(state_dir: Path) -> int | None:
+    try:
+        return int(json.loads((Path(state_dir) / "trainer.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None

@@ -15,8 +15,9 @@ from simclr_cli.losses.contrastive import contrastive_loss
 class ContrastiveTask(nn.Module):
     """SimCLR pretraining: both views through f and g in one pass (BN sees all 2n), then the contrastive loss.
 
-    ``forward`` returns ``loss`` and ``z_std`` (the std of normalized z across the
-    batch, averaged over dims: about 1/sqrt(d) when healthy, 0 on collapse).
+    ``forward`` returns ``loss``, ``z_std`` (the std of normalized z across the
+    batch, averaged over dims: about 1/sqrt(d) when healthy, 0 on collapse) and
+    ``z_std_ratio`` (z_std x sqrt(d): near 1 when healthy).
     """
 
     def __init__(self, model: nn.Module, loss: str, temperature: float, margin: float) -> None:
@@ -33,7 +34,7 @@ class ContrastiveTask(nn.Module):
         loss = contrastive_loss(self.loss_name, z1, z2, temperature=self.temperature, margin=self.margin)
         with torch.no_grad():
             z_std = F.normalize(z.float(), dim=1).std(dim=0).mean()
-        return {"loss": loss, "z_std": z_std}
+        return {"loss": loss, "z_std": z_std, "z_std_ratio": z_std * z.shape[1] ** 0.5}
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -107,4 +108,4 @@ class GradCacheContrastiveTask(ContrastiveTask):
                     p.grad.div_(world)
         with torch.no_grad():
             z_std = F.normalize(torch.cat([z1, z2]), dim=1).std(dim=0).mean()
-        return {"loss": loss.detach(), "z_std": z_std}
+        return {"loss": loss.detach(), "z_std": z_std, "z_std_ratio": z_std * z1.shape[1] ** 0.5}

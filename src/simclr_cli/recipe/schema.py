@@ -99,6 +99,9 @@ class PretrainConfig:
     knn_k: int = _f(200, "kNN monitor: neighbours")
     knn_temperature: float = _f(0.1, "kNN monitor: weights exp(sim / t)")
     log_every: int = _f(10, "write a metrics line every this many steps")
+    on_nonfinite: Literal["stop", "skip"] = _f("stop", "non-finite loss/gradients: stop with an error, or skip the step")
+    max_nonfinite_skips: int = _f(10, "with on_nonfinite='skip': stop after this many skipped steps in a row")
+    collapse_warn: float = _f(0.1, "warn when the std of normalized z falls below this x 1/sqrt(d)")
     save_every: int = _f(1, "save resumable state every this many epochs")
 
 

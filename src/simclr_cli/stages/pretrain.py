@@ -146,6 +146,9 @@ def run(
         stage=STAGE,
         resume_hint=f"Resume with: simclr pretrain {stage_dir / 'recipe.toml'} --out {out} --resume",
         interrupt_after=interrupt_after,
+        on_nonfinite=pcfg.on_nonfinite,
+        max_nonfinite_skips=pcfg.max_nonfinite_skips,
+        collapse_warn=pcfg.collapse_warn,
     )
     hook = None
     if knn is not None and knn.enabled:
