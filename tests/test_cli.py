@@ -129,7 +129,9 @@ def test_sigterm_saves_state_and_resume_finishes(tiny_recipe_file, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "SIGTERM" in err and "--resume" in err and len(err.strip().splitlines()) == 1
-    trainer = json.loads((out / "pretrain" / "state" / "trainer.json").read_text())
+    from simclr_cli.checkpoints import read_trainer
+
+    trainer = read_trainer(out / "pretrain" / "state")
     assert trainer["step"] >= 2
     assert not (out / "pretrain" / "model.safetensors").exists()
     assert trainer["step"] < 60, "the run finished before the signal; make it longer"

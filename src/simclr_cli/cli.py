@@ -84,6 +84,7 @@ def pretrain(
     out: OutOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/pretrain/state.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pretrain run in OUT.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: accept a changed recipe or process count.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -93,7 +94,7 @@ def pretrain(
         from simclr_cli.stages import pretrain as stage
 
         r = load_recipe(recipe, set_ or [])
-        summary = stage.run(r, out, resume=resume, overwrite=overwrite, show_progress=not quiet)
+        summary = stage.run(r, out, resume=resume, overwrite=overwrite, force=force, show_progress=not quiet)
         if not quiet and summary is not None and _is_main_process():
             knn = summary.get("knn_top1")
             extra = f", kNN top-1 {knn:.2f} (random init {summary.get('knn_top1_init')})" if knn is not None else ""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from simclr_cli.checkpoints import has_state, load_state, save_state
+from simclr_cli.checkpoints import complete_states, has_state, load_state, save_state
 
 SCRIPT = textwrap.dedent(
     """
@@ -25,26 +25,26 @@ SCRIPT = textwrap.dedent(
         real = ck.atomic_write_bytes
         def torn(path, data):
             if path.name == "optimizer.pt":
-                tmp = path.with_name(".partial")
-                tmp.write_bytes(data[: len(data) // 2])
+                path.write_bytes(data[: len(data) // 2])
                 os._exit(9)
             real(path, data)
         ck.atomic_write_bytes = torn
-    if where == "rename":  # die between moving the old state aside and moving the new one in
-        real_rename = pathlib.Path.rename
+    if where == "rename":  # die with the new state complete but not yet moved into place
         def rename(self, target):
-            out = real_rename(self, target)
-            if pathlib.Path(target).name.endswith(".old"):
-                os._exit(9)
-            return out
+            os._exit(9)
         pathlib.Path.rename = rename
-    ck.save_state(folder, model, opt, {"step": 2})
+    if where == "prune":  # die after the new state is in place, before old ones are removed
+        def rmtree(path, ignore_errors=False):
+            if pathlib.Path(path).is_dir() and not str(path).endswith(".tmp"):
+                os._exit(9)
+        ck.shutil.rmtree = rmtree
+    ck.save_state(folder, model, opt, {"step": 2}, keep=1)
     """
 )
 
 
-@pytest.mark.parametrize("where", ["optimizer", "rename"])
-def test_kill_during_save_keeps_previous_state(tmp_path, where):
+@pytest.mark.parametrize("where, newest", [("optimizer", 1), ("rename", 1), ("prune", 2)])
+def test_kill_during_save_keeps_a_complete_state(tmp_path, where, newest):
     folder = tmp_path / "state"
     model = nn.Linear(3, 2)
     with torch.no_grad():
@@ -56,8 +56,17 @@ def test_kill_during_save_keeps_previous_state(tmp_path, where):
     assert has_state(folder)
     fresh = nn.Linear(3, 2)
     counters = load_state(folder, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9))
-    assert counters["step"] == 1
-    assert torch.equal(fresh.weight, torch.ones(2, 3))
+    assert counters["step"] == newest
+    assert torch.equal(fresh.weight, torch.full((2, 3), float(newest)))
     # the next save after the crash works and replaces it
-    save_state(folder, model, opt, {"step": 3})
+    save_state(folder, model, opt, {"step": 3}, keep=2)
     assert load_state(folder, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))["step"] == 3
+    assert [p.name for p in complete_states(folder)] == [f"step-{newest:09d}", "step-000000003"]
+
+
+def test_keep_newest_k_states(tmp_path):
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(1, 6):
+        save_state(tmp_path / "s", model, opt, {"step": step}, keep=3)
+    assert [p.name for p in complete_states(tmp_path / "s")] == [f"step-{i:09d}" for i in (3, 4, 5)]

@@ -73,6 +73,21 @@ def test_resume_refuses_a_changed_recipe(tiny_recipe_file, tmp_path):
     other = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.lr=0.1"])
     with pytest.raises(UsageError, match="pretrain.lr"):
         pretrain.run(other, tmp_path / "r", show_progress=False, resume=True)
+    summary = pretrain.run(other, tmp_path / "r", show_progress=False, resume=True, force=True)
+    assert summary["steps"] == 8
+
+
+def test_resume_refuses_another_world_size(tiny_recipe_file, tmp_path):
+    from simclr_cli.checkpoints import latest_state
+
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0"])
+    with pytest.raises(Interrupted):
+        pretrain.run(recipe, tmp_path / "r", show_progress=False, interrupt_after=2)
+    trainer_file = latest_state(tmp_path / "r" / "pretrain" / "state") / "trainer.json"
+    trainer_file.write_text(json.dumps({**json.loads(trainer_file.read_text()), "world_size": 8}))
+    with pytest.raises(UsageError, match="saved by 8 process"):
+        pretrain.run(recipe, tmp_path / "r", show_progress=False, resume=True)
+    assert pretrain.run(recipe, tmp_path / "r", show_progress=False, resume=True, force=True)["steps"] == 8
 
 
 def test_finished_run_is_never_overwritten_silently(tiny_recipe_file, tmp_path):
@@ -163,3 +178,13 @@ def test_collapse_warning_and_ratio_logged(tiny_recipe_file, tmp_path, capsys):
     assert "may be collapsing" in capsys.readouterr().out
     lines = [json.loads(x) for x in (tmp_path / "r" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < x["z_std_ratio"] <= 1.5 for x in lines if "loss" in x)
+
+
+def test_checkpoint_every_keeps_newest_states(tiny_recipe_file, tmp_path):
+    from simclr_cli.checkpoints import complete_states
+
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.checkpoint_every=1",
+                                            "pretrain.keep_states=2", "pretrain.save_every=0"])
+    with pytest.raises(Interrupted):
+        pretrain.run(recipe, tmp_path / "r", show_progress=False, interrupt_after=3)
+    assert [p.name for p in complete_states(tmp_path / "r" / "pretrain" / "state")] == ["step-000000002", "step-000000003"]

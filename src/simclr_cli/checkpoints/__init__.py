@@ -2,7 +2,8 @@
 
 ``model.safetensors`` holds ``backbone.<timm key>`` and ``head.<key>`` tensors and
 metadata ``simclr.*`` (stage, backbone, cifar_stem, feature_dim, version, recipe).
-Resume state lives apart, in ``state/``: weights, optimizer and trainer counters.
+Resume state lives apart, in ``state/step-N/``: weights, optimizer and trainer counters;
+the newest K complete ones are kept.
 """
 
 from __future__ import annotations
@@ -59,39 +60,63 @@ def sub_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
 
 
-def save_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any]) -> None:
-    """Write resume state to ``folder`` atomically: build it beside, then swap it in."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    old = folder.with_name(folder.name + ".old")
+def save_state(
+    root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any], keep: int = 2
+) -> Path:
+    """Write resume state as ``root/step-NNNNNNNNN/`` and keep the newest ``keep`` of them.
+
+    The folder is built as ``step-N.tmp`` and renamed only when complete, so a process
+    killed mid-save leaves the previous states untouched; older states are pruned
+    only after the new one is in place.
+    """
+    root = Path(root)
+    final = root / f"step-{int(trainer['step']):09d}"
+    tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_weights(tmp / MODEL_FILE, prefixed_state("model", model), {"simclr.kind": "state"})
-    buf = _torch_bytes(optimizer.state_dict())
-    atomic_write_bytes(tmp / "optimizer.pt", buf)
-    atomic_write_text(tmp / "trainer.json", json.dumps(trainer, indent=2))
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+    atomic_write_text(tmp / "trainer.json", json.dumps(trainer, indent=2))  # written last: marks it complete
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in complete_states(root)[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
-def load_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights and optimizer from ``folder``; returns the trainer counters."""
-    folder = Path(folder)
-    old = folder.with_name(folder.name + ".old")
-    if not folder.exists() and old.exists():  # crashed between the two renames
-        old.rename(folder)
+def complete_states(root: Path) -> list[Path]:
+    """Complete state folders under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / "trainer.json").is_file())
+
+
+def latest_state(root: Path) -> Path | None:
+    """The newest complete state folder, or None."""
+    states = complete_states(root)
+    return states[-1] if states else None
+
+
+def read_trainer(root: Path) -> dict[str, Any] | None:
+    """Counters of the newest complete state (step, epoch, world size, ...), or None."""
+    latest = latest_state(root)
+    return json.loads((latest / "trainer.json").read_text()) if latest else None
+
+
+def load_state(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights and optimizer from the newest complete state; returns its counters."""
+    folder = latest_state(root)
+    if folder is None:
+        raise SimclrError(f"{root}: no complete resume state")
     tensors, _ = load_weights(folder / MODEL_FILE)
     model.load_state_dict(sub_state(tensors, "model"), strict=True)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     return json.loads((folder / "trainer.json").read_text())
 
 
-def has_state(folder: Path) -> bool:
-    folder = Path(folder)
-    return (folder / "trainer.json").exists() or (folder.with_name(folder.name + ".old") / "trainer.json").exists()
+def has_state(root: Path) -> bool:
+    return latest_state(root) is not None
 
 
 def _torch_bytes(obj: Any) -> bytes:

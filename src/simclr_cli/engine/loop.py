@@ -8,7 +8,6 @@ resumable state, and a clean stop on Ctrl-C / SIGTERM.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 
-from simclr_cli.checkpoints import save_state
+from simclr_cli.checkpoints import read_trainer, save_state
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.signals import StopRequest
 from simclr_cli.errors import DataError, Interrupted, SimclrError
@@ -36,6 +35,8 @@ class LoopSpec:
     seed: int
     log_every: int = 10
     save_every: int = 1  # epochs
+    checkpoint_every: int = 0  # steps; 0: only every save_every epochs
+    keep_states: int = 2
     dataset_size: int = 0
     max_bad_fraction: float = 0.01
     stage: str = "train"
@@ -92,7 +93,8 @@ def run_loop(
     def save(at_step: int) -> None:
         if accelerator.is_main_process:
             save_state(state_dir, accelerator.unwrap_model(task), optimizer,
-                       {"step": at_step, "epoch": at_step // spe, "elapsed": time.perf_counter() - t0})
+                       {"step": at_step, "epoch": at_step // spe, "elapsed": time.perf_counter() - t0,
+                        "world_size": world, "global_batch": spec.global_batch}, keep=spec.keep_states)
         accelerator.wait_for_everyone()
 
     with StopRequest() as stop:
@@ -184,6 +186,8 @@ def run_loop(
                     raise Interrupted(f"stopped by {why} at step {step}; state saved in {state_dir}. {spec.resume_hint}")
                 if step >= spec.total_steps:
                     break
+                if spec.checkpoint_every and step % spec.checkpoint_every == 0:
+                    save(step)
             if step % spe == 0:  # a whole epoch finished
                 epoch = step // spe
                 if epoch_hook is not None and hook_every and epoch % hook_every == 0 and step < spec.total_steps:
@@ -222,7 +226,5 @@ def _finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer, accelerator: A
 
 
 def _saved_step(state_dir: Path) -> int | None:
-    try:
-        return int(json.loads((Path(state_dir) / "trainer.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return None
+    trainer = read_trainer(state_dir)
+    return int(trainer["step"]) if trainer else None

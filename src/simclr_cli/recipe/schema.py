@@ -103,6 +103,8 @@ class PretrainConfig:
     max_nonfinite_skips: int = _f(10, "with on_nonfinite='skip': stop after this many skipped steps in a row")
     collapse_warn: float = _f(0.1, "warn when the std of normalized z falls below this x 1/sqrt(d)")
     save_every: int = _f(1, "save resumable state every this many epochs")
+    checkpoint_every: int = _f(0, "also save resumable state every this many steps; 0 off")
+    keep_states: int = _f(2, "keep the newest this many saved states (at least 1)")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,15 @@ import torch
 from torch.utils.data import Subset
 
 import simclr_cli
-from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, has_state, load_state, prefixed_state, save_weights
+from simclr_cli.checkpoints import (
+    MODEL_FILE,
+    STATE_DIR,
+    has_state,
+    load_state,
+    prefixed_state,
+    read_trainer,
+    save_weights,
+)
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.loaders import ContrastiveViews, EvalImages, GlobalBatchSampler, build_source, make_loader
 from simclr_cli.engine.loop import LoopSpec, run_loop
@@ -44,6 +52,7 @@ def run(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    force: bool = False,
     show_progress: bool = True,
     interrupt_after: int | None = None,
 ) -> dict[str, Any]:
@@ -54,6 +63,7 @@ def run(
         out_dir: run directory; default ``runs/<recipe.name>``.
         resume: continue from ``OUT/pretrain/state``.
         overwrite: replace a finished or interrupted run in the same place.
+        force: resume even if the recipe or the number of processes changed.
         show_progress: progress bar / log lines on the main process.
         interrupt_after: for tests, stop as if SIGTERM arrived after this step.
     """
@@ -61,7 +71,7 @@ def run(
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
     stage_dir = out / STAGE
     state_dir = stage_dir / STATE_DIR
-    recipe = _check_output(recipe, stage_dir, state_dir, resume=resume, overwrite=overwrite)
+    recipe = _check_output(recipe, stage_dir, state_dir, resume=resume, overwrite=overwrite, force=force)
     cfg, pcfg = recipe.data, recipe.pretrain
 
     accelerator = make_accelerator(pcfg.mixed_precision)
@@ -103,6 +113,12 @@ def run(
 
     start_step, elapsed0 = 0, 0.0
     if resume:
+        saved_world = (read_trainer(state_dir) or {}).get("world_size", accelerator.num_processes)
+        if saved_world != accelerator.num_processes and not force:
+            raise UsageError(
+                f"{state_dir} was saved by {saved_world} process(es), this launch has {accelerator.num_processes}. "
+                "Data order and views do not depend on it, but check the launch; pass --force to resume anyway"
+            )
         counters = load_state(state_dir, accelerator.unwrap_model(task), optimizer)
         start_step, elapsed0 = int(counters["step"]), float(counters.get("elapsed", 0.0))
     if main:
@@ -141,6 +157,8 @@ def run(
         seed=recipe.seed,
         log_every=pcfg.log_every,
         save_every=pcfg.save_every,
+        checkpoint_every=pcfg.checkpoint_every,
+        keep_states=pcfg.keep_states,
         dataset_size=len(views),
         max_bad_fraction=cfg.max_bad_fraction,
         stage=STAGE,
@@ -211,7 +229,9 @@ def checkpoint_metadata(recipe: Recipe, model: SimCLRModel, stage: str) -> dict[
     }
 
 
-def _check_output(recipe: Recipe, stage_dir: Path, state_dir: Path, *, resume: bool, overwrite: bool) -> Recipe:
+def _check_output(
+    recipe: Recipe, stage_dir: Path, state_dir: Path, *, resume: bool, overwrite: bool, force: bool = False
+) -> Recipe:
     """Never clobber finished work by accident; on resume, check the recipe still matches."""
     finished = (stage_dir / MODEL_FILE).exists()
     interrupted = has_state(state_dir) and not finished
@@ -223,10 +243,11 @@ def _check_output(recipe: Recipe, stage_dir: Path, state_dir: Path, *, resume: b
         saved_path = stage_dir / "recipe.toml"
         saved = recipe_from_dict(parse_toml(saved_path.read_text(), str(saved_path)), str(saved_path))
         changed = [k for k in recipe_diff(saved, recipe) if k not in RESUMABLE_CHANGES]
-        if changed:
+        if changed and not force:
             raise UsageError(
                 f"--resume with a different recipe than {saved_path} ({', '.join(changed)}); "
-                f"resume with that recipe: simclr pretrain {saved_path} --out {stage_dir.parent} --resume"
+                f"resume with that recipe: simclr pretrain {saved_path} --out {stage_dir.parent} --resume "
+                "(or pass --force to resume with the new values)"
             )
         return recipe
     if (finished or interrupted) and not overwrite:
