@@ -140,3 +140,24 @@ def test_sigterm_saves_state_and_resume_finishes(tiny_recipe_file, tmp_path):
     assert json.loads((out / "pretrain" / "summary.json").read_text())["steps"] == 60
     r = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "finished" in r.stderr
+
+
+def test_data_check_reports_and_exits_1_when_the_run_would_abort(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for split, n in (("train", 6), ("val", 2)):
+        for c in ("cat", "dog"):
+            d = tmp_path / "d" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.zeros((10 + i, 12, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    bad = tmp_path / "d" / "train" / "dog" / "broken.jpg"
+    bad.write_bytes(b"nope")
+    common = ["--set", "data.dataset=imagefolder", "--set", f"data.root={tmp_path / 'd'}"]
+    r = invoke("data", "check", "quickstart", *common, "--set", "data.max_bad_fraction=0.2")
+    assert r.exit_code == 0, r.output
+    assert "broken.jpg" in r.stdout and "train: 13 images, 1 unreadable" in r.stdout and "would skip" in r.stdout
+    assert "cat" in r.stdout and "min 10x12" in r.stdout
+    r = invoke("data", "check", "quickstart", *common)
+    assert r.exit_code == 1 and "training would stop" in r.stderr

@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes", rich_help_panel="Recipes")
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data", rich_help_panel="Recipes")
 
 STAGES_PANEL = "Stages"
 _debug = {"on": False}
@@ -187,6 +189,51 @@ def recipes_validate(file: RecipeArg, set_: SetOpt = None) -> None:
 
         r = load_recipe(file, set_ or [])
         print(f"ok: {resolve_recipe_path(file)} (name={r.name}, dataset={r.data.dataset}, backbone={r.model.backbone})")
+
+
+@data_app.command("check")
+def data_check(recipe: RecipeArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Decode every image of the recipe's splits; report unreadable files, class counts and sizes.
+
+    Exits 1 when training would stop on unreadable images (more than data.max_bad_fraction).
+    """
+    with _handled(debug):
+        from rich.console import Console
+        from rich.table import Table
+
+        from simclr_cli.data.check import check_recipe_data, would_abort
+        from simclr_cli.errors import DataError
+        from simclr_cli.recipe import load_recipe
+
+        r = load_recipe(recipe, set_ or [])
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)
+        aborting = []
+        for rep in check_recipe_data(r):
+            table = Table(title=f"{rep.split}: {rep.source}", show_header=True)
+            table.add_column("class")
+            table.add_column("images", justify="right")
+            for name, n in rep.class_counts.items():
+                table.add_row(name, str(n))
+            if rep.unlabeled:
+                table.add_row("(unlabeled)", str(rep.unlabeled))
+            console.print(table)
+            sizes = rep.size_stats()
+            if sizes:
+                console.print(f"sizes (h x w): min {sizes['min_h']}x{sizes['min_w']}, median "
+                              f"{sizes['median_h']}x{sizes['median_w']}, max {sizes['max_h']}x{sizes['max_w']}")
+            for name, err in rep.unreadable:
+                console.print(f"unreadable: {name} ({err})", markup=False)
+            bad = len(rep.unreadable)
+            verdict = "training would stop" if would_abort(rep, r.data.max_bad_fraction) else "training would skip them"
+            console.print(f"{rep.split}: {rep.images} images, {bad} unreadable"
+                          + (f" ({100 * bad / max(rep.images, 1):.2f}%; {verdict})" if bad else ""))
+            if would_abort(rep, r.data.max_bad_fraction):
+                aborting.append(rep.split)
+        if aborting:
+            raise DataError(f"{', '.join(aborting)}: more than data.max_bad_fraction={r.data.max_bad_fraction} "
+                            "of the images are unreadable; training would stop (they are listed above)")
 
 
 def main() -> None:

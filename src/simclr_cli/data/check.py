@@ -1,0 +1,74 @@
+"""``simclr data check``: scan a recipe's dataset before hours are spent on it."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from simclr_cli.data.loaders import build_source
+from simclr_cli.data.sources import ImageSource
+from simclr_cli.recipe.schema import Recipe
+
+
+@dataclass
+class SplitReport:
+    """What a scan of one split found."""
+
+    split: str
+    source: str
+    images: int
+    class_counts: dict[str, int]
+    unlabeled: int
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (name, error)
+    heights: list[int] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+
+    def size_stats(self) -> dict[str, int]:
+        if not self.heights:
+            return {}
+        return {"min_h": min(self.heights), "median_h": int(statistics.median(self.heights)), "max_h": max(self.heights),
+                "min_w": min(self.widths), "median_w": int(statistics.median(self.widths)), "max_w": max(self.widths)}
+
+
+def scan_split(source: ImageSource, split: str, workers: int = 0) -> SplitReport:
+    """Decode every image of ``source`` (threads; PIL releases the GIL) and collect statistics."""
+    names = source.classes
+    counts = Counter(source.labels)
+    report = SplitReport(
+        split=split,
+        source=source.name,
+        images=len(source),
+        class_counts={names[c] if 0 <= c < len(names) else str(c): n for c, n in sorted(counts.items()) if c >= 0},
+        unlabeled=counts.get(-1, 0),
+    )
+
+    def load(i: int):
+        try:
+            img = source.load(i)
+            return i, img.shape[-2], img.shape[-1], None
+        except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
+            return i, 0, 0, f"{type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for i, h, w, err in pool.map(load, range(len(source)), chunksize=64):
+            if err is not None:
+                report.unreadable.append((source.describe(i), err))
+            else:
+                report.heights.append(h)
+                report.widths.append(w)
+    return report
+
+
+def check_recipe_data(recipe: Recipe) -> list[SplitReport]:
+    """Scan the training split and, when set, the validation split of the recipe."""
+    cfg = recipe.data
+    splits = [cfg.train_split] + ([cfg.val_split] if cfg.val_split else [])
+    return [scan_split(build_source(cfg, split, recipe.seed), split, workers=cfg.num_workers) for split in splits]
+
+
+def would_abort(report: SplitReport, max_bad_fraction: float) -> bool:
+    """True when training would stop on this split's unreadable images."""
+    return len(report.unreadable) > max_bad_fraction * max(report.images, 1)
