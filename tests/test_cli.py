@@ -80,10 +80,24 @@ def test_runtime_failure_exit_1(tmp_path):
     root.mkdir(parents=True)
     for i in range(4):
         (root / f"{i}.jpg").write_bytes(b"not a jpeg")
-    r = invoke("pretrain", "quickstart", "--set", "data.dataset=imagefolder", "--set", f"data.root={tmp_path}/d",
-               "--set", "pretrain.batch_size=2", "--set", "pretrain.knn_every=0", "--out", str(tmp_path / "o"))
-    assert r.exit_code == 1, r.output
-    assert "unreadable" in r.stderr and len(r.stderr.strip().splitlines()[-1]) > 0
+    for workers in ("0", "1"):  # an error raised in a DataLoader worker is one line too
+        r = invoke("pretrain", "quickstart", "--set", "data.dataset=imagefolder", "--set", f"data.root={tmp_path}/d",
+                   "--set", "pretrain.batch_size=2", "--set", "pretrain.knn_every=0", "--out", str(tmp_path / workers),
+                   "--set", f"data.num_workers={workers}")
+        assert r.exit_code == 1, r.output
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "unreadable images in a row" in errors[0], r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tiny_recipe_file, tmp_path):
+    args = ["pretrain", str(tiny_recipe_file), "--set", "pretrain.epochs=1", "--set", "pretrain.knn_every=0",
+            "--out", str(tmp_path / "o")]
+    assert invoke(*args).exit_code == 0
+    model = tmp_path / "o" / "pretrain" / "model.safetensors"
+    before = model.read_bytes()
+    r = invoke(*args, "--overwrite", "--set", "data.dataset=imagefolder", "--set", f"data.root={tmp_path}/nowhere")
+    assert r.exit_code == 2 and model.read_bytes() == before
 
 
 def test_recipes_list_show_validate(tiny_recipe_file):
@@ -95,6 +109,8 @@ def test_recipes_list_show_validate(tiny_recipe_file):
     assert r.exit_code == 0 and "knn_k = 200" in r.stdout
     r = invoke("recipes", "validate", str(tiny_recipe_file))
     assert r.exit_code == 0 and "ok:" in r.stdout
+    r = invoke("recipes", "validate", str(tiny_recipe_file), "--set", "model.backbone=resnet5O")
+    assert r.exit_code == 2 and "not a timm model" in r.stderr
 
 
 def test_pretrain_cli_writes_runs_name_by_default(tiny_recipe_file, tmp_path):

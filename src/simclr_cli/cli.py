@@ -67,16 +67,25 @@ def _handled(debug: bool = False) -> Iterator[None]:
     except SimclrError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted before any state was saved", file=sys.stderr)
         raise typer.Exit(130) from None
     except Exception as e:  # noqa: BLE001 - the last line of defence for the user
         if debug:
             raise
-        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
         raise typer.Exit(1) from None
+
+
+def _one_line(e: BaseException) -> str:
+    """The message without the worker traceback that DataLoader bakes into re-raised errors."""
+    text = str(e).strip()
+    if text.startswith("Caught ") and "Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.splitlines())
 
 
 @app.command(rich_help_panel=STAGES_PANEL)
@@ -185,9 +194,14 @@ def recipes_show(
 def recipes_validate(file: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe file (and overrides) against the schema; exit 2 with the first problem."""
     with _handled():
+        import timm
+
+        from simclr_cli.errors import RecipeError
         from simclr_cli.recipe import load_recipe, resolve_recipe_path
 
         r = load_recipe(file, set_ or [])
+        if not timm.is_model(r.model.backbone):
+            raise RecipeError(f"{resolve_recipe_path(file)}: model.backbone '{r.model.backbone}' is not a timm model")
         print(f"ok: {resolve_recipe_path(file)} (name={r.name}, dataset={r.data.dataset}, backbone={r.model.backbone})")
 
 

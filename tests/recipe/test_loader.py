@@ -84,6 +84,10 @@ def test_overrides_parse_toml_literals_and_fall_back_to_strings():
         ("pretrain.optimizer=lasr", "must be one of 'lars' | 'sgd' | 'adamw', got 'lasr' (did you mean 'lars'?)"),
         ("pretrain.epochs", "expected section.key=value"),
         ("pretrain=3", "'pretrain' is a section"),
+        ("pretrain.batch_size=0", "'pretrain.batch_size' must be an integer >= 2, got 0"),
+        ("pretrain.temperature=0", "'pretrain.temperature' must be a number > 0"),
+        ("augment.crop_scale=[0.9,0.1]", "'augment.crop_scale' must be [lo, hi] with 0 < lo <= hi <= 1"),
+        ("augment.blur_p=1.5", "'augment.blur_p' must be a probability in [0, 1]"),
     ],
 )
 def test_bad_overrides_are_named(override, message):

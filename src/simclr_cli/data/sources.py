@@ -72,10 +72,11 @@ class ImageFolderSource:
     """``root/<split>/<class>/<image>``: class folders sorted by name, any common extension in any case."""
 
     def __init__(self, root: Path, split: str) -> None:
-        folder = Path(root) / split
+        root = Path(root).expanduser()
+        folder = root / split
         if not folder.is_dir():
             raise DataError(
-                f"imagefolder: {folder} does not exist; expected images as {Path(root) / split}/<class>/<image>. "
+                f"imagefolder: {folder} does not exist; expected images as {folder}/<class>/<image>. "
                 f"Point data.root at the dataset (e.g. --set data.root=/path/to/data) or fix data.{_split_key(split)}",
                 missing=True,
             )
@@ -119,6 +120,7 @@ def torchvision_source(dataset: str, root: str, split: str, download: bool) -> T
     """CIFAR-10/100 (splits train, test) and STL-10 (train, test, unlabeled, train+unlabeled) in memory."""
     from torchvision import datasets
 
+    root = str(Path(root).expanduser())
     valid = {"cifar10": ("train", "test"), "cifar100": ("train", "test"),
              "stl10": ("train", "test", "unlabeled", "train+unlabeled")}[dataset]
     if split not in valid:

@@ -120,10 +120,12 @@ def run_loop(
                                       1.0 if stop.requested else 0.0], device=device)
                 if world > 1:  # every process takes the same decision
                     flags = accelerator.reduce(flags, reduction="sum")
-                if flags[0].item() > 0:
+                update = flags[0].item() == 0
+                if not update:
                     optimizer.zero_grad(set_to_none=True)
                     skipped += 1
-                    last_good = f"{state_dir} (step {_saved_step(state_dir)})" if _saved_step(state_dir) is not None else "none yet"
+                    saved = _saved_step(state_dir)
+                    last_good = f"{state_dir} (step {saved})" if saved is not None else "none yet"
                     if spec.on_nonfinite == "stop" or skipped > spec.max_nonfinite_skips:
                         why = "" if spec.on_nonfinite == "stop" else f" {skipped} steps in a row"
                         raise SimclrError(
@@ -131,18 +133,22 @@ def run_loop(
                             f"Last saved state: {last_good}. Lower the learning rate, or use mixed_precision='no'"
                             + ("" if spec.on_nonfinite == "skip" else ", or set on_nonfinite='skip'")
                         )
-                    progress.message(f"warning: non-finite loss or gradients at step {step + 1}; step skipped")
-                    continue
-                skipped = 0
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    # The batch is consumed without an update, so data order and schedule stay aligned.
+                    progress.message(f"warning: non-finite loss or gradients at step {step + 1}; update skipped")
+                else:
+                    skipped = 0
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 step += 1
                 window_steps += 1
-                loss_sum += out["loss"].detach().float()
+                if update:
+                    loss_sum += out["loss"].detach().float()
+                else:
+                    window_steps -= 1  # keep the logged mean loss finite
                 end_of_epoch = step % spe == 0
                 if step % spec.log_every == 0 or step == spec.total_steps or end_of_epoch:
                     ratio = out.get("z_std_ratio", out["z_std"]).detach().float()
-                    stats = torch.stack([loss_sum / window_steps, out["z_std"].detach().float(), ratio,
+                    stats = torch.stack([loss_sum / max(window_steps, 1), out["z_std"].detach().float(), ratio,
                                          torch.tensor(float(len(bad)), device=device)])
                     stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
                     elapsed = time.perf_counter() - window_start

@@ -19,7 +19,8 @@ class MetricsLog:
         self.enabled = enabled
         if enabled and keep_until_step is not None and self.path.exists():
             # Resuming: drop lines logged after the saved state, they will be logged again.
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step]
+            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln, default=None) is not None
+                    and _step_of(ln) <= keep_until_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif enabled and keep_until_step is None:
             self.path.write_text("")
@@ -29,6 +30,14 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str, default: int | None = 0) -> int | None:
+    """The step of a metrics line; None for a torn or empty line (a crash mid-write)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return default
 
 
 class ProgressDisplay:

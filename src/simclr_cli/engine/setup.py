@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+from datetime import timedelta
+
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from accelerate.state import AcceleratorState
 from torch import nn
 
@@ -23,7 +26,10 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
         # the process-group part (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True lets Accelerate pick up torchrun/accelerate-launch processes on CPU (gloo).
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    # A long timeout: the kNN monitor runs on the main process while the others wait at a barrier,
+    # which on ImageNet-size data takes longer than NCCL's default 10 minutes.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(hours=3))
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
 
 
 def convert_sync_bn(model: nn.Module, accelerator: Accelerator, enabled: bool) -> tuple[nn.Module, str]:

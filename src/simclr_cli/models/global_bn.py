@@ -32,6 +32,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return super().forward(x)
         self._check_input_dim(x)
+        in_dtype = x.dtype
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 even under autocast
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
@@ -51,7 +53,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(in_dtype)
 
 
 def convert_global_bn(module: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from simclr_cli.errors import RecipeError
-from simclr_cli.recipe.schema import Recipe
+from simclr_cli.recipe.schema import RANGES, Recipe
 
 _REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 
@@ -152,7 +152,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str
             kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.", source, origins)
         else:
             key = f"{prefix}{name}"
-            kwargs[name] = _coerce(raw[name], hint, key, origins.get(key, source))
+            value = _coerce(raw[name], hint, key, origins.get(key, source))
+            if key in RANGES and not RANGES[key][1](value):
+                raise RecipeError(f"{origins.get(key, source)}: '{key}' must be {RANGES[key][0]}, got {value!r}")
+            kwargs[name] = value
     return cls(**kwargs)
 
 

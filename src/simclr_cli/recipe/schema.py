@@ -79,7 +79,7 @@ class PretrainConfig:
     """``[pretrain]``: contrastive pretraining, SIMCLR.md section 2."""
 
     epochs: int = _f(100, "training epochs")
-    max_steps: int = _f(0, "stop after this many optimizer steps; 0 means no cap")
+    max_steps: int = _f(0, "cap on optimizer steps (0: no cap); warmup and cosine are fitted to the capped run")
     batch_size: int = _f(4096, "global batch size (images; each gives two views)")
     optimizer: OptimizerName = _f("lars", "lars | sgd | adamw")
     lr: float = _f(0.3, "base learning rate before lr_scaling")
@@ -141,3 +141,55 @@ class Recipe:
     finetune: FinetuneConfig = _f(FinetuneConfig(), "finetune stage section (reserved)")
     distill: DistillConfig = _f(DistillConfig(), "distill stage section (reserved)")
     transfer: TransferConfig = _f(TransferConfig(), "transfer stage section (reserved)")
+
+
+def _prob(v) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _range_pair(lo_min: float, hi_max: float | None):
+    return lambda v: lo_min < v[0] <= v[1] and (hi_max is None or v[1] <= hi_max)
+
+
+# Value checks applied after types: dotted key -> (what it must be, predicate).
+RANGES = {
+    "data.image_size": ("an integer >= 8", lambda v: v >= 8),
+    "data.num_workers": ("an integer >= 0", lambda v: v >= 0),
+    "data.max_bad_fraction": ("a number in [0, 1]", _prob),
+    "data.synthetic_train_size": ("an integer >= 1", lambda v: v >= 1),
+    "data.synthetic_val_size": ("an integer >= 1", lambda v: v >= 1),
+    "data.synthetic_classes": ("an integer from 1 to 10", lambda v: 1 <= v <= 10),
+    "data.std": ("three numbers > 0", lambda v: all(x > 0 for x in v)),
+    "augment.crop_scale": ("[lo, hi] with 0 < lo <= hi <= 1", _range_pair(0.0, 1.0)),
+    "augment.crop_ratio": ("[lo, hi] with 0 < lo <= hi", _range_pair(0.0, None)),
+    "augment.flip_p": ("a probability in [0, 1]", _prob),
+    "augment.strength": ("a number >= 0", lambda v: v >= 0),
+    "augment.jitter_p": ("a probability in [0, 1]", _prob),
+    "augment.grayscale_p": ("a probability in [0, 1]", _prob),
+    "augment.blur_p": ("a probability in [0, 1]", _prob),
+    "augment.blur_sigma": ("[lo, hi] with 0 < lo <= hi", _range_pair(0.0, None)),
+    "augment.blur_kernel_frac": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "model.proj_layers": ("0, 1, 2 or 3", lambda v: v in (0, 1, 2, 3)),
+    "model.proj_hidden_dim": ("an integer >= 0", lambda v: v >= 0),
+    "model.proj_dim": ("an integer >= 1", lambda v: v >= 1),
+    "pretrain.epochs": ("an integer >= 1", lambda v: v >= 1),
+    "pretrain.max_steps": ("an integer >= 0", lambda v: v >= 0),
+    "pretrain.batch_size": ("an integer >= 2", lambda v: v >= 2),
+    "pretrain.micro_batch_size": ("an integer >= 0", lambda v: v >= 0),
+    "pretrain.lr": ("a finite number > 0", lambda v: 0 < v < float("inf")),
+    "pretrain.weight_decay": ("a number >= 0", lambda v: 0 <= v < float("inf")),
+    "pretrain.momentum": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "pretrain.trust_coefficient": ("a number > 0", lambda v: v > 0),
+    "pretrain.warmup_epochs": ("a number >= 0", lambda v: v >= 0),
+    "pretrain.temperature": ("a number > 0", lambda v: 0 < v < float("inf")),
+    "pretrain.margin": ("a number >= 0", lambda v: v >= 0),
+    "pretrain.knn_every": ("an integer >= 0", lambda v: v >= 0),
+    "pretrain.knn_k": ("an integer >= 1", lambda v: v >= 1),
+    "pretrain.knn_temperature": ("a number > 0", lambda v: v > 0),
+    "pretrain.log_every": ("an integer >= 1", lambda v: v >= 1),
+    "pretrain.save_every": ("an integer >= 0", lambda v: v >= 0),
+    "pretrain.checkpoint_every": ("an integer >= 0", lambda v: v >= 0),
+    "pretrain.keep_states": ("an integer >= 1", lambda v: v >= 1),
+    "pretrain.max_nonfinite_skips": ("an integer >= 0", lambda v: v >= 0),
+    "pretrain.collapse_warn": ("a number >= 0", lambda v: v >= 0),
+}

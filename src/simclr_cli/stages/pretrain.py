@@ -34,7 +34,7 @@ from simclr_cli.engine.loop import LoopSpec, run_loop
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
 from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
-from simclr_cli.errors import UsageError
+from simclr_cli.errors import DataError, UsageError
 from simclr_cli.evaluation.knn import extract_features, knn_top1
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.optim import build_optimizer, scaled_lr, warmup_cosine
@@ -71,7 +71,7 @@ def run(
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
     stage_dir = out / STAGE
     state_dir = stage_dir / STATE_DIR
-    recipe = _check_output(recipe, stage_dir, state_dir, resume=resume, overwrite=overwrite, force=force)
+    _check_output(recipe, stage_dir, state_dir, resume=resume, overwrite=overwrite, force=force)
     cfg, pcfg = recipe.data, recipe.pretrain
 
     accelerator = make_accelerator(pcfg.mixed_precision)
@@ -121,6 +121,10 @@ def run(
             )
         counters = load_state(state_dir, accelerator.unwrap_model(task), optimizer)
         start_step, elapsed0 = int(counters["step"]), float(counters.get("elapsed", 0.0))
+    if overwrite and not resume and main and stage_dir.exists():
+        # Only now, with data, model and optimizer built, is the old run replaced.
+        shutil.rmtree(stage_dir)
+    accelerator.wait_for_everyone()
     if main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
@@ -231,7 +235,7 @@ def checkpoint_metadata(recipe: Recipe, model: SimCLRModel, stage: str) -> dict[
 
 def _check_output(
     recipe: Recipe, stage_dir: Path, state_dir: Path, *, resume: bool, overwrite: bool, force: bool = False
-) -> Recipe:
+) -> None:
     """Never clobber finished work by accident; on resume, check the recipe still matches."""
     finished = (stage_dir / MODEL_FILE).exists()
     interrupted = has_state(state_dir) and not finished
@@ -241,6 +245,10 @@ def _check_output(
         if not has_state(state_dir):
             raise UsageError(f"nothing to resume: {state_dir} has no saved state; start without --resume")
         saved_path = stage_dir / "recipe.toml"
+        if not saved_path.is_file():
+            if not force:
+                raise UsageError(f"{saved_path} is missing, so the resumed recipe cannot be checked; pass --force to resume anyway")
+            return
         saved = recipe_from_dict(parse_toml(saved_path.read_text(), str(saved_path)), str(saved_path))
         changed = [k for k in recipe_diff(saved, recipe) if k not in RESUMABLE_CHANGES]
         if changed and not force:
@@ -249,15 +257,12 @@ def _check_output(
                 f"resume with that recipe: simclr pretrain {saved_path} --out {stage_dir.parent} --resume "
                 "(or pass --force to resume with the new values)"
             )
-        return recipe
+        return
     if (finished or interrupted) and not overwrite:
         what = "a finished" if finished else "an interrupted"
         todo = "" if finished else "--resume to continue it, "
         raise UsageError(f"{stage_dir} already holds {what} pretrain run; pass {todo}--overwrite to replace it, "
                          "or --out DIR to write elsewhere")
-    if overwrite and stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    return recipe
 
 
 def _first_knn(path: Path) -> float | None:
@@ -293,6 +298,15 @@ class _KnnMonitor:
         bank_split = cfg.train_split.split("+")[0]  # stl10 "train+unlabeled": the labeled part
         bank = build_source(cfg, bank_split, recipe.seed)
         query = build_source(cfg, cfg.val_split, recipe.seed)
+        if query.classes != bank.classes:
+            # Image folders number the class folders of each split on their own: align by name.
+            index = {name: i for i, name in enumerate(bank.classes)}
+            unknown = sorted(set(query.classes) - set(index))
+            if unknown:
+                raise DataError(f"{query.name}: classes {unknown[:5]} are not among the classes of {bank.name}; "
+                                "the kNN monitor needs the same class names in both splits", missing=True)
+            query.labels = [index[query.classes[y]] if y >= 0 else y for y in query.labels]
+            query.classes = list(bank.classes)
         labeled = [i for i, y in enumerate(bank.labels) if y >= 0]
         if not labeled or not any(y >= 0 for y in query.labels):
             return cls(accelerator, None, None, 0, 0, 0, enabled=False)
