@@ -75,8 +75,13 @@ def run_loop(
     epoch_hook: EpochHook | None = None,
     hook_every: int = 0,
     start_time_offset: float = 0.0,
+    stop: StopRequest | None = None,
 ) -> LoopResult:
-    """Train from ``start_step`` to ``spec.total_steps``; see the module docstring."""
+    """Train from ``start_step`` to ``spec.total_steps``; see the module docstring.
+
+    ``stop``: a :class:`StopRequest` the caller already holds (so a signal that arrives
+    while the stage is still setting up stops the loop at its first step boundary).
+    """
     spe = spec.steps_per_epoch
     step = start_step
     epoch = step // spe
@@ -97,7 +102,7 @@ def run_loop(
                         "world_size": world, "global_batch": spec.global_batch}, keep=spec.keep_states)
         accelerator.wait_for_everyone()
 
-    with StopRequest() as stop:
+    with stop if stop is not None else StopRequest() as stop:
         while step < spec.total_steps:
             sampler.set_epoch(epoch, step - epoch * spe)
             for batch in loader:

@@ -33,6 +33,7 @@ from simclr_cli.data.loaders import ContrastiveViews, EvalImages, GlobalBatchSam
 from simclr_cli.engine.loop import LoopSpec, run_loop
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
+from simclr_cli.engine.signals import StopRequest
 from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.evaluation.knn import extract_features, knn_top1
@@ -144,14 +145,6 @@ def run(
     if warmup >= total:
         progress.message(f"warning: pretrain.warmup_epochs={pcfg.warmup_epochs:g} covers the whole run "
                          f"({pcfg.epochs} epochs); the learning rate never reaches its peak. Lower warmup_epochs.")
-    init_knn = None
-    if knn is not None and knn.enabled and not resume:
-        init_knn = knn(accelerator.unwrap_model(task).model)
-        metrics.write({"step": 0, "epoch": 0, "knn_top1": init_knn, "time": 0.0})
-        progress.message(f"knn_top1 at init (random encoder): {init_knn}")
-    elif resume:
-        init_knn = _first_knn(stage_dir / "metrics.jsonl")
-
     spec = LoopSpec(
         total_steps=total,
         steps_per_epoch=spe,
@@ -175,10 +168,19 @@ def run(
     hook = None
     if knn is not None and knn.enabled:
         hook = lambda epoch, step: {"knn_top1": knn(accelerator.unwrap_model(task).model)}  # noqa: E731
+    # From here on, Ctrl-C / SIGTERM (also during the first kNN pass) stop at a step boundary with state saved.
+    stop = StopRequest().__enter__()
     try:
+        init_knn = None
+        if knn is not None and knn.enabled and not resume:
+            init_knn = knn(accelerator.unwrap_model(task).model)
+            metrics.write({"step": 0, "epoch": 0, "knn_top1": init_knn, "time": 0.0})
+            progress.message(f"knn_top1 at init (random encoder): {init_knn}")
+        elif resume:
+            init_knn = _first_knn(stage_dir / "metrics.jsonl")
         result = run_loop(accelerator, task, optimizer, sampler, loader, spec, state_dir=state_dir, metrics=metrics,
                           progress=progress, start_step=start_step, epoch_hook=hook, hook_every=pcfg.knn_every,
-                          start_time_offset=elapsed0)
+                          start_time_offset=elapsed0, stop=stop)
         final_knn = None
         if knn is not None and knn.enabled:
             final_knn = knn(accelerator.unwrap_model(task).model)
@@ -186,6 +188,7 @@ def run(
                            "time": round(elapsed0 + result.train_seconds, 3)})
     finally:
         progress.close()
+        stop.__exit__(None, None, None)
 
     unwrapped: SimCLRModel = accelerator.unwrap_model(task).model
     summary = {
