@@ -102,6 +102,8 @@ def run_loop(
                         "world_size": world, "global_batch": spec.global_batch}, keep=spec.keep_states)
         accelerator.wait_for_everyone()
 
+    inner = accelerator.unwrap_model(task)
+    own_backward = hasattr(inner, "forward_backward")  # e.g. the gradient cache
     with stop if stop is not None else StopRequest() as stop:
         while step < spec.total_steps:
             sampler.set_epoch(epoch, step - epoch * spe)
@@ -112,8 +114,7 @@ def run_loop(
                     group["lr"] = peak * mult
                 bad.update(int(i) for i in batch["bad"] if int(i) >= 0)
                 batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                inner = accelerator.unwrap_model(task)
-                if hasattr(inner, "forward_backward"):
+                if own_backward:
                     # Tasks that run their own backward (gradient cache) sync gradients themselves.
                     with accelerator.no_sync(task):
                         out = inner.forward_backward(batch, accelerator)
@@ -145,11 +146,9 @@ def run_loop(
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 step += 1
-                window_steps += 1
-                if update:
+                if update:  # skipped steps stay out of the logged mean loss, keeping it finite
+                    window_steps += 1
                     loss_sum += out["loss"].detach().float()
-                else:
-                    window_steps -= 1  # keep the logged mean loss finite
                 end_of_epoch = step % spe == 0
                 if step % spec.log_every == 0 or step == spec.total_steps or end_of_epoch:
                     ratio = out.get("z_std_ratio", out["z_std"]).detach().float()
