@@ -118,17 +118,139 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+SourceArg = Annotated[
+    Optional[str],
+    typer.Argument(help="Run directory (runs/NAME), run name, or checkpoint (.../model.safetensors); "
+                        "default: the newest run under ./runs that has the checkpoint this stage needs."),
+]
+RecipeOpt = Annotated[
+    Optional[str],
+    typer.Option("--recipe", "-r", help="Recipe file or bundled name whose keys apply on top of the checkpoint's recipe."),
+]
+InitOpt = Annotated[str, typer.Option("--init", help="pretrained: the checkpoint's weights | random: the same "
+                                                     "protocol on an untrained encoder (the baseline).")]
+StageOutOpt = Annotated[Optional[Path], typer.Option(
+    "--out", "-o", help="Run directory to write into (default: the run read from; RUN/random_init with --init random).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace this stage's existing results in OUT.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _str_set(key: str, value: str) -> str:
+    """A ``--set`` string that keeps ``value`` a TOML string."""
+    import json
+
+    return f"{key}={json.dumps(value)}"
+
+
+def _chain_inputs(source, recipe, set_, init, wants, out, quiet):
+    """Resolve a stage's checkpoint, recipe and output directory (the chaining rules)."""
+    from simclr_cli.stages import common
+
+    say = (lambda *a: None) if quiet or not _is_main_process() else print
+    src = common.find_source(source, wants, required=init != "random" or (source is not None) or not recipe, say=say)
+    r = common.inherit_recipe(src, recipe, set_)
+    return src, r, common.output_dir(src, r, out, init)
+
+
+@app.command("linear-eval", rich_help_panel=STAGES_PANEL)
+def linear_eval(
+    source: SourceArg = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="cached (default): fit on features extracted once | "
+                                                              "paper: crop+flip every epoch, 90 epochs")] = None,
+    on: Annotated[Optional[str], typer.Option("--on", help="Probe h (default) or head:K, the output of the first "
+                                                          "K projection-head layers.")] = None,
+    init: InitOpt = "pretrained",
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    out: StageOutOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Linear probe on the frozen encoder; writes OUT/linear_eval/ with top-1 and top-5."""
+    with _handled(debug):
+        from simclr_cli.stages import common
+        from simclr_cli.stages import linear_eval as stage
+
+        extra = ([_str_set("linear_eval.mode", mode)] if mode else []) + ([_str_set("linear_eval.on", on)] if on else [])
+        src, r, out_dir = _chain_inputs(source, recipe, [*(set_ or []), *extra], init, ("pretrain",), out, quiet)
+        summary = stage.run(r, src, out_dir, init=init, overwrite=overwrite, show_progress=not quiet)
+        common.show_result(f"linear-eval ({summary.get('mode')}, {summary.get('on')}, {init})",
+                           _pick(summary, "top1", "top5", "train_images", "test_images"), not quiet and _is_main_process())
+
+
+@app.command("knn", rich_help_panel=STAGES_PANEL)
+def knn(
+    source: SourceArg = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Neighbours (default: knn.k, 200).")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="Weights exp(sim/t) "
+                                                                                   "(default: knn.temperature, 0.1).")] = None,
+    init: InitOpt = "pretrained",
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    out: StageOutOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Weighted kNN on L2-normalized h of the frozen encoder; writes OUT/knn/summary.json."""
+    with _handled(debug):
+        from simclr_cli.stages import common
+        from simclr_cli.stages import knn as stage
+
+        extra = ([f"knn.k={k}"] if k is not None else []) + ([f"knn.temperature={temperature!r}"] if temperature else [])
+        src, r, out_dir = _chain_inputs(source, recipe, [*(set_ or []), *extra], init, ("pretrain",), out, quiet)
+        summary = stage.run(r, src, out_dir, init=init, overwrite=overwrite, show_progress=not quiet)
+        common.show_result(f"knn (k={summary.get('k')}, t={summary.get('temperature')}, {init})",
+                           _pick(summary, "knn_top1", "knn_top5", "train_images", "test_images"),
+                           not quiet and _is_main_process())
+
+
+@app.command(rich_help_panel=STAGES_PANEL)
+def finetune(
+    source: SourceArg = None,
+    labels: Annotated[Optional[str], typer.Option(
+        "--labels", "-l", help="Labeled subset: 1%, 10%, any percentage, N-per-class, or a file with one image "
+                               "name per line (default: finetune.labels, 10%).")] = None,
+    from_head_layer: Annotated[Optional[int], typer.Option(
+        "--from-head-layer", help="Keep the first K projection-head layers under the classifier (SimCLRv2: 1).")] = None,
+    init: InitOpt = "pretrained",
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    out: StageOutOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/finetune/state.")] = False,
+    overwrite: OverwriteOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: accept a changed recipe.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Semi-supervised fine-tuning on a labeled subset; writes OUT/finetune/model.safetensors."""
+    with _handled(debug):
+        from simclr_cli.stages import common
+        from simclr_cli.stages import finetune as stage
+
+        extra = ([_str_set("finetune.labels", labels)] if labels else []) + (
+            [f"finetune.from_head_layer={from_head_layer}"] if from_head_layer is not None else [])
+        src, r, out_dir = _chain_inputs(source, recipe, [*(set_ or []), *extra], init, ("pretrain",), out, quiet)
+        summary = stage.run(r, src, out_dir, init=init, resume=resume, overwrite=overwrite, force=force,
+                            show_progress=not quiet)
+        common.show_result(f"finetune ({summary.get('labels')}, {init})",
+                           _pick(summary, "top1", "top5", "labeled_images", "test_images"),
+                           not quiet and _is_main_process())
+
+
+def _pick(summary: dict, *keys: str) -> dict:
+    return {k: summary[k] for k in keys if k in summary}
+
+
 def _not_implemented(stage: str) -> None:
     with _handled():
         from simclr_cli.errors import NotImplementedStage
 
-        raise NotImplementedStage(f"'simclr {stage}' is not implemented yet; only 'simclr pretrain' works in this version")
+        raise NotImplementedStage(f"'simclr {stage}' is not implemented yet; see the README for the stages that work")
 
 
 _PENDING = {
-    "linear-eval": "Linear probe on a frozen encoder (not implemented yet).",
-    "knn": "Weighted kNN evaluation of a frozen encoder (not implemented yet).",
-    "finetune": "Semi-supervised fine-tuning, e.g. --labels 1% (not implemented yet).",
     "distill": "Teacher -> student self-training (not implemented yet).",
     "transfer": "Transfer to other datasets (not implemented yet).",
 }

@@ -136,10 +136,19 @@ def test_syntax_error_gives_line_and_column(tmp_path):
 
 
 def test_reserved_stage_sections_accept_no_keys_yet(tmp_path):
-    p = _write(tmp_path, "[finetune]\nepochs = 3\n")
+    p = _write(tmp_path, "[distill]\nepochs = 3\n")
     with pytest.raises(RecipeError, match="reserved"):
         load_recipe(p)
-    load_recipe(_write(tmp_path, "[finetune]\n[distill]\n[transfer]\n[linear_eval]\n"))
+    load_recipe(_write(tmp_path, "[finetune]\n[distill]\n[transfer]\n[linear_eval]\n[knn]\n"))
+
+
+def test_stage_sections_validate_their_values(tmp_path):
+    r = load_recipe(_write(tmp_path, '[finetune]\nlabels = "1%"\nepochs = 3\n[linear_eval]\nmode = "paper"\n'))
+    assert (r.finetune.labels, r.finetune.epochs, r.linear_eval.mode) == ("1%", 3, "paper")
+    with pytest.raises(RecipeError, match="linear_eval.mode"):
+        load_recipe(_write(tmp_path, '[linear_eval]\nmode = "fast"\n'))
+    with pytest.raises(RecipeError, match="finetune.from_head_layer"):
+        load_recipe(_write(tmp_path, "[finetune]\nfrom_head_layer = 5\n"))
 
 
 def test_missing_recipe_suggests_bundled():

@@ -9,7 +9,7 @@ function of those three and does not depend on workers or processes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torchvision.transforms.v2 import functional as TF
@@ -140,3 +140,10 @@ class EvalTransform:
             img = TF.resize(img, [int(round(self.size / 0.875))], antialias=True)
         img = TF.center_crop(img, [self.size, self.size])
         return (img.float().div_(255) - self.mean) / self.std
+
+
+def crop_flip_augment(cfg: AugmentConfig, crop_scale: tuple[float, float], size: int,
+                      mean: tuple[float, ...], std: tuple[float, ...]) -> SimCLRAugment:
+    """Random resized crop and flip only: the augmentation of the supervised stages (SIMCLR.md section 3)."""
+    plain = replace(cfg, crop_scale=crop_scale, jitter_p=0.0, grayscale_p=0.0, blur=False)
+    return SimCLRAugment(plain, size, mean, std)

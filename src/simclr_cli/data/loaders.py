@@ -99,6 +99,46 @@ class EvalImages(Dataset):
         return {"image": self.transform(img), "label": self.source.labels[used], "index": index, "bad": bad}
 
 
+class SubsetSource:
+    """A view of some items of a source (e.g. the labeled subset); unreadable items fall back
+    to the next item of the subset, never to an item outside it."""
+
+    def __init__(self, source: ImageSource, indices: list[int]) -> None:
+        self.source = source
+        self.indices = list(indices)
+        self.name = source.name
+        self.classes = source.classes
+        self.labels = [source.labels[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.source.load(self.indices[index])
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(self.indices[index])
+
+
+class LabeledViews(Dataset):
+    """One augmented view with its label per sample; indexed by ``(epoch, index)`` like
+    :class:`ContrastiveViews`, so views are a pure function of (seed, epoch, index)."""
+
+    def __init__(self, source: ImageSource, augment: SimCLRAugment, seed: int) -> None:
+        self.source = source
+        self.augment = augment
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        epoch, index = key
+        img, used, bad = load_with_fallback(self.source, index)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, "labeled", epoch, index))
+        return {"image": self.augment(img, g), "label": self.source.labels[used], "index": index, "bad": bad}
+
+
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """Slices of a seeded global permutation: batch ``b`` of process ``rank`` is
     ``perm[b*B + rank*B/K : b*B + (rank+1)*B/K]`` for global batch B and K processes.

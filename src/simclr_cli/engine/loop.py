@@ -68,7 +68,7 @@ def run_loop(
     loader: torch.utils.data.DataLoader,
     spec: LoopSpec,
     *,
-    state_dir: Path,
+    state_dir: Path | None,
     metrics: MetricsLog,
     progress: ProgressDisplay,
     start_step: int = 0,
@@ -96,6 +96,8 @@ def run_loop(
     skipped, warned_collapse = 0, False
 
     def save(at_step: int) -> None:
+        if state_dir is None:  # stages that keep no resume state
+            return
         if accelerator.is_main_process:
             save_state(state_dir, accelerator.unwrap_model(task), optimizer,
                        {"step": at_step, "epoch": at_step // spe, "elapsed": time.perf_counter() - t0,
@@ -112,7 +114,7 @@ def run_loop(
                 mult = spec.schedule(step)
                 for group, peak in zip(optimizer.param_groups, spec.peak_lrs):
                     group["lr"] = peak * mult
-                bad.update(int(i) for i in batch["bad"] if int(i) >= 0)
+                bad.update(int(i) for i in batch.get("bad", ()) if int(i) >= 0)
                 batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 if own_backward:
                     # Tasks that run their own backward (gradient cache) sync gradients themselves.
@@ -130,7 +132,7 @@ def run_loop(
                 if not update:
                     optimizer.zero_grad(set_to_none=True)
                     skipped += 1
-                    saved = _saved_step(state_dir)
+                    saved = _saved_step(state_dir) if state_dir is not None else None
                     last_good = f"{state_dir} (step {saved})" if saved is not None else "none yet"
                     if spec.on_nonfinite == "stop" or skipped > spec.max_nonfinite_skips:
                         why = "" if spec.on_nonfinite == "stop" else f" {skipped} steps in a row"
@@ -151,9 +153,10 @@ def run_loop(
                     loss_sum += out["loss"].detach().float()
                 end_of_epoch = step % spe == 0
                 if step % spec.log_every == 0 or step == spec.total_steps or end_of_epoch:
-                    ratio = out.get("z_std_ratio", out["z_std"]).detach().float()
-                    stats = torch.stack([loss_sum / max(window_steps, 1), out["z_std"].detach().float(), ratio,
-                                         torch.tensor(float(len(bad)), device=device)])
+                    # Other scalars the task reports (z_std, accuracy, ...) are logged as their mean over processes.
+                    extra = [k for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.dim() == 0]
+                    stats = torch.stack([loss_sum / max(window_steps, 1), torch.tensor(float(len(bad)), device=device),
+                                         *(out[k].detach().float() for k in extra)])
                     stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
                     elapsed = time.perf_counter() - window_start
                     train_seconds += elapsed
@@ -163,8 +166,7 @@ def run_loop(
                         "loss": round(stats[0].item() / world, 6),
                         "lr": optimizer.param_groups[0]["lr"],
                         "images_per_sec": round(window_steps * spec.global_batch / max(elapsed, 1e-9), 2),
-                        "z_std": round(stats[1].item() / world, 6),
-                        "z_std_ratio": round(stats[2].item() / world, 4),
+                        **{k: round(v.item() / world, 6) for k, v in zip(extra, stats[2:])},
                         "time": round(time.perf_counter() - t0, 3),
                     }
                     metrics.write(record)
@@ -175,13 +177,13 @@ def run_loop(
                         f"{spec.stage} step {step}/{spec.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
                         f"lr {record['lr']:.4g} img/s {record['images_per_sec']:.1f}",
                     )
-                    if record["z_std_ratio"] < spec.collapse_warn and not warned_collapse:
+                    if record.get("z_std_ratio", 1.0) < spec.collapse_warn and not warned_collapse:
                         warned_collapse = True
                         progress.message(
                             f"warning: representations may be collapsing at step {step}: std of normalized z is "
                             f"{record['z_std_ratio']:.3f} x 1/sqrt(d) (healthy is near 1). Check lr, temperature, augmentation"
                         )
-                    n_bad = int(stats[3].item())
+                    n_bad = int(stats[1].item())
                     if spec.dataset_size and n_bad > spec.max_bad_fraction * spec.dataset_size:
                         raise DataError(
                             f"{n_bad} unreadable images, more than data.max_bad_fraction="
@@ -193,6 +195,8 @@ def run_loop(
                 if flags[1].item() > 0 or step == spec.interrupt_after:
                     save(step)
                     why = stop.signal_name or "interrupt"
+                    if state_dir is None:
+                        raise Interrupted(f"stopped by {why} at step {step}; this stage keeps no state, run it again")
                     raise Interrupted(f"stopped by {why} at step {step}; state saved in {state_dir}. {spec.resume_hint}")
                 if step >= spec.total_steps:
                     break

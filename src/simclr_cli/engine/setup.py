@@ -14,13 +14,13 @@ from simclr_cli.errors import UsageError
 from simclr_cli.models.global_bn import convert_global_bn, local_batchnorms
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
+def make_accelerator(mixed_precision: str, key: str = "pretrain.mixed_precision") -> Accelerator:
     """An Accelerator for this launch (plain process, torchrun or ``accelerate launch``).
 
     fp16 needs a GPU; on CPU use ``bf16`` or ``no``.
     """
     if mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UsageError("pretrain.mixed_precision='fp16' needs a GPU; use 'bf16' or 'no' on CPU")
+        raise UsageError(f"{key}='fp16' needs a GPU; use 'bf16' or 'no' on CPU")
     if AcceleratorState._shared_state:
         # Several runs in one Python process (tests, notebooks) may differ in precision;
         # the process-group part (PartialState) is kept.

@@ -109,3 +109,44 @@ class GradCacheContrastiveTask(ContrastiveTask):
         with torch.no_grad():
             z_std = F.normalize(torch.cat([z1, z2]), dim=1).std(dim=0).mean()
         return {"loss": loss.detach(), "z_std": z_std, "z_std_ratio": z_std * z1.shape[1] ** 0.5}
+
+
+class ClassificationTask(nn.Module):
+    """Cross-entropy on ``batch["image"]`` / ``batch["label"]`` for a :class:`~simclr_cli.models.classifier.Classifier`.
+
+    With ``frozen=True`` (the linear probe) only the last linear layer learns: everything
+    below it runs without gradient and stays in eval mode (BN uses its running
+    statistics and never updates them), whatever ``train()`` is called with.
+    """
+
+    def __init__(self, model: nn.Module, frozen: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.frozen = frozen
+        if frozen:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in model.linear.parameters():
+                p.requires_grad_(True)
+            self.train(True)
+
+    def train(self, mode: bool = True) -> "ClassificationTask":
+        super().train(mode)
+        if self.frozen:
+            self.model.backbone.eval()
+            for layer in list(self.model.head)[:-1]:
+                layer.eval()
+        return self
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = batch["image"], batch["label"]
+        if self.frozen:
+            with torch.no_grad():
+                feats = self.model.encoder()(x)
+            logits = self.model.linear(feats)
+        else:
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        with torch.no_grad():
+            acc = (logits.argmax(1) == y).float().mean() * 100
+        return {"loss": loss, "train_top1": acc}

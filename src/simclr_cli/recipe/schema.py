@@ -109,12 +109,46 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class LinearEvalConfig:
-    """``[linear_eval]``: reserved for the linear-eval stage."""
+    """``[linear_eval]``: a linear classifier on the frozen encoder, SIMCLR.md section 3."""
+
+    mode: Literal["cached", "paper"] = _f(
+        "cached", "cached: fit on features extracted once (minutes on CPU) | paper: crop+flip every epoch (App. B.6)")
+    on: str = _f("h", "features to probe: 'h' (encoder output) or 'head:K' (after the first K projection-head layers)")
+    epochs: int = _f(90, "training epochs over the train split")
+    batch_size: int = _f(256, "global batch size")
+    lr: float = _f(0.1, "base learning rate, scaled by batch_size/256; cosine decay, Nesterov SGD")
+    momentum: float = _f(0.9, "SGD momentum (Nesterov)")
+    weight_decay: float = _f(0.0, "weight decay of the classifier")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "paper mode: random resized crop area range for training")
+    mixed_precision: Precision = _f("no", "no | fp16 | bf16 (feature extraction and paper-mode training)")
+    log_every: int = _f(50, "paper mode: write a metrics line every this many steps")
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """``[knn]``: weighted kNN evaluation of the frozen encoder on L2-normalized h."""
+
+    k: int = _f(200, "neighbours")
+    temperature: float = _f(0.1, "weights exp(sim / temperature); 0.1 for CIFAR, 0.07 for ImageNet")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """``[finetune]``: reserved for the finetune stage."""
+    """``[finetune]``: semi-supervised fine-tuning on a labeled subset, SIMCLR.md section 3."""
+
+    labels: str = _f("10%", "labeled subset: 'P%' (class-balanced), 'N-per-class', or a file listing image names")
+    from_head_layer: int = _f(0, "keep the first K projection-head layers under the classifier (SimCLRv2: 1)")
+    epochs: int = _f(0, "training epochs; 0: 60 for subsets up to 1%, 30 above (the paper)")
+    batch_size: int = _f(256, "global batch size; lowered to the subset size when the subset is smaller")
+    lr: float = _f(0.05, "base learning rate, scaled by batch_size/256; no warmup, cosine decay, Nesterov SGD")
+    momentum: float = _f(0.9, "SGD momentum (Nesterov)")
+    weight_decay: float = _f(0.0, "weight decay (not applied to biases and BN)")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "random resized crop area range (augmentation: crop and flip only)")
+    mixed_precision: Precision = _f("no", "no | fp16 | bf16")
+    sync_bn: bool = _f(True, "global BatchNorm across processes when there is more than one")
+    log_every: int = _f(10, "write a metrics line every this many steps")
+    save_every: int = _f(1, "save resumable state every this many epochs")
+    keep_states: int = _f(2, "keep the newest this many saved states (at least 1)")
 
 
 @dataclass(frozen=True)
@@ -137,8 +171,9 @@ class Recipe:
     augment: AugmentConfig = _f(AugmentConfig(), "augmentation section")
     model: ModelConfig = _f(ModelConfig(), "model section")
     pretrain: PretrainConfig = _f(PretrainConfig(), "pretrain stage section")
-    linear_eval: LinearEvalConfig = _f(LinearEvalConfig(), "linear-eval stage section (reserved)")
-    finetune: FinetuneConfig = _f(FinetuneConfig(), "finetune stage section (reserved)")
+    linear_eval: LinearEvalConfig = _f(LinearEvalConfig(), "linear-eval stage section")
+    knn: KnnConfig = _f(KnnConfig(), "knn stage section")
+    finetune: FinetuneConfig = _f(FinetuneConfig(), "finetune stage section")
     distill: DistillConfig = _f(DistillConfig(), "distill stage section (reserved)")
     transfer: TransferConfig = _f(TransferConfig(), "transfer stage section (reserved)")
 
@@ -192,4 +227,23 @@ RANGES = {
     "pretrain.keep_states": ("an integer >= 1", lambda v: v >= 1),
     "pretrain.max_nonfinite_skips": ("an integer >= 0", lambda v: v >= 0),
     "pretrain.collapse_warn": ("a number >= 0", lambda v: v >= 0),
+    "linear_eval.epochs": ("an integer >= 1", lambda v: v >= 1),
+    "linear_eval.batch_size": ("an integer >= 1", lambda v: v >= 1),
+    "linear_eval.lr": ("a finite number > 0", lambda v: 0 < v < float("inf")),
+    "linear_eval.momentum": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "linear_eval.weight_decay": ("a number >= 0", lambda v: 0 <= v < float("inf")),
+    "linear_eval.crop_scale": ("[lo, hi] with 0 < lo <= hi <= 1", _range_pair(0.0, 1.0)),
+    "linear_eval.log_every": ("an integer >= 1", lambda v: v >= 1),
+    "knn.k": ("an integer >= 1", lambda v: v >= 1),
+    "knn.temperature": ("a number > 0", lambda v: 0 < v < float("inf")),
+    "finetune.from_head_layer": ("an integer from 0 to 3", lambda v: 0 <= v <= 3),
+    "finetune.epochs": ("an integer >= 0", lambda v: v >= 0),
+    "finetune.batch_size": ("an integer >= 1", lambda v: v >= 1),
+    "finetune.lr": ("a finite number > 0", lambda v: 0 < v < float("inf")),
+    "finetune.momentum": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "finetune.weight_decay": ("a number >= 0", lambda v: 0 <= v < float("inf")),
+    "finetune.crop_scale": ("[lo, hi] with 0 < lo <= hi <= 1", _range_pair(0.0, 1.0)),
+    "finetune.log_every": ("an integer >= 1", lambda v: v >= 1),
+    "finetune.save_every": ("an integer >= 0", lambda v: v >= 0),
+    "finetune.keep_states": ("an integer >= 1", lambda v: v >= 1),
 }

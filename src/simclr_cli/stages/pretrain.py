@@ -22,7 +22,6 @@ import simclr_cli
 from simclr_cli.checkpoints import (
     MODEL_FILE,
     STATE_DIR,
-    has_state,
     load_state,
     prefixed_state,
     read_trainer,
@@ -35,16 +34,17 @@ from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
 from simclr_cli.engine.signals import StopRequest
 from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
-from simclr_cli.errors import DataError, UsageError
+from simclr_cli.errors import UsageError
 from simclr_cli.evaluation.knn import extract_features, knn_top1
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.optim import build_optimizer, scaled_lr, warmup_cosine
-from simclr_cli.recipe import Recipe, parse_toml, recipe_diff, recipe_from_dict, recipe_to_toml
+from simclr_cli.recipe import Recipe, recipe_to_toml
+from simclr_cli.stages.common import align_classes, check_output
 from simclr_cli.utils import atomic_write_text
 
 STAGE = "pretrain"
 # Keys that may change between an interrupted run and its resume.
-RESUMABLE_CHANGES = {"data.num_workers", "data.root", "data.download", "pretrain.log_every"}
+RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "pretrain.log_every"})
 
 
 def run(
@@ -72,7 +72,9 @@ def run(
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
     stage_dir = out / STAGE
     state_dir = stage_dir / STATE_DIR
-    _check_output(recipe, stage_dir, state_dir, resume=resume, overwrite=overwrite, force=force)
+    resume_cmd = f"simclr pretrain {stage_dir / 'recipe.toml'} --out {out} --resume"
+    check_output(stage_dir, STAGE, overwrite=overwrite, resume=resume, recipe=recipe, force=force,
+                 resume_cmd=resume_cmd, resumable_changes=RESUMABLE_CHANGES)
     cfg, pcfg = recipe.data, recipe.pretrain
 
     accelerator = make_accelerator(pcfg.mixed_precision)
@@ -159,7 +161,7 @@ def run(
         dataset_size=len(views),
         max_bad_fraction=cfg.max_bad_fraction,
         stage=STAGE,
-        resume_hint=f"Resume with: simclr pretrain {stage_dir / 'recipe.toml'} --out {out} --resume",
+        resume_hint=f"Resume with: {resume_cmd}",
         interrupt_after=interrupt_after,
         on_nonfinite=pcfg.on_nonfinite,
         max_nonfinite_skips=pcfg.max_nonfinite_skips,
@@ -236,38 +238,6 @@ def checkpoint_metadata(recipe: Recipe, model: SimCLRModel, stage: str) -> dict[
     }
 
 
-def _check_output(
-    recipe: Recipe, stage_dir: Path, state_dir: Path, *, resume: bool, overwrite: bool, force: bool = False
-) -> None:
-    """Never clobber finished work by accident; on resume, check the recipe still matches."""
-    finished = (stage_dir / MODEL_FILE).exists()
-    interrupted = has_state(state_dir) and not finished
-    if resume:
-        if finished:
-            raise UsageError(f"nothing to resume: {stage_dir} holds a finished run; use --overwrite to train it again")
-        if not has_state(state_dir):
-            raise UsageError(f"nothing to resume: {state_dir} has no saved state; start without --resume")
-        saved_path = stage_dir / "recipe.toml"
-        if not saved_path.is_file():
-            if not force:
-                raise UsageError(f"{saved_path} is missing, so the resumed recipe cannot be checked; pass --force to resume anyway")
-            return
-        saved = recipe_from_dict(parse_toml(saved_path.read_text(), str(saved_path)), str(saved_path))
-        changed = [k for k in recipe_diff(saved, recipe) if k not in RESUMABLE_CHANGES]
-        if changed and not force:
-            raise UsageError(
-                f"--resume with a different recipe than {saved_path} ({', '.join(changed)}); "
-                f"resume with that recipe: simclr pretrain {saved_path} --out {stage_dir.parent} --resume "
-                "(or pass --force to resume with the new values)"
-            )
-        return
-    if (finished or interrupted) and not overwrite:
-        what = "a finished" if finished else "an interrupted"
-        todo = "" if finished else "--resume to continue it, "
-        raise UsageError(f"{stage_dir} already holds {what} pretrain run; pass {todo}--overwrite to replace it, "
-                         "or --out DIR to write elsewhere")
-
-
 def _first_knn(path: Path) -> float | None:
     """The kNN top-1 logged at step 0 (the random-init encoder) by an earlier, interrupted invocation."""
     if not path.exists():
@@ -301,15 +271,7 @@ class _KnnMonitor:
         bank_split = cfg.train_split.split("+")[0]  # stl10 "train+unlabeled": the labeled part
         bank = build_source(cfg, bank_split, recipe.seed)
         query = build_source(cfg, cfg.val_split, recipe.seed)
-        if query.classes != bank.classes:
-            # Image folders number the class folders of each split on their own: align by name.
-            index = {name: i for i, name in enumerate(bank.classes)}
-            unknown = sorted(set(query.classes) - set(index))
-            if unknown:
-                raise DataError(f"{query.name}: classes {unknown[:5]} are not among the classes of {bank.name}; "
-                                "the kNN monitor needs the same class names in both splits", missing=True)
-            query.labels = [index[query.classes[y]] if y >= 0 else y for y in query.labels]
-            query.classes = list(bank.classes)
+        align_classes(bank, query)
         labeled = [i for i, y in enumerate(bank.labels) if y >= 0]
         if not labeled or not any(y >= 0 for y in query.labels):
             return cls(accelerator, None, None, 0, 0, 0, enabled=False)

@@ -1,0 +1,95 @@
+"""Linear classifiers on cached features, and classifier evaluation."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simclr_cli.utils import mix_seed
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    batches: Iterable[dict],
+    device: torch.device,
+    autocast: Callable[[], ContextManager] = nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of ``model`` in eval mode over ``batches`` (dicts with ``image`` and ``label``), as
+    float32 on CPU, with the labels. Unlike ``extract_features`` nothing is normalized."""
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    try:
+        for batch in batches:
+            with autocast():
+                y = model(batch["image"].to(device, non_blocking=True))
+            outs.append(y.float().cpu())
+            labels.append(torch.as_tensor(batch["label"]))
+    finally:
+        model.train(was_training)
+    return torch.cat(outs), torch.cat(labels).long()
+
+
+def fit_linear(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> nn.Linear:
+    """Fit a linear classifier on fixed features: Nesterov SGD, cosine decay per step, lr scaled by B/256.
+
+    Features are standardized (train mean and std) for the fit, and the standardization
+    is folded into the returned layer, so it applies to raw features.
+
+    Args:
+        on_epoch: called with (epoch, mean loss, lr) after each epoch.
+    """
+    x = features.float()
+    mean = x.mean(0)
+    std = x.std(0).clamp_min(1e-6)
+    xs = (x - mean) / std
+    n, d = xs.shape
+    layer = nn.Linear(d, num_classes)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    batch_size = min(batch_size, n)
+    peak = lr * batch_size / 256
+    opt = torch.optim.SGD(layer.parameters(), lr=peak, momentum=momentum, nesterov=momentum > 0,
+                          weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    g = torch.Generator().manual_seed(mix_seed(seed, "linear"))
+    step = 0
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        loss_sum = 0.0
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            for group in opt.param_groups:
+                group["lr"] = peak * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(layer(xs[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            step += 1
+        if on_epoch is not None:
+            on_epoch(epoch + 1, loss_sum / n, opt.param_groups[0]["lr"])
+    folded = nn.Linear(d, num_classes)
+    with torch.no_grad():
+        folded.weight.copy_(layer.weight / std)
+        folded.bias.copy_(layer.bias - (layer.weight / std) @ mean)
+    return folded

@@ -1,0 +1,326 @@
+"""What every stage after ``pretrain`` shares: finding its input, inheriting the recipe,
+guarding its output folder, the labeled splits, and the encoder it starts from.
+
+Chaining rules: a stage takes a run directory (``runs/NAME``), a stage folder, or a
+checkpoint file. With none, it takes the newest run under ``./runs`` that holds the
+checkpoint it needs. It inherits the recipe stored in that checkpoint; an optional
+recipe file (or bundled name) and ``--set`` overrides apply on top.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from simclr_cli.checkpoints import MODEL_FILE, has_state, load_weights, read_metadata, sub_state
+from simclr_cli.data.loaders import build_source
+from simclr_cli.data.sources import ImageSource
+from simclr_cli.errors import DataError, UsageError
+from simclr_cli.models import SimCLRModel, build_simclr_model
+from simclr_cli.recipe import Recipe, parse_toml, recipe_diff, recipe_from_dict
+from simclr_cli.recipe.loader import read_toml, resolve_recipe_path
+from simclr_cli.utils import atomic_write_text
+
+STAGE_DIRS = ("pretrain", "linear_eval", "knn", "finetune", "distill", "transfer")
+RUNS_ROOT = Path("runs")
+RANDOM_INIT_DIR = "random_init"  # default --out for --init random: RUN/random_init/<stage>/
+
+
+@dataclass
+class Source:
+    """Where a stage reads from."""
+
+    run_dir: Path
+    checkpoint: Path | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stage(self) -> str:
+        return self.metadata.get("simclr.stage", "")
+
+
+def find_source(source: str | Path | None, wants: Sequence[str], *, runs_root: Path = RUNS_ROOT,
+                required: bool = True, say=print) -> Source | None:
+    """Resolve a stage's input to a checkpoint.
+
+    Args:
+        source: a run directory, a stage folder, a ``model.safetensors`` path, a run name
+            under ``./runs``, or None for the newest run that has one of ``wants``.
+        wants: stage folders whose checkpoint is acceptable, most preferred first.
+        required: raise when nothing is found (else return None).
+        say: where to report the run picked automatically.
+    """
+    need = " or ".join(f"{w}/{MODEL_FILE}" for w in wants)
+    if source is None:
+        found = [p for w in wants for p in runs_root.glob(f"*/{w}/{MODEL_FILE}")]
+        if not found:
+            if not required:
+                return None
+            raise UsageError(f"no run under ./{runs_root} has {need}; run `simclr pretrain RECIPE` first, "
+                             "or pass a run directory or checkpoint")
+        ckpt = max(found, key=lambda p: p.stat().st_mtime)
+        say(f"using {ckpt} (the newest under ./{runs_root})")
+        return _source_from_checkpoint(ckpt)
+    path = Path(source).expanduser()
+    if not path.exists() and len(path.parts) == 1 and (runs_root / path).is_dir():
+        path = runs_root / path
+    if path.is_file():
+        return _source_from_checkpoint(path)
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file() and path.name in STAGE_DIRS:
+            return _source_from_checkpoint(path / MODEL_FILE)
+        for w in wants:
+            if (path / w / MODEL_FILE).is_file():
+                return _source_from_checkpoint(path / w / MODEL_FILE)
+        present = [d.name for d in sorted(path.iterdir()) if d.is_dir()]
+        if not required:
+            return Source(run_dir=path)
+        raise UsageError(f"{path} has no {need} (it holds: {', '.join(present) or 'nothing'}); "
+                         "finish that stage first or pass another run")
+    raise UsageError(f"{source}: no such run directory or checkpoint")
+
+
+def _source_from_checkpoint(path: Path) -> Source:
+    try:
+        meta = read_metadata(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise UsageError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    if "simclr.recipe" not in meta:
+        raise UsageError(f"{path}: not a simclr-cli checkpoint (no simclr.recipe metadata)")
+    run_dir = path.parent.parent if path.parent.name in STAGE_DIRS else path.parent
+    return Source(run_dir=run_dir, checkpoint=path, metadata=meta)
+
+
+def inherit_recipe(src: Source | None, recipe_arg: str | None, overrides: Sequence[str]) -> Recipe:
+    """The checkpoint's recipe, then the optional recipe file's keys on top, then ``--set``."""
+    raw: dict = {}
+    origin = "<defaults>"
+    if src is not None and src.checkpoint is not None:
+        origin = f"{src.checkpoint} (stored recipe)"
+        raw = parse_toml(src.metadata["simclr.recipe"], origin)
+    if recipe_arg:
+        path = resolve_recipe_path(recipe_arg)
+        raw = _deep_merge(raw, read_toml(path))
+        origin = str(path)
+    elif src is None or src.checkpoint is None:
+        raise UsageError("no checkpoint to inherit a recipe from; pass a run directory, or --recipe FILE")
+    return recipe_from_dict(raw, source=origin, overrides=overrides)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def output_dir(src: Source | None, recipe: Recipe, out: str | Path | None, init: str) -> Path:
+    """``--out`` if given; else the run read from (``RUN/random_init`` for ``--init random``)."""
+    if out is not None:
+        return Path(out)
+    run = src.run_dir if src is not None else RUNS_ROOT / recipe.name
+    return run / RANDOM_INIT_DIR if init == "random" else run
+
+
+def check_output(stage_dir: Path, stage: str, *, overwrite: bool, resume: bool = False, recipe: Recipe | None = None,
+                 force: bool = False, resume_cmd: str = "", resumable_changes: frozenset[str] = frozenset()) -> None:
+    """Never replace finished or interrupted work by accident; on resume, check the recipe still matches."""
+    state_dir = stage_dir / "state"
+    finished = (stage_dir / MODEL_FILE).exists() or (stage_dir / "summary.json").exists()
+    interrupted = has_state(state_dir) and not finished
+    if resume:
+        if finished:
+            raise UsageError(f"nothing to resume: {stage_dir} holds a finished run; use --overwrite to run it again")
+        if not has_state(state_dir):
+            raise UsageError(f"nothing to resume: {state_dir} has no saved state; start without --resume")
+        saved_path = stage_dir / "recipe.toml"
+        if recipe is None:
+            return
+        if not saved_path.is_file():
+            if not force:
+                raise UsageError(f"{saved_path} is missing, so the resumed recipe cannot be checked; "
+                                 "pass --force to resume anyway")
+            return
+        saved = recipe_from_dict(parse_toml(saved_path.read_text(), str(saved_path)), str(saved_path))
+        changed = [k for k in recipe_diff(saved, recipe) if k not in resumable_changes]
+        if changed and not force:
+            raise UsageError(f"--resume with a different recipe than {saved_path} ({', '.join(changed)}); "
+                             f"resume with that recipe: {resume_cmd} (or pass --force to resume with the new values)")
+        return
+    if (finished or interrupted) and not overwrite:
+        what = "a finished" if finished else "an interrupted"
+        todo = "" if finished or not resume_cmd else "--resume to continue it, "
+        raise UsageError(f"{stage_dir} already holds {what} {stage} run; pass {todo}--overwrite to replace it, "
+                         "or --out DIR to write elsewhere")
+
+
+def clear_stage_dir(stage_dir: Path, overwrite: bool, resume: bool = False) -> None:
+    """With ``--overwrite``, remove the old results (call once the new run is built)."""
+    if overwrite and not resume and stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+@dataclass
+class LabeledSplits:
+    """The labeled train split (the labeled part of e.g. stl10 'train+unlabeled') and the test split,
+    with class indices aligned by name."""
+
+    train: ImageSource
+    test: ImageSource
+    train_indices: list[int]  # labeled items of ``train``
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return max(len(self.classes), max(self.train.labels) + 1)
+
+
+def labeled_splits(recipe: Recipe, *, test: bool = True) -> LabeledSplits:
+    """Build the labeled splits the evaluation stages use: ``data.train_split`` (its labeled
+    part) for training, ``data.val_split`` for testing."""
+    cfg = recipe.data
+    train_split = cfg.train_split.split("+")[0]  # stl10 "train+unlabeled": the labeled part
+    train = build_source(cfg, train_split, recipe.seed)
+    labeled = [i for i, y in enumerate(train.labels) if y >= 0]
+    if not labeled:
+        raise DataError(f"{train.name} has no labels; this stage needs a labeled training split "
+                        "(set data.train_split)", missing=True)
+    if not test:
+        return LabeledSplits(train, train, labeled, list(train.classes))
+    if not cfg.val_split:
+        raise UsageError("data.val_split is empty; evaluation needs a labeled test split (e.g. --set data.val_split=test)")
+    query = build_source(cfg, cfg.val_split, recipe.seed)
+    align_classes(train, query)
+    if not any(y >= 0 for y in query.labels):
+        raise DataError(f"{query.name} has no labels; set data.val_split to a labeled split", missing=True)
+    return LabeledSplits(train, query, labeled, list(train.classes))
+
+
+def align_classes(reference: ImageSource, other: ImageSource) -> None:
+    """Renumber ``other``'s labels to ``reference``'s class order (image folders number their own class
+    folders per split); raise when ``other`` has classes the reference lacks."""
+    if other.classes == reference.classes:
+        return
+    index = {name: i for i, name in enumerate(reference.classes)}
+    unknown = sorted(set(other.classes) - set(index))
+    if unknown:
+        raise DataError(f"{other.name}: classes {unknown[:5]} are not among the classes of {reference.name}; "
+                        "the splits need the same class names", missing=True)
+    other.labels = [index[other.classes[y]] if y >= 0 else y for y in other.labels]
+    other.classes = list(reference.classes)
+
+
+def load_encoder(src: Source | None, recipe: Recipe, init: str) -> SimCLRModel:
+    """f and g as the recipe describes them, with the source checkpoint's weights (``init='pretrained'``)
+    or freshly initialized from the recipe seed (``init='random'``).
+
+    The projection head is loaded only from pretrain checkpoints (later stages replace it).
+    """
+    if init not in ("pretrained", "random"):
+        raise UsageError(f"--init must be 'pretrained' or 'random', got '{init}'")
+    torch.manual_seed(recipe.seed)
+    model = build_simclr_model(recipe.model)
+    if init == "random":
+        return model
+    if src is None or src.checkpoint is None:
+        raise UsageError("--init pretrained needs a checkpoint; pass a run directory or use --init random")
+    tensors, meta = load_weights(src.checkpoint)
+    _load_strict(model.backbone, sub_state(tensors, "backbone"), src.checkpoint, "backbone")
+    if meta.get("simclr.stage") == "pretrain":
+        _load_strict(model.head, sub_state(tensors, "head"), src.checkpoint, "head")
+    else:
+        model.head = None  # type: ignore[assignment] - no projection head past pretraining
+    return model
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path, part: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UsageError(f"{path}: its {part} does not match the recipe's model ({first}); "
+                         "do not override model.* keys when reading a checkpoint") from None
+
+
+def parse_on(on: str, model: SimCLRModel) -> int:
+    """``h`` -> 0, ``head:K`` -> K (the number of projection-head layers kept)."""
+    if on == "h":
+        return 0
+    if on.startswith("head:") and on[5:].isdigit():
+        k = int(on[5:])
+        layers = head_layers(model)
+        if model.head is None:
+            raise UsageError(f"--on {on}: the checkpoint has no projection head (only pretrain checkpoints do)")
+        if not 1 <= k <= len(layers):
+            raise UsageError(f"--on {on}: the projection head has {len(layers)} layer(s); use head:1 to head:{len(layers)}")
+        return k
+    raise UsageError(f"--on {on}: expected 'h' or 'head:K', e.g. head:1")
+
+
+def head_layers(model: SimCLRModel) -> list[nn.Module]:
+    """The projection head's layers, as ``--from-head-layer`` and ``--on head:K`` count them."""
+    head = model.head
+    if head is None or isinstance(head, nn.Identity):
+        return []
+    return list(head.children())
+
+
+def eval_loader(source: ImageSource, indices: list[int] | None, recipe: Recipe, accelerator, batch_size: int = 256):
+    """Un-augmented, labeled batches (resize + center crop for large images) of ``source`` or its ``indices``."""
+    from torch.utils.data import Subset
+
+    from simclr_cli.data.augment import EvalTransform
+    from simclr_cli.data.loaders import EvalImages, make_loader
+
+    cfg = recipe.data
+    ds = EvalImages(source, EvalTransform(cfg.image_size, cfg.mean, cfg.std))
+    if indices is not None and len(indices) < len(source):
+        ds = Subset(ds, indices)
+    return make_loader(ds, batch_size=batch_size, num_workers=cfg.num_workers,
+                       pin_memory=accelerator.device.type == "cuda")
+
+
+def frozen_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer, to prove afterwards that a frozen module did not change."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(module: nn.Module, snapshot: dict[str, torch.Tensor], what: str) -> None:
+    changed = [k for k, v in module.state_dict().items() if not torch.equal(v, snapshot[k])]
+    if changed:
+        raise RuntimeError(f"bug: the frozen {what} changed during training ({len(changed)} tensors, e.g. {changed[0]})")
+
+
+def show_result(title: str, row: dict, enabled: bool = True) -> None:
+    """One-row rich table on screen."""
+    if not enabled:
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE)
+    for k in row:
+        table.add_column(k, justify="right")
+    table.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+
+
+def source_label(src: Source | None, init: str) -> str:
+    if init == "random":
+        return "random init"
+    return str(src.checkpoint) if src is not None and src.checkpoint is not None else "?"
