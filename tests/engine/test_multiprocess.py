@@ -93,3 +93,31 @@ def test_global_bn_equals_full_batch_bn(tmp_path):
     _torchrun(str(Path(__file__).with_name("global_bn_worker.py")), str(out))
     result = json.loads(out.read_text())
     assert result == {"out": True, "input_grad": True, "param_grad": True, "running": True}
+
+
+@pytest.mark.multiprocess
+def test_cli_finetune_and_linear_eval_two_processes_equal_one(tmp_path):
+    recipe = tmp_path / "mp.toml"
+    recipe.write_text(RECIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def one(*args):
+        r = subprocess.run([sys.executable, "-m", "simclr_cli", *args], capture_output=True, text=True, timeout=300,
+                           env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    one("pretrain", str(recipe), "--out", str(tmp_path / "pre"), "-q", "--set", "pretrain.knn_every=0")
+    ft = ["--labels", "50%", "--set", "finetune.epochs=2", "--set", "finetune.batch_size=8", "-q"]
+    one("finetune", str(tmp_path / "pre"), "--out", str(tmp_path / "one"), *ft)
+    one("linear-eval", str(tmp_path / "pre"), "--out", str(tmp_path / "one"), "-q", "--set", "linear_eval.epochs=3")
+    _torchrun("-m", "simclr_cli", "finetune", str(tmp_path / "pre"), "--out", str(tmp_path / "two"), *ft)
+    _torchrun("-m", "simclr_cli", "linear-eval", str(tmp_path / "pre"), "--out", str(tmp_path / "two"), "-q",
+              "--set", "linear_eval.epochs=3")
+    a = load_file(tmp_path / "one" / "finetune" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "finetune" / "model.safetensors")
+    for k in a:  # global BN and gradient averaging over the 2 halves of each batch
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=5e-5, msg=k)
+    for stage in ("finetune", "linear_eval"):
+        s1 = json.loads((tmp_path / "one" / stage / "summary.json").read_text())
+        s2 = json.loads((tmp_path / "two" / stage / "summary.json").read_text())
+        assert s2["top1"] == pytest.approx(s1["top1"], abs=1e-6), stage

@@ -79,26 +79,27 @@ def run(
         _fit_paper(model, splits, recipe, accelerator, metrics, show_progress and main)
     common.assert_unchanged(frozen, snapshot, "encoder")
 
-    test_loader = common.eval_loader(splits.test, None, recipe, accelerator)
-    model.to(accelerator.device)
-    logits, labels = predict(model, test_loader, accelerator.device, accelerator.autocast)
-    acc = topk_accuracy(logits, labels, (1, 5))
-    summary = {
-        "stage": STAGE,
-        "name": recipe.name,
-        "mode": cfg.mode,
-        "on": cfg.on,
-        "init": init,
-        "source": common.source_label(src, init),
-        "backbone": recipe.model.backbone,
-        "top1": round(acc[1], 4),
-        "top5": round(acc[5], 4),
-        "train_images": len(splits.train_indices),
-        "test_images": len(labels),
-        "num_classes": splits.num_classes,
-        "wall_seconds": round(time.perf_counter() - t_start, 2),
-    }
-    if main:
+    summary: dict[str, Any] = {}
+    if main:  # the test pass runs once; the other processes wait
+        test_loader = common.eval_loader(splits.test, None, recipe, accelerator)
+        model.to(accelerator.device)
+        logits, labels = predict(model, test_loader, accelerator.device, accelerator.autocast)
+        acc = topk_accuracy(logits, labels, (1, 5))
+        summary = {
+            "stage": STAGE,
+            "name": recipe.name,
+            "mode": cfg.mode,
+            "on": cfg.on,
+            "init": init,
+            "source": common.source_label(src, init),
+            "backbone": recipe.model.backbone,
+            "top1": round(acc[1], 4),
+            "top5": round(acc[5], 4),
+            "train_images": len(splits.train_indices),
+            "test_images": len(labels),
+            "num_classes": splits.num_classes,
+            "wall_seconds": round(time.perf_counter() - t_start, 2),
+        }
         metadata = checkpoint_metadata(recipe, encoder, STAGE)
         metadata.update(classifier_metadata(splits.classes, splits.num_classes, k, init))
         tensors = {**prefixed_state("backbone", model.backbone), **prefixed_state("head", model.head)}
