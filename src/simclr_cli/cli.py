@@ -239,6 +239,57 @@ def finetune(
                            not quiet and _is_main_process())
 
 
+@app.command(rich_help_panel=STAGES_PANEL)
+def distill(
+    source: Annotated[Optional[str], typer.Argument(
+        help="Teacher: a run directory, run name or checkpoint with a classifier; default: the newest "
+             "finetune checkpoint under ./runs.")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", help="timm backbone of the student "
+                                                                     "(default: the teacher's, self-distillation).")] = None,
+    student_init: Annotated[Optional[str], typer.Option(
+        "--student-init", help="pretrained (the run's pretrain encoder, same architecture only) | random | auto.")] = None,
+    hard: Annotated[Optional[bool], typer.Option("--hard/--soft", help="Hard pseudo-labels above --threshold, "
+                                                                     "or the soft distillation loss (default).")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="With --hard: minimum teacher "
+                                                                           "confidence (default 0.9).")] = None,
+    noisy: Annotated[Optional[bool], typer.Option("--noisy/--no-noisy", help="Color distortion and dropout "
+                                                                          "on the student (Noisy Student).")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Weight of distillation; 1 - alpha goes to "
+                                                                   "cross-entropy on the finetune labeled subset.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="Distillation "
+                                                                                   "temperature (default 1.0).")] = None,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    out: StageOutOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/distill/state.")] = False,
+    overwrite: OverwriteOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: accept a changed recipe.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Teacher -> student self-training on unlabeled images; writes OUT/distill/model.safetensors."""
+    with _handled(debug):
+        from simclr_cli.stages import common
+        from simclr_cli.stages import distill as stage
+
+        extra = [s for s in (
+            _str_set("distill.student", student) if student else None,
+            _str_set("distill.student_init", student_init) if student_init else None,
+            f"distill.hard={'true' if hard else 'false'}" if hard is not None else None,
+            f"distill.threshold={threshold!r}" if threshold is not None else None,
+            f"distill.noisy={'true' if noisy else 'false'}" if noisy is not None else None,
+            f"distill.alpha={alpha!r}" if alpha is not None else None,
+            f"distill.temperature={temperature!r}" if temperature is not None else None,
+        ) if s]
+        src, r, out_dir = _chain_inputs(source, recipe, [*(set_ or []), *extra], "pretrained", ("finetune",), out,
+                                        quiet)
+        summary = stage.run(r, src, out_dir, resume=resume, overwrite=overwrite, force=force, show_progress=not quiet)
+        common.show_result(f"distill ({summary.get('loss')})",
+                           _pick(summary, "teacher_top1", "student_top1", "teacher_top5", "student_top5",
+                                 "teacher_params", "student_params", "kept_images"),
+                           not quiet and _is_main_process())
+
+
 def _pick(summary: dict, *keys: str) -> dict:
     return {k: summary[k] for k in keys if k in summary}
 
@@ -251,7 +302,6 @@ def _not_implemented(stage: str) -> None:
 
 
 _PENDING = {
-    "distill": "Teacher -> student self-training (not implemented yet).",
     "transfer": "Transfer to other datasets (not implemented yet).",
 }
 

@@ -139,6 +139,46 @@ class LabeledViews(Dataset):
         return {"image": self.augment(img, g), "label": self.source.labels[used], "index": index, "bad": bad}
 
 
+class DistillViews(Dataset):
+    """Unlabeled images for distillation, indexed by ``(epoch, index)``.
+
+    Each item has the student's ``image`` (an augmented view) and, where given, ``target`` (the
+    cached teacher logits or hard pseudo-label of the image actually used), ``clean`` (the
+    un-augmented image, for a teacher run every step), and a labeled pair ``limage``/``label``
+    drawn from ``labeled`` by (seed, epoch, index). The unlabeled source's labels are never read.
+    """
+
+    def __init__(self, source: ImageSource, augment: SimCLRAugment, seed: int, *, targets: torch.Tensor | None = None,
+                 clean: EvalTransform | None = None, labeled: ImageSource | None = None,
+                 labeled_augment: SimCLRAugment | None = None) -> None:
+        self.source = source
+        self.augment = augment
+        self.seed = seed
+        self.targets = targets
+        self.clean = clean
+        self.labeled = labeled
+        self.labeled_augment = labeled_augment or augment
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        epoch, index = key
+        img, used, bad = load_with_fallback(self.source, index)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, "distill", epoch, index))
+        item: dict[str, torch.Tensor | int] = {"image": self.augment(img, g), "index": index, "bad": bad}
+        if self.targets is not None:
+            item["target"] = self.targets[used]
+        if self.clean is not None:
+            item["clean"] = self.clean(img)
+        if self.labeled is not None:
+            j = int(torch.randint(len(self.labeled), (), generator=g))
+            limg, lused, _ = load_with_fallback(self.labeled, j)
+            item["limage"] = self.labeled_augment(limg, g)
+            item["label"] = self.labeled.labels[lused]
+        return item
+
+
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """Slices of a seeded global permutation: batch ``b`` of process ``rank`` is
     ``perm[b*B + rank*B/K : b*B + (rank+1)*B/K]`` for global batch B and K processes.

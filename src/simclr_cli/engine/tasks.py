@@ -150,3 +150,56 @@ class ClassificationTask(nn.Module):
         with torch.no_grad():
             acc = (logits.argmax(1) == y).float().mean() * 100
         return {"loss": loss, "train_top1": acc}
+
+
+class DistillTask(nn.Module):
+    """Student training on teacher targets ([v2] eq. 2-3).
+
+    * soft (default): the distillation loss against ``batch["target"]`` (cached teacher logits),
+      or against the teacher run on ``batch["clean"]`` in eval mode when no cache is given;
+    * hard: cross-entropy against ``batch["target"]`` pseudo-labels;
+    * ``alpha < 1`` adds ``(1 - alpha)`` x cross-entropy on the labeled pair ``limage``/``label``.
+
+    ``dropout`` (Noisy Student) applies to the student's features before its linear layer.
+    """
+
+    def __init__(self, student: nn.Module, *, temperature: float = 1.0, alpha: float = 1.0, hard: bool = False,
+                 dropout: float = 0.0, teacher: nn.Module | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.temperature = temperature
+        self.alpha = alpha
+        self.hard = hard
+        self.dropout = dropout
+        self.teacher = [teacher] if teacher is not None else []  # a list: not a submodule, never trained or saved
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.student.encoder()(x)
+        if self.dropout > 0:
+            feats = F.dropout(feats, self.dropout, self.training)
+        return self.student.linear(feats)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from simclr_cli.losses.distill import distillation_loss
+
+        logits = self._logits(batch["image"])
+        if "target" in batch:
+            target = batch["target"]
+        else:
+            with torch.no_grad():
+                target = self.teacher[0].to(batch["clean"].device)(batch["clean"])
+        if self.hard:
+            loss = F.cross_entropy(logits.float(), target)
+            agree = (logits.argmax(1) == target).float().mean() * 100
+        else:
+            loss = distillation_loss(logits, target, self.temperature)
+            agree = (logits.argmax(1) == target.argmax(1)).float().mean() * 100
+        out = {"teacher_agreement": agree}
+        if self.alpha < 1.0:
+            ce = F.cross_entropy(self._logits(batch["limage"]).float(), batch["label"])
+            out["labeled_ce"] = ce.detach()
+            loss = self.alpha * loss + (1 - self.alpha) * ce
+        out["loss"] = loss
+        return out

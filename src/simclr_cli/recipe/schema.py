@@ -153,7 +153,29 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """``[distill]``: reserved for the distill stage."""
+    """``[distill]``: teacher -> student self-training on unlabeled images ([v2] eq. 2-3)."""
+
+    student: str = _f("", "timm backbone of the student; '' means the teacher's (self-distillation)")
+    student_init: Literal["auto", "pretrained", "random"] = _f(
+        "auto", "pretrained: the run's pretrain encoder (same architecture only) | random | auto: pretrained when it fits")
+    temperature: float = _f(1.0, "distillation temperature tau: softmax(logits / tau) for teacher and student")
+    alpha: float = _f(1.0, "weight of the distillation loss; (1 - alpha) x cross-entropy on the finetune labeled subset")
+    hard: bool = _f(False, "hard pseudo-labels from the teacher, kept only where its confidence reaches threshold")
+    threshold: float = _f(0.9, "hard: minimum teacher softmax probability to keep an example")
+    noisy: bool = _f(False, "noise the student: color distortion ([augment] settings) and dropout (Noisy Student)")
+    dropout: float = _f(0.5, "noisy: dropout on the student's features before the classifier")
+    cache_teacher: bool = _f(True, "compute teacher logits once on clean images (half the cost); false: every step")
+    epochs: int = _f(30, "training epochs over the unlabeled split")
+    batch_size: int = _f(256, "global batch size")
+    lr: float = _f(0.1, "base learning rate, scaled by batch_size/256; cosine decay, Nesterov SGD")
+    momentum: float = _f(0.9, "SGD momentum (Nesterov)")
+    weight_decay: float = _f(0.0, "weight decay (not applied to biases and BN)")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "student random resized crop area range")
+    mixed_precision: Precision = _f("no", "no | fp16 | bf16")
+    sync_bn: bool = _f(True, "global BatchNorm across processes when there is more than one")
+    log_every: int = _f(10, "write a metrics line every this many steps")
+    save_every: int = _f(1, "save resumable state every this many epochs")
+    keep_states: int = _f(2, "keep the newest this many saved states (at least 1)")
 
 
 @dataclass(frozen=True)
@@ -174,7 +196,7 @@ class Recipe:
     linear_eval: LinearEvalConfig = _f(LinearEvalConfig(), "linear-eval stage section")
     knn: KnnConfig = _f(KnnConfig(), "knn stage section")
     finetune: FinetuneConfig = _f(FinetuneConfig(), "finetune stage section")
-    distill: DistillConfig = _f(DistillConfig(), "distill stage section (reserved)")
+    distill: DistillConfig = _f(DistillConfig(), "distill stage section")
     transfer: TransferConfig = _f(TransferConfig(), "transfer stage section (reserved)")
 
 
@@ -246,4 +268,17 @@ RANGES = {
     "finetune.log_every": ("an integer >= 1", lambda v: v >= 1),
     "finetune.save_every": ("an integer >= 0", lambda v: v >= 0),
     "finetune.keep_states": ("an integer >= 1", lambda v: v >= 1),
+    "distill.temperature": ("a number > 0", lambda v: 0 < v < float("inf")),
+    "distill.alpha": ("a number in [0, 1]", _prob),
+    "distill.threshold": ("a probability in [0, 1]", _prob),
+    "distill.dropout": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "distill.epochs": ("an integer >= 1", lambda v: v >= 1),
+    "distill.batch_size": ("an integer >= 1", lambda v: v >= 1),
+    "distill.lr": ("a finite number > 0", lambda v: 0 < v < float("inf")),
+    "distill.momentum": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "distill.weight_decay": ("a number >= 0", lambda v: 0 <= v < float("inf")),
+    "distill.crop_scale": ("[lo, hi] with 0 < lo <= hi <= 1", _range_pair(0.0, 1.0)),
+    "distill.log_every": ("an integer >= 1", lambda v: v >= 1),
+    "distill.save_every": ("an integer >= 0", lambda v: v >= 0),
+    "distill.keep_states": ("an integer >= 1", lambda v: v >= 1),
 }

@@ -324,3 +324,26 @@ def source_label(src: Source | None, init: str) -> str:
     if init == "random":
         return "random init"
     return str(src.checkpoint) if src is not None and src.checkpoint is not None else "?"
+
+
+def load_classifier(src: Source, recipe: Recipe):
+    """The classifier stored in a finetune (or linear-eval, distill) checkpoint, with its class names."""
+    from simclr_cli.models.classifier import Classifier
+
+    meta = src.metadata
+    if meta.get("simclr.classifier") != "head":
+        raise UsageError(f"{src.checkpoint}: a {src.stage or 'non-simclr'} checkpoint has no classifier; "
+                         "use a finetune checkpoint (runs/NAME/finetune/model.safetensors)")
+    num_classes, k = int(meta["simclr.num_classes"]), int(meta["simclr.head_layers"])
+    classes = json.loads(meta.get("simclr.classes", "[]"))
+    torch.manual_seed(recipe.seed)
+    encoder = build_simclr_model(recipe.model)
+    model = Classifier(encoder.backbone, head_layers(encoder)[:k], num_classes)
+    tensors, _ = load_weights(src.checkpoint)
+    _load_strict(model.backbone, sub_state(tensors, "backbone"), src.checkpoint, "backbone")
+    _load_strict(model.head, sub_state(tensors, "head"), src.checkpoint, "classifier head")
+    return model, classes
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -11,26 +11,22 @@ weight decay, crop+flip only, through the shared loop (resumable). Writes
 from __future__ import annotations
 
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, load_state, prefixed_state, save_weights
+from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, prefixed_state, save_weights
 from simclr_cli.data.augment import crop_flip_augment
-from simclr_cli.data.loaders import GlobalBatchSampler, LabeledViews, SubsetSource, make_loader
+from simclr_cli.data.loaders import LabeledViews, SubsetSource
 from simclr_cli.data.subsets import parse_label_spec, select_labeled, write_label_list
-from simclr_cli.engine.loop import LoopSpec, run_loop
-from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
-from simclr_cli.engine.signals import StopRequest
+from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.tasks import ClassificationTask
 from simclr_cli.errors import UsageError
 from simclr_cli.evaluation.knn import topk_accuracy
 from simclr_cli.evaluation.linear import predict
 from simclr_cli.models.classifier import Classifier
-from simclr_cli.optim import build_optimizer, scaled_lr, warmup_cosine
 from simclr_cli.recipe import Recipe, recipe_to_toml
 from simclr_cli.stages import common
 from simclr_cli.stages.linear_eval import classifier_metadata
@@ -76,7 +72,6 @@ def run(
                         resume_cmd=resume_cmd, resumable_changes=RESUMABLE_CHANGES)
     accelerator = make_accelerator(cfg.mixed_precision, key="finetune.mixed_precision")
     main = accelerator.is_main_process
-    world = accelerator.num_processes
 
     # The labeled subset.
     spec = parse_label_spec(cfg.labels)
@@ -84,9 +79,6 @@ def run(
     chosen = select_labeled(splits.train, spec, recipe.seed)
     fraction = len(chosen) / len(splits.train_indices)
     epochs = cfg.epochs or default_epochs(spec.fraction if spec.fraction is not None else fraction)
-    batch = min(cfg.batch_size, len(chosen) // world * world)
-    if batch < world:
-        raise UsageError(f"{len(chosen)} labeled images are too few for {world} processes")
 
     # Model: encoder + kept head layers + new classifier.
     encoder = common.load_encoder(src, recipe, init)
@@ -101,52 +93,24 @@ def run(
     train = SubsetSource(splits.train, chosen)
     augment = crop_flip_augment(recipe.augment, cfg.crop_scale, data.image_size, data.mean, data.std)
     views = LabeledViews(train, augment, recipe.seed)
-    sampler = GlobalBatchSampler(len(views), batch, recipe.seed, accelerator.process_index, world)
-    loader = make_loader(views, batch_sampler=sampler, num_workers=data.num_workers,
-                         pin_memory=accelerator.device.type == "cuda")
-    spe = len(views) // batch
-    total = epochs * spe
-    peak = scaled_lr(cfg.lr, batch, "linear")
-    task = ClassificationTask(model)
-    optimizer = build_optimizer("sgd", task, lr=peak, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                                nesterov=True)
-    task, optimizer = accelerator.prepare(task, optimizer)
-    start_step, elapsed0 = 0, 0.0
-    if resume:
-        counters = load_state(state_dir, accelerator.unwrap_model(task), optimizer)
-        start_step, elapsed0 = int(counters["step"]), float(counters.get("elapsed", 0.0))
     if main:
         common.clear_stage_dir(stage_dir, overwrite, resume)
         atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
         write_label_list(stage_dir / "labels.txt", splits.train, chosen)
     accelerator.wait_for_everyone()
-    metrics = MetricsLog(stage_dir / "metrics.jsonl", enabled=main, keep_until_step=start_step if resume else None)
-    progress = ProgressDisplay(total, start_step, enabled=show_progress and main, description=f"finetune {recipe.name}")
-    progress.message(
-        f"finetune {common.source_label(src, init)} on {len(chosen)} labeled images ({cfg.labels}, "
-        f"{100 * fraction:.2f}% of {len(splits.train_indices)}), {splits.num_classes} classes, "
-        f"{epochs} epochs x {spe} steps, batch {batch}"
-        + (f" (lowered from {cfg.batch_size} to fit the subset)" if batch < cfg.batch_size else "")
-        + f", lr {peak:.4g}, head layers kept {cfg.from_head_layer}, BN {bn_mode} -> {stage_dir}"
-        + (f" (resuming at step {start_step})" if resume else "")
-    )
-    loop_spec = LoopSpec(
-        total_steps=total, steps_per_epoch=spe, global_batch=batch, peak_lrs=[peak] * len(optimizer.param_groups),
-        schedule=partial(warmup_cosine, total_steps=total, warmup_steps=0), seed=recipe.seed,
-        log_every=cfg.log_every, save_every=cfg.save_every, keep_states=cfg.keep_states, dataset_size=len(views),
-        max_bad_fraction=data.max_bad_fraction, stage=STAGE, resume_hint=f"Resume with: {resume_cmd}",
-        interrupt_after=interrupt_after,
-    )
-    stop = StopRequest().__enter__()
-    try:
-        result = run_loop(accelerator, task, optimizer, sampler, loader, loop_spec, state_dir=state_dir,
-                          metrics=metrics, progress=progress, start_step=start_step, start_time_offset=elapsed0,
-                          stop=stop)
-    finally:
-        progress.close()
-        stop.__exit__(None, None, None)
-
-    trained: Classifier = accelerator.unwrap_model(task).model
+    if show_progress and main:
+        print(f"finetune {common.source_label(src, init)} on {len(chosen)} labeled images ({cfg.labels}, "
+              f"{100 * fraction:.2f}% of {len(splits.train_indices)}), {splits.num_classes} classes, {epochs} epochs, "
+              f"head layers kept {cfg.from_head_layer}, BN {bn_mode} -> {stage_dir}")
+    spec = FitSpec(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                   weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
+                   log_every=cfg.log_every, save_every=cfg.save_every, keep_states=cfg.keep_states,
+                   max_bad_fraction=data.max_bad_fraction)
+    task, result, batch = fit(accelerator, ClassificationTask(model), views, spec, stage=STAGE,
+                              metrics_path=stage_dir / "metrics.jsonl", show_progress=show_progress,
+                              state_dir=state_dir, resume=resume, resume_hint=f"Resume with: {resume_cmd}",
+                              interrupt_after=interrupt_after, description=recipe.name)
+    trained: Classifier = task.model
     summary: dict[str, Any] = {}
     if main:
         test_loader = common.eval_loader(splits.test, None, recipe, accelerator)
@@ -171,7 +135,7 @@ def run(
             "num_classes": splits.num_classes,
             "final_loss": result.last.get("loss"),
             "images_per_sec": round(result.images_per_sec, 2),
-            "wall_seconds": round(time.perf_counter() - t_start + elapsed0, 2),
+            "wall_seconds": round(time.perf_counter() - t_start, 2),
         }
         metadata = checkpoint_metadata(recipe, encoder, STAGE)
         metadata.update(classifier_metadata(splits.classes, splits.num_classes, cfg.from_head_layer, init))

@@ -9,22 +9,19 @@ eval mode) and checked bit-identical afterwards. Writes ``OUT/linear_eval/``.
 from __future__ import annotations
 
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from simclr_cli.checkpoints import MODEL_FILE, prefixed_state, save_weights
 from simclr_cli.data.augment import crop_flip_augment
-from simclr_cli.data.loaders import GlobalBatchSampler, LabeledViews, SubsetSource, make_loader
-from simclr_cli.engine.loop import LoopSpec, run_loop
-from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
+from simclr_cli.data.loaders import LabeledViews, SubsetSource
+from simclr_cli.engine.reporting import MetricsLog
 from simclr_cli.engine.setup import make_accelerator
+from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.tasks import ClassificationTask
-from simclr_cli.errors import UsageError
 from simclr_cli.evaluation.knn import topk_accuracy
 from simclr_cli.evaluation.linear import fit_linear, predict
 from simclr_cli.models.classifier import Classifier
-from simclr_cli.optim import build_optimizer, warmup_cosine
 from simclr_cli.recipe import Recipe, recipe_to_toml
 from simclr_cli.stages import common
 from simclr_cli.stages.pretrain import checkpoint_metadata
@@ -76,7 +73,7 @@ def run(
     if cfg.mode == "cached":
         _fit_cached(model, splits, recipe, accelerator, metrics, say)
     else:
-        _fit_paper(model, splits, recipe, accelerator, metrics, show_progress and main)
+        _fit_paper(model, splits, recipe, accelerator, stage_dir, show_progress and main)
     common.assert_unchanged(frozen, snapshot, "encoder")
 
     summary: dict[str, Any] = {}
@@ -149,34 +146,16 @@ def _fit_cached(model: Classifier, splits: common.LabeledSplits, recipe: Recipe,
             p.data = broadcast(p.data.to(accelerator.device)).cpu()
 
 
-def _fit_paper(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, accelerator, metrics: MetricsLog,
+def _fit_paper(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, accelerator, stage_dir: Path,
                show: bool) -> None:
-    """App. B.6: crop+flip views every epoch through the shared loop, Nesterov SGD, lr 0.1 x B/256, cosine."""
+    """App. B.6: crop+flip views every epoch through the shared loop, Nesterov SGD, lr 0.1 x B/256, cosine.
+    A probe is cheap to rerun: no resume state is kept."""
     cfg, data = recipe.linear_eval, recipe.data
     train = SubsetSource(splits.train, splits.train_indices)
     augment = crop_flip_augment(recipe.augment, cfg.crop_scale, data.image_size, data.mean, data.std)
-    views = LabeledViews(train, augment, recipe.seed)
-    batch = min(cfg.batch_size, len(views) // accelerator.num_processes * accelerator.num_processes)
-    if batch < accelerator.num_processes:
-        raise UsageError(f"{len(views)} labeled training images are too few for {accelerator.num_processes} processes")
-    sampler = GlobalBatchSampler(len(views), batch, recipe.seed, accelerator.process_index, accelerator.num_processes)
-    loader = make_loader(views, batch_sampler=sampler, num_workers=data.num_workers,
-                         pin_memory=accelerator.device.type == "cuda")
-    spe = len(views) // batch
-    total = cfg.epochs * spe
-    task = ClassificationTask(model, frozen=True)
-    peak = cfg.lr * batch / 256
-    optimizer = build_optimizer("sgd", task, lr=peak, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                                nesterov=True)
-    task, optimizer = accelerator.prepare(task, optimizer)
-    progress = ProgressDisplay(total, 0, enabled=show, description=f"linear-eval {recipe.name}")
-    spec = LoopSpec(total_steps=total, steps_per_epoch=spe, global_batch=batch,
-                    peak_lrs=[peak] * len(optimizer.param_groups),
-                    schedule=partial(warmup_cosine, total_steps=total, warmup_steps=0), seed=recipe.seed,
-                    log_every=cfg.log_every, save_every=0, dataset_size=len(views),
-                    max_bad_fraction=data.max_bad_fraction, stage=STAGE)
-    try:  # a probe is cheap to rerun: no resume state is kept
-        run_loop(accelerator, task, optimizer, sampler, loader, spec, state_dir=None, metrics=metrics,
-                 progress=progress)
-    finally:
-        progress.close()
+    spec = FitSpec(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                   weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
+                   log_every=cfg.log_every, max_bad_fraction=data.max_bad_fraction)
+    fit(accelerator, ClassificationTask(model, frozen=True), LabeledViews(train, augment, recipe.seed), spec,
+        stage=STAGE, metrics_path=stage_dir / "metrics.jsonl", show_progress=show, state_dir=None,
+        description=recipe.name)

@@ -1,0 +1,226 @@
+"""The ``distill`` stage: SimCLRv2 self-training ([v2] eq. 2-3, SIMCLR.md section 3).
+
+The teacher (a finetune checkpoint) labels the whole unlabeled training split once, on clean
+images in eval mode; its logits are cached in ``OUT/distill/teacher_logits.safetensors``. A
+student (the teacher's architecture, or any timm backbone with ``--student``) with a new linear
+classifier learns from them with the distillation loss at temperature tau, optionally mixed
+with cross-entropy on the finetune stage's labeled subset (``alpha``). ``--hard`` keeps only the
+examples the teacher labels with confidence >= threshold, as hard pseudo-labels. ``--noisy`` adds
+color distortion and dropout to the student (Noisy Student). Writes ``OUT/distill/``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, load_weights, prefixed_state, save_weights, sub_state
+from simclr_cli.data.augment import EvalTransform, SimCLRAugment, crop_flip_augment
+from simclr_cli.data.loaders import DistillViews, SubsetSource, build_source
+from simclr_cli.data.subsets import parse_label_spec, select_labeled
+from simclr_cli.engine.fit import FitSpec, fit
+from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
+from simclr_cli.engine.tasks import DistillTask
+from simclr_cli.errors import UsageError
+from simclr_cli.evaluation.knn import topk_accuracy
+from simclr_cli.evaluation.linear import predict
+from simclr_cli.losses.distill import confident_pseudo_labels
+from simclr_cli.models import create_backbone
+from simclr_cli.models.classifier import Classifier
+from simclr_cli.recipe import Recipe, recipe_to_toml
+from simclr_cli.stages import common
+from simclr_cli.stages.linear_eval import classifier_metadata
+from simclr_cli.stages.pretrain import checkpoint_metadata
+from simclr_cli.utils import atomic_write_text
+
+STAGE = "distill"
+LOGITS_FILE = "teacher_logits.safetensors"
+RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "distill.log_every"})
+
+
+def run(
+    recipe: Recipe,
+    src: common.Source,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    show_progress: bool = True,
+    interrupt_after: int | None = None,
+) -> dict[str, Any]:
+    """Distill ``src``'s classifier into a student; returns the summary (also ``OUT/distill/summary.json``)."""
+    t_start = time.perf_counter()
+    cfg, data = recipe.distill, recipe.data
+    out = Path(out_dir)
+    stage_dir = out / STAGE
+    resume_cmd = f"simclr distill {src.checkpoint} --out {out} --resume"
+    common.check_output(stage_dir, STAGE, overwrite=overwrite, resume=resume, recipe=recipe, force=force,
+                        resume_cmd=resume_cmd, resumable_changes=RESUMABLE_CHANGES)
+    if cfg.hard and not cfg.cache_teacher:
+        raise UsageError("distill.hard needs the cached teacher logits (distill.cache_teacher=true) to pick examples")
+    accelerator = make_accelerator(cfg.mixed_precision, key="distill.mixed_precision")
+    main = accelerator.is_main_process
+    say = print if show_progress and main else (lambda *a, **k: None)
+
+    teacher, classes = common.load_classifier(src, recipe)
+    student, student_recipe, init_note = _build_student(recipe, src, len(classes) or teacher.num_classes)
+    splits = common.labeled_splits(recipe)
+
+    # The unlabeled split: the whole training split, its labels hidden.
+    train_all = build_source(data, data.train_split, recipe.seed)
+    unlabeled = SubsetSource(train_all, list(range(len(train_all))))
+    unlabeled.labels = [-1] * len(unlabeled)
+    if main:
+        common.clear_stage_dir(stage_dir, overwrite, resume)
+        atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
+    accelerator.wait_for_everyone()
+    say(f"distill {src.checkpoint} ({recipe.model.backbone}, {common.count_parameters(teacher):,} params) -> "
+        f"student {student_recipe.model.backbone} ({common.count_parameters(student):,} params, {init_note}) "
+        f"on {len(unlabeled)} unlabeled images of {train_all.name} -> {stage_dir}")
+
+    targets = clean = None
+    kept = None
+    if cfg.cache_teacher:
+        logits = _teacher_logits(teacher, unlabeled, recipe, accelerator, stage_dir, say)
+        if cfg.hard:
+            keep, labels = confident_pseudo_labels(logits, cfg.threshold)
+            kept = len(keep)
+            say(f"hard pseudo-labels: {kept} of {len(unlabeled)} examples ({100 * kept / len(unlabeled):.1f}%) have "
+                f"teacher confidence >= {cfg.threshold}")
+            if kept == 0:
+                raise UsageError(f"no example reaches the teacher confidence threshold {cfg.threshold}; "
+                                 "lower --threshold")
+            unlabeled = SubsetSource(unlabeled, keep.tolist())
+            targets = labels
+        else:
+            targets = logits
+    else:
+        clean = EvalTransform(data.image_size, data.mean, data.std)
+
+    labeled = None
+    if cfg.alpha < 1.0:
+        labeled = _labeled_subset(src, splits)
+        say(f"mixing in cross-entropy on {len(labeled)} labeled images (alpha {cfg.alpha})")
+    if cfg.noisy:
+        augment = SimCLRAugment(replace(recipe.augment, crop_scale=cfg.crop_scale), data.image_size, data.mean, data.std)
+    else:
+        augment = crop_flip_augment(recipe.augment, cfg.crop_scale, data.image_size, data.mean, data.std)
+    plain = crop_flip_augment(recipe.augment, cfg.crop_scale, data.image_size, data.mean, data.std)
+    views = DistillViews(unlabeled, augment, recipe.seed, targets=targets, clean=clean, labeled=labeled,
+                         labeled_augment=plain)
+    student, bn_mode = convert_sync_bn(student, accelerator, cfg.sync_bn)
+    task = DistillTask(student, temperature=cfg.temperature, alpha=cfg.alpha, hard=cfg.hard,
+                       dropout=cfg.dropout if cfg.noisy else 0.0, teacher=None if cfg.cache_teacher else teacher)
+    spec = FitSpec(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                   weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
+                   log_every=cfg.log_every, save_every=cfg.save_every, keep_states=cfg.keep_states,
+                   max_bad_fraction=data.max_bad_fraction)
+    task, result, batch = fit(accelerator, task, views, spec, stage=STAGE, metrics_path=stage_dir / "metrics.jsonl",
+                              show_progress=show_progress, state_dir=stage_dir / STATE_DIR, resume=resume,
+                              resume_hint=f"Resume with: {resume_cmd}", interrupt_after=interrupt_after,
+                              description=recipe.name)
+    trained: Classifier = task.student
+
+    summary: dict[str, Any] = {}
+    if main:
+        test = common.eval_loader(splits.test, None, recipe, accelerator)
+        device = accelerator.device
+        t_logits, labels = predict(teacher.to(device), test, device, accelerator.autocast)
+        s_logits, _ = predict(trained, test, device, accelerator.autocast)
+        t_acc, s_acc = topk_accuracy(t_logits, labels, (1, 5)), topk_accuracy(s_logits, labels, (1, 5))
+        summary = {
+            "stage": STAGE,
+            "name": recipe.name,
+            "teacher": str(src.checkpoint),
+            "teacher_backbone": recipe.model.backbone,
+            "student_backbone": student_recipe.model.backbone,
+            "student_init": init_note,
+            "teacher_top1": round(t_acc[1], 4),
+            "teacher_top5": round(t_acc[5], 4),
+            "student_top1": round(s_acc[1], 4),
+            "student_top5": round(s_acc[5], 4),
+            "teacher_params": common.count_parameters(teacher),
+            "student_params": common.count_parameters(trained),
+            "loss": "hard pseudo-labels" if cfg.hard else f"distillation (tau {cfg.temperature:g})",
+            "alpha": cfg.alpha,
+            "noisy": cfg.noisy,
+            "unlabeled_images": len(train_all),
+            "kept_images": kept if cfg.hard else len(train_all),
+            "epochs": cfg.epochs,
+            "steps": result.step,
+            "global_batch": batch,
+            "test_images": len(labels),
+            "final_loss": result.last.get("loss"),
+            "images_per_sec": round(result.images_per_sec, 2),
+            "wall_seconds": round(time.perf_counter() - t_start, 2),
+        }
+        metadata = checkpoint_metadata(student_recipe, trained, STAGE)
+        metadata.update(classifier_metadata(classes, trained.num_classes, 0, init_note))
+        tensors = {**prefixed_state("backbone", trained.backbone), **prefixed_state("head", trained.head)}
+        save_weights(stage_dir / MODEL_FILE, tensors, metadata)
+        common.write_json(stage_dir / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _build_student(recipe: Recipe, src: common.Source, num_classes: int) -> tuple[Classifier, Recipe, str]:
+    """The student classifier, the recipe that describes it, and how it was initialized."""
+    cfg = recipe.distill
+    name = cfg.student or recipe.model.backbone
+    same = name == recipe.model.backbone
+    pretrain_ckpt = src.run_dir / "pretrain" / MODEL_FILE
+    if cfg.student_init == "pretrained":
+        if not same:
+            raise UsageError(f"--student-init pretrained: the pretrain encoder is a {recipe.model.backbone}, the student "
+                             f"a {name}; use --student-init random for a different architecture")
+        if not pretrain_ckpt.is_file():
+            raise UsageError(f"--student-init pretrained: {pretrain_ckpt} does not exist")
+    use_pretrained = same and pretrain_ckpt.is_file() and cfg.student_init in ("auto", "pretrained")
+    torch.manual_seed(recipe.seed + 1)
+    try:
+        backbone = create_backbone(name, cifar_stem=recipe.model.cifar_stem, pretrained=False)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - timm raises RuntimeError for unknown names
+        raise UsageError(f"--student {name}: cannot create this timm model ({e})") from None
+    note = "random"
+    if use_pretrained:
+        tensors, _ = load_weights(pretrain_ckpt)
+        backbone.load_state_dict(sub_state(tensors, "backbone"), strict=True)
+        note = f"pretrained ({pretrain_ckpt})"
+    student_recipe = replace(recipe, model=replace(recipe.model, backbone=name, pretrained=False))
+    return Classifier(backbone, [], num_classes), student_recipe, note
+
+
+def _teacher_logits(teacher: Classifier, unlabeled, recipe: Recipe, accelerator, stage_dir: Path, say) -> torch.Tensor:
+    """Teacher logits on clean images of the whole unlabeled split, computed once (main process) and
+    kept in the stage folder, so a resumed run reuses them."""
+    path = stage_dir / LOGITS_FILE
+    if accelerator.is_main_process and not path.is_file():
+        t0 = time.perf_counter()
+        loader = common.eval_loader(unlabeled, None, recipe, accelerator)
+        logits, _ = predict(teacher.to(accelerator.device), loader, accelerator.device, accelerator.autocast)
+        save_weights(path, {"logits": logits}, {"simclr.kind": "teacher_logits"})
+        say(f"teacher logits for {len(logits)} images in {time.perf_counter() - t0:.1f} s (cached in {path})")
+    accelerator.wait_for_everyone()
+    tensors, _ = load_weights(path)
+    logits = tensors["logits"]
+    if len(logits) != len(unlabeled):
+        raise UsageError(f"{path} holds {len(logits)} teacher logits, the split has {len(unlabeled)} images; "
+                         "run with --overwrite")
+    return logits
+
+
+def _labeled_subset(src: common.Source, splits: common.LabeledSplits) -> SubsetSource:
+    """The labeled images the finetune stage trained on, from its ``labels.txt``."""
+    path = src.checkpoint.parent / "labels.txt"
+    if not path.is_file():
+        raise UsageError(f"distill.alpha < 1 mixes in the labeled subset, but {path} does not exist; "
+                         "use a finetune checkpoint or distill.alpha=1")
+    chosen = select_labeled(splits.train, parse_label_spec(str(path)), 0)
+    return SubsetSource(splits.train, chosen)

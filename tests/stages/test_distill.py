@@ -1,0 +1,94 @@
+"""The distill stage on tiny data: outputs, hard-label counts, cached vs per-step teacher, students."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from simclr_cli.checkpoints import read_metadata, sub_state
+from simclr_cli.errors import UsageError
+from simclr_cli.losses.distill import confident_pseudo_labels
+from simclr_cli.recipe import load_recipe
+from simclr_cli.stages import common, distill, finetune, pretrain
+
+
+@pytest.fixture
+def teacher(tiny_recipe_file, tmp_path):
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", 'finetune.labels="50%"', "finetune.epochs=2",
+                                            "finetune.batch_size=8", "distill.epochs=2", "distill.batch_size=16"])
+    pretrain.run(recipe, tmp_path / "run", show_progress=False)
+    src = common.find_source(tmp_path / "run", ("pretrain",))
+    finetune.run(recipe, src, tmp_path / "run", show_progress=False)
+    return tmp_path / "run"
+
+
+def _inputs(run, *overrides):
+    src = common.find_source(run, ("finetune",))
+    return src, common.inherit_recipe(src, None, list(overrides))
+
+
+def test_distill_outputs_and_checkpoint(teacher):
+    src, recipe = _inputs(teacher)
+    summary = distill.run(recipe, src, teacher, show_progress=False)
+    d = teacher / "distill"
+    assert {p.name for p in d.iterdir()} >= {"model.safetensors", "summary.json", "recipe.toml", "metrics.jsonl",
+                                             "teacher_logits.safetensors"}
+    for k in ("teacher_top1", "student_top1", "teacher_top5", "student_top5", "teacher_params", "student_params"):
+        assert k in summary
+    assert summary["student_params"] == summary["teacher_params"]  # self-distillation, no head layers kept
+    assert summary["unlabeled_images"] == 64 and summary["steps"] == 2 * 64 // 16
+    assert summary["student_init"].startswith("pretrained")
+    meta = read_metadata(d / "model.safetensors")
+    assert meta["simclr.stage"] == "distill" and meta["simclr.num_classes"] == "10"
+    assert sub_state(load_file(d / "model.safetensors"), "head")["0.weight"].shape == (10, 96)
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert all("teacher_agreement" in x for x in lines if "loss" in x)
+
+
+def test_hard_variant_reports_how_many_were_kept(teacher):
+    src, recipe = _inputs(teacher, "distill.hard=true", "distill.threshold=0.0")
+    assert distill.run(recipe, src, teacher, show_progress=False)["kept_images"] == 64
+    logits = load_file(teacher / "distill" / "teacher_logits.safetensors")["logits"]
+    median = torch.softmax(logits, 1).max(1).values.median().item()
+    src, recipe = _inputs(teacher, "distill.hard=true", f"distill.threshold={median!r}")
+    summary = distill.run(recipe, src, teacher, overwrite=True, show_progress=False)
+    expected = len(confident_pseudo_labels(logits, median)[0])
+    assert summary["kept_images"] == expected and 0 < expected < 64
+    assert summary["steps"] == 2 * (expected // min(16, expected))
+    src, recipe = _inputs(teacher, "distill.hard=true", "distill.threshold=1.0")
+    with pytest.raises(UsageError, match="lower --threshold"):
+        distill.run(recipe, src, teacher, overwrite=True, show_progress=False)
+
+
+def test_cached_teacher_equals_teacher_every_step(teacher, tmp_path):
+    src, recipe = _inputs(teacher)
+    distill.run(recipe, src, tmp_path / "cached", show_progress=False)
+    src, recipe = _inputs(teacher, "distill.cache_teacher=false")
+    distill.run(recipe, src, tmp_path / "online", show_progress=False)
+
+    def losses(run):
+        lines = (tmp_path / run / "distill" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if "loss" in json.loads(x)]
+
+    assert losses("online") == pytest.approx(losses("cached"), rel=1e-4)
+
+
+def test_other_students_and_mixing(teacher, tmp_path):
+    src, recipe = _inputs(teacher, 'distill.student="test_efficientnet"', "distill.noisy=true", "distill.alpha=0.5")
+    summary = distill.run(recipe, src, tmp_path / "small", show_progress=False)
+    assert summary["student_backbone"] == "test_efficientnet" and summary["student_init"] == "random"
+    assert summary["student_params"] != summary["teacher_params"]
+    meta = read_metadata(tmp_path / "small" / "distill" / "model.safetensors")
+    assert meta["simclr.backbone"] == "test_efficientnet"
+    src, recipe = _inputs(teacher, 'distill.student="test_efficientnet"', 'distill.student_init="pretrained"')
+    with pytest.raises(UsageError, match="--student-init random"):
+        distill.run(recipe, src, tmp_path / "bad", show_progress=False)
+
+
+def test_distill_needs_a_classifier(teacher):
+    src = common.find_source(teacher, ("pretrain",))
+    recipe = common.inherit_recipe(src, None, [])
+    with pytest.raises(UsageError, match="has no classifier"):
+        distill.run(recipe, src, teacher, show_progress=False)
+    assert torch.is_tensor(load_file(teacher / "finetune" / "model.safetensors")["head.0.weight"])
