@@ -290,36 +290,54 @@ def distill(
                            not quiet and _is_main_process())
 
 
+@app.command(rich_help_panel=STAGES_PANEL)
+def transfer(
+    source: SourceArg = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="One dataset: cifar10, cifar100, stl10, "
+                                                   "food101, flowers102, oxford_pets, stanford_cars, fgvc_aircraft, "
+                                                   "dtd, sun397, caltech101, voc2007, or imagefolder:PATH.")] = None,
+    datasets: Annotated[Optional[str], typer.Option("--datasets", help="Several, comma-separated; one table "
+                                                                       "side by side.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="linear (default): logistic regression on frozen "
+                                                               "features | finetune: the whole network.")] = None,
+    root: Annotated[Optional[str], typer.Option("--root", help="Folder holding the torchvision datasets "
+                                                               "(default: transfer.root).")] = None,
+    download: Annotated[bool, typer.Option("--download", help="Let torchvision download missing datasets.")] = False,
+    full_grid: Annotated[bool, typer.Option("--full-grid", help="The paper's grids: 45 L2 strengths, or "
+                                                                "7 lr x 8 weight decays.")] = False,
+    init: InitOpt = "pretrained",
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    out: StageOutOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Transfer to other datasets (linear or fine-tuned); writes OUT/transfer/summary.json."""
+    with _handled(debug):
+        from simclr_cli.errors import UsageError
+        from simclr_cli.stages import transfer as stage
+
+        if dataset and datasets:
+            raise UsageError("pass --dataset NAME or --datasets a,b,c, not both")
+        names = dataset or datasets
+        extra = [s for s in (
+            _str_set("transfer.datasets", names) if names else None,
+            _str_set("transfer.mode", mode) if mode else None,
+            _str_set("transfer.root", root) if root else None,
+            "transfer.download=true" if download else None,
+            'transfer.l2_grid="paper"' if full_grid else None,
+            'transfer.finetune_grid="paper"' if full_grid else None,
+        ) if s]
+        src, r, out_dir = _chain_inputs(source, recipe, [*(set_ or []), *extra], init, ("pretrain",), out, quiet)
+        summary = stage.run(r, src, out_dir, init=init, overwrite=overwrite, show_progress=not quiet)
+        if quiet is False and _is_main_process():
+            print(f"all numbers: {out_dir / 'transfer' / 'summary.json'}")
+        del summary
+
+
 def _pick(summary: dict, *keys: str) -> dict:
     return {k: summary[k] for k in keys if k in summary}
-
-
-def _not_implemented(stage: str) -> None:
-    with _handled():
-        from simclr_cli.errors import NotImplementedStage
-
-        raise NotImplementedStage(f"'simclr {stage}' is not implemented yet; see the README for the stages that work")
-
-
-_PENDING = {
-    "transfer": "Transfer to other datasets (not implemented yet).",
-}
-
-
-def _register_pending(name: str, help_text: str) -> None:
-    def command(ctx: typer.Context) -> None:
-        _not_implemented(name)
-
-    command.__doc__ = help_text
-    app.command(
-        name=name,
-        rich_help_panel=STAGES_PANEL,
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )(command)
-
-
-for _name, _help in _PENDING.items():
-    _register_pending(_name, _help)
 
 
 @recipes_app.command("list")

@@ -32,10 +32,6 @@ class DataError(SimclrError):
             self.exit_code = 2
 
 
-class NotImplementedStage(SimclrError):
-    """A stage whose issue has not landed yet (exit 1)."""
-
-
 class Interrupted(SimclrError):
     """Training stopped by Ctrl-C or SIGTERM after saving its state (exit 130)."""
 

@@ -135,9 +135,9 @@ def test_syntax_error_gives_line_and_column(tmp_path):
     assert str(p) in str(e.value) and "line 3" in str(e.value) and "column" in str(e.value)
 
 
-def test_reserved_stage_sections_accept_no_keys_yet(tmp_path):
-    p = _write(tmp_path, "[distill]\nepochs = 3\n")
-    with pytest.raises(RecipeError, match="reserved"):
+def test_every_stage_section_exists_and_checks_its_keys(tmp_path):
+    p = _write(tmp_path, "[distill]\nepoch = 3\n")
+    with pytest.raises(RecipeError, match="did you mean 'distill.epochs'"):
         load_recipe(p)
     load_recipe(_write(tmp_path, "[finetune]\n[distill]\n[transfer]\n[linear_eval]\n[knn]\n"))
 

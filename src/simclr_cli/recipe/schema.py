@@ -180,7 +180,25 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """``[transfer]``: reserved for the transfer stage."""
+    """``[transfer]``: the 12-dataset transfer protocol ([v1] App. B.8, SIMCLR.md section 3)."""
+
+    datasets: str = _f("cifar10", "comma-separated: cifar10, cifar100, stl10, food101, flowers102, oxford_pets, "
+                                  "stanford_cars, fgvc_aircraft, dtd, sun397, caltech101, voc2007, imagefolder:PATH")
+    root: str = _f("data", "folder holding the torchvision datasets")
+    download: bool = _f(False, "let torchvision download the datasets into root")
+    mode: Literal["linear", "finetune"] = _f("linear", "linear: logistic regression on frozen features | finetune")
+    image_size: int = _f(0, "input side in pixels; 0 means data.image_size (the pretraining resolution)")
+    val_fraction: float = _f(0.2, "validation split held out from train (stratified) where a dataset has none")
+    split: str = _f("30-per-class", "imagefolder without split: 'N-per-class' for train (Caltech-101 protocol) "
+                                    "or a train fraction such as '0.8'")
+    l2_grid: Literal["coarse", "paper"] = _f("coarse", "linear: 12 (coarse) or the paper's 45 L2 strengths in [1e-6, 1e5]")
+    max_iter: int = _f(500, "linear: L-BFGS iterations per fit")
+    finetune_steps: int = _f(20000, "finetune: optimizer steps per fit (paper: 20k at batch 256)")
+    batch_size: int = _f(256, "finetune: global batch size")
+    finetune_grid: Literal["small", "paper"] = _f(
+        "small", "finetune: lr x weight decay grid, small (2 x 2) or the paper's 7 lr x 8 wd")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "finetune: random resized crop area range")
+    mixed_precision: Precision = _f("no", "no | fp16 | bf16")
 
 
 @dataclass(frozen=True)
@@ -197,7 +215,7 @@ class Recipe:
     knn: KnnConfig = _f(KnnConfig(), "knn stage section")
     finetune: FinetuneConfig = _f(FinetuneConfig(), "finetune stage section")
     distill: DistillConfig = _f(DistillConfig(), "distill stage section")
-    transfer: TransferConfig = _f(TransferConfig(), "transfer stage section (reserved)")
+    transfer: TransferConfig = _f(TransferConfig(), "transfer stage section")
 
 
 def _prob(v) -> bool:
@@ -281,4 +299,10 @@ RANGES = {
     "distill.log_every": ("an integer >= 1", lambda v: v >= 1),
     "distill.save_every": ("an integer >= 0", lambda v: v >= 0),
     "distill.keep_states": ("an integer >= 1", lambda v: v >= 1),
+    "transfer.image_size": ("0 or an integer >= 8", lambda v: v == 0 or v >= 8),
+    "transfer.val_fraction": ("a number in (0, 1)", lambda v: 0 < v < 1),
+    "transfer.max_iter": ("an integer >= 1", lambda v: v >= 1),
+    "transfer.finetune_steps": ("an integer >= 1", lambda v: v >= 1),
+    "transfer.batch_size": ("an integer >= 1", lambda v: v >= 1),
+    "transfer.crop_scale": ("[lo, hi] with 0 < lo <= hi <= 1", _range_pair(0.0, 1.0)),
 }

@@ -276,15 +276,17 @@ def head_layers(model: SimCLRModel) -> list[nn.Module]:
     return list(head.children())
 
 
-def eval_loader(source: ImageSource, indices: list[int] | None, recipe: Recipe, accelerator, batch_size: int = 256):
-    """Un-augmented, labeled batches (resize + center crop for large images) of ``source`` or its ``indices``."""
+def eval_loader(source: ImageSource, indices: list[int] | None, recipe: Recipe, accelerator, batch_size: int = 256,
+                size: int | None = None):
+    """Un-augmented, labeled batches (resize + center crop for large images) of ``source`` or its ``indices``,
+    at ``size`` (default ``data.image_size``)."""
     from torch.utils.data import Subset
 
     from simclr_cli.data.augment import EvalTransform
     from simclr_cli.data.loaders import EvalImages, make_loader
 
     cfg = recipe.data
-    ds = EvalImages(source, EvalTransform(cfg.image_size, cfg.mean, cfg.std))
+    ds = EvalImages(source, EvalTransform(size or cfg.image_size, cfg.mean, cfg.std))
     if indices is not None and len(indices) < len(source):
         ds = Subset(ds, indices)
     return make_loader(ds, batch_size=batch_size, num_workers=cfg.num_workers,
