@@ -11,11 +11,16 @@ from simclr_cli.errors import UsageError
 from simclr_cli.losses.distill import confident_pseudo_labels
 from simclr_cli.recipe import load_recipe
 from simclr_cli.stages import common, distill, finetune, pretrain
+from tests.conftest import TINY_RECIPE
 
 
-@pytest.fixture
-def teacher(tiny_recipe_file, tmp_path):
-    recipe = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", 'finetune.labels="50%"', "finetune.epochs=2",
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """One pretrain + finetune for the whole module; each test writes its distill run elsewhere."""
+    tmp_path = tmp_path_factory.mktemp("teacher")
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(TINY_RECIPE)
+    recipe = load_recipe(recipe_file, ["pretrain.knn_every=0", 'finetune.labels="50%"', "finetune.epochs=2",
                                             "finetune.batch_size=8", "distill.epochs=2", "distill.batch_size=16"])
     pretrain.run(recipe, tmp_path / "run", show_progress=False)
     src = common.find_source(tmp_path / "run", ("pretrain",))
@@ -28,10 +33,10 @@ def _inputs(run, *overrides):
     return src, common.inherit_recipe(src, None, list(overrides))
 
 
-def test_distill_outputs_and_checkpoint(teacher):
+def test_distill_outputs_and_checkpoint(teacher, tmp_path):
     src, recipe = _inputs(teacher)
-    summary = distill.run(recipe, src, teacher, show_progress=False)
-    d = teacher / "distill"
+    summary = distill.run(recipe, src, tmp_path, show_progress=False)
+    d = tmp_path / "distill"
     assert {p.name for p in d.iterdir()} >= {"model.safetensors", "summary.json", "recipe.toml", "metrics.jsonl",
                                              "teacher_logits.safetensors"}
     for k in ("teacher_top1", "student_top1", "teacher_top5", "student_top5", "teacher_params", "student_params"):
@@ -46,19 +51,19 @@ def test_distill_outputs_and_checkpoint(teacher):
     assert all("teacher_agreement" in x for x in lines if "loss" in x)
 
 
-def test_hard_variant_reports_how_many_were_kept(teacher):
+def test_hard_variant_reports_how_many_were_kept(teacher, tmp_path):
     src, recipe = _inputs(teacher, "distill.hard=true", "distill.threshold=0.0")
-    assert distill.run(recipe, src, teacher, show_progress=False)["kept_images"] == 64
-    logits = load_file(teacher / "distill" / "teacher_logits.safetensors")["logits"]
+    assert distill.run(recipe, src, tmp_path, show_progress=False)["kept_images"] == 64
+    logits = load_file(tmp_path / "distill" / "teacher_logits.safetensors")["logits"]
     median = torch.softmax(logits, 1).max(1).values.median().item()
     src, recipe = _inputs(teacher, "distill.hard=true", f"distill.threshold={median!r}")
-    summary = distill.run(recipe, src, teacher, overwrite=True, show_progress=False)
+    summary = distill.run(recipe, src, tmp_path, overwrite=True, show_progress=False)
     expected = len(confident_pseudo_labels(logits, median)[0])
     assert summary["kept_images"] == expected and 0 < expected < 64
     assert summary["steps"] == 2 * (expected // min(16, expected))
     src, recipe = _inputs(teacher, "distill.hard=true", "distill.threshold=1.0")
     with pytest.raises(UsageError, match="lower --threshold"):
-        distill.run(recipe, src, teacher, overwrite=True, show_progress=False)
+        distill.run(recipe, src, tmp_path, overwrite=True, show_progress=False)
 
 
 def test_cached_teacher_equals_teacher_every_step(teacher, tmp_path):
@@ -86,9 +91,9 @@ def test_other_students_and_mixing(teacher, tmp_path):
         distill.run(recipe, src, tmp_path / "bad", show_progress=False)
 
 
-def test_distill_needs_a_classifier(teacher):
+def test_distill_needs_a_classifier(teacher, tmp_path):
     src = common.find_source(teacher, ("pretrain",))
     recipe = common.inherit_recipe(src, None, [])
     with pytest.raises(UsageError, match="has no classifier"):
-        distill.run(recipe, src, teacher, show_progress=False)
+        distill.run(recipe, src, tmp_path, show_progress=False)
     assert torch.is_tensor(load_file(teacher / "finetune" / "model.safetensors")["head.0.weight"])
