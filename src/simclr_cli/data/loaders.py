@@ -17,8 +17,11 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from torchvision.transforms.v2 import functional as TF
+
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
-from simclr_cli.data.sources import ImageFolderSource, ImageSource, torchvision_source
+from simclr_cli.data.batched import pack
+from simclr_cli.data.sources import ImageFolderSource, ImageSource, TensorSource, torchvision_source
 from simclr_cli.data.synthetic import synthetic_source
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.recipe.schema import DataConfig
@@ -69,10 +72,13 @@ class ContrastiveViews(Dataset):
     (the index of an unreadable sample that was replaced, or -1).
     """
 
-    def __init__(self, source: ImageSource, augment: SimCLRAugment, seed: int) -> None:
+    def __init__(self, source: ImageSource, augment: SimCLRAugment, seed: int, batched: bool = False) -> None:
         self.source = source
         self.augment = augment
         self.seed = seed
+        self.batched = batched
+        # Same-size in-memory images are cropped on the device; others are cropped here.
+        self.crop_on_device = batched and isinstance(source, TensorSource)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -81,7 +87,19 @@ class ContrastiveViews(Dataset):
         epoch, index = key
         img, _, bad = load_with_fallback(self.source, index)
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
-        return {"view1": self.augment(img, g), "view2": self.augment(img, g), "index": index, "bad": bad}
+        if not self.batched:
+            return {"view1": self.augment(img, g), "view2": self.augment(img, g), "index": index, "bad": bad}
+        # Batched backend: the same parameter draws as above, the pixel work left to the device.
+        h, w = img.shape[-2:]
+        p1, p2 = self.augment.sample(g, h, w), self.augment.sample(g, h, w)
+        item: dict[str, torch.Tensor | int] = {"params1": pack(p1), "params2": pack(p2), "index": index, "bad": bad}
+        if self.crop_on_device:
+            item["image"] = img
+        else:
+            size = [self.augment.size, self.augment.size]
+            item["view1"] = TF.resized_crop(img, *p1.crop, size, antialias=True)
+            item["view2"] = TF.resized_crop(img, *p2.crop, size, antialias=True)
+        return item
 
 
 class EvalImages(Dataset):

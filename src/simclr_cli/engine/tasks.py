@@ -20,15 +20,27 @@ class ContrastiveTask(nn.Module):
     ``z_std_ratio`` (z_std x sqrt(d): near 1 when healthy).
     """
 
-    def __init__(self, model: nn.Module, loss: str, temperature: float, margin: float) -> None:
+    def __init__(self, model: nn.Module, loss: str, temperature: float, margin: float, batched=None) -> None:
         super().__init__()
         self.model = model
         self.loss_name = loss
         self.temperature = temperature
         self.margin = margin
+        self.batched = batched  # a BatchedAugment for the batched backend, else None
+
+    def views(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two views: as loaded (torchvision backend), or made here from uint8 images (batched)."""
+        if "params1" not in batch:
+            return batch["view1"], batch["view2"]
+        with torch.autocast(batch["params1"].device.type, enabled=False):
+            if "image" in batch:  # same-size images: crop on the device
+                return (self.batched(batch["image"], batch["params1"], cropped=False),
+                        self.batched(batch["image"], batch["params2"], cropped=False))
+            return (self.batched(batch["view1"], batch["params1"], cropped=True),
+                    self.batched(batch["view2"], batch["params2"], cropped=True))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = torch.cat([batch["view1"], batch["view2"]], dim=0)
+        x = torch.cat(self.views(batch), dim=0)
         _, z = self.model(x)
         z1, z2 = z.chunk(2, dim=0)
         loss = contrastive_loss(self.loss_name, z1, z2, temperature=self.temperature, margin=self.margin)
@@ -67,13 +79,15 @@ class GradCacheContrastiveTask(ContrastiveTask):
     per-device BN. BN running statistics are updated once, by the second pass.
     """
 
-    def __init__(self, model: nn.Module, loss: str, temperature: float, margin: float, micro_batch_size: int) -> None:
-        super().__init__(model, loss, temperature, margin)
+    def __init__(self, model: nn.Module, loss: str, temperature: float, margin: float, micro_batch_size: int,
+                 batched=None) -> None:
+        super().__init__(model, loss, temperature, margin, batched)
         self.micro_batch_size = micro_batch_size
 
     def forward_backward(self, batch: dict[str, torch.Tensor], accelerator) -> dict[str, torch.Tensor]:
         """Loss and gradients for ``batch``; gradients are averaged over processes here, not by DDP."""
-        x1, x2 = batch["view1"], batch["view2"]
+        with torch.no_grad():
+            x1, x2 = self.views(batch)
         n, m = x1.shape[0], self.micro_batch_size
         chunks = [(a, min(a + m, n)) for a in range(0, n, m)]
         device = x1.device

@@ -33,6 +33,9 @@ class DataConfig:
     num_workers: int = _f(2, "DataLoader worker processes per training process")
     download: bool = _f(False, "let torchvision download cifar10/cifar100/stl10 into root")
     max_bad_fraction: float = _f(0.01, "stop once more than this fraction of images are unreadable")
+    in_memory: Literal["auto", "always", "never"] = _f(
+        "auto", "imagefolder: decode every image once and keep it in memory as uint8 (auto: when it fits memory_limit_gb)")
+    memory_limit_gb: float = _f(4.0, "in_memory='auto': the largest decoded dataset kept in memory")
     synthetic_train_size: int = _f(4096, "synthetic: number of training images")
     synthetic_val_size: int = _f(1024, "synthetic: number of validation images")
     synthetic_classes: int = _f(10, "synthetic: number of classes (at most 10)")
@@ -54,6 +57,9 @@ class AugmentConfig:
     blur_p: float = _f(0.5, "blur probability when blur is on")
     blur_sigma: tuple[float, float] = _f((0.1, 2.0), "blur sigma range, uniform")
     blur_kernel_frac: float = _f(0.1, "blur kernel size as a fraction of the image side")
+    backend: Literal["torchvision", "batched"] = _f(
+        "torchvision", "torchvision: per image in the loader (reference) | batched: whole uint8 batches on the "
+                       "model's device, per-sample parameters (faster)")
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,7 @@ RANGES = {
     "data.image_size": ("an integer >= 8", lambda v: v >= 8),
     "data.num_workers": ("an integer >= 0", lambda v: v >= 0),
     "data.max_bad_fraction": ("a number in [0, 1]", _prob),
+    "data.memory_limit_gb": ("a number >= 0", lambda v: v >= 0),
     "data.synthetic_train_size": ("an integer >= 1", lambda v: v >= 1),
     "data.synthetic_val_size": ("an integer >= 1", lambda v: v >= 1),
     "data.synthetic_classes": ("an integer from 1 to 10", lambda v: 1 <= v <= 10),

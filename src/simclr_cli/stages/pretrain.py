@@ -28,6 +28,7 @@ from simclr_cli.checkpoints import (
     save_weights,
 )
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
+from simclr_cli.data.batched import BatchedAugment
 from simclr_cli.data.loaders import ContrastiveViews, EvalImages, GlobalBatchSampler, build_source, make_loader
 from simclr_cli.engine.loop import LoopSpec, run_loop
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
@@ -84,7 +85,8 @@ def run(
     # Data.
     train_source = build_source(cfg, cfg.train_split, recipe.seed)
     augment = SimCLRAugment(recipe.augment, cfg.image_size, cfg.mean, cfg.std)
-    views = ContrastiveViews(train_source, augment, recipe.seed)
+    batched = recipe.augment.backend == "batched"
+    views = ContrastiveViews(train_source, augment, recipe.seed, batched=batched)
     sampler = GlobalBatchSampler(len(views), pcfg.batch_size, recipe.seed, accelerator.process_index,
                                  accelerator.num_processes)
     pin = accelerator.device.type == "cuda"
@@ -108,10 +110,12 @@ def run(
                                 trust_coefficient=pcfg.trust_coefficient)
     local_batch = pcfg.batch_size // accelerator.num_processes
     grad_cache = 0 < pcfg.micro_batch_size < local_batch
+    on_device = BatchedAugment(augment) if batched else None
     if grad_cache:
-        task = GradCacheContrastiveTask(model, pcfg.loss, pcfg.temperature, pcfg.margin, pcfg.micro_batch_size)
+        task = GradCacheContrastiveTask(model, pcfg.loss, pcfg.temperature, pcfg.margin, pcfg.micro_batch_size,
+                                        batched=on_device)
     else:
-        task = ContrastiveTask(model, pcfg.loss, pcfg.temperature, pcfg.margin)
+        task = ContrastiveTask(model, pcfg.loss, pcfg.temperature, pcfg.margin, batched=on_device)
     task, optimizer = accelerator.prepare(task, optimizer)
 
     start_step, elapsed0 = 0, 0.0
