@@ -68,3 +68,30 @@ def test_corrupt_image_is_skipped_with_a_named_warning(folder, capsys):
     assert str(bad) in capsys.readouterr().err
     item = EvalImages(src, EvalTransform(8, (0.5,) * 3, (0.5,) * 3))[i]
     assert item["bad"] == i
+
+
+def test_image_folders_decode_into_memory(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from simclr_cli.data.sources import ImageFolderSource, MemorySource, TensorSource, decode_in_memory
+
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "train" / c / f"{i}.png")
+    folder = ImageFolderSource(tmp_path, "train")
+    mem = decode_in_memory(folder, "auto", 1.0, say=lambda *_: None)
+    assert isinstance(mem, TensorSource) and mem.images.shape == (6, 3, 8, 8)
+    assert all(torch.equal(mem.load(i), folder.load(i)) for i in range(6)) and mem.labels == folder.labels
+    assert decode_in_memory(folder, "auto", 1e-9, say=lambda *_: None) is folder  # over the limit: stays on disk
+    assert decode_in_memory(folder, "never", 1.0, say=lambda *_: None) is folder
+    # different sizes and an unreadable file: a MemorySource that names the file when it fails
+    Image.fromarray(np.zeros((5, 9, 3), np.uint8)).save(tmp_path / "train" / "a" / "odd.png")
+    (tmp_path / "train" / "b" / "bad.png").write_bytes(b"not a png")
+    folder = ImageFolderSource(tmp_path, "train")
+    mem = decode_in_memory(folder, "always", 0.0, say=lambda *_: None)
+    assert isinstance(mem, MemorySource) and len(mem) == 8
+    bad = next(i for i in range(8) if mem.describe(i).endswith("bad.png"))
+    with pytest.raises(OSError):
+        mem.load(bad)

@@ -6,7 +6,7 @@ import os
 import statistics
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from simclr_cli.data.loaders import build_source
 from simclr_cli.data.sources import ImageSource
@@ -66,7 +66,7 @@ def check_recipe_data(recipe: Recipe) -> list[SplitReport]:
     """Scan the training split and, when set, the validation split of the recipe."""
     cfg = recipe.data
     splits = [cfg.train_split] + ([cfg.val_split] if cfg.val_split else [])
-    return [scan_split(build_source(cfg, split, recipe.seed), split, workers=cfg.num_workers) for split in splits]
+    return [scan_split(build_source(replace(cfg, in_memory="never"), split, recipe.seed), split, workers=cfg.num_workers) for split in splits]
 
 
 def would_abort(report: SplitReport, max_bad_fraction: float) -> bool:

@@ -21,7 +21,13 @@ from torchvision.transforms.v2 import functional as TF
 
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import pack
-from simclr_cli.data.sources import ImageFolderSource, ImageSource, TensorSource, torchvision_source
+from simclr_cli.data.sources import (
+    ImageFolderSource,
+    ImageSource,
+    TensorSource,
+    decode_in_memory,
+    torchvision_source,
+)
 from simclr_cli.data.synthetic import synthetic_source
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.recipe.schema import DataConfig
@@ -31,6 +37,13 @@ _WARNED: set[str] = set()
 _MAX_FALLBACK = 64
 
 
+def _say(text: str) -> None:
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, flush=True)
+
+
 def build_source(cfg: DataConfig, split: str, seed: int) -> ImageSource:
     """The image source for ``split`` of the recipe's dataset."""
     if cfg.dataset == "synthetic":
@@ -38,7 +51,7 @@ def build_source(cfg: DataConfig, split: str, seed: int) -> ImageSource:
         n = sizes.get(split, cfg.synthetic_val_size)
         return synthetic_source(split, n, cfg.image_size, cfg.synthetic_classes, seed)
     if cfg.dataset == "imagefolder":
-        return ImageFolderSource(cfg.root, split)
+        return decode_in_memory(ImageFolderSource(cfg.root, split), cfg.in_memory, cfg.memory_limit_gb, say=_say)
     return torchvision_source(cfg.dataset, cfg.root, split, cfg.download)
 
 

@@ -148,3 +148,58 @@ def torchvision_source(dataset: str, root: str, split: str, download: bool) -> T
     except OSError as e:  # download without network, unreadable root, ...
         raise DataError(f"{dataset}: cannot read or download into {root}: {e}", missing=True) from None
     return TensorSource(images, labels, classes, name=f"{dataset}:{split}")
+
+
+class MemorySource:
+    """An image folder decoded once into memory (uint8 tensors of any size); unreadable files keep
+    their error and raise it on ``load``, so they are skipped and named like on disk."""
+
+    def __init__(self, folder: ImageFolderSource, images: list[torch.Tensor | None], errors: dict[int, str]) -> None:
+        self.files = folder.files
+        self.labels = folder.labels
+        self.classes = folder.classes
+        self.name = folder.name
+        self.images = images
+        self.errors = errors
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> torch.Tensor:
+        img = self.images[index]
+        if img is None:
+            raise OSError(self.errors[index])
+        return img
+
+    def describe(self, index: int) -> str:
+        return self.files[index]
+
+
+def decode_in_memory(folder: ImageFolderSource, mode: str, limit_gb: float, say=print):
+    """``folder`` decoded into memory when ``mode`` is 'always', or 'auto' and the estimate fits ``limit_gb``.
+
+    Same-size images become one :class:`TensorSource` (the batched backend then crops on the
+    device); others a :class:`MemorySource`. Returns ``folder`` itself when it stays on disk.
+    """
+    if mode == "never" or not folder.files:
+        return folder
+    try:
+        first = read_image(folder.files[0])
+        estimate = first.numel() * len(folder.files)
+    except Exception:  # noqa: BLE001 - the first file is unreadable: no estimate, stay on disk
+        return folder
+    if mode == "auto" and estimate > limit_gb * 1024**3:
+        return folder
+    say(f"{folder.name}: decoding {len(folder.files)} images into memory (about {estimate / 1024**2:.0f} MB)")
+    images: list[torch.Tensor | None] = []
+    errors: dict[int, str] = {}
+    for i, f in enumerate(folder.files):
+        try:
+            images.append(read_image(f))
+        except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
+            images.append(None)
+            errors[i] = f"{type(e).__name__}: {e}"
+    shapes = {tuple(img.shape) for img in images if img is not None}
+    if not errors and len(shapes) == 1:
+        return TensorSource(torch.stack(images), folder.labels, folder.classes, folder.name)  # type: ignore[arg-type]
+    return MemorySource(folder, images, errors)
