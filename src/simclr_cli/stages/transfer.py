@@ -117,8 +117,9 @@ def run(
 def results_table(summary: dict, init: str) -> str:
     """Markdown in the form of paper Table 8: one row per mode, one column per dataset."""
     results = summary["results"]
-    names = sorted({n for per_mode in results.values() for n in per_mode},
-                   key=lambda n: list(SHORT).index(n) if n in SHORT else len(SHORT))
+    seen = list(dict.fromkeys(n for per_mode in results.values() for n in per_mode))  # first-run order
+    order = list(SHORT)  # the paper's column order for the built-in datasets, then the others as run
+    names = sorted(seen, key=lambda n: order.index(n) if n in SHORT else len(SHORT) + seen.index(n))
     head = "| | " + " | ".join(SHORT.get(n, n) for n in names) + " |"
     rule = "|---|" + "---|" * len(names)
     rows = []
