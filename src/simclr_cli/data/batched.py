@@ -34,43 +34,38 @@ def pack(p: ViewParams) -> torch.Tensor:
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+    """(n, 1, H, W) luma with torchvision's weights."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return r * _GRAY[0] + g * _GRAY[1] + b * _GRAY[2]
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (f * a + (1 - f) * b).clamp_(0, 1)
+    """f a + (1 - f) b, clamped to [0, 1] (torchvision's _blend); ``b`` broadcasts."""
+    return (a * f).add_(b * (1 - f)).clamp_(0, 1)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, s, v), each (n, 1, H, W), as torchvision computes them (h in [0, 1))."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
     delta = maxc - minc
-    s = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    d = torch.where(delta == 0, torch.ones_like(delta), delta)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta == 0, torch.zeros_like(h), (h / 6.0) % 1.0)
-    return torch.stack([h, s, maxc], 1)
+    s = delta / maxc.clamp(min=1e-12)  # 0 where maxc is 0 (delta is 0 there too)
+    inv = 1.0 / delta.clamp(min=1e-12)  # grey pixels: every difference below is 0, so h = 0
+    h = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
+    return (h / 6.0) % 1.0, s, maxc
 
 
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.long() % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    r = torch.stack([v, q, p, p, t, v], 1).gather(1, i.unsqueeze(1))
-    g = torch.stack([t, v, v, q, p, p], 1).gather(1, i.unsqueeze(1))
-    b = torch.stack([p, p, t, v, v, q], 1).gather(1, i.unsqueeze(1))
-    return torch.cat([r, g, b], 1)
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Closed form: channel n in (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6."""
+    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    k = (n + h * 6.0) % 6.0
+    return v - v * s * torch.minimum(k, 4.0 - k).clamp_(0, 1)
 
 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    hsv = _rgb_to_hsv(x)
-    hsv[:, 0] = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
-    return _hsv_to_rgb(hsv).clamp_(0, 1)
+    h, s, v = _rgb_to_hsv(x)
+    return _hsv_to_rgb((h + shift.view(-1, 1, 1, 1)) % 1.0, s, v).clamp_(0, 1)
 
 
 def _color_op(j: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
