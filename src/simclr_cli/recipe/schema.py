@@ -58,8 +58,8 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = _f((0.1, 2.0), "blur sigma range, uniform")
     blur_kernel_frac: float = _f(0.1, "blur kernel size as a fraction of the image side")
     backend: Literal["torchvision", "batched"] = _f(
-        "torchvision", "torchvision: per image in the loader (reference) | batched: whole uint8 batches on the "
-                       "model's device, per-sample parameters (faster)")
+        "batched", "batched: whole uint8 batches on the model's device, per-sample parameters (faster, the "
+                   "default by measurement) | torchvision: per image in the loader (the reference)")
 
 
 @dataclass(frozen=True)
