@@ -209,3 +209,19 @@ def test_knn_aligns_imagefolder_classes_by_name(tiny_recipe_file, tmp_path):
     summary = pretrain.run(recipe, tmp_path / "r", show_progress=False)
     # Colour alone separates the classes: with labels aligned by name kNN is perfect even at init.
     assert summary["knn_top1_init"] == 100.0
+
+
+@pytest.mark.parametrize("switch", ["channels_last", "compile"])
+def test_channels_last_and_compile_train_the_same(tiny_recipe_file, tmp_path, monkeypatch, switch):
+    """Both switches change speed, not results: same losses, same checkpoint keys."""
+    monkeypatch.setattr(pretrain, "COMPILE_BACKEND", "eager")  # dynamo tracing without a C++ toolchain
+    base = ["pretrain.knn_every=0", "pretrain.log_every=1", "pretrain.epochs=1"]
+    runs = {}
+    for on in (False, True):
+        recipe = load_recipe(tiny_recipe_file, [*base, f"pretrain.{switch}={'true' if on else 'false'}"])
+        pretrain.run(recipe, tmp_path / str(on), show_progress=False)
+        lines = (tmp_path / str(on) / "pretrain" / "metrics.jsonl").read_text().splitlines()
+        runs[on] = ([json.loads(x)["loss"] for x in lines if "loss" in json.loads(x)],
+                    load_file(tmp_path / str(on) / "pretrain" / "model.safetensors"))
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
+    assert runs[True][1].keys() == runs[False][1].keys()

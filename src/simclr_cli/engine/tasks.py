@@ -27,6 +27,7 @@ class ContrastiveTask(nn.Module):
         self.temperature = temperature
         self.margin = margin
         self.batched = batched  # a BatchedAugment for the batched backend, else None
+        self.channels_last = False
 
     def views(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views: as loaded (torchvision backend), or made here from uint8 images (batched)."""
@@ -41,6 +42,8 @@ class ContrastiveTask(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = torch.cat(self.views(batch), dim=0)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         _, z = self.model(x)
         z1, z2 = z.chunk(2, dim=0)
         loss = contrastive_loss(self.loss_name, z1, z2, temperature=self.temperature, margin=self.margin)
@@ -88,6 +91,8 @@ class GradCacheContrastiveTask(ContrastiveTask):
         """Loss and gradients for ``batch``; gradients are averaged over processes here, not by DDP."""
         with torch.no_grad():
             x1, x2 = self.views(batch)
+            if self.channels_last:
+                x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
         n, m = x1.shape[0], self.micro_batch_size
         chunks = [(a, min(a + m, n)) for a in range(0, n, m)]
         device = x1.device

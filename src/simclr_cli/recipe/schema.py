@@ -101,6 +101,8 @@ class PretrainConfig:
     micro_batch_size: int = _f(0, "gradient cache: embed in chunks of this many images (exact loss, less memory); 0 off")
     sync_bn: bool = _f(True, "global BatchNorm across processes when there is more than one")
     mixed_precision: Precision = _f("no", "no | fp16 | bf16")
+    channels_last: bool = _f(False, "channels_last memory format for model and inputs (faster convolutions on GPUs)")
+    compile: bool = _f(False, "torch.compile the backbone (needs a C++ compiler; the first steps are slow)")
     knn_every: int = _f(10, "run the kNN monitor every this many epochs; 0 turns it off")
     knn_k: int = _f(200, "kNN monitor: neighbours")
     knn_temperature: float = _f(0.1, "kNN monitor: weights exp(sim / t)")

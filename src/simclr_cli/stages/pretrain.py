@@ -44,6 +44,7 @@ from simclr_cli.stages.common import align_classes, check_output
 from simclr_cli.utils import atomic_write_text
 
 STAGE = "pretrain"
+COMPILE_BACKEND = "inductor"  # torch.compile backend for pretrain.compile (tests use "eager")
 # Keys that may change between an interrupted run and its resume.
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "pretrain.log_every"})
 
@@ -116,6 +117,11 @@ def run(
                                         batched=on_device)
     else:
         task = ContrastiveTask(model, pcfg.loss, pcfg.temperature, pcfg.margin, batched=on_device)
+    if pcfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+        task.channels_last = True
+    if pcfg.compile:
+        model.backbone.compile(backend=COMPILE_BACKEND)  # in place: state_dict keys stay the same
     task, optimizer = accelerator.prepare(task, optimizer)
 
     start_step, elapsed0 = 0, 0.0
