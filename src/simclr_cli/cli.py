@@ -340,6 +340,87 @@ def _pick(summary: dict, *keys: str) -> dict:
     return {k: summary[k] for k in keys if k in summary}
 
 
+RUNS_PANEL = "Runs"
+
+
+@app.command(rich_help_panel=RUNS_PANEL)
+def info(
+    path: Annotated[Path, typer.Argument(help="A checkpoint (model.safetensors) or a stage folder.")],
+    debug: DebugOpt = False,
+) -> None:
+    """Show a checkpoint's metadata, key recipe values and final metrics."""
+    with _handled(debug):
+        from rich.table import Table
+
+        from simclr_cli.inspect_runs import checkpoint_info
+
+        table = Table("field", "value", title=str(path), show_header=False)
+        for k, v in checkpoint_info(path):
+            table.add_row(k, v)
+        _console().print(table)
+
+
+@app.command(rich_help_panel=RUNS_PANEL)
+def runs(
+    root: Annotated[Path, typer.Option("--root", help="Folder holding the runs.")] = Path("runs"),
+    debug: DebugOpt = False,
+) -> None:
+    """List the runs under ./runs: stages done, their key metrics, wall time."""
+    with _handled(debug):
+        from rich.table import Table
+
+        from simclr_cli.inspect_runs import list_runs
+
+        found = list_runs(root)
+        if not found:
+            print(f"no runs under {root}/ yet; start with: simclr pretrain quickstart")
+            return
+        table = Table("run", "stages done", "key metrics", "wall", title=f"runs under {root}/")
+        for r in found:
+            stages = ", ".join(r["stages"]) + (f" (interrupted: {', '.join(r['interrupted'])})" if r["interrupted"] else "")
+            metrics = "  ".join(f"{k} {v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}"
+                                for k, v in r["metrics"].items() if v is not None)
+            table.add_row(r["run"], stages, metrics, f"{r['wall_seconds']:.0f} s")
+        _console().print(table)
+
+
+@app.command(rich_help_panel=RUNS_PANEL)
+def export(
+    source: SourceArg = None,
+    format_: Annotated[str, typer.Option("--format", help="Export format (timm).")] = "timm",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write (default RUN/export-timm).")] = None,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Export the encoder as a timm folder: backbone-only model.safetensors + config.json."""
+    with _handled(debug):
+        from simclr_cli.errors import UsageError
+        from simclr_cli.export import export_timm
+        from simclr_cli.stages import common
+
+        if format_ != "timm":
+            raise UsageError(f"--format {format_}: only 'timm' is supported")
+        # A run directory or nothing: its pretrain encoder; a stage folder or file: that checkpoint.
+        src = common.find_source(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
+                                 say=print if _is_main_process() else (lambda *a: None))
+        target = out or src.run_dir / "export-timm"
+        config = export_timm(src.checkpoint, target, overwrite=overwrite)
+        print(f"wrote {target}/model.safetensors and config.json ({config['architecture']}, "
+              f"{config['num_features']} features)")
+        if config["simclr"]["cifar_stem"]:
+            print(f"load with: simclr_cli.export.load_timm('{target}')  (CIFAR stem)")
+        else:
+            print(f"load with: timm.create_model('{config['architecture']}', pretrained=True, num_classes=0, "
+                  f"pretrained_cfg_overlay=dict(file='{target}/model.safetensors'))")
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
 @recipes_app.command("list")
 def recipes_list() -> None:
     """List the bundled recipes."""

@@ -1,0 +1,90 @@
+"""What ``simclr info`` and ``simclr runs`` show: checkpoints' metadata and the runs under ./runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from simclr_cli.checkpoints import MODEL_FILE, read_metadata
+from simclr_cli.errors import UsageError
+from simclr_cli.recipe import parse_toml, recipe_from_dict
+from simclr_cli.stages.common import RANDOM_INIT_DIR, STAGE_DIRS
+
+# The number each stage is judged by, for the runs table.
+KEY_METRIC = {"pretrain": "knn_top1", "knn": "knn_top1", "linear_eval": "top1", "finetune": "top1",
+              "distill": "student_top1"}
+
+
+def checkpoint_info(path: Path) -> list[tuple[str, str]]:
+    """(field, value) rows for one checkpoint: metadata, key recipe values, final metrics."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise UsageError(f"{path}: no such checkpoint")
+    try:
+        meta = read_metadata(path)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{path}: not a readable safetensors file ({e})") from None
+    if "simclr.recipe" not in meta:
+        raise UsageError(f"{path}: not a simclr-cli checkpoint (no simclr.recipe metadata)")
+    r = recipe_from_dict(parse_toml(meta["simclr.recipe"], str(path)), str(path))
+    p = r.pretrain
+    rows = [
+        ("checkpoint", str(path)),
+        ("stage", meta.get("simclr.stage", "?")),
+        ("backbone", meta.get("simclr.backbone", "?") + (" (CIFAR stem)" if meta.get("simclr.cifar_stem") == "true" else "")),
+        ("feature dim", meta.get("simclr.feature_dim", "?")),
+        ("data", f"{r.data.dataset} ({r.data.root if r.data.dataset != 'synthetic' else 'built in'}), "
+                 f"train '{r.data.train_split}', {r.data.image_size} px"),
+        ("pretrain", f"{p.epochs} epochs" + (f" (max {p.max_steps} steps)" if p.max_steps else "")
+                     + f", batch {p.batch_size}, {p.optimizer} lr {p.lr:g} ({p.lr_scaling}), tau {p.temperature:g}"),
+        ("projection head", f"{r.model.proj_layers} layers, out {r.model.proj_dim}"),
+    ]
+    if "simclr.num_classes" in meta:
+        rows.append(("classifier", f"{meta['simclr.num_classes']} classes on {meta.get('simclr.head_layers', '0')} "
+                                   f"head layer(s), init {meta.get('simclr.init', '?')}"))
+    if "simclr.labels" in meta:
+        rows.append(("labels", meta["simclr.labels"]))
+    rows.append(("simclr-cli", meta.get("simclr.version", "?")))
+    summary = path.parent / "summary.json"
+    if summary.is_file():
+        data = json.loads(summary.read_text())
+        for k, v in data.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+                rows.append((k, f"{v:g}" if isinstance(v, float) else str(v)))
+    return rows
+
+
+def list_runs(root: Path = Path("runs")) -> list[dict]:
+    """One entry per run folder under ``root`` (and its random_init baselines): stages done, key
+    metrics, wall time."""
+    out = []
+    if not root.is_dir():
+        return out
+    folders = sorted(d for d in root.iterdir() if d.is_dir())
+    for run in folders:
+        for d in (run, run / RANDOM_INIT_DIR):
+            stages = {}
+            for s in STAGE_DIRS:
+                f = d / s / "summary.json"
+                if f.is_file():
+                    try:
+                        stages[s] = json.loads(f.read_text())
+                    except ValueError:
+                        stages[s] = {}
+            if not stages:
+                continue
+            interrupted = [s for s in STAGE_DIRS if (d / s / "state").is_dir() and s not in stages]
+            metrics = {s: stages[s].get(KEY_METRIC[s]) for s in stages if s in KEY_METRIC}
+            if "transfer" in stages:
+                res = stages["transfer"].get("results", {})
+                metrics["transfer"] = f"{sum(len(v) for v in res.values())} result(s)"
+            out.append({
+                "run": str(d),
+                "stages": list(stages),
+                "interrupted": interrupted,
+                "metrics": metrics,
+                "wall_seconds": round(sum(float(v.get("wall_seconds") or 0) for v in stages.values()), 1),
+            })
+    return out

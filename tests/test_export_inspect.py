@@ -1,0 +1,53 @@
+"""Export to timm (round trip: same features), simclr info and simclr runs."""
+
+import json
+
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+from simclr_cli.cli import app
+from simclr_cli.export import load_timm
+from simclr_cli.recipe import load_recipe
+from simclr_cli.stages import common, pretrain
+
+
+@pytest.mark.parametrize("cifar_stem", [False, True])
+def test_export_round_trip_gives_the_same_features(tiny_recipe_file, tmp_path, cifar_stem):
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.epochs=1",
+                                            f"model.cifar_stem={'true' if cifar_stem else 'false'}"])
+    pretrain.run(recipe, tmp_path / "run", show_progress=False)
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp")])
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert config["architecture"] == "test_resnet" and config["pretrained_cfg"]["input_size"] == [3, 16, 16]
+    assert config["simclr"]["cifar_stem"] is cifar_stem and config["num_features"] == 96
+
+    src = common.find_source(tmp_path / "run", ("pretrain",))
+    ours = common.load_encoder(src, recipe, "pretrained").backbone.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = ours(x)
+        if not cifar_stem:  # timm alone, as documented
+            plain = timm.create_model("test_resnet", pretrained=True, num_classes=0,
+                                      pretrained_cfg_overlay=dict(file=str(tmp_path / "exp" / "model.safetensors")))
+            torch.testing.assert_close(plain.eval()(x), expected)
+        torch.testing.assert_close(load_timm(tmp_path / "exp")(x), expected)
+    again = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp")])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_info_and_runs(tiny_recipe_file):
+    runner = CliRunner()
+    assert runner.invoke(app, ["runs"]).output.startswith("no runs under runs/")
+    assert runner.invoke(app, ["pretrain", str(tiny_recipe_file), "-q", "--set", "pretrain.epochs=1"]).exit_code == 0
+    assert runner.invoke(app, ["linear-eval", "-q", "--set", "linear_eval.epochs=1"]).exit_code == 0
+    r = runner.invoke(app, ["info", "runs/tiny/pretrain/model.safetensors"])
+    assert r.exit_code == 0, r.output
+    for text in ("pretrain", "test_resnet", "knn_top1", "batch 16"):
+        assert text in r.output
+    r = runner.invoke(app, ["runs"])
+    assert r.exit_code == 0 and "runs/tiny" in r.output and "linear_eval" in r.output
+    r = runner.invoke(app, ["info", "nowhere/model.safetensors"])
+    assert r.exit_code == 2 and "no such checkpoint" in r.output
