@@ -51,3 +51,30 @@ def test_info_and_runs(tiny_recipe_file):
     assert r.exit_code == 0 and "runs/tiny" in r.output and "linear_eval" in r.output
     r = runner.invoke(app, ["info", "nowhere/model.safetensors"])
     assert r.exit_code == 2 and "no such checkpoint" in r.output
+
+
+def test_plot_and_embed_write_non_empty_files(tiny_recipe_file):
+    pytest.importorskip("matplotlib")
+    runner = CliRunner()
+    assert runner.invoke(app, ["pretrain", str(tiny_recipe_file), "-q", "--set", "pretrain.epochs=2"]).exit_code == 0
+    for args in (["linear-eval", "-q", "--set", "linear_eval.epochs=1"],
+                 ["linear-eval", "-q", "--init", "random", "--set", "linear_eval.epochs=1"]):
+        assert runner.invoke(app, args).exit_code == 0
+    r = runner.invoke(app, ["plot", "--embedding"])
+    assert r.exit_code == 0, r.output
+    r2 = runner.invoke(app, ["plot", "runs/tiny", "--embedding", "--method", "tsne", "--max-points", "20"])
+    assert r2.exit_code == 0, r2.output
+    from pathlib import Path
+
+    plots = Path("runs/tiny/plots")
+    for name in ("pretrain_curves.png", "linear_eval_curves.png", "pretrained_vs_random.png", "embedding_pca.png",
+                 "embedding_tsne.png"):
+        data = (plots / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    r = runner.invoke(app, ["embed", "--data", "val"])
+    assert r.exit_code == 0, r.output
+    import numpy as np
+
+    feats = np.load("runs/tiny/embed/val.npy")
+    rows = Path("runs/tiny/embed/val.csv").read_text().splitlines()
+    assert feats.shape == (32, 96) and len(rows) == 33 and rows[0] == "row,path,label,class"

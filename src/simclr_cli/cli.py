@@ -414,6 +414,118 @@ def export(
                   f"pretrained_cfg_overlay=dict(file='{target}/model.safetensors'))")
 
 
+@app.command(rich_help_panel=RUNS_PANEL)
+def plot(
+    source: SourceArg = None,
+    embedding: Annotated[bool, typer.Option("--embedding", help="Also draw a 2-D map of h on the labeled val split, "
+                                                                "coloured by label (paper Fig. B.4).")] = False,
+    method: Annotated[str, typer.Option("--method", help="pca or tsne (for --embedding).")] = "pca",
+    max_points: Annotated[int, typer.Option("--max-points", help="Points in the embedding map (a seeded sample).")] = 2000,
+    debug: DebugOpt = False,
+) -> None:
+    """Write PNG figures into RUN/plots/: training curves, pretrained vs random init, and the embedding map."""
+    with _handled(debug):
+        from simclr_cli import plots
+        from simclr_cli.stages import common
+
+        src = common.find_source(source, ("pretrain",), say=print)
+        written = plots.plot_curves(src.run_dir)
+        cmp = plots.plot_comparison(src.run_dir)
+        written += [cmp] if cmp else []
+        if embedding:
+            written.append(_embedding_plot(src, method, max_points))
+        if not written:
+            print(f"nothing to plot in {src.run_dir} yet")
+        for p in written:
+            print(f"wrote {p}")
+
+
+def _embedding_plot(src, method: str, max_points: int):
+    import torch
+
+    from simclr_cli import plots
+    from simclr_cli.engine.setup import make_accelerator
+    from simclr_cli.evaluation.linear import predict
+    from simclr_cli.stages import common
+
+    recipe = common.inherit_recipe(src, None, [])
+    splits = common.labeled_splits(recipe)
+    g = torch.Generator().manual_seed(recipe.seed)
+    idx = sorted(torch.randperm(len(splits.test), generator=g)[:max_points].tolist())
+    accelerator = make_accelerator("no")
+    encoder = common.load_encoder(src, recipe, "pretrained").backbone.to(accelerator.device)
+    feats, labels = predict(encoder, common.eval_loader(splits.test, idx, recipe, accelerator), accelerator.device)
+    coords = plots.project_2d(feats, method, recipe.seed)
+    return plots.plot_embedding(coords, labels, splits.classes, src.run_dir / "plots" / f"embedding_{method}.png",
+                                f"{src.run_dir.name}: h on {recipe.data.val_split} ({method}, {len(idx)} images)")
+
+
+@app.command(rich_help_panel=RUNS_PANEL)
+def embed(
+    source: SourceArg = None,
+    data: Annotated[str, typer.Option("--data", help="A split of the recipe's dataset (e.g. val, train), or a folder "
+                                                     "of images (class folders or flat).")] = "val",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .npy (default RUN/embed/<data>.npy); "
+                                                                    "a .csv with paths and labels goes beside it.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Export h (the encoder's features) for a dataset to .npy, with a CSV of file paths and labels."""
+    with _handled(debug):
+        import csv
+
+        import numpy as np
+
+        from simclr_cli.data.loaders import build_source
+        from simclr_cli.engine.setup import make_accelerator
+        from simclr_cli.evaluation.linear import predict
+        from simclr_cli.stages import common
+
+        src = common.find_source(source, ("pretrain", "finetune", "distill"), say=print)
+        recipe = common.inherit_recipe(src, None, [])
+        folder = Path(data).expanduser()
+        if folder.is_dir():
+            source_images = _folder_source(folder)
+            tag = folder.name
+        else:
+            source_images = build_source(recipe.data, data, recipe.seed)
+            tag = data
+        accelerator = make_accelerator("no")
+        encoder = common.load_encoder(src, recipe, "pretrained").backbone.to(accelerator.device)
+        feats, labels = predict(encoder, common.eval_loader(source_images, None, recipe, accelerator),
+                                accelerator.device)
+        target = out or src.run_dir / "embed" / f"{tag}.npy"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, feats.numpy().astype(np.float32))
+        with target.with_suffix(".csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["row", "path", "label", "class"])
+            for i, y in enumerate(labels.tolist()):
+                name = source_images.classes[y] if 0 <= y < len(source_images.classes) else ""
+                w.writerow([i, source_images.describe(i), y, name])
+        print(f"wrote {target} {tuple(feats.shape)} and {target.with_suffix('.csv')}")
+
+
+def _folder_source(folder: Path):
+    from simclr_cli.data.transfer import FileListSource, is_image_file
+
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    for ci, c in enumerate(classes):
+        for p in sorted((folder / c).rglob("*")):
+            if is_image_file(p):
+                files.append(p)
+                labels.append(ci)
+    for p in sorted(folder.iterdir()):
+        if is_image_file(p):
+            files.append(p)
+            labels.append(-1)
+    if not files:
+        from simclr_cli.errors import DataError
+
+        raise DataError(f"{folder}: no images (looked in class folders and the folder itself)", missing=True)
+    return FileListSource(files, labels, classes, str(folder))
+
+
 def _console():
     from rich.console import Console
 
