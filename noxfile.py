@@ -19,3 +19,11 @@ def slow(session: nox.Session) -> None:
     """Slow tests (longer end-to-end runs)."""
     session.install(".[test]")
     session.run("pytest", "-m", "slow", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site (mkdocs, material theme) with warnings as errors."""
+    session.install("mkdocs-material>=9.5")
+    site = session.create_tmp() + "/site"
+    session.run("mkdocs", "build", "--strict", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
