@@ -186,3 +186,65 @@ def test_data_check_reports_and_exits_1_when_the_run_would_abort(tmp_path):
     assert "cat" in r.stdout and "min 10x12" in r.stdout
     r = invoke("data", "check", "quickstart", *common)
     assert r.exit_code == 1 and "training would stop" in r.stderr
+
+
+def test_verbose_prints_the_resolved_recipe(tiny_recipe_file):
+    from typer.testing import CliRunner as Runner
+
+    from simclr_cli.cli import app
+
+    r = Runner().invoke(app, ["--verbose", "pretrain", str(tiny_recipe_file), "-q", "--set", "pretrain.epochs=1",
+                              "--set", "pretrain.knn_every=0"])
+    assert r.exit_code == 0, r.output
+    assert "# resolved recipe" in r.output and "trust_coefficient = 0.001" in r.output  # defaults included
+
+
+def test_tensorboard_extra_missing_is_a_clear_error_before_any_work(tiny_recipe_file, monkeypatch):
+    import builtins
+
+    from typer.testing import CliRunner as Runner
+
+    from simclr_cli.cli import app
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    r = Runner().invoke(app, ["pretrain", str(tiny_recipe_file), "--set", "tensorboard=true"])
+    assert r.exit_code == 2 and "pip install 'simclr-cli[tensorboard]'" in r.output
+    import os
+
+    assert not os.path.exists("runs/tiny")  # nothing was started
+
+
+def test_tensorboard_gets_every_logged_scalar(tiny_recipe_file, monkeypatch):
+    import sys
+    import types
+
+    from simclr_cli.recipe import load_recipe
+    from simclr_cli.stages import pretrain
+
+    calls = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter
+        def __init__(self, log_dir=None):
+            calls.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    recipe = load_recipe(tiny_recipe_file, ["tensorboard=true", "pretrain.epochs=1"])
+    pretrain.run(recipe, "runs/tb", show_progress=False)
+    assert ("dir", "runs/tb/pretrain/tensorboard") in calls
+    tags = {c[0] for c in calls}
+    assert {"loss", "lr", "knn_top1", "images_per_sec"} <= tags

@@ -52,8 +52,18 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
     debug: DebugOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print the fully resolved recipe a stage runs with.")] = False,
 ) -> None:
     _debug["on"] = debug
+    _debug["verbose"] = verbose
+
+
+def _show_recipe(r) -> None:
+    """With --verbose: the resolved recipe, as the stage will record it."""
+    if _debug.get("verbose") and _is_main_process():
+        from simclr_cli.recipe import recipe_to_toml
+
+        print("# resolved recipe\n" + recipe_to_toml(r), end="")
 
 
 @contextmanager
@@ -105,6 +115,7 @@ def pretrain(
         from simclr_cli.stages import pretrain as stage
 
         r = load_recipe(recipe, set_ or [])
+        _show_recipe(r)
         summary = stage.run(r, out, resume=resume, overwrite=overwrite, force=force, show_progress=not quiet)
         if not quiet and summary is not None and _is_main_process():
             knn = summary.get("knn_top1")
@@ -149,6 +160,7 @@ def _chain_inputs(source, recipe, set_, init, wants, out, quiet):
     say = (lambda *a: None) if quiet or not _is_main_process() else print
     src = common.find_source(source, wants, required=init != "random" or (source is not None) or not recipe, say=say)
     r = common.inherit_recipe(src, recipe, set_)
+    _show_recipe(r)
     return src, r, common.output_dir(src, r, out, init)
 
 

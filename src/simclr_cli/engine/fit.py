@@ -64,6 +64,7 @@ def fit(
     resume_hint: str = "",
     interrupt_after: int | None = None,
     description: str = "",
+    tensorboard: bool = False,
 ) -> tuple[nn.Module, LoopResult, int]:
     """Train ``task`` on ``dataset``; returns (the unwrapped task, the loop result, the global batch)."""
     world = accelerator.num_processes
@@ -85,7 +86,7 @@ def fit(
         start_step, elapsed0 = int(counters["step"]), float(counters.get("elapsed", 0.0))
     # Resuming keeps the lines logged up to the saved step; a new run starts the file afresh.
     metrics_log = MetricsLog(metrics_path, enabled=accelerator.is_main_process,
-                             keep_until_step=start_step if resume else None)
+                             keep_until_step=start_step if resume else None, tensorboard=tensorboard)
     progress = ProgressDisplay(total, start_step, enabled=show_progress and accelerator.is_main_process,
                                description=f"{stage} {description}".strip())
     progress.message(f"{stage}: {len(dataset)} images, {spe} steps/epoch, {total} steps, batch {batch}"

@@ -215,6 +215,7 @@ class Recipe:
 
     name: str = _f("run", "run name; the default output folder is runs/<name>")
     seed: int = _f(0, "seed for initialization, augmentation and data order")
+    tensorboard: bool = _f(False, "also log metrics as TensorBoard events in <stage>/tensorboard (the tensorboard extra)")
     data: DataConfig = _f(DataConfig(), "data section")
     augment: AugmentConfig = _f(AugmentConfig(), "augmentation section")
     model: ModelConfig = _f(ModelConfig(), "model section")

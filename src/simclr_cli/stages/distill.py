@@ -23,6 +23,7 @@ from simclr_cli.data.augment import EvalTransform, SimCLRAugment, crop_flip_augm
 from simclr_cli.data.loaders import DistillViews, SubsetSource, build_source
 from simclr_cli.data.subsets import parse_label_spec, select_labeled
 from simclr_cli.engine.fit import FitSpec, fit
+from simclr_cli.engine.reporting import require_tensorboard
 from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
 from simclr_cli.engine.tasks import DistillTask
 from simclr_cli.errors import UsageError
@@ -55,6 +56,7 @@ def run(
 ) -> dict[str, Any]:
     """Distill ``src``'s classifier into a student; returns the summary (also ``OUT/distill/summary.json``)."""
     t_start = time.perf_counter()
+    require_tensorboard(recipe.tensorboard)
     cfg, data = recipe.distill, recipe.data
     out = Path(out_dir)
     stage_dir = out / STAGE
@@ -123,7 +125,7 @@ def run(
     task, result, batch = fit(accelerator, task, views, spec, stage=STAGE, metrics_path=stage_dir / "metrics.jsonl",
                               show_progress=show_progress, state_dir=stage_dir / STATE_DIR, resume=resume,
                               resume_hint=f"Resume with: {resume_cmd}", interrupt_after=interrupt_after,
-                              description=recipe.name)
+                              description=recipe.name, tensorboard=recipe.tensorboard)
     trained: Classifier = task.student
 
     summary: dict[str, Any] = {}

@@ -20,6 +20,7 @@ from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, prefixed_state, save_w
 from simclr_cli.data.augment import crop_flip_augment
 from simclr_cli.data.loaders import LabeledViews, SubsetSource
 from simclr_cli.data.subsets import parse_label_spec, select_labeled, write_label_list
+from simclr_cli.engine.reporting import require_tensorboard
 from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
 from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.tasks import ClassificationTask
@@ -63,6 +64,7 @@ def run(
         resume: continue from ``OUT/finetune/state``.
     """
     t_start = time.perf_counter()
+    require_tensorboard(recipe.tensorboard)
     cfg, data = recipe.finetune, recipe.data
     out = Path(out_dir)
     stage_dir = out / STAGE
@@ -109,7 +111,7 @@ def run(
     task, result, batch = fit(accelerator, ClassificationTask(model), views, spec, stage=STAGE,
                               metrics_path=stage_dir / "metrics.jsonl", show_progress=show_progress,
                               state_dir=state_dir, resume=resume, resume_hint=f"Resume with: {resume_cmd}",
-                              interrupt_after=interrupt_after, description=recipe.name)
+                              interrupt_after=interrupt_after, description=recipe.name, tensorboard=recipe.tensorboard)
     trained: Classifier = task.model
     summary: dict[str, Any] = {}
     if main:

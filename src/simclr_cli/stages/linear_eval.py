@@ -15,7 +15,7 @@ from typing import Any
 from simclr_cli.checkpoints import MODEL_FILE, prefixed_state, save_weights
 from simclr_cli.data.augment import crop_flip_augment
 from simclr_cli.data.loaders import LabeledViews, SubsetSource
-from simclr_cli.engine.reporting import MetricsLog
+from simclr_cli.engine.reporting import MetricsLog, require_tensorboard
 from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.tasks import ClassificationTask
@@ -48,6 +48,7 @@ def run(
         init: ``pretrained`` or ``random`` (the same protocol on an untrained encoder).
     """
     t_start = time.perf_counter()
+    require_tensorboard(recipe.tensorboard)
     cfg = recipe.linear_eval
     stage_dir = Path(out_dir) / STAGE
     accelerator = make_accelerator(cfg.mixed_precision, key="linear_eval.mixed_precision")
@@ -158,4 +159,4 @@ def _fit_paper(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, 
                    log_every=cfg.log_every, max_bad_fraction=data.max_bad_fraction)
     fit(accelerator, ClassificationTask(model, frozen=True), LabeledViews(train, augment, recipe.seed), spec,
         stage=STAGE, metrics_path=stage_dir / "metrics.jsonl", show_progress=show, state_dir=None,
-        description=recipe.name)
+        description=recipe.name, tensorboard=recipe.tensorboard)

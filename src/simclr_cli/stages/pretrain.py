@@ -31,7 +31,7 @@ from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import BatchedAugment
 from simclr_cli.data.loaders import ContrastiveViews, EvalImages, GlobalBatchSampler, build_source, make_loader
 from simclr_cli.engine.loop import LoopSpec, run_loop
-from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
+from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay, require_tensorboard
 from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
 from simclr_cli.engine.signals import StopRequest
 from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
@@ -71,6 +71,7 @@ def run(
         interrupt_after: for tests, stop as if SIGTERM arrived after this step.
     """
     t_start = time.perf_counter()
+    require_tensorboard(recipe.tensorboard)
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
     stage_dir = out / STAGE
     state_dir = stage_dir / STATE_DIR
@@ -141,7 +142,8 @@ def run(
     if main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
-    metrics = MetricsLog(stage_dir / "metrics.jsonl", enabled=main, keep_until_step=start_step if resume else None)
+    metrics = MetricsLog(stage_dir / "metrics.jsonl", enabled=main, keep_until_step=start_step if resume else None,
+                         tensorboard=recipe.tensorboard)
 
     # kNN monitor on h against the labeled val split.
     knn = _KnnMonitor.build(recipe, accelerator) if pcfg.knn_every else None
