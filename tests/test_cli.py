@@ -248,3 +248,19 @@ def test_tensorboard_gets_every_logged_scalar(tiny_recipe_file, monkeypatch):
     assert ("dir", "runs/tb/pretrain/tensorboard") in calls
     tags = {c[0] for c in calls}
     assert {"loss", "lr", "knn_top1", "images_per_sec"} <= tags
+
+
+def test_debug_traceback_is_plain_without_locals(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[pretrain]\nepochs = "many"\n')
+    r = subprocess.run([sys.executable, "-m", "simclr_cli", "--debug", "pretrain", str(bad)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback (most recent call last)" in r.stderr and "RecipeError" in r.stderr
+    assert "locals" not in r.stderr.lower() and "╭" not in r.stderr  # no rich frames with local variables
+
+
+def test_help_has_the_runs_panel_and_completion():
+    r = invoke("--help")
+    for name in ("Runs", "plot", "embed", "export", "info", "runs", "--install-completion", "--verbose"):
+        assert name in r.stdout, name
