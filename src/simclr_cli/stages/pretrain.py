@@ -146,7 +146,7 @@ def run(
                          tensorboard=recipe.tensorboard)
 
     # kNN monitor on h against the labeled val split.
-    knn = _KnnMonitor.build(recipe, accelerator) if pcfg.knn_every else None
+    knn = _KnnMonitor.build(recipe, accelerator, train_source) if pcfg.knn_every else None
     progress = ProgressDisplay(total, start_step, enabled=show_progress and main, description=f"pretrain {recipe.name}")
     progress.message(
         f"pretrain {recipe.name}: {len(views)} images, {spe} steps/epoch, {total} steps, global batch "
@@ -276,12 +276,15 @@ class _KnnMonitor:
         self.enabled = enabled
 
     @classmethod
-    def build(cls, recipe: Recipe, accelerator) -> "_KnnMonitor":
+    def build(cls, recipe: Recipe, accelerator, train_source=None) -> "_KnnMonitor":
+        """``train_source``: the training split already built, reused as the bank when it is the same split
+        (an in-memory image folder is then decoded once, not twice)."""
         cfg = recipe.data
         if not cfg.val_split:
             return cls(accelerator, None, None, 0, 0, 0, enabled=False)
         bank_split = cfg.train_split.split("+")[0]  # stl10 "train+unlabeled": the labeled part
-        bank = build_source(cfg, bank_split, recipe.seed)
+        same = train_source is not None and bank_split == cfg.train_split
+        bank = train_source if same else build_source(cfg, bank_split, recipe.seed)
         query = build_source(cfg, cfg.val_split, recipe.seed)
         align_classes(bank, query)
         labeled = [i for i, y in enumerate(bank.labels) if y >= 0]
