@@ -119,7 +119,9 @@ def pretrain(
         summary = stage.run(r, out, resume=resume, overwrite=overwrite, force=force, show_progress=not quiet)
         if not quiet and summary is not None and _is_main_process():
             knn = summary.get("knn_top1")
-            extra = f", kNN top-1 {knn:.2f} (random init {summary.get('knn_top1_init')})" if knn is not None else ""
+            init = summary.get("knn_top1_init")
+            extra = (f", kNN top-1 {knn:.2f}" + (f" (random init {init:.2f})" if init is not None else "")
+                     if knn is not None else "")
             print(f"done: {summary['steps']} steps, {summary['images_per_sec']:.1f} img/s{extra}")
 
 

@@ -70,3 +70,17 @@ def test_keep_newest_k_states(tmp_path):
     for step in range(1, 6):
         save_state(tmp_path / "s", model, opt, {"step": step}, keep=3)
     assert [p.name for p in complete_states(tmp_path / "s")] == [f"step-{i:09d}" for i in (3, 4, 5)]
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from simclr_cli.utils import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "summary.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o644  # not mkstemp's 0600

@@ -138,3 +138,13 @@ def test_cli_chains_with_no_arguments_and_random_baseline(tiny_recipe_file):
     assert json.loads(open("runs/tiny/knn/summary.json").read())["k"] == 5
     r = runner.invoke(app, ["linear-eval", "--on", "head:x"])
     assert r.exit_code == 2 and "expected 'h' or 'head:K'" in r.output
+
+
+def test_option_errors_come_before_output_errors_and_missing_stages_name_the_next_step(run_dir):
+    runner = CliRunner()
+    r = runner.invoke(app, ["finetune", str(run_dir), "--labels", "50%", "--set", "finetune.epochs=1", "-q"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["finetune", str(run_dir), "--labels", "150%"])  # finetune/ exists: still the real problem
+    assert r.exit_code == 2 and "the percentage must be in (0, 100]" in r.output
+    r = runner.invoke(app, ["distill"])  # no finetune checkpoint under ./runs
+    assert r.exit_code == 2 and "simclr finetune --labels" in r.output

@@ -90,7 +90,7 @@ def select_labeled(source: ImageSource, spec: LabelSpec, seed: int) -> list[int]
         wanted = frac * total
         if wanted < len(classes):
             raise UsageError(
-                f"--labels {spec.text} of {total} labeled images is {wanted:.1f} images, fewer than the "
+                f"--labels {spec.text} of {total} labeled images is {wanted:.4g} images, fewer than the "
                 f"{len(classes)} classes it must cover; use a larger percentage or '1-per-class'"
             )
         quota = {c: max(1, round(frac * len(by_class[c]))) for c in classes}

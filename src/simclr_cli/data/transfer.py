@@ -262,8 +262,7 @@ _HOW = {
 
 def _missing(name: str, root: Path, download: bool, err: Exception) -> DataError:
     how = "check the download; it failed" if download else "pass --download (needs internet) or put it there"
-    first = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return DataError(f"{name}: not found under {root} (expected {_HOW[name]}; {first}); {how}, "
+    return DataError(f"{name}: not found under {root} (expected {_HOW[name]}); {how}, "
                      "or point --root at the folder that holds it", missing=True)
 
 

@@ -62,7 +62,9 @@ def find_source(source: str | Path | None, wants: Sequence[str], *, runs_root: P
         if not found:
             if not required:
                 return None
-            raise UsageError(f"no run under ./{runs_root} has {need}; run `simclr pretrain RECIPE` first, "
+            step = {"finetune": "`simclr finetune --labels 10%` (after `simclr pretrain RECIPE`)"}.get(
+                wants[0], "`simclr pretrain RECIPE`")
+            raise UsageError(f"no run under ./{runs_root} has {need}; run {step} first, "
                              "or pass a run directory or checkpoint")
         ckpt = max(found, key=lambda p: p.stat().st_mtime)
         say(f"using {ckpt} (the newest under ./{runs_root})")

@@ -60,6 +60,10 @@ def run(
     cfg, data = recipe.distill, recipe.data
     out = Path(out_dir)
     stage_dir = out / STAGE
+    import timm
+
+    if cfg.student and not timm.is_model(cfg.student):
+        raise UsageError(f"--student {cfg.student}: not a timm model name; see timm.list_models()")
     resume_cmd = f"simclr distill {src.checkpoint} --out {out} --resume"
     common.check_output(stage_dir, STAGE, overwrite=overwrite, resume=resume, recipe=recipe, force=force,
                         resume_cmd=resume_cmd, resumable_changes=RESUMABLE_CHANGES)

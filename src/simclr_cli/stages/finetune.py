@@ -69,6 +69,7 @@ def run(
     out = Path(out_dir)
     stage_dir = out / STAGE
     state_dir = stage_dir / STATE_DIR
+    spec = parse_label_spec(cfg.labels)  # a bad --labels is reported before anything else
     resume_cmd = f"simclr finetune {src.run_dir if src else ''} --out {out} --resume".replace("  ", " ")
     common.check_output(stage_dir, STAGE, overwrite=overwrite, resume=resume, recipe=recipe, force=force,
                         resume_cmd=resume_cmd, resumable_changes=RESUMABLE_CHANGES)
@@ -76,7 +77,6 @@ def run(
     main = accelerator.is_main_process
 
     # The labeled subset.
-    spec = parse_label_spec(cfg.labels)
     splits = common.labeled_splits(recipe)
     chosen = select_labeled(splits.train, spec, recipe.seed)
     fraction = len(chosen) / len(splits.train_indices)
