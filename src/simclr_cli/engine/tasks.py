@@ -161,7 +161,7 @@ class ClassificationTask(nn.Module):
         x, y = batch["image"], batch["label"]
         if self.frozen:
             with torch.no_grad():
-                feats = self.model.encoder()(x)
+                feats = self.model.features(x)
             logits = self.model.linear(feats)
         else:
             logits = self.model(x)
@@ -195,7 +195,7 @@ class DistillTask(nn.Module):
             teacher.eval().requires_grad_(False)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.student.encoder()(x)
+        feats = self.student.features(x)
         if self.dropout > 0:
             feats = F.dropout(feats, self.dropout, self.training)
         return self.student.linear(feats)

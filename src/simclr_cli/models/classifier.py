@@ -56,6 +56,13 @@ class Classifier(nn.Module):
     def linear(self) -> nn.Linear:
         return self.head[-1]
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the linear layer sees: h, then the kept head layers (no module is built per call)."""
+        h = self.backbone(x)
+        for layer in list(self.head)[:-1]:
+            h = layer(h)
+        return h
+
     def encoder(self) -> FeatureEncoder:
         """The part below the linear layer, sharing this model's modules."""
         return FeatureEncoder(self.backbone, list(self.head)[:-1])
