@@ -235,6 +235,22 @@ def _range_pair(lo_min: float, hi_max: float | None):
     return lambda v: lo_min < v[0] <= v[1] and (hi_max is None or v[1] <= hi_max)
 
 
+def _sgd_stage_ranges(section: str, resumable: bool = True) -> dict:
+    """The checks every supervised stage section shares (batch, lr, momentum, weight decay, crop, logging)."""
+    checks = {
+        "batch_size": ("an integer >= 1", lambda v: v >= 1),
+        "lr": ("a finite number > 0", lambda v: 0 < v < float("inf")),
+        "momentum": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+        "weight_decay": ("a number >= 0", lambda v: 0 <= v < float("inf")),
+        "crop_scale": ("[lo, hi] with 0 < lo <= hi <= 1", _range_pair(0.0, 1.0)),
+        "log_every": ("an integer >= 1", lambda v: v >= 1),
+    }
+    if resumable:
+        checks["save_every"] = ("an integer >= 0", lambda v: v >= 0)
+        checks["keep_states"] = ("an integer >= 1", lambda v: v >= 1)
+    return {f"{section}.{k}": v for k, v in checks.items()}
+
+
 # Value checks applied after types: dotted key -> (what it must be, predicate).
 RANGES = {
     "data.image_size": ("an integer >= 8", lambda v: v >= 8),
@@ -278,37 +294,18 @@ RANGES = {
     "pretrain.max_nonfinite_skips": ("an integer >= 0", lambda v: v >= 0),
     "pretrain.collapse_warn": ("a number >= 0", lambda v: v >= 0),
     "linear_eval.epochs": ("an integer >= 1", lambda v: v >= 1),
-    "linear_eval.batch_size": ("an integer >= 1", lambda v: v >= 1),
-    "linear_eval.lr": ("a finite number > 0", lambda v: 0 < v < float("inf")),
-    "linear_eval.momentum": ("a number in [0, 1)", lambda v: 0 <= v < 1),
-    "linear_eval.weight_decay": ("a number >= 0", lambda v: 0 <= v < float("inf")),
-    "linear_eval.crop_scale": ("[lo, hi] with 0 < lo <= hi <= 1", _range_pair(0.0, 1.0)),
-    "linear_eval.log_every": ("an integer >= 1", lambda v: v >= 1),
+    **_sgd_stage_ranges("linear_eval", resumable=False),
     "knn.k": ("an integer >= 1", lambda v: v >= 1),
     "knn.temperature": ("a number > 0", lambda v: 0 < v < float("inf")),
     "finetune.from_head_layer": ("an integer from 0 to 3", lambda v: 0 <= v <= 3),
     "finetune.epochs": ("an integer >= 0", lambda v: v >= 0),
-    "finetune.batch_size": ("an integer >= 1", lambda v: v >= 1),
-    "finetune.lr": ("a finite number > 0", lambda v: 0 < v < float("inf")),
-    "finetune.momentum": ("a number in [0, 1)", lambda v: 0 <= v < 1),
-    "finetune.weight_decay": ("a number >= 0", lambda v: 0 <= v < float("inf")),
-    "finetune.crop_scale": ("[lo, hi] with 0 < lo <= hi <= 1", _range_pair(0.0, 1.0)),
-    "finetune.log_every": ("an integer >= 1", lambda v: v >= 1),
-    "finetune.save_every": ("an integer >= 0", lambda v: v >= 0),
-    "finetune.keep_states": ("an integer >= 1", lambda v: v >= 1),
+    **_sgd_stage_ranges("finetune"),
     "distill.temperature": ("a number > 0", lambda v: 0 < v < float("inf")),
     "distill.alpha": ("a number in [0, 1]", _prob),
     "distill.threshold": ("a probability in [0, 1]", _prob),
     "distill.dropout": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "distill.epochs": ("an integer >= 1", lambda v: v >= 1),
-    "distill.batch_size": ("an integer >= 1", lambda v: v >= 1),
-    "distill.lr": ("a finite number > 0", lambda v: 0 < v < float("inf")),
-    "distill.momentum": ("a number in [0, 1)", lambda v: 0 <= v < 1),
-    "distill.weight_decay": ("a number >= 0", lambda v: 0 <= v < float("inf")),
-    "distill.crop_scale": ("[lo, hi] with 0 < lo <= hi <= 1", _range_pair(0.0, 1.0)),
-    "distill.log_every": ("an integer >= 1", lambda v: v >= 1),
-    "distill.save_every": ("an integer >= 0", lambda v: v >= 0),
-    "distill.keep_states": ("an integer >= 1", lambda v: v >= 1),
+    **_sgd_stage_ranges("distill"),
     "transfer.image_size": ("0 or an integer >= 8", lambda v: v == 0 or v >= 8),
     "transfer.val_fraction": ("a number in (0, 1)", lambda v: 0 < v < 1),
     "transfer.max_iter": ("an integer >= 1", lambda v: v >= 1),
