@@ -95,3 +95,28 @@ def test_image_folders_decode_into_memory(tmp_path):
     bad = next(i for i in range(8) if mem.describe(i).endswith("bad.png"))
     with pytest.raises(OSError):
         mem.load(bad)
+
+
+def test_16bit_grayscale_png_decodes_to_a_gradient_not_white(tmp_path):
+    # issue 11 item 6: PIL's convert("RGB") clipped I;16 to 255, so a 16-bit PNG came out almost white
+    import numpy as np
+    from PIL import Image
+
+    from simclr_cli.data.sources import read_image
+
+    ramp = np.linspace(0, 65535, 256).round().astype(np.uint16)
+    Image.fromarray(np.tile(ramp, (4, 1))).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")  # really a 16-bit file
+    img = read_image(tmp_path / "g16.png")
+    assert img.dtype == torch.uint8 and img.shape == (3, 4, 256)
+    assert torch.equal(img[0], img[1]) and torch.equal(img[0], img[2])
+    row = img[0, 0].long()
+    assert row[0] == 0 and row[-1] == 255 and (row.diff() >= 0).all()
+    expected = torch.from_numpy(np.rint(ramp / 257.0)).long()
+    assert (row - expected).abs().max() <= 1
+    assert (img == 255).float().mean() < 0.01  # not white
+    # 32-bit 'I' beyond 16 bits: scaled by the image's own range
+    Image.fromarray(np.tile(np.arange(0, 256 * 1000, 1000, dtype=np.int32), (2, 1))).save(tmp_path / "i32.tif")
+    wide = read_image(tmp_path / "i32.tif")[0, 0].long()
+    assert wide[0] == 0 and wide[-1] == 255 and (wide.diff() >= 0).all()

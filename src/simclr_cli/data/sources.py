@@ -58,14 +58,46 @@ class TensorSource:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """Decode any PIL-readable image to uint8 RGB (3, H, W); grayscale, palette, CMYK and alpha become RGB."""
+    """Decode any PIL-readable image to uint8 RGB (3, H, W); grayscale, palette, CMYK and alpha become RGB.
+
+    This is the one decoder every source uses. High-bit-depth grayscale is scaled, not clipped
+    (PIL's own ``convert`` clips it to 255, turning a 16-bit image almost white): see :func:`to_8bit`.
+    """
     from PIL import Image
 
     with Image.open(path) as img:
         img.draft("RGB", (img.width, img.height))  # lets JPEG decode straight to RGB
-        rgb = img.convert("RGB")
-        arr = np.asarray(rgb, dtype=np.uint8)
+        if img.mode in _WIDE_MODES:
+            gray = to_8bit(np.asarray(img), img.mode)
+            arr = np.repeat(gray[:, :, None], 3, axis=2)
+        else:
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8bit(arr: np.ndarray, mode: str) -> np.ndarray:
+    """A high-bit-depth grayscale array (PIL modes I;16*, I, F) as uint8, scaled rather than clipped.
+
+    * 16-bit (I;16, I;16B, ...) and 32-bit integer 'I' whose values fit 0..65535 (how PIL opens most
+      16-bit PNG/TIFF files): ``round(v / 257)``, so 0 -> 0 and 65535 -> 255 (the full 16-bit scale;
+      a dark image stays dark).
+    * 'I' with values outside 0..65535, and float 'F' outside [0, 1]: scaled linearly from the image's
+      own min..max to 0..255 (no fixed scale is known). 'F' within [0, 1]: ``round(v * 255)``.
+    """
+    a = arr.astype(np.float64)
+    if a.size == 0:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    lo, hi = float(a.min()), float(a.max())
+    if mode == "F" and 0.0 <= lo and hi <= 1.0:
+        a = a * 255.0
+    elif mode != "F" and 0.0 <= lo and hi <= 65535.0:
+        a = a / 257.0
+    else:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
 class ImageFolderSource:
