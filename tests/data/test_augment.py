@@ -120,3 +120,24 @@ def test_synthetic_is_deterministic_labeled_and_split_disjoint():
     assert torch.equal(a.images, b.images)
     assert not torch.equal(a.images, v.images)
     assert a.labels == [i % 10 for i in range(20)] and len(a.classes) == 10
+
+
+def test_eval_transform_resizes_to_size_over_0875_even_when_the_short_side_is_size():
+    # issue 11 item 7: a 224-short-side image skipped the resize to 256 and was cropped at 224 directly
+    from torchvision.transforms.v2 import functional as TF
+
+    img = torch.randint(0, 256, (3, 224, 300), dtype=torch.uint8)
+    expected = TF.center_crop(TF.resize(img, [256], antialias=True), [224, 224])
+    torch.testing.assert_close(EvalTransform(224, MEAN, STD)(img), (expected.float() / 255 - 0.5) / 0.25)
+    # an image already at 256 is only center cropped
+    big = torch.randint(0, 256, (3, 256, 256), dtype=torch.uint8)
+    torch.testing.assert_close(EvalTransform(224, MEAN, STD)(big), (TF.center_crop(big, [224, 224]).float() / 255 - 0.5) / 0.25)
+    # CIFAR-style sizes (<= 64) use the whole image: raw at its size, otherwise short side resized to size
+    small = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(EvalTransform(32, MEAN, STD)(small), (small.float() / 255 - 0.5) / 0.25)
+    stl = torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8)
+    torch.testing.assert_close(EvalTransform(32, MEAN, STD)(stl),
+                               (TF.resize(stl, [32], antialias=True).float() / 255 - 0.5) / 0.25)
+    from simclr_cli.data.augment import eval_crop_pct
+
+    assert eval_crop_pct(32) == eval_crop_pct(64) == 1.0 and eval_crop_pct(96) == eval_crop_pct(224) == 0.875

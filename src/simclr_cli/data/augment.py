@@ -123,21 +123,39 @@ class SimCLRAugment:
         return self.apply(img, self.sample(g, img.shape[-2], img.shape[-1]))
 
 
-class EvalTransform:
-    """No augmentation: center crop at ``size`` (resizing the shorter side first when it differs), normalize.
+# Evaluation crop fraction: the paper's "resize to 256, center crop 224" (0.875) for real-size images; small
+# (CIFAR-style) image sizes use the whole image (SIMCLR.md: "CIFAR: the raw 32 px"). The exported timm
+# config (export.py, crop_pct) follows the same rule, so timm's eval transform matches this one.
+SMALL_EVAL_SIZE = 64  # image_size at or below this: crop_pct 1.0
+EVAL_CROP_PCT = 0.875
 
-    CIFAR-size images at their own size pass through unchanged, as in the paper's
-    CIFAR protocol; larger images get the usual resize to size/0.875 then center crop.
+
+def eval_crop_pct(size: int) -> float:
+    """The fraction of the resized short side that the evaluation center crop keeps at ``size``."""
+    return 1.0 if size <= SMALL_EVAL_SIZE else EVAL_CROP_PCT
+
+
+class EvalTransform:
+    """No augmentation: resize the shorter side to ``size / crop_pct``, center crop ``size``, normalize.
+
+    The rule depends on the target ``size`` only, never on the image (see :func:`eval_crop_pct`):
+
+    * ``size`` > 64 (ImageNet-style): the short side is always resized to ``round(size / 0.875)``
+      (256 for 224) and the center ``size`` x ``size`` is kept, also when the short side already is ``size``.
+    * ``size`` <= 64 (CIFAR/STL-style small images): the whole image, its short side resized to
+      ``size`` when it differs, then center cropped; an image already at ``size`` passes through raw
+      (the paper's CIFAR protocol).
     """
 
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.size = size
+        self.resize_to = int(round(size / eval_crop_pct(size)))
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        if min(img.shape[-2:]) != self.size:
-            img = TF.resize(img, [int(round(self.size / 0.875))], antialias=True)
+        if min(img.shape[-2:]) != self.resize_to:
+            img = TF.resize(img, [self.resize_to], antialias=True)
         img = TF.center_crop(img, [self.size, self.size])
         return (img.float().div_(255) - self.mean) / self.std
 
