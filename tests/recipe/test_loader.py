@@ -163,3 +163,34 @@ def test_docs_recipe_reference_is_generated_from_the_schema():
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
     assert doc.read_text() == recipe_reference(), "regenerate: python -m simclr_cli.recipe.reference > docs/recipes.md"
+
+
+@pytest.mark.parametrize("name", ["", " ", ".", "..", "../x", "/abs/run", "a/b", "a\\b"])
+def test_name_must_be_one_folder_name_inside_runs(name):
+    # issue 11 item 11: name= wrote runs/pretrain, ../x and absolute names escaped runs/
+    with pytest.raises(RecipeError) as e:
+        load_recipe("quickstart", [f"name={name}"])
+    assert "'name' must be a folder name" in str(e.value) and "--set name=" in str(e.value)
+    assert load_recipe("quickstart", ["name=my-run_2.b"]).name == "my-run_2.b"
+
+
+def test_seed_must_fit_in_64_bits(tmp_path):
+    # issue 11 item 12: a seed past int64 validated, then crashed torch.manual_seed at run time
+    with pytest.raises(RecipeError, match=r"r.toml: 'seed' must be an integer from -2\*\*63 to 2\*\*63 - 1"):
+        load_recipe(_write(tmp_path, "seed = 9223372036854775808\n"))
+    with pytest.raises(RecipeError, match="'seed' must be"):
+        load_recipe("quickstart", ["seed=-9223372036854775809"])
+    assert load_recipe("quickstart", ["seed=9223372036854775807"]).seed == 2**63 - 1
+
+
+def test_utf8_bom_is_accepted_and_other_encodings_are_named(tmp_path):
+    # issue 11 item 12: a BOM was an "invalid statement", non-UTF-8 a raw UnicodeDecodeError (exit 1)
+    p = tmp_path / "bom.toml"
+    p.write_bytes(b'\xef\xbb\xbfname = "bom"\n[pretrain]\nepochs = 3\n')
+    r = load_recipe(p)
+    assert (r.name, r.pretrain.epochs) == ("bom", 3)
+    p = tmp_path / "latin1.toml"
+    p.write_bytes('name = "x"\n# caf\u00e9\n'.encode("latin-1"))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert str(p) in str(e.value) and "not UTF-8" in str(e.value) and "line 2" in str(e.value)

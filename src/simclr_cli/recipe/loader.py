@@ -64,9 +64,15 @@ def load_recipe(arg: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe
 
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark (Windows editors) is accepted and dropped
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+                          "TOML recipes must be UTF-8: save the file as UTF-8") from None
     return parse_toml(text, source=str(path))
 
 

@@ -251,8 +251,16 @@ def _sgd_stage_ranges(section: str, resumable: bool = True) -> dict:
     return {f"{section}.{k}": v for k, v in checks.items()}
 
 
+def _folder_name(v: str) -> bool:
+    """One plain path component: the run folder is runs/<name>, so no separators, no '.' or '..'."""
+    return bool(v.strip()) and v not in (".", "..") and not any(c in v for c in "/\\\0")
+
+
 # Value checks applied after types: dotted key -> (what it must be, predicate).
 RANGES = {
+    "name": ("a folder name (not empty, no '/' or '\\', not '.' or '..'), since runs go to runs/<name>",
+             _folder_name),
+    "seed": ("an integer from -2**63 to 2**63 - 1 (64-bit)", lambda v: -(2**63) <= v < 2**63),
     "data.image_size": ("an integer >= 8", lambda v: v >= 8),
     "data.num_workers": ("an integer >= 0", lambda v: v >= 0),
     "data.max_bad_fraction": ("a number in [0, 1]", _prob),
