@@ -95,3 +95,44 @@ def test_unknown_and_missing_datasets():
         load_transfer("imagenet21k", "/nowhere")
     with pytest.raises(DataError, match="dtd: not found under /nowhere.*--download"):
         load_transfer("dtd", "/nowhere")
+
+
+def _voc_xml(path, objects):
+    body = "".join(f"<object><name>{n}</name><difficult>{int(d)}</difficult></object>" for n, d in objects)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<annotation><filename>{path.stem}.jpg</filename>{body}</annotation>")
+
+
+def test_voc2007_difficult_only_classes_are_ignored_not_positive(tmp_path):
+    # issue 11 item 7: the devkit leaves an image whose only objects of class c are difficult out of c's AP
+    import torch
+
+    from simclr_cli.data.transfer import VOC_CLASSES
+    from simclr_cli.evaluation.metrics import map_11point
+
+    voc = tmp_path / "VOCdevkit" / "VOC2007"
+    objects = {
+        "000001": [("dog", False), ("cat", True)],  # cat only difficult: ignore
+        "000002": [("cat", True), ("cat", False)],  # a non-difficult cat too: positive
+        "000003": [("person", False)],
+        "000004": [("dog", True)],
+        "000005": [("car", False)],
+    }
+    for name, objs in objects.items():
+        _voc_xml(voc / "Annotations" / f"{name}.xml", objs)
+        _img(voc / "JPEGImages" / f"{name}.jpg")
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    for split in ("trainval", "test"):
+        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(objects) + "\n")
+    data = load_transfer("voc2007", str(tmp_path))
+    t = data.test.targets
+    cat, dog, person = (VOC_CLASSES.index(c) for c in ("cat", "dog", "person"))
+    assert t[:, cat].tolist() == [-1, 1, 0, 0, 0]
+    assert t[:, dog].tolist() == [1, 0, 0, -1, 0]
+    assert t[:, person].tolist() == [0, 0, 1, 0, 0]
+    # the metric leaves ignored entries out: a difficult-only image ranked first costs nothing
+    scores = torch.zeros(5, len(VOC_CLASSES))
+    scores[:, cat] = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.3])
+    only_cat = torch.zeros_like(t)
+    only_cat[:, cat] = t[:, cat]
+    assert map_11point(scores, only_cat) == pytest.approx(100.0)

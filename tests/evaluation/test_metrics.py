@@ -54,3 +54,19 @@ def test_multilabel_logistic():
     targets = torch.stack([(x[:, 0] > 0), (x[:, 1] > 0)], 1).long()
     model = fit_logistic(x, targets, 2, 1e-4, multilabel=True)
     assert map_11point(model.scores(x), targets) > 95
+
+
+def test_map_and_multilabel_fit_ignore_minus_one_targets():
+    # issue 11 item 7 (VOC "difficult"): -1 is neither positive nor negative
+    scores = torch.tensor([[0.9], [0.8], [0.7], [0.6]])
+    assert map_11point(scores, torch.tensor([[-1], [1], [1], [0]])) == pytest.approx(100.0)
+    assert map_11point(scores, torch.tensor([[0], [1], [1], [0]])) < 100.0
+    # the fit leaves -1 entries out of its loss: the kept rows twice, once with every target -1, fit like the
+    # kept rows alone (same mean; the loss is divided by 2N instead of N, so l2 doubles for the same minimizer)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(100, 3, generator=g)
+    y = (x[:, :1] + 0.5 * torch.randn(100, 1, generator=g) > 0).long()
+    a = fit_logistic(torch.cat([x, x]), torch.cat([y, torch.full_like(y, -1)]), 1, 1e-2, multilabel=True)
+    b = fit_logistic(x, y, 1, 2e-2, multilabel=True)
+    assert torch.isfinite(a.weight).all()
+    torch.testing.assert_close(a.scores(x), b.scores(x), atol=0.05, rtol=0.02)  # std differs by (N-1)/N only

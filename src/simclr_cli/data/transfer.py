@@ -314,17 +314,37 @@ def _wrap(name: str, ds, split: str) -> FileListSource:
     return FileListSource(files, labels, classes, f"{name}:{split}")
 
 
+VOC_IGNORE = -1  # a target entry that counts neither as positive nor as negative
+
+
+def voc_targets(annotations: list[str] | list[Path]) -> torch.Tensor:
+    """(N, 20) targets from VOC annotation XML files, as the devkit reads them.
+
+    1: the image has a non-difficult object of the class; -1 (:data:`VOC_IGNORE`): its only objects
+    of the class are marked ``<difficult>1</difficult>`` (the devkit leaves such an image out of that
+    class's AP; the linear fit leaves the entry out of its loss); 0: no object of the class.
+    """
+    targets = torch.zeros(len(annotations), len(VOC_CLASSES))
+    for i, xml in enumerate(annotations):
+        for obj in ET.parse(xml).getroot().iter("object"):
+            c = VOC_CLASSES.index(obj.findtext("name").strip())
+            if (obj.findtext("difficult") or "0").strip() == "1":
+                if targets[i, c] == 0:
+                    targets[i, c] = VOC_IGNORE
+            else:
+                targets[i, c] = 1
+    return targets
+
+
 def _voc(root: Path, download: bool):
-    """VOC2007 classification: trainval / test, multi-label from the object annotations (difficult ones included)."""
+    """VOC2007 classification: trainval / test, multi-label from the object annotations (see :func:`voc_targets`:
+    classes present only as difficult objects are ignored, as in the devkit)."""
     from torchvision import datasets
 
     parts = []
     for image_set in ("trainval", "test"):
         ds = datasets.VOCDetection(str(root), year="2007", image_set=image_set, download=download)
-        targets = torch.zeros(len(ds.images), len(VOC_CLASSES))
-        for i, xml in enumerate(ds.annotations):
-            for obj in ET.parse(xml).getroot().iter("object"):
-                targets[i, VOC_CLASSES.index(obj.findtext("name").strip())] = 1
+        targets = voc_targets(ds.annotations)
         parts.append(FileListSource(list(ds.images), list(range(len(ds.images))), list(VOC_CLASSES),
                                     f"voc2007:{image_set}", targets=targets))
     trainval, test = parts

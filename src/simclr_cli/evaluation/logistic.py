@@ -36,7 +36,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
                  max_iter: int = 500, init: LogisticModel | None = None) -> LogisticModel:
     """Minimize mean cross-entropy (softmax, or per-class sigmoid when ``multilabel``) + l2/2 ||W||^2.
 
-    ``y``: class indices (N,), or (N, C) 0/1 targets when multilabel. ``init`` warm-starts the solver.
+    ``y``: class indices (N,), or (N, C) 0/1 targets when multilabel (-1: ignored). ``init`` warm-starts the solver.
     """
     x = x.float()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -52,7 +52,9 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
         opt.zero_grad()
         logits = xs @ w.T + b
         if multilabel:
-            loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(xs)
+            # Entries marked -1 (VOC "difficult only") are neither positive nor negative: left out.
+            loss = F.binary_cross_entropy_with_logits(logits, target.clamp(min=0), weight=(target >= 0).float(),
+                                                      reduction="sum") / len(xs)
         else:
             loss = F.cross_entropy(logits, target)
         loss = loss + 0.5 * l2 * (w * w).sum()

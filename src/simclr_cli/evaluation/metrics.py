@@ -33,14 +33,22 @@ def average_precision_11point(scores: torch.Tensor, positives: torch.Tensor) -> 
 
 
 def map_11point(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean over classes with at least one positive of the 11-point AP, in percent."""
-    aps = [average_precision_11point(scores[:, c], targets[:, c] > 0) for c in range(targets.shape[1])
-           if targets[:, c].sum() > 0]
+    """Mean over classes with at least one positive of the 11-point AP, in percent.
+
+    ``targets``: (N, C) with 1 positive, 0 negative and any negative value (-1) "ignore": as in the
+    VOC devkit, an image whose only objects of class c are difficult is left out of c's AP.
+    """
+    aps = []
+    for c in range(targets.shape[1]):
+        keep = targets[:, c] >= 0
+        positives = targets[keep, c] > 0
+        if positives.any():
+            aps.append(average_precision_11point(scores[keep, c], positives))
     return 100.0 * sum(aps) / len(aps)
 
 
 def score(metric: str, scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """``metric`` is 'top1', 'mean_per_class' or 'map11' (labels are then the (N, C) multi-hot targets)."""
+    """``metric`` is 'top1', 'mean_per_class' or 'map11' (labels are then the (N, C) targets: 1, 0, or -1 to ignore)."""
     if metric == "top1":
         return top1(scores, labels)
     if metric == "mean_per_class":
