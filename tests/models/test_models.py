@@ -42,3 +42,43 @@ def test_simclr_model_returns_h_and_z():
     model = build_simclr_model(ModelConfig(backbone="test_resnet", proj_layers=2, proj_dim=16))
     h, z = model(torch.randn(2, 3, 32, 32))
     assert h.shape == (2, timm.create_model("test_resnet", num_classes=0).num_features) and z.shape == (2, 16)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_bf16_weight_gradient_of_a_conv_larger_than_its_input_is_right(threads):
+    """Issue 11 item 0: on CPU with >= 2 threads, oneDNN's bf16 weight gradient of a 3x3 stride-2 conv
+    on a 1x1 map (a ResNet's layer4 at 16 px) was garbage (up to inf), and bf16 pretraining stopped
+    at step 1-3. Backbone convs now run such a conv in float32 under autocast."""
+    from simclr_cli.models import create_backbone
+
+    backbone = create_backbone("test_resnet")
+    conv = backbone.layer4[0].conv1
+    assert conv.kernel_size == (3, 3) and conv.stride == (2, 2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, conv.in_channels, 1, 1, generator=g)
+    grad_out = torch.randn(32, conv.out_channels, 1, 1, generator=g)
+    conv.weight.grad = None
+    conv(x).backward(grad_out)
+    ref = conv.weight.grad.clone()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(3):
+            conv.weight.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = conv(x)
+            assert out.dtype == torch.bfloat16
+            out.float().backward(grad_out)
+            assert torch.isfinite(conv.weight.grad).all()
+            assert (conv.weight.grad - ref).abs().max() <= 1e-2 * ref.abs().max()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_padded_conv_guard_keeps_state_dict_keys():
+    from simclr_cli.models import create_backbone
+    import timm
+
+    ours = create_backbone("test_resnet")
+    plain = timm.create_model("test_resnet", num_classes=0)
+    assert list(ours.state_dict()) == list(plain.state_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import timm
+import torch
 from torch import nn
 
 from simclr_cli.errors import UsageError
@@ -25,6 +26,32 @@ def create_backbone(name: str, *, cifar_stem: bool = False, pretrained: bool = F
     model = timm.create_model(name, num_classes=0, pretrained=pretrained)
     if cifar_stem:
         apply_cifar_stem(model, name)
+    return guard_padded_convs(model)
+
+
+class PaddedSafeConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that runs in float32 under CPU bf16 autocast when its input is smaller than its kernel.
+
+    oneDNN's bf16 weight-gradient kernel on CPU returns garbage (values up to 1e37, or inf) for a
+    kernel larger than its input (e.g. a 3x3 stride-2 conv on a 1x1 map, the first conv of a
+    ResNet's last stage at 16 px) when it runs on 2 or more threads. Such a conv is almost all
+    padding and costs next to nothing, so it runs in float32 and returns the autocast dtype.
+    Same parameters and state_dict keys as ``nn.Conv2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and (x.shape[-2] < self.kernel_size[0] or x.shape[-1] < self.kernel_size[1])):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float()).to(torch.get_autocast_dtype("cpu"))
+        return super().forward(x)
+
+
+def guard_padded_convs(model: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Conv2d`` of ``model`` a :class:`PaddedSafeConv2d`, in place (nothing else changes)."""
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = PaddedSafeConv2d
     return model
 
 
@@ -39,7 +66,8 @@ def apply_cifar_stem(model: nn.Module, name: str = "") -> nn.Module:
     if conv1 is None or not hasattr(model, "maxpool"):
         raise UsageError(f"model.cifar_stem is for ResNet-family backbones (conv1 + maxpool); '{name}' has none")
     if isinstance(conv1, nn.Conv2d):
-        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.conv1 = PaddedSafeConv2d(conv1.in_channels, conv1.out_channels, kernel_size=3, stride=1, padding=1,
+                                       bias=False)
     elif isinstance(conv1, nn.Sequential) and isinstance(conv1[0], nn.Conv2d):
         conv1[0].stride = (1, 1)
     else:
