@@ -63,3 +63,76 @@ def test_pretrain_with_micro_batches_runs(tiny_recipe_file, tmp_path):
     recipe = load_recipe(tiny_recipe_file, ["pretrain.micro_batch_size=4", "pretrain.epochs=1", "pretrain.knn_every=0"])
     summary = pretrain.run(recipe, tmp_path / "r", show_progress=False)
     assert summary["steps"] == 4 and summary["final_loss"] == summary["final_loss"]
+
+
+class _Recorder(torch.nn.Module):
+    """(h, z) = (x, x) for flat 'images'; records what each forward call saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x[:, 0].tolist())
+        z = torch.cat([x * self.w, torch.ones_like(x)], dim=1)
+        return x, z
+
+
+@pytest.mark.parametrize("n, micro", [(8, 4), (8, 3), (10, 2), (5, 1)])
+def test_grad_cache_chunks_never_hold_both_views_of_an_image(n, micro):
+    """Issue 11 item 4: a chunk holding both views of its images leaks BN statistics between positives."""
+    model = _Recorder()
+    task = GradCacheContrastiveTask(model, "nt_xent", 0.5, 0.5, micro_batch_size=micro)
+    batch = {"view1": torch.arange(n, dtype=torch.float32)[:, None], "view2": 1000 + torch.arange(n, dtype=torch.float32)[:, None]}
+    task.forward_backward(batch, Accelerator(cpu=True))
+    assert len(model.seen) == 2 * -(-n // micro)  # both passes, one call per chunk
+    for seen in model.seen:
+        ids = [int(v) for v in seen]
+        assert not set(i for i in ids if i < 1000) & set(i - 1000 for i in ids if i >= 1000), ids
+    first = model.seen[: len(model.seen) // 2]
+    assert sorted(int(v) for c in first for v in c) == [*range(n), *range(1000, 1000 + n)]  # every view once
+
+
+def test_grad_cache_with_bn_equals_per_chunk_bn_in_float64():
+    """With BN the gradient cache equals the full-batch loss whose BN statistics come from its chunks."""
+    torch.manual_seed(0)
+    model = build_simclr_model(ModelConfig(backbone="test_resnet", proj_layers=3, proj_dim=16)).double()
+    g = torch.Generator().manual_seed(1)
+    n, micro = 9, 4
+    x1, x2 = (torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    task = GradCacheContrastiveTask(model, "nt_xent", 0.2, 0.5, micro_batch_size=micro)
+    _, cached = _grads(task, {"view1": x1, "view2": x2}, use_cache=True)
+    # the reference: the same chunks, with gradients all the way, one loss over every embedding
+    model.zero_grad()
+    z1, z2 = [None] * 3, [None] * 3
+    chunks = GradCacheContrastiveTask.chunks(n, micro)
+    for k, ((a1, b1), (a2, b2)) in enumerate(chunks):
+        _, z = model(torch.cat([x1[a1:b1], x2[a2:b2]]))
+        z1[k], z2[(k + 1) % 3] = z[: b1 - a1], z[b1 - a1:]
+    from simclr_cli.losses.contrastive import nt_xent
+
+    nt_xent(torch.cat(z1), torch.cat(z2), 0.2).backward()
+    ref = {name: p.grad.clone() for name, p in task.named_parameters() if p.grad is not None}
+    assert ref.keys() == cached.keys() and len(ref) > 10
+    for name in ref:
+        torch.testing.assert_close(cached[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_grad_cache_moves_bn_running_stats_once_per_step():
+    """num_batches_tracked counts steps, and the running mean moves by momentum x the chunks' mean."""
+    torch.manual_seed(0)
+    model = build_simclr_model(ModelConfig(backbone="test_resnet", proj_layers=2, proj_dim=8))
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    task = GradCacheContrastiveTask(model, "nt_xent", 0.5, 0.5, micro_batch_size=2)
+    x1, x2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    inputs = []
+    hook = bn.register_forward_hook(lambda mod, inp, out: inputs.append(inp[0].detach().clone()))
+    before_mean, before_count = bn.running_mean.clone(), bn.num_batches_tracked.item()
+    task.forward_backward({"view1": x1, "view2": x2}, Accelerator(cpu=True))
+    hook.remove()
+    assert bn.num_batches_tracked.item() == before_count + 1
+    second_pass = inputs[3:]  # 3 chunks, two passes
+    chunk_means = torch.stack([x.mean(dim=(0, 2, 3)) for x in second_pass]).mean(0)
+    expected = (1 - bn.momentum) * before_mean + bn.momentum * chunk_means
+    torch.testing.assert_close(bn.running_mean, expected, rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from simclr_cli.engine.tasks import global_z_std
 from simclr_cli.losses.contrastive import nt_xent
 
 
@@ -19,6 +20,7 @@ def main() -> None:
     b = z2_full.clone().requires_grad_()
     ref = nt_xent(a, b, 0.3)
     ref.backward()
+    ref_z_std = global_z_std(torch.cat([z1_full, z2_full])).item()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = slice(rank * n // world, (rank + 1) * n // world)
@@ -27,6 +29,7 @@ def main() -> None:
     loss = nt_xent(z1, z2, 0.3)
     loss.backward()
     # DDP averages parameter gradients over processes; do the same here.
+    z_std = global_z_std(torch.cat([z1, z2])).item()
     local = torch.stack([loss.detach().double()])
     dist.all_reduce(local)
     grads = [torch.cat([z1.grad, z2.grad]) / world]
@@ -39,7 +42,8 @@ def main() -> None:
                            rtol=1e-5, atol=1e-7)
             for r in range(world)
         )
-        json.dump({"loss_2proc": local.item() / world, "loss_1proc": ref.item(), "grad_ok": ok_grad}, open(sys.argv[1], "w"))
+        json.dump({"loss_2proc": local.item() / world, "loss_1proc": ref.item(), "grad_ok": ok_grad,
+                   "z_std_2proc": z_std, "z_std_1proc": ref_z_std}, open(sys.argv[1], "w"))
     dist.destroy_process_group()
 
 

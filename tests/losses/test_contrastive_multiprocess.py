@@ -20,3 +20,5 @@ def test_nt_xent_two_processes_equal_one(tmp_path):
     result = json.loads(out.read_text())
     assert result["loss_2proc"] == pytest.approx(result["loss_1proc"], rel=1e-6)
     assert result["grad_ok"]
+    # issue 11 item 7: the logged z_std is the global batch's, not a per-process mean
+    assert result["z_std_2proc"] == pytest.approx(result["z_std_1proc"], rel=1e-5)

@@ -82,3 +82,24 @@ def test_padded_conv_guard_keeps_state_dict_keys():
     ours = create_backbone("test_resnet")
     plain = timm.create_model("test_resnet", num_classes=0)
     assert list(ours.state_dict()) == list(plain.state_dict())
+
+
+def test_v2_head_last_bn_has_no_learned_shift(tiny_recipe_file, tmp_path):
+    """Issue 11 item 7: the reference's last head layer is BN with center=False (scale, no shift)."""
+    from safetensors.torch import load_file
+
+    from simclr_cli.recipe import load_recipe
+    from simclr_cli.stages import pretrain
+
+    head = projection_head(8, 3, 8, 4)
+    last_bn = head[2][1]
+    assert not last_bn.bias.requires_grad and last_bn.weight.requires_grad
+    recipe = load_recipe(tiny_recipe_file, ["model.proj_layers=3", "pretrain.epochs=1", "pretrain.knn_every=0"])
+    pretrain.run(recipe, tmp_path / "r", show_progress=False)
+    weights = load_file(tmp_path / "r" / "pretrain" / "model.safetensors")
+    assert torch.count_nonzero(weights["head.2.1.bias"]) == 0
+    assert not torch.equal(weights["head.2.1.weight"], torch.ones_like(weights["head.2.1.weight"]))  # the scale trains
+    # a checkpoint written with a learned shift still loads strictly
+    state = head.state_dict()
+    state["2.1.bias"] = torch.full_like(state["2.1.bias"], 0.5)
+    head.load_state_dict(state, strict=True)

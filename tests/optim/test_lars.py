@@ -75,3 +75,12 @@ def test_warmup_then_cosine():
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
     assert warmup_cosine(total, total, warm) == pytest.approx(0.0)
     assert warmup_cosine(0, 10, 0) == pytest.approx(1.0)
+
+
+def test_warmup_is_step_plus_one_over_w_and_the_docstring_says_how_the_reference_differs():
+    """Issue 11 item 7: the docstring claimed the reference uses (step + 1) / W; it uses step / W."""
+    w = 4
+    assert [warmup_cosine(s, 100, w) for s in range(w)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    doc = " ".join(warmup_cosine.__doc__.split())
+    assert "(step + 1) / warmup_steps" in doc and "uses ``step / warmup_steps``" in doc
+    assert "as in the reference" not in doc

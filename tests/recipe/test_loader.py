@@ -194,3 +194,13 @@ def test_utf8_bom_is_accepted_and_other_encodings_are_named(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(p)
     assert str(p) in str(e.value) and "not UTF-8" in str(e.value) and "line 2" in str(e.value)
+
+
+def test_bundled_recipes_use_one_knn_protocol_for_the_monitor_and_the_stage():
+    """Issue 11 item 7: imagenet's `simclr knn` used tau 0.1 while its monitor used 0.07."""
+    from simclr_cli.recipe import bundled_recipe_names, load_recipe
+
+    for name in bundled_recipe_names():
+        r = load_recipe(name)
+        assert r.knn.temperature == r.pretrain.knn_temperature, name
+        assert r.knn.k == r.pretrain.knn_k, name

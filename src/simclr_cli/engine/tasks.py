@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simclr_cli.dist import world_size
 from simclr_cli.losses.contrastive import contrastive_loss
 
 
@@ -47,9 +48,25 @@ class ContrastiveTask(nn.Module):
         _, z = self.model(x)
         z1, z2 = z.chunk(2, dim=0)
         loss = contrastive_loss(self.loss_name, z1, z2, temperature=self.temperature, margin=self.margin)
-        with torch.no_grad():
-            z_std = F.normalize(z.float(), dim=1).std(dim=0).mean()
+        z_std = global_z_std(z)
         return {"loss": loss, "z_std": z_std, "z_std_ratio": z_std * z.shape[1] ** 0.5}
+
+
+@torch.no_grad()
+def global_z_std(z: torch.Tensor) -> torch.Tensor:
+    """Std of L2-normalized z over the global batch (all processes), averaged over dimensions.
+
+    Computed from all-reduced sums, so every process returns the same value: the global
+    batch's, not a mean of per-process stds. About 1/sqrt(d) when healthy, 0 on collapse.
+    """
+    zn = F.normalize(z.detach().float(), dim=1)
+    d = zn.shape[1]
+    stats = torch.cat([zn.sum(0), (zn * zn).sum(0), zn.new_tensor([zn.shape[0]])])
+    if world_size() > 1:
+        torch.distributed.all_reduce(stats)
+    s, s2, n = stats[:d], stats[d:2 * d], stats[-1]
+    var = (s2 - s * s / n) / (n - 1).clamp_min(1)
+    return var.clamp_min(0).sqrt().mean()
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -63,23 +80,33 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _bn_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(b, b.detach().clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            for b in m.buffers()]
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats and m.running_mean is not None]
 
 
 class GradCacheContrastiveTask(ContrastiveTask):
-    """The same objective with the gradient-cache trick (SIMCLR.md section 5): exact full-batch
-    NT-Xent with the activation memory of one micro-batch.
+    """The same objective with the gradient-cache trick (SIMCLR.md section 5): the full-batch
+    contrastive loss with the activation memory of one micro-batch.
 
-    1. Embed every micro-batch without grad (recording the RNG state of each).
+    1. Embed the batch in chunks without grad (recording the RNG state of each).
     2. Take the loss over all embeddings, and its gradient with respect to them.
-    3. Re-run each micro-batch with grad (same RNG state) and backpropagate its slice
-       of the cached gradient.
+    3. Re-run each chunk with grad (same RNG state) and backpropagate its slice of the
+       cached gradient.
 
-    Gradients equal the full-batch ones for encoders without BatchNorm; with BN the
-    statistics are per micro-batch (global across processes with sync_bn), as with
-    per-device BN. BN running statistics are updated once, by the second pass.
+    The images are split into blocks of ``micro_batch_size``; chunk k holds view 1 of block k
+    and view 2 of block k+1 (cyclically), so no chunk ever holds both views of an image.
+
+    What it equals:
+
+    * without BatchNorm, the full-batch gradient exactly (tested in float64);
+    * with BatchNorm, training whose BN statistics are computed per chunk of
+      2 x ``micro_batch_size`` views (global over processes with ``sync_bn``) that never
+      contains a positive pair, like per-device BN with the views shuffled across devices.
+      It is not the full batch's BN: each chunk normalizes with its own statistics.
+
+    BN running statistics move once per step, by the mean of the chunks' statistics with the
+    layer's momentum, and ``num_batches_tracked`` counts steps, as in a plain step.
     """
 
     def __init__(self, model: nn.Module, loss: str, temperature: float, margin: float, micro_batch_size: int,
@@ -87,46 +114,67 @@ class GradCacheContrastiveTask(ContrastiveTask):
         super().__init__(model, loss, temperature, margin, batched)
         self.micro_batch_size = micro_batch_size
 
+    @staticmethod
+    def chunks(n: int, m: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Per chunk: the (start, end) image range of its view 1 and of its view 2."""
+        blocks = [(a, min(a + m, n)) for a in range(0, n, m)]
+        return [(blocks[k], blocks[(k + 1) % len(blocks)]) for k in range(len(blocks))]
+
     def forward_backward(self, batch: dict[str, torch.Tensor], accelerator) -> dict[str, torch.Tensor]:
         """Loss and gradients for ``batch``; gradients are averaged over processes here, not by DDP."""
         with torch.no_grad():
             x1, x2 = self.views(batch)
             if self.channels_last:
                 x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
-        n, m = x1.shape[0], self.micro_batch_size
-        chunks = [(a, min(a + m, n)) for a in range(0, n, m)]
+        n = x1.shape[0]
+        chunks = self.chunks(n, self.micro_batch_size)
         device = x1.device
-        saved_bn = _bn_buffers(self.model)
-        states, z1s, z2s = [], [], []
+        bns = _batchnorms(self.model)
+        saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
+                 for bn in bns]
+        states = []
+        z1 = [None] * len(chunks)
+        z2 = [None] * len(chunks)
         with torch.no_grad():
-            for a, b in chunks:
+            for k, ((a1, b1), (a2, b2)) in enumerate(chunks):
                 states.append(_rng_state(device))
                 with accelerator.autocast():
-                    _, z = self.model(torch.cat([x1[a:b], x2[a:b]]))
-                za, zb = z.to(torch.promote_types(z.dtype, torch.float32)).chunk(2)
-                z1s.append(za)
-                z2s.append(zb)
-            for buf, copy in saved_bn:  # the second pass updates them, once
-                buf.copy_(copy)
-        z1 = torch.cat(z1s).requires_grad_()
-        z2 = torch.cat(z2s).requires_grad_()
+                    _, z = self.model(torch.cat([x1[a1:b1], x2[a2:b2]]))
+                z = z.to(torch.promote_types(z.dtype, torch.float32))
+                z1[k], z2[(k + 1) % len(chunks)] = z[: b1 - a1], z[b1 - a1:]
+            for bn, (mean, var, count, _) in zip(bns, saved):  # the second pass updates them
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.copy_(count)
+        z1 = torch.cat(z1).requires_grad_()
+        z2 = torch.cat(z2).requires_grad_()
         loss = contrastive_loss(self.loss_name, z1, z2, temperature=self.temperature, margin=self.margin)
         loss.backward()
         scale = accelerator.scaler.get_scale() if getattr(accelerator, "scaler", None) is not None else 1.0
-        for (a, b), state in zip(chunks, states):
-            _set_rng_state(state, device)
-            with accelerator.autocast():
-                _, z = self.model(torch.cat([x1[a:b], x2[a:b]]))
-            za, zb = z.to(torch.promote_types(z.dtype, torch.float32)).chunk(2)
-            torch.autograd.backward([za, zb], [z1.grad[a:b] * scale, z2.grad[a:b] * scale])
+        try:
+            for k, (((a1, b1), (a2, b2)), state) in enumerate(zip(chunks, states)):
+                for bn in bns:  # running stats become the plain mean of the chunks' statistics
+                    bn.momentum = 1.0 / (k + 1)
+                _set_rng_state(state, device)
+                with accelerator.autocast():
+                    _, z = self.model(torch.cat([x1[a1:b1], x2[a2:b2]]))
+                z = z.to(torch.promote_types(z.dtype, torch.float32))
+                torch.autograd.backward([z[: b1 - a1], z[b1 - a1:]], [z1.grad[a1:b1] * scale, z2.grad[a2:b2] * scale])
+        finally:
+            with torch.no_grad():
+                for bn, (mean, var, count, momentum) in zip(bns, saved):
+                    bn.momentum = momentum
+                    m = momentum if momentum is not None else 1.0 / (count.item() + 1)
+                    bn.running_mean.mul_(m).add_(mean, alpha=1 - m)
+                    bn.running_var.mul_(m).add_(var, alpha=1 - m)
+                    bn.num_batches_tracked.copy_(count + 1)
         world = accelerator.num_processes
         if world > 1:
             for p in self.model.parameters():
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad.div_(world)
-        with torch.no_grad():
-            z_std = F.normalize(torch.cat([z1, z2]), dim=1).std(dim=0).mean()
+        z_std = global_z_std(torch.cat([z1, z2]))
         return {"loss": loss.detach(), "z_std": z_std, "z_std_ratio": z_std * z1.shape[1] ** 0.5}
 
 

@@ -19,8 +19,11 @@ def scaled_lr(base_lr: float, batch_size: int, scaling: str) -> float:
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
     """Multiplier at ``step`` (0-based): linear warmup to 1 over ``warmup_steps``, then cosine to 0 at ``total_steps``.
 
-    Stepped per iteration. The first step already has a non-zero lr
-    ((step + 1) / warmup_steps), as in the reference implementation.
+    Stepped per iteration. Warmup here is ``(step + 1) / warmup_steps``: the first update already
+    has a non-zero lr and step ``warmup_steps - 1`` reaches the peak. The reference implementation
+    (google-research/simclr, ``WarmUpAndCosineDecay``) uses ``step / warmup_steps``, whose first
+    update has lr 0; the two differ by one step of warmup. Cosine decay then starts at
+    ``warmup_steps`` in both.
     """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps

@@ -98,7 +98,7 @@ class PretrainConfig:
     temperature: float = _f(0.1, "NT-Xent temperature tau")
     loss: LossName = _f("nt_xent", "nt_xent | nt_logistic | margin_triplet (paper Table 4)")
     margin: float = _f(0.5, "margin for margin_triplet")
-    micro_batch_size: int = _f(0, "gradient cache: embed in chunks of this many images (exact loss, less memory); 0 off")
+    micro_batch_size: int = _f(0, "gradient cache: embed in chunks of this many images (full-batch loss, less memory; exact gradients without BN, per-chunk BN statistics with it); 0 off")
     sync_bn: bool = _f(True, "global BatchNorm across processes when there is more than one")
     mixed_precision: Precision = _f("no", "no | fp16 | bf16")
     channels_last: bool = _f(False, "channels_last memory format for model and inputs (faster convolutions on GPUs)")
