@@ -60,7 +60,7 @@ def test_hard_variant_reports_how_many_were_kept(teacher, tmp_path):
     summary = distill.run(recipe, src, tmp_path, overwrite=True, show_progress=False)
     expected = len(confident_pseudo_labels(logits, median)[0])
     assert summary["kept_images"] == expected and 0 < expected < 64
-    assert summary["steps"] == 2 * (expected // min(16, expected))
+    assert summary["steps"] == 2 * -(-expected // min(16, expected))  # every kept image each epoch
     src, recipe = _inputs(teacher, "distill.hard=true", "distill.threshold=1.0")
     with pytest.raises(UsageError, match="lower --threshold"):
         distill.run(recipe, src, tmp_path, overwrite=True, show_progress=False)
@@ -97,3 +97,42 @@ def test_distill_needs_a_classifier(teacher, tmp_path):
     with pytest.raises(UsageError, match="has no classifier"):
         distill.run(recipe, src, tmp_path, show_progress=False)
     assert torch.is_tensor(load_file(teacher / "finetune" / "model.safetensors")["head.0.weight"])
+
+
+def test_teacher_logits_cache_made_by_another_teacher_is_recomputed(teacher, tmp_path, capsys):
+    """Issue 11 item 3: a teacher_logits.safetensors left by a distill from another teacher (one that died
+    before its first state save) was reused. The cache records the teacher's hash, the data and the
+    transform; a mismatch recomputes it, with a line saying so."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src_a, recipe = _inputs(teacher)
+    distill.run(recipe, src_a, tmp_path / "a", show_progress=False)
+    cache_a = tmp_path / "a" / "distill" / distill.LOGITS_FILE
+    # teacher B: the same checkpoint with other classifier weights
+    b_ckpt = tmp_path / "b" / "finetune" / "model.safetensors"
+    b_ckpt.parent.mkdir(parents=True)
+    tensors = load_file(src_a.checkpoint)
+    bias = next(k for k in tensors if k.startswith("head.") and k.endswith("bias"))
+    tensors[bias] = tensors[bias] + torch.arange(len(tensors[bias]), dtype=tensors[bias].dtype) * 5
+    save_file(tensors, str(b_ckpt), metadata=read_metadata(src_a.checkpoint))
+    src_b, recipe_b = _inputs(tmp_path / "b")
+    (tmp_path / "b" / "distill").mkdir()
+    shutil.copy(cache_a, tmp_path / "b" / "distill" / distill.LOGITS_FILE)  # left by a run that died early
+    capsys.readouterr()
+    distill.run(recipe_b, src_b, tmp_path / "b", show_progress=True)
+    assert "was made by another teacher" in capsys.readouterr().out
+    logits_a = load_file(cache_a)["logits"]
+    logits_b = load_file(tmp_path / "b" / "distill" / distill.LOGITS_FILE)["logits"]
+    assert not torch.allclose(logits_a, logits_b)
+    meta = read_metadata(tmp_path / "b" / "distill" / distill.LOGITS_FILE)
+    import hashlib
+
+    assert meta["simclr.teacher_sha256"] == hashlib.sha256(b_ckpt.read_bytes()).hexdigest()
+    # the same teacher, data and transform: the cache is reused without a word
+    (tmp_path / "c" / "distill").mkdir(parents=True)
+    shutil.copy(tmp_path / "b" / "distill" / distill.LOGITS_FILE, tmp_path / "c" / "distill" / distill.LOGITS_FILE)
+    distill.run(recipe_b, src_b, tmp_path / "c", show_progress=True)
+    out = capsys.readouterr().out
+    assert "recomputing" not in out and "teacher logits for" not in out

@@ -92,7 +92,7 @@ def test_finetune_outputs_and_checkpoint(run_dir):
     assert {p.name for p in d.iterdir()} >= {"model.safetensors", "labels.txt", "summary.json", "recipe.toml",
                                              "metrics.jsonl"}
     assert len((d / "labels.txt").read_text().splitlines()) == summary["labeled_images"]
-    assert summary["labels"] == "50%" and summary["steps"] == 2 * (summary["labeled_images"] // 8)
+    assert summary["labels"] == "50%" and summary["steps"] == 2 * -(-summary["labeled_images"] // 8)
     assert 0 <= summary["top1"] <= summary["top5"] <= 100 and summary["test_images"] == 32
     tensors = load_file(d / "model.safetensors")
     meta = read_metadata(d / "model.safetensors")
@@ -148,3 +148,24 @@ def test_option_errors_come_before_output_errors_and_missing_stages_name_the_nex
     assert r.exit_code == 2 and "the percentage must be in (0, 100]" in r.output
     r = runner.invoke(app, ["distill"])  # no finetune checkpoint under ./runs
     assert r.exit_code == 2 and "simclr finetune --labels" in r.output
+
+
+def test_random_init_never_loads_timm_pretrained_weights(tiny_recipe_file, monkeypatch):
+    """Issue 11 item 1: with model.pretrained = true in the run's recipe, --init random rebuilt the encoder
+    with timm's ImageNet weights while calling it random."""
+    import timm
+
+    from simclr_cli.recipe import load_recipe
+    from simclr_cli.stages import common
+
+    calls = []
+    real = timm.create_model
+
+    def create_model(*args, **kwargs):
+        calls.append(kwargs.get("pretrained", False))
+        return real(*args, **{**kwargs, "pretrained": False})  # no download in tests either way
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    recipe = load_recipe(tiny_recipe_file, ["model.pretrained=true"])
+    common.load_encoder(None, recipe, "random")
+    assert calls == [False]

@@ -11,6 +11,9 @@ color distortion and dropout to the student (Noisy Student). Writes ``OUT/distil
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +21,15 @@ from typing import Any
 
 import torch
 
-from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, load_weights, prefixed_state, save_weights, sub_state
+from simclr_cli.checkpoints import (
+    MODEL_FILE,
+    STATE_DIR,
+    load_weights,
+    prefixed_state,
+    read_metadata,
+    save_weights,
+    sub_state,
+)
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment, crop_flip_augment
 from simclr_cli.data.loaders import DistillViews, SubsetSource, build_source
 from simclr_cli.data.subsets import parse_label_spec, select_labeled
@@ -43,6 +54,7 @@ LOGITS_FILE = "teacher_logits.safetensors"
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "distill.log_every"})
 
 
+@common.guarded()
 def run(
     recipe: Recipe,
     src: common.Source,
@@ -53,6 +65,7 @@ def run(
     force: bool = False,
     show_progress: bool = True,
     interrupt_after: int | None = None,
+    guard: common.StageRun,
 ) -> dict[str, Any]:
     """Distill ``src``'s classifier into a student; returns the summary (also ``OUT/distill/summary.json``)."""
     t_start = time.perf_counter()
@@ -64,7 +77,9 @@ def run(
 
     if cfg.student and not timm.is_model(cfg.student):
         raise UsageError(f"--student {cfg.student}: not a timm model name; see timm.list_models()")
-    resume_cmd = f"simclr distill {src.checkpoint} --out {out} --resume"
+    # The resume takes its recipe from OUT/distill/recipe.toml: no options or --set needed.
+    resume_cmd = f"simclr distill {shlex.quote(str(src.checkpoint))} --out {shlex.quote(str(out))} --resume"
+    guard.configure(stage_dir, STAGE, resume_cmd=resume_cmd)
     common.check_output(stage_dir, STAGE, overwrite=overwrite, resume=resume, recipe=recipe, force=force,
                         resume_cmd=resume_cmd, resumable_changes=RESUMABLE_CHANGES)
     if cfg.hard and not cfg.cache_teacher:
@@ -81,8 +96,8 @@ def run(
     train_all = build_source(data, data.train_split, recipe.seed)
     unlabeled = SubsetSource(train_all, list(range(len(train_all))))
     unlabeled.labels = [-1] * len(unlabeled)
+    guard.begin(overwrite=overwrite, resume=resume, accelerator=accelerator)
     if main:
-        common.clear_stage_dir(stage_dir, overwrite, resume)
         atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
     accelerator.wait_for_everyone()
     say(f"distill {src.checkpoint} ({recipe.model.backbone}, {common.count_parameters(teacher):,} params) -> "
@@ -92,7 +107,7 @@ def run(
     targets = clean = None
     kept = None
     if cfg.cache_teacher:
-        logits = _teacher_logits(teacher, unlabeled, recipe, accelerator, stage_dir, say)
+        logits = _teacher_logits(teacher, src.checkpoint, unlabeled, recipe, accelerator, stage_dir, say)
         if cfg.hard:
             keep, labels = confident_pseudo_labels(logits, cfg.threshold)
             kept = len(keep)
@@ -129,15 +144,17 @@ def run(
     task, result, batch = fit(accelerator, task, views, spec, stage=STAGE, metrics_path=stage_dir / "metrics.jsonl",
                               show_progress=show_progress, state_dir=stage_dir / STATE_DIR, resume=resume,
                               resume_hint=f"Resume with: {resume_cmd}", interrupt_after=interrupt_after,
-                              description=recipe.name, tensorboard=recipe.tensorboard)
+                              description=recipe.name, tensorboard=recipe.tensorboard, stop=guard.stop,
+                              on_save=guard.commit)
     trained: Classifier = task.student
 
     summary: dict[str, Any] = {}
     if main:
         test = common.eval_loader(splits.test, None, recipe, accelerator)
         device = accelerator.device
-        t_logits, labels = predict(teacher.to(device), test, device, accelerator.autocast)
-        s_logits, _ = predict(trained, test, device, accelerator.autocast)
+        with guard.stop.immediately():  # the final state is saved: a resume runs only this test
+            t_logits, labels = predict(teacher.to(device), test, device, accelerator.autocast)
+            s_logits, _ = predict(trained, test, device, accelerator.autocast)
         t_acc, s_acc = topk_accuracy(t_logits, labels, (1, 5)), topk_accuracy(s_logits, labels, (1, 5))
         summary = {
             "stage": STAGE,
@@ -203,16 +220,27 @@ def _build_student(recipe: Recipe, src: common.Source, num_classes: int) -> tupl
     return Classifier(backbone, [], num_classes), student_recipe, note
 
 
-def _teacher_logits(teacher: Classifier, unlabeled, recipe: Recipe, accelerator, stage_dir: Path, say) -> torch.Tensor:
+def _teacher_logits(teacher: Classifier, teacher_path: Path, unlabeled, recipe: Recipe, accelerator, stage_dir: Path,
+                    say) -> torch.Tensor:
     """Teacher logits on clean images of the whole unlabeled split, computed once (main process) and
-    kept in the stage folder, so a resumed run reuses them."""
+    kept in the stage folder, so a resumed run reuses them.
+
+    The cache records what made it (:func:`_logits_key`): the teacher checkpoint's content hash, the
+    data and the transform. A cache made by anything else is recomputed, with a line saying why.
+    """
     path = stage_dir / LOGITS_FILE
-    if accelerator.is_main_process and not path.is_file():
-        t0 = time.perf_counter()
-        loader = common.eval_loader(unlabeled, None, recipe, accelerator)
-        logits, _ = predict(teacher.to(accelerator.device), loader, accelerator.device, accelerator.autocast)
-        save_weights(path, {"logits": logits}, {"simclr.kind": "teacher_logits"})
-        say(f"teacher logits for {len(logits)} images in {time.perf_counter() - t0:.1f} s (cached in {path})")
+    if accelerator.is_main_process:
+        key = _logits_key(teacher_path, unlabeled, recipe)
+        stale = _stale_cache(path, key)
+        if stale:
+            say(f"{path} was made by {stale}; recomputing the teacher logits")
+        if stale or not path.is_file():
+            t0 = time.perf_counter()
+            loader = common.eval_loader(unlabeled, None, recipe, accelerator)
+            logits, _ = predict(teacher.to(accelerator.device), loader, accelerator.device, accelerator.autocast)
+            save_weights(path, {"logits": logits}, {"simclr.kind": "teacher_logits",
+                                                    **{f"simclr.{k}": v for k, v in key.items()}})
+            say(f"teacher logits for {len(logits)} images in {time.perf_counter() - t0:.1f} s (cached in {path})")
     accelerator.wait_for_everyone()
     tensors, _ = load_weights(path)
     logits = tensors["logits"]
@@ -220,6 +248,41 @@ def _teacher_logits(teacher: Classifier, unlabeled, recipe: Recipe, accelerator,
         raise UsageError(f"{path} holds {len(logits)} teacher logits, the split has {len(unlabeled)} images; "
                          "run with --overwrite")
     return logits
+
+
+def _logits_key(teacher_path: Path, unlabeled, recipe: Recipe) -> dict[str, str]:
+    """What the cached logits depend on: the teacher's bytes, the images (in order) and the transform."""
+    sha = hashlib.sha256()
+    with open(teacher_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    names = hashlib.sha256("\n".join(unlabeled.describe(i) for i in range(len(unlabeled))).encode(
+        "utf-8", "surrogateescape")).hexdigest()
+    d = recipe.data
+    data = {"dataset": d.dataset, "root": str(Path(d.root).expanduser().resolve()) if d.root else "",
+            "split": d.train_split, "images": len(unlabeled), "names_sha256": names}
+    transform = {"eval": "resize+center_crop", "image_size": d.image_size, "mean": list(d.mean), "std": list(d.std),
+                 "mixed_precision": recipe.distill.mixed_precision}
+    return {"teacher_sha256": sha.hexdigest(), "data": json.dumps(data, sort_keys=True),
+            "transform": json.dumps(transform, sort_keys=True)}
+
+
+def _stale_cache(path: Path, key: dict[str, str]) -> str:
+    """Empty when ``path`` is absent or was made with ``key``; else what made it, in words."""
+    if not path.is_file():
+        return ""
+    try:
+        meta = read_metadata(path)
+    except Exception:  # noqa: BLE001 - a half-written or foreign file is simply recomputed
+        return "an unreadable or foreign file"
+    if meta.get("simclr.teacher_sha256") != key["teacher_sha256"]:
+        old = meta.get("simclr.teacher_sha256")
+        return f"another teacher (sha256 {old[:12]}...)" if old else "an unknown teacher (no hash recorded)"
+    if meta.get("simclr.data") != key["data"]:
+        return "the same teacher on other data"
+    if meta.get("simclr.transform") != key["transform"]:
+        return "the same teacher with another transform"
+    return ""
 
 
 def _labeled_subset(src: common.Source, splits: common.LabeledSplits) -> SubsetSource:
