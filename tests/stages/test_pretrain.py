@@ -225,3 +225,28 @@ def test_channels_last_and_compile_train_the_same(tiny_recipe_file, tmp_path, mo
                     load_file(tmp_path / str(on) / "pretrain" / "model.safetensors"))
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
     assert runs[True][1].keys() == runs[False][1].keys()
+
+
+def test_fp16_loss_scale_survives_resume(tiny_recipe_file, tmp_path, monkeypatch):
+    """Issue 11 item 7: a resumed fp16 run restarted its GradScaler at 65536. The scaler's state now
+    travels in the saved state. (CPU has no fp16 autocast; a CPU GradScaler drives the same code.)"""
+    from simclr_cli.checkpoints import read_trainer
+    from simclr_cli.engine import setup
+
+    scalers = []
+
+    def make_accelerator(mixed_precision, key="pretrain.mixed_precision"):
+        acc = setup.make_accelerator("no", key)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4, growth_interval=1)
+        scalers.append(acc.scaler)
+        return acc
+
+    monkeypatch.setattr(pretrain, "make_accelerator", make_accelerator)
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.epochs=2"])
+    pretrain.run(recipe, tmp_path / "full", show_progress=False)
+    with pytest.raises(Interrupted):
+        pretrain.run(recipe, tmp_path / "cut", show_progress=False, interrupt_after=3)
+    saved = read_trainer(tmp_path / "cut" / "pretrain" / "state")
+    assert saved["grad_scaler"]["scale"] == 2.0 ** 7  # grew once per step
+    pretrain.run(recipe, tmp_path / "cut", show_progress=False, resume=True)
+    assert scalers[-1].get_scale() == scalers[0].get_scale() == 2.0 ** 12

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from simclr_cli.checkpoints import load_state
 from simclr_cli.data.loaders import GlobalBatchSampler, make_loader
-from simclr_cli.engine.loop import LoopResult, LoopSpec, run_loop
+from simclr_cli.engine.loop import LoopResult, LoopSpec, restore_scaler, run_loop
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.signals import StopRequest
 from simclr_cli.errors import UsageError
@@ -65,14 +65,20 @@ def fit(
     interrupt_after: int | None = None,
     description: str = "",
     tensorboard: bool = False,
+    stop: StopRequest | None = None,
+    on_save=None,
 ) -> tuple[nn.Module, LoopResult, int]:
-    """Train ``task`` on ``dataset``; returns (the unwrapped task, the loop result, the global batch)."""
+    """Train ``task`` on ``dataset``; returns (the unwrapped task, the loop result, the global batch).
+
+    ``stop``, ``on_save``: as for :func:`run_loop` (the stage's stop request, held since it started).
+    """
     world = accelerator.num_processes
     batch = fit_batch(spec.batch_size, len(dataset), world)
-    sampler = GlobalBatchSampler(len(dataset), batch, spec.seed, accelerator.process_index, world)
+    # Every labeled image is seen every epoch: ceil(n/B) steps, the last batch filled from the epoch's start.
+    sampler = GlobalBatchSampler(len(dataset), batch, spec.seed, accelerator.process_index, world, drop_last=False)
     loader = make_loader(dataset, batch_sampler=sampler, num_workers=spec.num_workers,
                          pin_memory=accelerator.device.type == "cuda")
-    spe = len(dataset) // batch
+    spe = sampler.batches_per_epoch
     total = spec.epochs * spe
     if spec.max_steps:
         total = min(total, spec.max_steps) if total else spec.max_steps
@@ -83,6 +89,7 @@ def fit(
     start_step, elapsed0 = 0, 0.0
     if resume and state_dir is not None:
         counters = load_state(state_dir, accelerator.unwrap_model(task), optimizer)
+        restore_scaler(accelerator, counters)
         start_step, elapsed0 = int(counters["step"]), float(counters.get("elapsed", 0.0))
     # Resuming keeps the lines logged up to the saved step; a new run starts the file afresh.
     metrics_log = MetricsLog(metrics_path, enabled=accelerator.is_main_process,
@@ -99,11 +106,11 @@ def fit(
         keep_states=spec.keep_states, dataset_size=len(dataset), max_bad_fraction=spec.max_bad_fraction, stage=stage,
         resume_hint=resume_hint, interrupt_after=interrupt_after,
     )
-    stop = StopRequest().__enter__()
+    stop = (stop or StopRequest()).__enter__()
     try:
         result = run_loop(accelerator, task, optimizer, sampler, loader, loop_spec, state_dir=state_dir,
                           metrics=metrics_log, progress=progress, start_step=start_step, start_time_offset=elapsed0,
-                          stop=stop)
+                          stop=stop, on_save=on_save)
     finally:
         progress.close()
         stop.__exit__(None, None, None)

@@ -76,11 +76,13 @@ def run_loop(
     hook_every: int = 0,
     start_time_offset: float = 0.0,
     stop: StopRequest | None = None,
+    on_save: Callable[[], None] | None = None,
 ) -> LoopResult:
     """Train from ``start_step`` to ``spec.total_steps``; see the module docstring.
 
     ``stop``: a :class:`StopRequest` the caller already holds (so a signal that arrives
-    while the stage is still setting up stops the loop at its first step boundary).
+    while the stage is still setting up stops the loop before its first step).
+    ``on_save``: called on every process after each saved state (the first one makes the run durable).
     """
     spe = spec.steps_per_epoch
     step = start_step
@@ -94,19 +96,32 @@ def run_loop(
     result = LoopResult(step=step, epoch=epoch)
     loss_sum = torch.zeros((), device=device)
     skipped, warned_collapse = 0, False
+    # Training time (kNN and other hooks excluded) of the steps before start_step, kept in the state so that
+    # the throughput of a resumed run counts them ("elapsed", wall time, for states saved before it was kept).
+    prior = (read_trainer(state_dir) or {}) if state_dir is not None and start_step else {}
+    prior_seconds = float(prior.get("train_seconds", prior.get("elapsed", 0.0)))
 
     def save(at_step: int) -> None:
         if state_dir is None:  # stages that keep no resume state
             return
         if accelerator.is_main_process:
+            window = time.perf_counter() - window_start if window_steps else 0.0  # steps not yet in train_seconds
             save_state(state_dir, accelerator.unwrap_model(task), optimizer,
                        {"step": at_step, "epoch": at_step // spe, "elapsed": time.perf_counter() - t0,
-                        "world_size": world, "global_batch": spec.global_batch}, keep=spec.keep_states)
+                        "train_seconds": prior_seconds + train_seconds + window,
+                        "world_size": world, "global_batch": spec.global_batch, **scaler_counters(accelerator)},
+                       keep=spec.keep_states)
         accelerator.wait_for_everyone()
+        if on_save is not None:
+            on_save()
 
     inner = accelerator.unwrap_model(task)
     own_backward = hasattr(inner, "forward_backward")  # e.g. the gradient cache
     with stop if stop is not None else StopRequest() as stop:
+        # A signal that arrived while the stage was setting up: stop before the first step (all processes agree).
+        early = torch.tensor([1.0 if stop.requested else 0.0], device=device)
+        if (accelerator.reduce(early, reduction="sum") if world > 1 else early).item() > 0:
+            raise Interrupted(_stopped_early(stop.signal_name or "interrupt", state_dir, spec.resume_hint))
         while step < spec.total_steps:
             sampler.set_epoch(epoch, step - epoch * spe)
             for batch in loader:
@@ -130,6 +145,7 @@ def run_loop(
                     flags = accelerator.reduce(flags, reduction="sum")
                 update = flags[0].item() == 0
                 if not update:
+                    where = _first_nonfinite(out["loss"], inner)
                     optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     saved = _saved_step(state_dir) if state_dir is not None else None
@@ -137,12 +153,12 @@ def run_loop(
                     if spec.on_nonfinite == "stop" or skipped > spec.max_nonfinite_skips:
                         why = "" if spec.on_nonfinite == "stop" else f" {skipped} steps in a row"
                         raise SimclrError(
-                            f"non-finite loss or gradients at step {step + 1}{why}; the update was not applied. "
+                            f"non-finite loss or gradients at step {step + 1}{why} ({where}); the update was not applied. "
                             f"Last saved state: {last_good}. Lower the learning rate, or use mixed_precision='no'"
                             + ("" if spec.on_nonfinite == "skip" else ", or set on_nonfinite='skip'")
                         )
                     # The batch is consumed without an update, so data order and schedule stay aligned.
-                    progress.message(f"warning: non-finite loss or gradients at step {step + 1}; update skipped")
+                    progress.message(f"warning: non-finite loss or gradients at step {step + 1} ({where}); update skipped")
                 else:
                     skipped = 0
                     optimizer.step()
@@ -214,8 +230,21 @@ def run_loop(
         save(step)
     result.step, result.epoch = step, epoch
     result.train_seconds = train_seconds
-    result.images_per_sec = (step - start_step) * spec.global_batch / max(train_seconds, 1e-9)
+    # Over every step trained, before an interruption too: a resume at the last step trains none itself.
+    seconds = prior_seconds + train_seconds
+    trained = step - start_step if not prior_seconds else step
+    result.images_per_sec = trained * spec.global_batch / seconds if seconds > 0 else 0.0
     return result
+
+
+def _stopped_early(why: str, state_dir: Path | None, resume_hint: str) -> str:
+    """The message for a stop requested before the first step: nothing new was saved."""
+    if state_dir is None:
+        return f"stopped by {why} before the first step; this stage keeps no state, run it again"
+    saved = _saved_step(state_dir)
+    if saved is not None:
+        return f"stopped by {why} before the first step; the state in {state_dir} (step {saved}) is unchanged. {resume_hint}"
+    return f"stopped by {why} before the first step; no state was saved, run the command again"
 
 
 def _log_hook(hook: EpochHook, epoch: int, step: int, t0: float, metrics: MetricsLog,
@@ -237,6 +266,30 @@ def _finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer, accelerator: A
         return True
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+
+
+def scaler_counters(accelerator: Accelerator) -> dict[str, Any]:
+    """fp16 loss scaling: the GradScaler's state, for the trainer counters of a saved state (empty without one)."""
+    scaler = getattr(accelerator, "scaler", None)
+    return {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
+
+
+def restore_scaler(accelerator: Accelerator, counters: dict[str, Any]) -> None:
+    """Give a resumed fp16 run the loss scale it had, instead of restarting from 65536 (and skipping steps)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and counters.get("grad_scaler"):
+        scaler.load_state_dict(counters["grad_scaler"])
+
+
+def _first_nonfinite(loss: torch.Tensor, task: torch.nn.Module) -> str:
+    """Where a non-finite step first shows: the loss, or the first parameter (in forward order) whose
+    gradient is not finite; on this process ("another process" when only a peer saw it)."""
+    if not torch.isfinite(loss.detach()).all():
+        return f"the loss is {loss.detach().float().item()}"
+    for name, p in task.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return f"first non-finite gradient: {name}"
+    return "on another process"
 
 
 def _saved_step(state_dir: Path) -> int | None:

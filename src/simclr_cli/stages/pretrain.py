@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
+import shlex
 import time
 from functools import partial
 from pathlib import Path
@@ -30,17 +30,16 @@ from simclr_cli.checkpoints import (
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import BatchedAugment
 from simclr_cli.data.loaders import ContrastiveViews, EvalImages, GlobalBatchSampler, build_source, make_loader
-from simclr_cli.engine.loop import LoopSpec, run_loop
+from simclr_cli.engine.loop import LoopSpec, restore_scaler, run_loop
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay, require_tensorboard
 from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
-from simclr_cli.engine.signals import StopRequest
 from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
 from simclr_cli.errors import UsageError
 from simclr_cli.evaluation.knn import extract_features, knn_top1
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.optim import build_optimizer, scaled_lr, warmup_cosine
 from simclr_cli.recipe import Recipe, recipe_to_toml
-from simclr_cli.stages.common import align_classes, check_output
+from simclr_cli.stages.common import StageRun, align_classes, check_output, guarded
 from simclr_cli.utils import atomic_write_text
 
 STAGE = "pretrain"
@@ -49,6 +48,7 @@ COMPILE_BACKEND = "inductor"  # torch.compile backend for pretrain.compile (test
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "pretrain.log_every"})
 
 
+@guarded()
 def run(
     recipe: Recipe,
     out_dir: str | Path | None = None,
@@ -58,6 +58,7 @@ def run(
     force: bool = False,
     show_progress: bool = True,
     interrupt_after: int | None = None,
+    guard: StageRun,
 ) -> dict[str, Any]:
     """Pretrain and return the summary (also written to ``OUT/pretrain/summary.json``).
 
@@ -69,13 +70,15 @@ def run(
         force: resume even if the recipe or the number of processes changed.
         show_progress: progress bar / log lines on the main process.
         interrupt_after: for tests, stop as if SIGTERM arrived after this step.
+        guard: given by ``@guarded``: signals, and the previous run kept until the new one is durable.
     """
     t_start = time.perf_counter()
     require_tensorboard(recipe.tensorboard)
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
     stage_dir = out / STAGE
     state_dir = stage_dir / STATE_DIR
-    resume_cmd = f"simclr pretrain {stage_dir / 'recipe.toml'} --out {out} --resume"
+    resume_cmd = f"simclr pretrain {shlex.quote(str(stage_dir / 'recipe.toml'))} --out {shlex.quote(str(out))} --resume"
+    guard.configure(stage_dir, STAGE, resume_cmd=resume_cmd)
     check_output(stage_dir, STAGE, overwrite=overwrite, resume=resume, recipe=recipe, force=force,
                  resume_cmd=resume_cmd, resumable_changes=RESUMABLE_CHANGES)
     cfg, pcfg = recipe.data, recipe.pretrain
@@ -134,13 +137,11 @@ def run(
                 "Data order and views do not depend on it, but check the launch; pass --force to resume anyway"
             )
         counters = load_state(state_dir, accelerator.unwrap_model(task), optimizer)
+        restore_scaler(accelerator, counters)
         start_step, elapsed0 = int(counters["step"]), float(counters.get("elapsed", 0.0))
-    if overwrite and not resume and main and stage_dir.exists():
-        # Only now, with data, model and optimizer built, is the old run replaced.
-        shutil.rmtree(stage_dir)
-    accelerator.wait_for_everyone()
+    # Only now, with data, model and optimizer built, is an old run set aside (restored if this one fails).
+    guard.begin(overwrite=overwrite, resume=resume, accelerator=accelerator)
     if main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
     metrics = MetricsLog(stage_dir / "metrics.jsonl", enabled=main, keep_until_step=start_step if resume else None,
                          tensorboard=recipe.tensorboard)
@@ -182,8 +183,9 @@ def run(
     hook = None
     if knn is not None and knn.enabled:
         hook = lambda epoch, step: {"knn_top1": knn(accelerator.unwrap_model(task).model)}  # noqa: E731
-    # From here on, Ctrl-C / SIGTERM (also during the first kNN pass) stop at a step boundary with state saved.
-    stop = StopRequest().__enter__()
+    # Ctrl-C / SIGTERM (caught since the stage started, also during the first kNN pass) stop at a step boundary
+    # with state saved; once the loop has saved the final state, they stop the final kNN pass at once.
+    stop = guard.stop.__enter__()
     try:
         init_knn = None
         if knn is not None and knn.enabled and not resume:
@@ -194,10 +196,11 @@ def run(
             init_knn = _first_knn(stage_dir / "metrics.jsonl")
         result = run_loop(accelerator, task, optimizer, sampler, loader, spec, state_dir=state_dir, metrics=metrics,
                           progress=progress, start_step=start_step, epoch_hook=hook, hook_every=pcfg.knn_every,
-                          start_time_offset=elapsed0, stop=stop)
+                          start_time_offset=elapsed0, stop=stop, on_save=guard.commit)
         final_knn = None
         if knn is not None and knn.enabled:
-            final_knn = knn(accelerator.unwrap_model(task).model)
+            with stop.immediately():  # a resume at the final step runs only this pass and writes the outputs
+                final_knn = knn(accelerator.unwrap_model(task).model)
             metrics.write({"step": result.step, "epoch": round(result.step / spe, 4), "knn_top1": final_knn,
                            "time": round(elapsed0 + result.train_seconds, 3)})
     finally:
