@@ -141,3 +141,25 @@ def test_eval_transform_resizes_to_size_over_0875_even_when_the_short_side_is_si
     from simclr_cli.data.augment import eval_crop_pct
 
     assert eval_crop_pct(32) == eval_crop_pct(64) == 1.0 and eval_crop_pct(96) == eval_crop_pct(224) == 0.875
+
+
+def test_supervised_sampler_sees_every_image_every_epoch_in_full_batches():
+    # issue 11 item 7: finetune dropped floor(n/B) remainders (38% of a 410-image subset unused per epoch)
+    from simclr_cli.data.loaders import batches_per_epoch
+
+    n, B = 410, 256
+    one = GlobalBatchSampler(n, B, seed=3, drop_last=False)
+    parts = [GlobalBatchSampler(n, B, seed=3, rank=r, world_size=2, drop_last=False) for r in range(2)]
+    assert len(one) == batches_per_epoch(n, B, False) == 2
+    for epoch in range(3):
+        for s in (one, *parts):
+            s.set_epoch(epoch)
+        full = list(one)
+        assert all(len(b) == B for b in full) and all(e == epoch for b in full for e, _ in b)
+        assert {i for b in full for _, i in b} == set(range(n))  # every index, every epoch
+        for b, batch in enumerate(full):  # each process gets its equal share of the same global batch
+            assert list(parts[0])[b] + list(parts[1])[b] == batch and len(list(parts[0])[b]) == B // 2
+        one.set_epoch(epoch, start_batch=1)  # resume inside the epoch
+        assert list(one) == full[1:]
+    # pretraining keeps full contrastive batches and drops the remainder
+    assert len(GlobalBatchSampler(n, B, seed=3)) == 1

@@ -214,11 +214,16 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """Slices of a seeded global permutation: batch ``b`` of process ``rank`` is
     ``perm[b*B + rank*B/K : b*B + (rank+1)*B/K]`` for global batch B and K processes.
 
-    The last incomplete global batch is dropped. ``set_epoch`` picks the
-    permutation; ``start_batch`` skips batches already done (exact resume).
+    ``drop_last=True`` (pretraining: contrastive batches stay full): the last incomplete global batch
+    is dropped, ``floor(n/B)`` batches. ``drop_last=False`` (the supervised stages): ``ceil(n/B)``
+    batches, the last one filled up to B with the first images of the same epoch's permutation, so
+    every image is seen every epoch, every batch has B images and each process still gets B/K of it
+    (the order stays a pure function of seed, epoch and index, whatever the number of processes).
+    ``set_epoch`` picks the permutation; ``start_batch`` skips batches already done (exact resume).
     """
 
-    def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True) -> None:
         if global_batch % world_size:
             raise UsageError(
                 f"batch_size={global_batch} does not divide evenly over {world_size} processes; "
@@ -234,22 +239,34 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         self.local_batch = global_batch // world_size
         self.seed = seed
         self.rank = rank
+        self.drop_last = drop_last
         self.epoch = 0
         self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return batches_per_epoch(self.num_samples, self.global_batch, self.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch
         self.start_batch = start_batch
 
     def __len__(self) -> int:
-        return self.num_samples // self.global_batch - self.start_batch
+        return self.batches_per_epoch - self.start_batch
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         g = torch.Generator().manual_seed(mix_seed(self.seed, "order", self.epoch))
         perm = torch.randperm(self.num_samples, generator=g).tolist()
-        for b in range(self.start_batch, self.num_samples // self.global_batch):
+        nb = self.batches_per_epoch
+        perm += perm[: nb * self.global_batch - self.num_samples]  # drop_last=False: fill the last batch
+        for b in range(self.start_batch, nb):
             lo = b * self.global_batch + self.rank * self.local_batch
             yield [(self.epoch, i) for i in perm[lo : lo + self.local_batch]]
+
+
+def batches_per_epoch(num_samples: int, global_batch: int, drop_last: bool) -> int:
+    """Steps per epoch of :class:`GlobalBatchSampler`: floor(n/B) with ``drop_last``, else ceil(n/B)."""
+    return num_samples // global_batch if drop_last else -(-num_samples // global_batch)
 
 
 def make_loader(
