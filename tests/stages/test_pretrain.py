@@ -250,3 +250,76 @@ def test_fp16_loss_scale_survives_resume(tiny_recipe_file, tmp_path, monkeypatch
     assert saved["grad_scaler"]["scale"] == 2.0 ** 7  # grew once per step
     pretrain.run(recipe, tmp_path / "cut", show_progress=False, resume=True)
     assert scalers[-1].get_scale() == scalers[0].get_scale() == 2.0 ** 12
+
+
+def _folder(root, per_class=20, corrupt=()):
+    """Two classes of ``per_class`` PNGs; source index c * per_class + i is ROOT/train/<c>/<i:02d>.png."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for ci, c in enumerate(("a", "b")):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(per_class):
+            path = root / "train" / c / f"{i:02d}.png"
+            if ci * per_class + i in corrupt:
+                path.write_bytes(b"\x89PNG broken")
+            else:
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(path)
+
+
+def _imagefolder_args(root, *more):
+    return ["data.dataset='imagefolder'", f"data.root='{root}'", "data.val_split=''", "pretrain.knn_every=0",
+            "pretrain.batch_size=20", "pretrain.log_every=1", *more]
+
+
+def test_consecutive_unreadable_images_each_count(tiny_recipe_file, tmp_path, capsys):
+    # issue 11 item 5: a bad file reached by falling back from the bad file before it was named but not
+    # counted ("13 named, 8 unreadable")
+    import re
+
+    bad = {3, 4, 5, 6, 12, 13, 22, 23, 24, 30, 31, 32, 33}
+    _folder(tmp_path / "imgs", corrupt=bad)
+    recipe = load_recipe(tiny_recipe_file, _imagefolder_args(
+        tmp_path / "imgs", "data.in_memory='never'", "data.max_bad_fraction=1.0", "pretrain.epochs=1",
+        "pretrain.max_steps=1"))
+    summary = pretrain.run(recipe, tmp_path / "r", show_progress=False)
+    named = set(re.findall(r"skipping unreadable image (\S+):", capsys.readouterr().err))
+    assert named and summary["bad_images"] == len(named)
+
+
+def test_in_memory_unreadable_images_stop_before_training(tiny_recipe_file, tmp_path):
+    # issue 11 item 5: decoded into memory, every failure is known before step 1
+    from simclr_cli.errors import DataError
+
+    _folder(tmp_path / "imgs", corrupt={7, 30})
+    recipe = load_recipe(tiny_recipe_file, _imagefolder_args(tmp_path / "imgs", "data.in_memory='always'",
+                                                             "data.max_bad_fraction=0.02"))
+    with pytest.raises(DataError, match=r"^2 unreadable images, more than data.max_bad_fraction=0.02 of 40 .*"
+                                        r"before training.*07\.png"):
+        pretrain.run(recipe, tmp_path / "r", show_progress=False)
+    assert not (tmp_path / "r" / "pretrain" / "metrics.jsonl").exists()  # no step ran
+
+
+def test_unreadable_count_survives_resume(tiny_recipe_file, tmp_path):
+    # issue 11 item 5: the count is kept in the resume state
+    import json
+
+    from simclr_cli.data.loaders import GlobalBatchSampler
+    from simclr_cli.errors import Interrupted
+
+    sampler = GlobalBatchSampler(40, 20, seed=0)
+    first, second = ({i for _, i in b} for b in sampler)
+    # a file met only in step 1: in its batch, and not reached by falling back from step 2's images
+    victim = next(i for i in sorted(first) if (i - 1) % 40 not in second)
+    _folder(tmp_path / "imgs", corrupt={victim})
+    args = _imagefolder_args(tmp_path / "imgs", "data.in_memory='never'", "data.max_bad_fraction=0.1",
+                             "pretrain.epochs=1")
+    full = pretrain.run(load_recipe(tiny_recipe_file, args), tmp_path / "full", show_progress=False)
+    assert full["bad_images"] == 1
+    with pytest.raises(Interrupted):
+        pretrain.run(load_recipe(tiny_recipe_file, args), tmp_path / "r", show_progress=False, interrupt_after=1)
+    state = next((tmp_path / "r" / "pretrain" / "state").glob("step-*"))
+    assert json.loads((state / "trainer.json").read_text())["bad_indices"] == [victim]
+    resumed = pretrain.run(load_recipe(tiny_recipe_file, args), tmp_path / "r", show_progress=False, resume=True)
+    assert resumed["steps"] == 2 and resumed["bad_images"] == 1

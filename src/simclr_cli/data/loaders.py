@@ -6,7 +6,9 @@
 * :class:`ContrastiveViews` seeds each sample's augmentation from
   (seed, epoch, index), so views do not depend on ``num_workers`` either.
 * Unreadable images are replaced by the next readable one (so batches keep
-  their size), reported once by file name, and counted by the training loop.
+  their size), reported once by file name, and counted by the training loop: each item
+  carries ``bad`` (the first unreadable index, or -1) and ``bad_run`` (how many consecutive
+  indices from ``bad`` were unreadable), so every distinct unreadable file is counted.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from simclr_cli.data.batched import pack
 from simclr_cli.data.sources import (
     ImageFolderSource,
     ImageSource,
+    MemorySource,
     TensorSource,
     decode_in_memory,
     torchvision_source,
@@ -78,18 +81,68 @@ def load_with_fallback(source: ImageSource, index: int) -> tuple[torch.Tensor, i
     raise DataError(f"{source.name}: {tries} unreadable images in a row from {source.describe(index)}; check the dataset")
 
 
+def bad_run(source: ImageSource, index: int, used: int, bad: int) -> int:
+    """How many consecutive indices from ``bad`` (== ``index``) failed before ``used`` loaded: 0 when none did.
+
+    :func:`load_with_fallback` tries ``index``, ``index + 1``, ... (mod n), so the unreadable ones are
+    exactly ``bad, bad + 1, ..., used - 1`` (mod n); the training loop counts each of them.
+    """
+    return 0 if bad < 0 else (used - index) % len(source)
+
+
+def known_unreadable(source: ImageSource | None) -> dict[int, str] | None:
+    """Unreadable samples known before any training (index -> error): an image folder decoded into memory
+    (``data.in_memory``) has tried every file. ``None`` when the source only finds out while loading."""
+    if isinstance(source, MemorySource):
+        return dict(source.errors)
+    if isinstance(source, TensorSource):
+        return {}
+    if isinstance(source, SubsetSource):
+        inner = known_unreadable(source.source)
+        if inner is None:
+            return None
+        position = {j: k for k, j in enumerate(source.indices)}
+        return {position[j]: err for j, err in inner.items() if j in position}
+    return None
+
+
+def check_known_unreadable(source: ImageSource | None, max_bad_fraction: float) -> None:
+    """Abort before training when the failures already known (see :func:`known_unreadable`) pass the limit."""
+    errors = known_unreadable(source)
+    if not errors or len(errors) <= max_bad_fraction * len(source):
+        return
+    names = [source.describe(i) for i in sorted(errors)[:3]]
+    raise DataError(
+        f"{len(errors)} unreadable images, more than data.max_bad_fraction={max_bad_fraction} of {len(source)} "
+        f"({source.name}, found while decoding into memory, before training): e.g. {', '.join(names)}. "
+        "Fix or remove them (`simclr data check RECIPE` lists all), or raise data.max_bad_fraction"
+    )
+
+
+def require_labels(source: ImageSource, who: str) -> None:
+    """Raise a DataError (exit 2) unless every image of ``source`` has a label; ``who`` names what needs them."""
+    unlabeled = sum(1 for y in source.labels if y < 0)
+    if unlabeled:
+        raise DataError(f"{who} needs a label for every training image, but {unlabeled} of {len(source)} images of "
+                        f"{source.name} have none; use labeled data (class folders, or a labeled split such as "
+                        "data.train_split='train') or pretrain.objective='simclr'", missing=True)
+
+
 class ContrastiveViews(Dataset):
     """Two independent SimCLR views per image; indexed by ``(epoch, index)``.
 
     Returns a dict with ``view1``, ``view2`` (float (3, S, S)), ``index`` and ``bad``
-    (the index of an unreadable sample that was replaced, or -1).
+    (the index of an unreadable sample that was replaced, or -1); with ``labels=True`` also
+    ``label``, the class of the image actually used (for objectives that need labels).
     """
 
-    def __init__(self, source: ImageSource, augment: SimCLRAugment, seed: int, batched: bool = False) -> None:
+    def __init__(self, source: ImageSource, augment: SimCLRAugment, seed: int, batched: bool = False,
+                 labels: bool = False) -> None:
         self.source = source
         self.augment = augment
         self.seed = seed
         self.batched = batched
+        self.labels = labels
         # Same-size in-memory images are cropped on the device; others are cropped here.
         self.crop_on_device = batched and isinstance(source, TensorSource)
 
@@ -98,14 +151,18 @@ class ContrastiveViews(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor | int]:
         epoch, index = key
-        img, _, bad = load_with_fallback(self.source, index)
+        img, used, bad = load_with_fallback(self.source, index)
+        run = bad_run(self.source, index, used, bad)
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+        extra = {"label": int(self.source.labels[used])} if self.labels else {}
         if not self.batched:
-            return {"view1": self.augment(img, g), "view2": self.augment(img, g), "index": index, "bad": bad}
+            return {"view1": self.augment(img, g), "view2": self.augment(img, g), "index": index, "bad": bad,
+                    "bad_run": run, **extra}
         # Batched backend: the same parameter draws as above, the pixel work left to the device.
         h, w = img.shape[-2:]
         p1, p2 = self.augment.sample(g, h, w), self.augment.sample(g, h, w)
-        item: dict[str, torch.Tensor | int] = {"params1": pack(p1), "params2": pack(p2), "index": index, "bad": bad}
+        item: dict[str, torch.Tensor | int] = {"params1": pack(p1), "params2": pack(p2), "index": index, "bad": bad,
+                                               "bad_run": run, **extra}
         if self.crop_on_device:
             item["image"] = img
         else:
@@ -127,7 +184,8 @@ class EvalImages(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         img, used, bad = load_with_fallback(self.source, index)
-        return {"image": self.transform(img), "label": self.source.labels[used], "index": index, "bad": bad}
+        return {"image": self.transform(img), "label": self.source.labels[used], "index": index, "bad": bad,
+                "bad_run": bad_run(self.source, index, used, bad)}
 
 
 class SubsetSource:
@@ -167,7 +225,8 @@ class LabeledViews(Dataset):
         epoch, index = key
         img, used, bad = load_with_fallback(self.source, index)
         g = torch.Generator().manual_seed(mix_seed(self.seed, "labeled", epoch, index))
-        return {"image": self.augment(img, g), "label": self.source.labels[used], "index": index, "bad": bad}
+        return {"image": self.augment(img, g), "label": self.source.labels[used], "index": index, "bad": bad,
+                "bad_run": bad_run(self.source, index, used, bad)}
 
 
 class DistillViews(Dataset):
@@ -197,7 +256,8 @@ class DistillViews(Dataset):
         epoch, index = key
         img, used, bad = load_with_fallback(self.source, index)
         g = torch.Generator().manual_seed(mix_seed(self.seed, "distill", epoch, index))
-        item: dict[str, torch.Tensor | int] = {"image": self.augment(img, g), "index": index, "bad": bad}
+        item: dict[str, torch.Tensor | int] = {"image": self.augment(img, g), "index": index, "bad": bad,
+                                               "bad_run": bad_run(self.source, index, used, bad)}
         if self.targets is not None:
             item["target"] = self.targets[used]
         if self.clean is not None:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from simclr_cli.checkpoints import load_state
-from simclr_cli.data.loaders import GlobalBatchSampler, make_loader
+from simclr_cli.data.loaders import GlobalBatchSampler, check_known_unreadable, make_loader
 from simclr_cli.engine.loop import LoopResult, LoopSpec, restore_scaler, run_loop
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.signals import StopRequest
@@ -72,6 +72,8 @@ def fit(
 
     ``stop``, ``on_save``: as for :func:`run_loop` (the stage's stop request, held since it started).
     """
+    # Images decoded into memory: too many unreadable ones stop the stage before training.
+    check_known_unreadable(getattr(dataset, "source", None), spec.max_bad_fraction)
     world = accelerator.num_processes
     batch = fit_batch(spec.batch_size, len(dataset), world)
     # Every labeled image is seen every epoch: ceil(n/B) steps, the last batch filled from the epoch's start.

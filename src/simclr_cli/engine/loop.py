@@ -44,7 +44,6 @@ class LoopSpec:
     interrupt_after: int | None = None  # tests: behave as if SIGTERM arrived after this step
     on_nonfinite: str = "stop"  # or "skip"
     max_nonfinite_skips: int = 10  # consecutive
-    collapse_warn: float = 0.1  # warn when std of normalized z falls below this x 1/sqrt(d)
 
 
 @dataclass
@@ -92,10 +91,13 @@ def run_loop(
     t0 = time.perf_counter() - start_time_offset
     train_seconds = 0.0
     window_start, window_steps = time.perf_counter(), 0
-    bad: set[int] = set()
-    result = LoopResult(step=step, epoch=epoch)
+    # Unreadable samples: ``bad`` is what every process knows (restored on resume), ``new_bad`` what this
+    # process saw since the last sync; each distinct index counts once, however it was met.
+    bad: set[int] = set(_restored_bad(state_dir) if start_step and state_dir is not None else ())
+    new_bad: set[int] = set()
+    result = LoopResult(step=step, epoch=epoch, bad_images=len(bad))
     loss_sum = torch.zeros((), device=device)
-    skipped, warned_collapse = 0, False
+    skipped = 0
     # Training time (kNN and other hooks excluded) of the steps before start_step, kept in the state so that
     # the throughput of a resumed run counts them ("elapsed", wall time, for states saved before it was kept).
     prior = (read_trainer(state_dir) or {}) if state_dir is not None and start_step else {}
@@ -104,16 +106,29 @@ def run_loop(
     def save(at_step: int) -> None:
         if state_dir is None:  # stages that keep no resume state
             return
+        sync_bad()  # every process saves here together, so the saved set is complete
         if accelerator.is_main_process:
             window = time.perf_counter() - window_start if window_steps else 0.0  # steps not yet in train_seconds
             save_state(state_dir, accelerator.unwrap_model(task), optimizer,
                        {"step": at_step, "epoch": at_step // spe, "elapsed": time.perf_counter() - t0,
                         "train_seconds": prior_seconds + train_seconds + window,
-                        "world_size": world, "global_batch": spec.global_batch, **scaler_counters(accelerator)},
+                        "world_size": world, "global_batch": spec.global_batch, **scaler_counters(accelerator),
+                        "bad_indices": sorted(bad)},
                        keep=spec.keep_states)
         accelerator.wait_for_everyone()
         if on_save is not None:
             on_save()
+
+    def sync_bad(pending: float | None = None) -> None:
+        """Merge every process's ``new_bad`` into ``bad`` (a collective when several processes run;
+        ``pending``: the summed count of new ones, when already known to all, to skip an empty exchange)."""
+        if world > 1 and (pending is None or pending > 0):
+            from accelerate.utils import gather_object
+
+            bad.update(int(i) for i in gather_object(sorted(new_bad)))
+        else:
+            bad.update(new_bad)
+        new_bad.clear()
 
     inner = accelerator.unwrap_model(task)
     own_backward = hasattr(inner, "forward_backward")  # e.g. the gradient cache
@@ -129,7 +144,7 @@ def run_loop(
                 mult = spec.schedule(step)
                 for group, peak in zip(optimizer.param_groups, spec.peak_lrs):
                     group["lr"] = peak * mult
-                bad.update(int(i) for i in batch.get("bad", ()) if int(i) >= 0)
+                new_bad.update(_bad_indices(batch, spec.dataset_size))
                 batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 if own_backward:
                     # Tasks that run their own backward (gradient cache) sync gradients themselves.
@@ -163,6 +178,8 @@ def run_loop(
                     skipped = 0
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if hasattr(inner, "after_step"):  # e.g. an EMA teacher or a queue of negatives
+                        inner.after_step(step + 1)
                 step += 1
                 if update:  # skipped steps stay out of the logged mean loss, keeping it finite
                     window_steps += 1
@@ -171,7 +188,7 @@ def run_loop(
                 if step % spec.log_every == 0 or step == spec.total_steps or end_of_epoch:
                     # Other scalars the task reports (z_std, accuracy, ...) are logged as their mean over processes.
                     extra = [k for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.dim() == 0]
-                    stats = torch.stack([loss_sum / max(window_steps, 1), torch.tensor(float(len(bad)), device=device),
+                    stats = torch.stack([loss_sum / max(window_steps, 1), torch.tensor(float(len(new_bad)), device=device),
                                          *(out[k].detach().float() for k in extra)])
                     stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
                     elapsed = time.perf_counter() - window_start
@@ -193,13 +210,11 @@ def run_loop(
                         f"{spec.stage} step {step}/{spec.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
                         f"lr {record['lr']:.4g} img/s {record['images_per_sec']:.1f}",
                     )
-                    if record.get("z_std_ratio", 1.0) < spec.collapse_warn and not warned_collapse:
-                        warned_collapse = True
-                        progress.message(
-                            f"warning: representations may be collapsing at step {step}: std of normalized z is "
-                            f"{record['z_std_ratio']:.3f} x 1/sqrt(d) (healthy is near 1). Check lr, temperature, augmentation"
-                        )
-                    n_bad = int(stats[1].item())
+                    warning = inner.warning(record) if hasattr(inner, "warning") else None
+                    if warning:  # the task's own health check (e.g. the objective's collapse warning)
+                        progress.message(f"warning: {warning}")
+                    sync_bad(stats[1].item())
+                    n_bad = len(bad)
                     if spec.dataset_size and n_bad > spec.max_bad_fraction * spec.dataset_size:
                         raise DataError(
                             f"{n_bad} unreadable images, more than data.max_bad_fraction="
@@ -256,6 +271,25 @@ def _log_hook(hook: EpochHook, epoch: int, step: int, t0: float, metrics: Metric
         progress.message("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         result.last.update(values)
     return values
+
+
+def _bad_indices(batch: dict, n: int) -> list[int]:
+    """Every unreadable index a batch met: ``bad`` is the first of ``bad_run`` consecutive ones (mod ``n``)."""
+    firsts = batch.get("bad", ())
+    runs = batch.get("bad_run")
+    out = []
+    for k, first in enumerate(firsts):
+        first = int(first)
+        if first >= 0:
+            run = max(int(runs[k]), 1) if runs is not None else 1
+            out += [(first + j) % n if n else first + j for j in range(run)]
+    return out
+
+
+def _restored_bad(state_dir: Path) -> list[int]:
+    """The unreadable indices counted before the saved state (resume keeps the count)."""
+    trainer = read_trainer(state_dir) or {}
+    return [int(i) for i in trainer.get("bad_indices", [])]
 
 
 def _finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> bool:

@@ -29,7 +29,15 @@ from simclr_cli.checkpoints import (
 )
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import BatchedAugment
-from simclr_cli.data.loaders import ContrastiveViews, EvalImages, GlobalBatchSampler, build_source, make_loader
+from simclr_cli.data.loaders import (
+    ContrastiveViews,
+    EvalImages,
+    GlobalBatchSampler,
+    build_source,
+    check_known_unreadable,
+    make_loader,
+    require_labels,
+)
 from simclr_cli.engine.loop import LoopSpec, restore_scaler, run_loop
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay, require_tensorboard
 from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
@@ -37,6 +45,7 @@ from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
 from simclr_cli.errors import UsageError
 from simclr_cli.evaluation.knn import extract_features, knn_top1
 from simclr_cli.models import SimCLRModel, build_simclr_model
+from simclr_cli.objectives import build_objective
 from simclr_cli.optim import build_optimizer, scaled_lr, warmup_cosine
 from simclr_cli.recipe import Recipe, recipe_to_toml
 from simclr_cli.stages.common import StageRun, align_classes, check_output, guarded
@@ -87,11 +96,17 @@ def run(
     main = accelerator.is_main_process
     torch.manual_seed(recipe.seed)
 
+    objective = build_objective(pcfg)
+
     # Data.
     train_source = build_source(cfg, cfg.train_split, recipe.seed)
+    if objective.needs_labels:
+        require_labels(train_source, f"pretrain.objective='{pcfg.objective}'")
+    # Decoded into memory: every unreadable file is known now, so too many stop the run before step 1.
+    check_known_unreadable(train_source, cfg.max_bad_fraction)
     augment = SimCLRAugment(recipe.augment, cfg.image_size, cfg.mean, cfg.std)
     batched = recipe.augment.backend == "batched"
-    views = ContrastiveViews(train_source, augment, recipe.seed, batched=batched)
+    views = ContrastiveViews(train_source, augment, recipe.seed, batched=batched, labels=objective.needs_labels)
     sampler = GlobalBatchSampler(len(views), pcfg.batch_size, recipe.seed, accelerator.process_index,
                                  accelerator.num_processes)
     pin = accelerator.device.type == "cuda"
@@ -107,7 +122,7 @@ def run(
         raise UsageError("pretrain.epochs and pretrain.max_steps give no training steps; set pretrain.epochs >= 1")
 
     # Model, optimizer, task.
-    model = build_simclr_model(recipe.model)
+    model = build_simclr_model(recipe.model, head=objective.head)
     model, bn_mode = convert_sync_bn(model, accelerator, pcfg.sync_bn)
     peak = scaled_lr(pcfg.lr, pcfg.batch_size, pcfg.lr_scaling)
     optimizer = build_optimizer(pcfg.optimizer, model, lr=peak, weight_decay=pcfg.weight_decay,
@@ -117,10 +132,9 @@ def run(
     grad_cache = 0 < pcfg.micro_batch_size < local_batch
     on_device = BatchedAugment(augment) if batched else None
     if grad_cache:
-        task = GradCacheContrastiveTask(model, pcfg.loss, pcfg.temperature, pcfg.margin, pcfg.micro_batch_size,
-                                        batched=on_device)
+        task = GradCacheContrastiveTask(model, objective, micro_batch_size=pcfg.micro_batch_size, batched=on_device)
     else:
-        task = ContrastiveTask(model, pcfg.loss, pcfg.temperature, pcfg.margin, batched=on_device)
+        task = ContrastiveTask(model, objective, batched=on_device)
     if pcfg.channels_last:
         model.to(memory_format=torch.channels_last)
         task.channels_last = True
@@ -178,7 +192,6 @@ def run(
         interrupt_after=interrupt_after,
         on_nonfinite=pcfg.on_nonfinite,
         max_nonfinite_skips=pcfg.max_nonfinite_skips,
-        collapse_warn=pcfg.collapse_warn,
     )
     hook = None
     if knn is not None and knn.enabled:
