@@ -183,7 +183,7 @@ def test_data_check_reports_and_exits_1_when_the_run_would_abort(tmp_path):
     r = invoke("data", "check", "quickstart", *common, "--set", "data.max_bad_fraction=0.2")
     assert r.exit_code == 0, r.output
     assert "broken.jpg" in r.stdout and "train: 13 images, 1 unreadable" in r.stdout and "would skip" in r.stdout
-    assert "cat" in r.stdout and "min 10x12" in r.stdout
+    assert "cat" in r.stdout and "smallest 10x12" in r.stdout
     r = invoke("data", "check", "quickstart", *common)
     assert r.exit_code == 1 and "training would stop" in r.stderr
 
@@ -264,3 +264,171 @@ def test_help_has_the_runs_panel_and_completion():
     r = invoke("--help")
     for name in ("Runs", "plot", "embed", "export", "info", "runs", "--install-completion", "--verbose"):
         assert name in r.stdout, name
+
+
+# ----------------------------------------------------------------------------- issue 11, items 11 to 13
+
+QUICK = ["--set", "pretrain.epochs=1", "--set", "pretrain.knn_every=0"]
+
+
+def _one_error(r) -> str:
+    """The single error line of a failed command (and no traceback)."""
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.output, r.output
+    return errors[0]
+
+
+def test_set_name_cannot_leave_runs(tiny_recipe_file, tmp_path):
+    # item 11: name= wrote runs/pretrain, name=../x and absolute names escaped runs/
+    for name in ("", "..", "../escaped", f"{tmp_path}/abs"):
+        r = invoke("pretrain", str(tiny_recipe_file), "--set", f"name={name}", *QUICK)
+        assert r.exit_code == 2 and "'name' must be a folder name" in _one_error(r), r.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
+    assert not (tmp_path / "abs").exists()
+
+
+def test_embed_refuses_a_missing_data_folder_and_an_existing_output(tiny_recipe_file, tmp_path):
+    # item 11: --data /nonexistent wrote /nonexistent.npy; item 13: embed overwrote silently, named no .npy
+    from pathlib import Path
+
+    assert invoke("pretrain", str(tiny_recipe_file), "-q", *QUICK).exit_code == 0
+    nowhere = tmp_path / "nowhere"
+    r = invoke("embed", "runs/tiny", "--data", str(nowhere))
+    assert r.exit_code == 2 and f"--data {nowhere}: no such folder" in _one_error(r)
+    r = invoke("embed", "runs/tiny", "--data", "nonsense")  # not a split of the synthetic set either
+    assert r.exit_code == 2 and "not a split" in _one_error(r)
+    assert not list(tmp_path.glob("nowhere*")) and not Path("runs/tiny/embed").exists()
+    r = invoke("embed", "runs/tiny", "--data", "val")
+    assert r.exit_code == 0 and "wrote runs/tiny/embed/val.npy (32, 96)" in r.stdout
+    r = invoke("embed", "runs/tiny", "--data", "val")
+    assert r.exit_code == 2 and "runs/tiny/embed/val.npy exists; pass --overwrite" in _one_error(r)
+    assert invoke("embed", "runs/tiny", "--data", "val", "--overwrite").exit_code == 0
+    r = invoke("embed", "runs/tiny", "--data", "val", "--out", "feats")  # numpy adds .npy: the message says so
+    assert r.exit_code == 0 and "wrote feats.npy (32, 96) and feats.csv" in r.stdout and Path("feats.npy").is_file()
+
+
+def test_an_output_folder_that_cannot_be_written_is_exit_2_naming_it(tiny_recipe_file, tmp_path, monkeypatch):
+    # item 12: --out at a file, and a read-only folder, were raw NotADirectoryError / PermissionError, exit 1
+    import errno
+    import os
+    import pathlib
+    import tempfile
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    for out in (blocker, blocker / "sub"):
+        r = invoke("pretrain", str(tiny_recipe_file), *QUICK, "--out", str(out))
+        assert r.exit_code == 2 and f"{blocker} is a file, not a folder" in _one_error(r)
+    assert blocker.read_text() == "mine"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:  # root writes into read-only folders anyway; simulated below
+        ro.chmod(0o555)
+        r = invoke("pretrain", str(tiny_recipe_file), *QUICK, "--out", str(ro / "run"))
+        ro.chmod(0o755)
+        assert r.exit_code == 2 and f"{ro} is not writable" in _one_error(r)
+    with monkeypatch.context() as m:  # what the up-front check sees for a read-only folder
+        m.setattr(os, "access", lambda *a, **k: False)
+        r = invoke("pretrain", str(tiny_recipe_file), *QUICK, "--out", str(ro / "run"))
+        assert r.exit_code == 2 and f"{ro} is not writable" in _one_error(r)
+    # A write refused later (a read-only mount, root-squashed NFS): simulated with writers raising PermissionError.
+    real_mkdir = pathlib.Path.mkdir
+
+    def refused_mkdir(self, *a, **k):
+        if str(self).startswith(str(ro)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "mkdir", refused_mkdir)
+        r = invoke("pretrain", str(tiny_recipe_file), *QUICK, "--out", str(ro / "run"))
+        assert r.exit_code == 2 and f"{ro}/run" in _one_error(r) and "Permission denied; fix" in _one_error(r)
+
+    def refused_mkstemp(*a, dir=None, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", refused_mkstemp)
+        r = invoke("pretrain", str(tiny_recipe_file), *QUICK, "--out", str(ro / "run2"))
+        err = _one_error(r)
+        assert r.exit_code == 2 and f"{ro}/run2/pretrain/" in err and "cannot write there" in err
+
+
+def test_disk_full_during_a_save_is_one_line_naming_the_file(tiny_recipe_file, tmp_path, monkeypatch):
+    # item 12: ENOSPC was "error: OSError: [Errno 28] ..." without the file; runtime failure: exit 1
+    import errno
+    import os
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    r = invoke("pretrain", str(tiny_recipe_file), *QUICK, "--out", str(tmp_path / "o"))
+    err = _one_error(r)
+    assert r.exit_code == 1 and f"{tmp_path}/o/pretrain/" in err
+    assert "no space left on device" in err and "intact" in err and "Errno" not in err
+
+
+def test_recipes_validate_encoding_seed_and_backbone_origin(tiny_recipe_file, tmp_path):
+    # item 12: BOM / non-UTF-8 recipes and a seed past int64; item 13: the backbone error blamed the file
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + tiny_recipe_file.read_bytes())
+    assert invoke("recipes", "validate", str(bom)).exit_code == 0
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes('name = "x"\n# caf\u00e9\n'.encode("latin-1"))
+    r = invoke("recipes", "validate", str(latin))
+    assert r.exit_code == 2 and f"{latin}: not UTF-8" in _one_error(r)
+    r = invoke("recipes", "validate", str(tiny_recipe_file), "--set", "seed=9223372036854775808")
+    assert r.exit_code == 2 and "'seed' must be an integer from -2**63 to 2**63 - 1" in _one_error(r)
+    r = invoke("recipes", "validate", str(tiny_recipe_file), "--set", "model.backbone=resnet5O")
+    err = _one_error(r)
+    assert r.exit_code == 2 and err.startswith("error: --set model.backbone=resnet5O: model.backbone: 'resnet5O'")
+    assert "did you mean 'resnet" in err and str(tiny_recipe_file) not in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nbackbone = "resnet-18"\n')
+    r = invoke("recipes", "validate", str(bad))
+    assert r.exit_code == 2 and f"{bad}: model.backbone: 'resnet-18'" in _one_error(r)
+    assert "did you mean 'resnet18'?" in r.stderr
+
+
+def test_warnings_go_to_stderr(tiny_recipe_file, capsys):
+    # item 13: progress warnings went to stdout while the unreadable-image warnings went to stderr
+    from simclr_cli.engine.reporting import ProgressDisplay
+
+    r = invoke("pretrain", str(tiny_recipe_file), *QUICK, "--set", "pretrain.warmup_epochs=5")
+    assert r.exit_code == 0, r.output
+    assert "warning: pretrain.warmup_epochs=5" in r.stderr and "warning" not in r.stdout
+    display = ProgressDisplay(10, 0, True, "x")
+    display.message("warning: representations may be collapsing")
+    display.message("epoch 1 loss 3.2")
+    display.close()
+    seen = capsys.readouterr()
+    assert seen.err == "warning: representations may be collapsing\n" and seen.out == "epoch 1 loss 3.2\n"
+
+
+def test_finetune_with_file_names_that_are_not_utf8(tmp_path):
+    # item 12: an image named b"\xff0.png" made finetune fail with UnicodeEncodeError writing labels.txt
+    import os
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = os.fsencode(tmp_path / "d")
+    for split in (b"train", b"val"):
+        for c in (b"a", b"b"):
+            os.makedirs(os.path.join(root, split, c))
+            for i in range(4):
+                name = (b"\xff%d.png" if c == b"a" else b"%d.png") % i
+                pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.fsdecode(os.path.join(root, split, c, name)))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'name = "odd"\n[data]\ndataset = "imagefolder"\nroot = "{tmp_path / "d"}"\nimage_size = 16\n'
+                      'num_workers = 0\nin_memory = "never"\n[model]\nbackbone = "test_resnet"\nproj_dim = 16\n'
+                      '[pretrain]\nepochs = 1\nbatch_size = 8\nknn_every = 0\n')
+    assert invoke("pretrain", str(recipe), "-q").exit_code == 0
+    r = invoke("finetune", "-q", "--labels", "100%", "--set", "finetune.epochs=1")
+    assert r.exit_code == 0, r.output
+    labels = Path("runs/odd/finetune/labels.txt").read_bytes().splitlines()
+    assert sorted(labels) == sorted([b"\xff%d.png" % i for i in range(4)] + [b"%d.png" % i for i in range(4)])

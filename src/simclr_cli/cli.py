@@ -68,10 +68,18 @@ def _show_recipe(r) -> None:
 
 @contextmanager
 def _handled(debug: bool = False) -> Iterator[None]:
-    """Turn errors into one stderr line and an exit code; re-raise with ``--debug``."""
+    """Turn errors into one stderr line and an exit code; re-raise with ``--debug``.
+
+    Ctrl-C and SIGTERM stop the command at once with exit 130 (never the silent 143 of SIGTERM); a stage
+    catches them itself while it runs, stops at a step boundary and says what it kept.
+    """
+    from simclr_cli.engine.signals import StopRequest
+
     debug = debug or _debug["on"]
+    stop = StopRequest(immediate=True)
     try:
-        yield
+        with stop:
+            yield
     except typer.Exit:
         raise
     except SimclrError as e:
@@ -79,12 +87,18 @@ def _handled(debug: bool = False) -> Iterator[None]:
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        print("error: interrupted before any state was saved", file=sys.stderr)
+    except KeyboardInterrupt:  # outside a stage (they report their own stops, with what was kept)
+        print(f"error: stopped by {stop.signal_name or 'SIGINT'}", file=sys.stderr)
         raise typer.Exit(130) from None
     except Exception as e:  # noqa: BLE001 - the last line of defence for the user
         if debug:
             raise
+        from simclr_cli.errors import from_os_error
+
+        known = from_os_error(e) if isinstance(e, OSError) else None  # disk full, read-only, a file in the way
+        if known is not None:
+            print(f"error: {_one_line(known)}", file=sys.stderr)
+            raise typer.Exit(known.exit_code) from None
         print(f"error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
         raise typer.Exit(1) from None
 
@@ -116,6 +130,7 @@ def pretrain(
 
         r = load_recipe(recipe, set_ or [])
         _show_recipe(r)
+        _check_out(out if out is not None else Path("runs") / r.name)
         summary = stage.run(r, out, resume=resume, overwrite=overwrite, force=force, show_progress=not quiet)
         if not quiet and summary is not None and _is_main_process():
             knn = summary.get("knn_top1")
@@ -129,6 +144,25 @@ def _is_main_process() -> bool:
     import os
 
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _check_out(folder: Path) -> None:
+    """Refuse an output folder that cannot be one before any work: a file in its place (or in the place of
+    a parent), or a folder this user may not write into (exit 2)."""
+    import os
+
+    from simclr_cli.errors import UsageError
+
+    folder = Path(folder).expanduser()
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"output folder {folder}: {probe} is a file, not a folder; pass --out with a folder path, "
+                         "or move the file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {folder}: {probe} is not writable; pass --out with a writable folder, "
+                         "or fix its permissions")
 
 
 SourceArg = Annotated[
@@ -155,15 +189,22 @@ def _str_set(key: str, value: str) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def _chain_inputs(source, recipe, set_, init, wants, out, quiet):
-    """Resolve a stage's checkpoint, recipe and output directory (the chaining rules)."""
+def _chain_inputs(source, recipe, set_, init, wants, out, quiet, resume_stage=None):
+    """Resolve a stage's checkpoint, recipe and output directory (the chaining rules). ``resume_stage``
+    (with --resume): the recipe is the one that stage saved in OUT/STAGE/recipe.toml, ``--set`` on top."""
     from simclr_cli.stages import common
 
     say = (lambda *a: None) if quiet or not _is_main_process() else print
-    src = common.find_source(source, wants, required=init != "random" or (source is not None) or not recipe, say=say)
-    r = common.inherit_recipe(src, recipe, set_)
+    r = common.resume_recipe(Path(out) / resume_stage, recipe, set_) if resume_stage and out is not None else None
+    src = common.find_source(source, wants, say=say,
+                             required=init != "random" or (source is not None) or not (recipe or r))
+    if resume_stage and r is None and out is None and src is not None:
+        r = common.resume_recipe(common.output_dir(src, None, None, init) / resume_stage, recipe, set_)
+    r = r or common.inherit_recipe(src, recipe, set_)
     _show_recipe(r)
-    return src, r, common.output_dir(src, r, out, init)
+    out_dir = common.output_dir(src, r, out, init)
+    _check_out(out_dir)
+    return src, r, out_dir
 
 
 @app.command("linear-eval", rich_help_panel=STAGES_PANEL)
@@ -245,7 +286,8 @@ def finetune(
 
         extra = ([_str_set("finetune.labels", labels)] if labels else []) + (
             [f"finetune.from_head_layer={from_head_layer}"] if from_head_layer is not None else [])
-        src, r, out_dir = _chain_inputs(source, recipe, [*(set_ or []), *extra], init, ("pretrain",), out, quiet)
+        src, r, out_dir = _chain_inputs(source, recipe, [*(set_ or []), *extra], init, ("pretrain",), out, quiet,
+                                        resume_stage=stage.STAGE if resume else None)
         summary = stage.run(r, src, out_dir, init=init, resume=resume, overwrite=overwrite, force=force,
                             show_progress=not quiet)
         common.show_result(f"finetune ({summary.get('labels')}, {init})",
@@ -296,7 +338,7 @@ def distill(
             f"distill.temperature={temperature!r}" if temperature is not None else None,
         ) if s]
         src, r, out_dir = _chain_inputs(source, recipe, [*(set_ or []), *extra], "pretrained", ("finetune",), out,
-                                        quiet)
+                                        quiet, resume_stage=stage.STAGE if resume else None)
         summary = stage.run(r, src, out_dir, resume=resume, overwrite=overwrite, force=force, show_progress=not quiet)
         common.show_result(f"distill ({summary.get('loss')})",
                            _pick(summary, "teacher_top1", "student_top1", "teacher_top5", "student_top5",
@@ -359,7 +401,8 @@ RUNS_PANEL = "Runs"
 
 @app.command(rich_help_panel=RUNS_PANEL)
 def info(
-    path: Annotated[Path, typer.Argument(help="A checkpoint (model.safetensors) or a stage folder.")],
+    path: Annotated[Path, typer.Argument(help="A checkpoint (model.safetensors), a stage folder, or a run "
+                                              "directory or name (its pretrain checkpoint, else its newest stage's).")],
     debug: DebugOpt = False,
 ) -> None:
     """Show a checkpoint's metadata, key recipe values and final metrics."""
@@ -392,6 +435,7 @@ def runs(
         table = Table("run", "stages done", "key metrics", "wall", title=f"runs under {root}/")
         for r in found:
             stages = ", ".join(r["stages"]) + (f" (interrupted: {', '.join(r['interrupted'])})" if r["interrupted"] else "")
+            stages += f" (unreadable summary.json: {', '.join(r['unreadable'])})" if r.get("unreadable") else ""
             metrics = "  ".join(f"{k} {v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}"
                                 for k, v in r["metrics"].items() if v is not None)
             table.add_row(r["run"], stages, metrics, f"{r['wall_seconds']:.0f} s")
@@ -418,6 +462,7 @@ def export(
         src = common.find_source(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
                                  say=print if _is_main_process() else (lambda *a: None))
         target = out or src.run_dir / "export-timm"
+        _check_out(target)
         config = export_timm(src.checkpoint, target, overwrite=overwrite)
         print(f"wrote {target}/model.safetensors and config.json ({config['architecture']}, "
               f"{config['num_features']} features)")
@@ -479,8 +524,10 @@ def embed(
     source: SourceArg = None,
     data: Annotated[str, typer.Option("--data", help="A split of the recipe's dataset (e.g. val, train), or a folder "
                                                      "of images (class folders or flat).")] = "val",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .npy (default RUN/embed/<data>.npy); "
-                                                                    "a .csv with paths and labels goes beside it.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .npy, or a folder for <data>.npy "
+                                                                    "(default RUN/embed/<data>.npy); a .csv with "
+                                                                    "paths and labels goes beside it.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output .npy and .csv.")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Export h (the encoder's features) for a dataset to .npy, with a CSV of file paths and labels."""
@@ -491,6 +538,7 @@ def embed(
 
         from simclr_cli.data.loaders import build_source
         from simclr_cli.engine.setup import make_accelerator
+        from simclr_cli.errors import DataError, UsageError
         from simclr_cli.evaluation.linear import predict
         from simclr_cli.stages import common
 
@@ -498,25 +546,65 @@ def embed(
         recipe = common.inherit_recipe(src, None, [])
         folder = Path(data).expanduser()
         if folder.is_dir():
-            source_images = _folder_source(folder)
-            tag = folder.name
+            tag = folder.resolve().name or "root"
+            build = lambda: _folder_source(folder)  # noqa: E731
         else:
-            source_images = build_source(recipe.data, data, recipe.seed)
+            cfg = recipe.data
+            splits = [s for s in dict.fromkeys(("train", cfg.train_split, "val", cfg.val_split)) if s]
+            if _looks_like_path(data) or (cfg.dataset == "synthetic" and data not in splits):
+                raise DataError(f"--data {data}: no such folder, and not a split of the run's {cfg.dataset} dataset; "
+                                f"pass a split (e.g. {', '.join(splits)}) or an existing folder of images", missing=True)
             tag = data
+            build = lambda: build_source(cfg, data, recipe.seed)  # noqa: E731
+        target = _embed_target(out, src.run_dir, tag)
+        table = target.with_suffix(".csv")
+        existing = [p for p in (target, table) if p.exists()]
+        if existing and not overwrite:
+            raise UsageError(f"{existing[0]} exists; pass --overwrite to replace it, or --out to write elsewhere")
+        _check_out(target.parent)
+        source_images = build()
         accelerator = make_accelerator("no")
         encoder = common.load_encoder(src, recipe, "pretrained").backbone.to(accelerator.device)
         feats, labels = predict(encoder, common.eval_loader(source_images, None, recipe, accelerator),
                                 accelerator.device)
-        target = out or src.run_dir / "embed" / f"{tag}.npy"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        np.save(target, feats.numpy().astype(np.float32))
-        with target.with_suffix(".csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["row", "path", "label", "class"])
-            for i, y in enumerate(labels.tolist()):
-                name = source_images.classes[y] if 0 <= y < len(source_images.classes) else ""
-                w.writerow([i, source_images.describe(i), y, name])
-        print(f"wrote {target} {tuple(feats.shape)} and {target.with_suffix('.csv')}")
+        from simclr_cli.errors import from_os_error
+
+        writing = target
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.save(target, feats.numpy().astype(np.float32))
+            writing = table
+            # File names that are not valid UTF-8 are written back as the bytes they are (surrogateescape).
+            with table.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+                w = csv.writer(f)
+                w.writerow(["row", "path", "label", "class"])
+                for i, y in enumerate(labels.tolist()):
+                    name = source_images.classes[y] if 0 <= y < len(source_images.classes) else ""
+                    w.writerow([i, source_images.describe(i), y, name])
+        except OSError as e:  # disk full, read-only: name the file
+            err = from_os_error(e, writing)
+            if err is None:
+                raise
+            raise err from e
+        print(f"wrote {target} {tuple(feats.shape)} and {table}")
+
+
+def _looks_like_path(text: str) -> bool:
+    """A ``--data`` value meant as a folder rather than a split name (``./x``, ``~/x``, ``a/b``, ``/x``)."""
+    import os
+
+    return text.startswith((".", "~")) or "/" in text or os.sep in text or Path(text).is_absolute()
+
+
+def _embed_target(out: Path | None, run_dir: Path, tag: str) -> Path:
+    """Where ``embed`` writes: RUN/embed/<tag>.npy, inside ``--out`` when it is a folder, else ``--out``
+    with ``.npy`` added when missing (what numpy would write anyway)."""
+    if out is None:
+        return run_dir / "embed" / f"{tag}.npy"
+    target = Path(out).expanduser()
+    if target.is_dir():
+        return target / f"{tag}.npy"
+    return target if target.suffix == ".npy" else target.with_name(target.name + ".npy")
 
 
 def _folder_source(folder: Path):
@@ -584,21 +672,22 @@ def recipes_show(
             print(recipe_to_toml(load_recipe(name, set_ or [])), end="")
         else:
             load_recipe(name)  # validate before showing
-            print(resolve_recipe_path(name).read_text(), end="")
+            print(resolve_recipe_path(name).read_text(encoding="utf-8-sig"), end="")
 
 
 @recipes_app.command("validate")
 def recipes_validate(file: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe file (and overrides) against the schema; exit 2 with the first problem."""
     with _handled():
-        import timm
-
-        from simclr_cli.errors import RecipeError
+        from simclr_cli.models.backbone import check_backbone
         from simclr_cli.recipe import load_recipe, resolve_recipe_path
+        from simclr_cli.recipe.loader import parse_override
 
         r = load_recipe(file, set_ or [])
-        if not timm.is_model(r.model.backbone):
-            raise RecipeError(f"{resolve_recipe_path(file)}: model.backbone '{r.model.backbone}' is not a timm model")
+        # Blame where the backbone came from: the last --set of it, else the file.
+        origin = next((f"--set {t}" for t in reversed(set_ or []) if parse_override(t)[0] == "model.backbone"),
+                      str(resolve_recipe_path(file)))
+        check_backbone(r.model.backbone, where=f"{origin}: model.backbone")
         print(f"ok: {resolve_recipe_path(file)} (name={r.name}, dataset={r.data.dataset}, backbone={r.model.backbone})")
 
 
@@ -632,8 +721,10 @@ def data_check(recipe: RecipeArg, set_: SetOpt = None, debug: DebugOpt = False) 
             console.print(table)
             sizes = rep.size_stats()
             if sizes:
-                console.print(f"sizes (h x w): min {sizes['min_h']}x{sizes['min_w']}, median "
-                              f"{sizes['median_h']}x{sizes['median_w']}, max {sizes['max_h']}x{sizes['max_w']}")
+                hw = {k: f"{v[0]}x{v[1]}" for k, v in sizes.items() if k in ("smallest", "median", "largest")}
+                console.print(f"sizes (h x w of real images, by area): smallest {hw['smallest']}, median {hw['median']}, "
+                              f"largest {hw['largest']}; heights {sizes['height'][0]}..{sizes['height'][1]}, "
+                              f"widths {sizes['width'][0]}..{sizes['width'][1]}")
             for name, err in rep.unreadable:
                 console.print(f"unreadable: {name} ({err})", markup=False)
             bad = len(rep.unreadable)

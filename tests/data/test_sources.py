@@ -120,3 +120,27 @@ def test_16bit_grayscale_png_decodes_to_a_gradient_not_white(tmp_path):
     Image.fromarray(np.tile(np.arange(0, 256 * 1000, 1000, dtype=np.int32), (2, 1))).save(tmp_path / "i32.tif")
     wide = read_image(tmp_path / "i32.tif")[0, 0].long()
     assert wide[0] == 0 and wide[-1] == 255 and (wide.diff() >= 0).all()
+
+
+def test_single_class_split_and_empty_class_folder_warn_on_stderr(tmp_path, capsys):
+    # issue 11 item 13: no warning for a single-class split or an empty class folder
+    one = tmp_path / "one"
+    (one / "train" / "only").mkdir(parents=True)
+    _img("RGB").save(one / "train" / "only" / "a.png")
+    build_source(DataConfig(dataset="imagefolder", root=str(one), in_memory="never"), "train", 0)
+    out = capsys.readouterr()
+    assert "warning: " in out.err and "single class folder ('only')" in out.err and "warning" not in out.out
+    empty = tmp_path / "empty"
+    for c in ("cat", "dog", "eel"):
+        (empty / "train" / c).mkdir(parents=True)
+    _img("RGB").save(empty / "train" / "cat" / "a.png")
+    _img("RGB").save(empty / "train" / "eel" / "b.png")
+    src = build_source(DataConfig(dataset="imagefolder", root=str(empty), in_memory="never"), "train", 0)
+    err = capsys.readouterr().err
+    assert src.classes == ["cat", "dog", "eel"]
+    assert err.startswith("warning: ") and "1 class folder(s) with no images (dog)" in err and "single class" not in err
+    # a healthy split says nothing
+    (empty / "train" / "dog" / "c.png").parent.mkdir(exist_ok=True)
+    _img("RGB").save(empty / "train" / "dog" / "c.png")
+    build_source(DataConfig(dataset="imagefolder", root=str(empty), in_memory="never"), "train", 0)
+    assert capsys.readouterr().err == ""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import statistics
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -26,11 +25,15 @@ class SplitReport:
     heights: list[int] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
 
-    def size_stats(self) -> dict[str, int]:
+    def size_stats(self) -> dict[str, tuple[int, int]]:
+        """Sizes of real images, as (h, w): the ``smallest``, ``median`` and ``largest`` by area (ties by h, w; the
+        median is the lower middle one), plus the ranges of heights and widths on their own (``height``,
+        ``width``: (min, max)), which may come from different images."""
         if not self.heights:
             return {}
-        return {"min_h": min(self.heights), "median_h": int(statistics.median(self.heights)), "max_h": max(self.heights),
-                "min_w": min(self.widths), "median_w": int(statistics.median(self.widths)), "max_w": max(self.widths)}
+        by_area = sorted(zip(self.heights, self.widths), key=lambda hw: (hw[0] * hw[1], hw))
+        return {"smallest": by_area[0], "median": by_area[(len(by_area) - 1) // 2], "largest": by_area[-1],
+                "height": (min(self.heights), max(self.heights)), "width": (min(self.widths), max(self.widths))}
 
 
 def scan_split(source: ImageSource, split: str, workers: int = 0) -> SplitReport:

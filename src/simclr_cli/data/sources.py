@@ -126,6 +126,7 @@ class ImageFolderSource:
             raise DataError(
                 f"imagefolder: no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} in any case)", missing=True
             )
+        warn_class_layout(folder, classes, labels)
         self.files = files
         self.labels = labels
         self.classes = classes
@@ -139,6 +140,33 @@ class ImageFolderSource:
 
     def describe(self, index: int) -> str:
         return self.files[index]
+
+
+_LAYOUT_WARNED: set[str] = set()
+
+
+def warn_class_layout(folder: Path, classes: list[str], labels: list[int]) -> None:
+    """Warn (stderr, once per folder and process group) about a split with a single class folder, and about
+    class folders without images: labels then mean little (kNN, linear eval) or a class is silently empty."""
+    import os
+    import sys
+
+    counts = [0] * len(classes)
+    for y in labels:
+        counts[y] += 1
+    lines = []
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        lines.append(f"warning: {folder}: {len(empty)} class folder(s) with no images ({shown}); "
+                     "they are still counted as classes")
+    if len(classes) == 1:
+        lines.append(f"warning: {folder}: a single class folder ('{classes[0]}'), so its labels carry no information; "
+                     "pretraining ignores them, but kNN, linear eval and fine-tuning need two or more classes")
+    for line in lines:
+        if line not in _LAYOUT_WARNED and int(os.environ.get("RANK", "0")) == 0:
+            _LAYOUT_WARNED.add(line)
+            print(line, file=sys.stderr, flush=True)
 
 
 def _split_key(split: str) -> str:

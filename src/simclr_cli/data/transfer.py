@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from simclr_cli.data.loaders import SubsetSource
-from simclr_cli.data.sources import IMAGE_EXTENSIONS, ImageSource, read_image, torchvision_source
+from simclr_cli.data.sources import IMAGE_EXTENSIONS, ImageSource, read_image, torchvision_source, warn_class_layout
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.utils import mix_seed
 
@@ -109,7 +109,11 @@ def load_transfer(name: str, root: str, *, download: bool = False, val_fraction:
                   seed: int = 0) -> TransferData:
     """Build ``name`` (a built-in dataset or ``imagefolder:PATH``)."""
     if name.startswith("imagefolder:"):
-        train, val, test, note = _imagefolder(Path(name.split(":", 1)[1]).expanduser(), split, seed)
+        folder = name.split(":", 1)[1].strip()
+        if not folder:  # Path("") is the current directory: never use it by accident
+            raise UsageError(f"transfer dataset '{name}' has no path; write imagefolder:PATH, "
+                             "e.g. --dataset imagefolder:/data/caltech101")
+        train, val, test, note = _imagefolder(Path(folder).expanduser(), split, seed)
         metric = "top1"
     elif name in BUILTIN:
         train, val, test, note = _builtin(name, Path(root).expanduser(), download, seed)
@@ -204,6 +208,8 @@ def _scan_classes(folder: Path) -> tuple[list[str], list[int], list[str]]:
             if is_image_file(p):
                 files.append(str(p))
                 labels.append(ci)
+    if files:
+        warn_class_layout(folder, classes, labels)
     return files, labels, classes
 
 
@@ -268,8 +274,11 @@ def _missing(name: str, root: Path, download: bool, err: Exception) -> DataError
 
 def _builtin(name: str, root: Path, download: bool, seed: int):
     if name in ("cifar10", "cifar100", "stl10"):
-        return (torchvision_source(name, str(root), "train", download), None,
-                torchvision_source(name, str(root), "test", download), "")
+        try:
+            return (torchvision_source(name, str(root), "train", download), None,
+                    torchvision_source(name, str(root), "test", download), "")
+        except DataError as e:  # its hint names the recipe keys (data.download); transfer has --download/--root
+            raise _missing(name, root, download, e) from None
     from torchvision import datasets
 
     try:
