@@ -78,3 +78,28 @@ def test_plot_and_embed_write_non_empty_files(tiny_recipe_file):
     feats = np.load("runs/tiny/embed/val.npy")
     rows = Path("runs/tiny/embed/val.csv").read_text().splitlines()
     assert feats.shape == (32, 96) and len(rows) == 33 and rows[0] == "row,path,label,class"
+
+
+def test_info_takes_a_run_folder_and_a_bad_summary_hides_nothing(tiny_recipe_file):
+    # issue 11 item 13: info refused the run folder every other command takes;
+    # item 12: a corrupt summary.json failed `info` and could hide every run from `runs`
+    from pathlib import Path
+
+    runner = CliRunner()
+    args = ["pretrain", str(tiny_recipe_file), "-q", "--set", "pretrain.epochs=1", "--set", "pretrain.knn_every=0"]
+    assert runner.invoke(app, args).exit_code == 0
+    for where in ("runs/tiny", "tiny", "runs/tiny/pretrain"):
+        r = runner.invoke(app, ["info", where])
+        assert r.exit_code == 0 and "runs/tiny/pretrain/model.safetensors" in r.output, (where, r.output)
+    r = runner.invoke(app, ["info", "runs"])
+    assert r.exit_code == 2 and "no such checkpoint" in r.stderr
+    Path("runs/tiny/pretrain/summary.json").write_bytes(b"\xff\x00 torn")
+    for name, text in (("other", "[1, 2]"), ("third", '{"knn_top1": 50.0, "wall_seconds": "soon"}')):
+        Path(f"runs/{name}/knn").mkdir(parents=True)
+        Path(f"runs/{name}/knn/summary.json").write_text(text)
+    r = runner.invoke(app, ["runs"])
+    assert r.exit_code == 0, r.output
+    assert "runs/tiny" in r.output and "runs/other" in r.output and "runs/third" in r.output
+    assert r.output.count("unreadable summary.json") == 2 and "knn 50.00" in r.output
+    r = runner.invoke(app, ["info", "runs/tiny"])
+    assert r.exit_code == 0 and "unreadable" in r.output and "test_resnet" in r.output

@@ -8,20 +8,45 @@ from pathlib import Path
 from simclr_cli.checkpoints import MODEL_FILE, read_metadata
 from simclr_cli.errors import UsageError
 from simclr_cli.recipe import parse_toml, recipe_from_dict
-from simclr_cli.stages.common import RANDOM_INIT_DIR, STAGE_DIRS
+from simclr_cli.stages.common import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_DIRS
 
 # The number each stage is judged by, for the runs table.
 KEY_METRIC = {"pretrain": "knn_top1", "knn": "knn_top1", "linear_eval": "top1", "finetune": "top1",
               "distill": "student_top1"}
 
 
-def checkpoint_info(path: Path) -> list[tuple[str, str]]:
-    """(field, value) rows for one checkpoint: metadata, key recipe values, final metrics."""
-    path = Path(path)
+def resolve_checkpoint(path: Path, runs_root: Path = RUNS_ROOT) -> Path:
+    """The checkpoint ``info`` shows for ``path``: the file itself, a stage folder's, a run folder's
+    (its pretrain checkpoint, else its newest stage's), or that of a run name under ./runs."""
+    path = Path(path).expanduser()
+    if not path.exists() and len(path.parts) == 1 and (runs_root / path).is_dir():
+        path = runs_root / path
+    if path.is_dir() and not (path / MODEL_FILE).is_file():
+        found = [path / s / MODEL_FILE for s in STAGE_DIRS if (path / s / MODEL_FILE).is_file()]
+        if not found:
+            raise UsageError(f"{path}: no such checkpoint (no {MODEL_FILE} here, nor in a stage folder of it "
+                             f"such as {path / 'pretrain'}); pass a run directory or a checkpoint")
+        pretrain = path / "pretrain" / MODEL_FILE
+        return pretrain if pretrain in found else max(found, key=lambda p: p.stat().st_mtime)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
         raise UsageError(f"{path}: no such checkpoint")
+    return path
+
+
+def read_summary(path: Path) -> dict | None:
+    """A stage's summary.json, or None when it cannot be read or is not a JSON object (a torn or edited file)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def checkpoint_info(path: Path) -> list[tuple[str, str]]:
+    """(field, value) rows for one checkpoint: metadata, key recipe values, final metrics."""
+    path = resolve_checkpoint(path)
     try:
         meta = read_metadata(path)
     except Exception as e:  # noqa: BLE001
@@ -49,8 +74,10 @@ def checkpoint_info(path: Path) -> list[tuple[str, str]]:
     rows.append(("simclr-cli", meta.get("simclr.version", "?")))
     summary = path.parent / "summary.json"
     if summary.is_file():
-        data = json.loads(summary.read_text())
-        for k, v in data.items():
+        data = read_summary(summary)
+        if data is None:
+            rows.append(("summary.json", f"unreadable ({summary}): not a JSON object; the checkpoint itself is fine"))
+        for k, v in (data or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
                 rows.append((k, f"{v:g}" if isinstance(v, float) else str(v)))
     return rows
@@ -65,26 +92,36 @@ def list_runs(root: Path = Path("runs")) -> list[dict]:
     folders = sorted(d for d in root.iterdir() if d.is_dir())
     for run in folders:
         for d in (run, run / RANDOM_INIT_DIR):
-            stages = {}
+            stages, unreadable = {}, []
             for s in STAGE_DIRS:
                 f = d / s / "summary.json"
                 if f.is_file():
-                    try:
-                        stages[s] = json.loads(f.read_text())
-                    except ValueError:
-                        stages[s] = {}
+                    data = read_summary(f)
+                    if data is None:
+                        unreadable.append(s)  # shown as such; one bad file does not hide the other runs
+                    stages[s] = data or {}
             if not stages:
                 continue
             interrupted = [s for s in STAGE_DIRS if (d / s / "state").is_dir() and s not in stages]
             metrics = {s: stages[s].get(KEY_METRIC[s]) for s in stages if s in KEY_METRIC}
             if "transfer" in stages:
                 res = stages["transfer"].get("results", {})
-                metrics["transfer"] = f"{sum(len(v) for v in res.values())} result(s)"
+                n = sum(len(v) for v in res.values() if isinstance(v, (dict, list))) if isinstance(res, dict) else 0
+                metrics["transfer"] = f"{n} result(s)"
             out.append({
                 "run": str(d),
                 "stages": list(stages),
                 "interrupted": interrupted,
+                "unreadable": unreadable,
                 "metrics": metrics,
-                "wall_seconds": round(sum(float(v.get("wall_seconds") or 0) for v in stages.values()), 1),
+                "wall_seconds": round(sum(_number(v.get("wall_seconds")) for v in stages.values()), 1),
             })
     return out
+
+
+def _number(value) -> float:
+    """A summary's number, or 0 for a missing or edited value."""
+    try:
+        return float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0

@@ -24,7 +24,21 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` through a temp file and a rename. A refused write (disk full, read-only folder)
+    raises a one-line :class:`~simclr_cli.errors.SimclrError` naming ``path``; the old file stays."""
     path = Path(path)
+    try:
+        _atomic_write_bytes(path, data)
+    except OSError as e:
+        from simclr_cli.errors import from_os_error
+
+        err = from_os_error(e, path)
+        if err is None:
+            raise
+        raise err from e
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

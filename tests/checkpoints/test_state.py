@@ -84,3 +84,27 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o644  # not mkstemp's 0600
+
+
+def test_disk_full_during_a_save_names_the_file_and_keeps_the_last_state(tmp_path, monkeypatch):
+    # issue 11 item 12: ENOSPC was a raw OSError (exit 1 with a traceback-ish line) and left step-N.tmp behind
+    import errno
+    import os
+
+    from simclr_cli.checkpoints import latest_state
+    from simclr_cli.errors import DiskFull
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = save_state(tmp_path, model, opt, {"step": 1})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFull) as e:
+        save_state(tmp_path, model, opt, {"step": 2})
+    msg = str(e.value)
+    assert "step-000000002.tmp/model.safetensors" in msg and "no space left on device" in msg and "intact" in msg
+    assert e.value.exit_code == 1 and "\n" not in msg
+    assert latest_state(tmp_path) == first and [p.name for p in tmp_path.iterdir()] == [first.name]

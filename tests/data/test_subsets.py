@@ -103,3 +103,29 @@ def test_subset_source_falls_back_inside_the_subset():
     sub = SubsetSource(base, [2, 5])
     _, used, bad = load_with_fallback(sub, 0)
     assert (used, bad) == (1, 0) and sub.indices[used] == 5  # the next subset item, not source item 3
+
+
+def test_a_missing_labels_file_says_not_found(tmp_path):
+    # issue 11 item 13: "--labels missing.txt" only listed the accepted forms
+    for text in ("missing.txt", str(tmp_path / "nope" / "list")):
+        with pytest.raises(UsageError, match=r"--labels .*: .* not found"):
+            parse_label_spec(text)
+    with pytest.raises(UsageError, match="is a folder"):
+        parse_label_spec(str(tmp_path))
+    with pytest.raises(UsageError, match="expected a percentage"):
+        parse_label_spec("lots")
+
+
+def test_label_list_round_trips_file_names_that_are_not_utf8(tmp_path):
+    # issue 11 item 12: a file name with invalid UTF-8 bytes raised UnicodeEncodeError writing labels.txt
+    import os
+
+    from simclr_cli.data.transfer import FileListSource
+
+    names = [b"\xff.png", b"caf\xe9.png", b"plain.png", b"other.png"]
+    files = [os.fsdecode(b"/data/" + c + b"/" + n) for c, n in zip((b"a", b"a", b"b", b"b"), names)]
+    source = FileListSource(files, [0, 0, 1, 1], ["a", "b"], "odd:train")
+    out = tmp_path / "labels.txt"
+    write_label_list(out, source, [0, 1, 2])
+    assert out.read_bytes() == b"\xff.png\ncaf\xe9.png\nplain.png\n"  # the names' own bytes
+    assert select_labeled(source, parse_label_spec(str(out)), seed=0) == [0, 1, 2]

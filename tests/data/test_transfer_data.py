@@ -97,6 +97,19 @@ def test_unknown_and_missing_datasets():
         load_transfer("dtd", "/nowhere")
 
 
+def test_imagefolder_needs_a_path_and_cifar_hints_name_the_transfer_options(tmp_path, monkeypatch):
+    # issue 11 items 11 and 13: "imagefolder:" used the current folder; the CIFAR hint named data.download
+    (tmp_path / "a").mkdir()
+    _img(tmp_path / "a" / "x.jpg")
+    monkeypatch.chdir(tmp_path)
+    for name in ("imagefolder:", "imagefolder: "):
+        with pytest.raises(UsageError, match="has no path; write imagefolder:PATH"):
+            load_transfer(name, "")
+    with pytest.raises(DataError) as e:
+        load_transfer("cifar10", str(tmp_path / "nowhere"))
+    assert "--download" in str(e.value) and "--root" in str(e.value) and "data." not in str(e.value)
+
+
 def _voc_xml(path, objects):
     body = "".join(f"<object><name>{n}</name><difficult>{int(d)}</difficult></object>" for n, d in objects)
     path.parent.mkdir(parents=True, exist_ok=True)

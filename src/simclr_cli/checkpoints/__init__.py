@@ -74,9 +74,13 @@ def save_state(
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(tmp / MODEL_FILE, prefixed_state("model", model), {"simclr.kind": "state"})
-    atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
-    atomic_write_text(tmp / "trainer.json", json.dumps(trainer, indent=2))  # written last: marks it complete
+    try:
+        save_weights(tmp / MODEL_FILE, prefixed_state("model", model), {"simclr.kind": "state"})
+        atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+        atomic_write_text(tmp / "trainer.json", json.dumps(trainer, indent=2))  # written last: marks it complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: the older states stay, without debris
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in complete_states(root)[:-max(1, keep)]:

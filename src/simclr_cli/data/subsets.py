@@ -36,6 +36,7 @@ class LabelSpec:
 
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
 _PER_CLASS = re.compile(r"^\s*(\d+)\s*-?\s*per-?class\s*$", re.IGNORECASE)
+_FILE_LIKE = re.compile(r"[/\\~]|\.[A-Za-z]\w*\s*$")  # a folder part or a file extension: meant as a list file
 
 
 def parse_label_spec(text: str) -> LabelSpec:
@@ -55,6 +56,11 @@ def parse_label_spec(text: str) -> LabelSpec:
     path = Path(text).expanduser()
     if path.is_file():
         return LabelSpec("file", path, text)
+    if path.is_dir():
+        raise UsageError(f"--labels {text}: {path} is a folder; pass a file listing one image name per line")
+    if _FILE_LIKE.search(text):
+        raise UsageError(f"--labels {text}: {path} not found; pass an existing file listing one image name per "
+                         "line, a percentage such as 10%, or N-per-class such as 4-per-class")
     raise UsageError(
         f"--labels {text}: expected a percentage such as 1% or 10%, 'N-per-class' such as 4-per-class, "
         "or an existing file listing one image name per line"
@@ -113,7 +119,8 @@ def select_labeled(source: ImageSource, spec: LabelSpec, seed: int) -> list[int]
 
 def _from_list_file(source: ImageSource, path: Path) -> list[int]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # surrogateescape: names that are not valid UTF-8 match the file names as the OS gives them
+        lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--labels {path}: cannot read the list file: {e}") from None
     wanted = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
@@ -143,7 +150,8 @@ def _from_list_file(source: ImageSource, path: Path) -> list[int]:
 
 def write_label_list(path: Path, source: ImageSource, indices: list[int]) -> None:
     """Write the chosen items in the list-file format, so ``--labels path`` reproduces the subset."""
-    from simclr_cli.utils import atomic_write_text
+    from simclr_cli.utils import atomic_write_bytes
 
     names = item_names(source)
-    atomic_write_text(path, "".join(names[i] + "\n" for i in indices))
+    # File names that are not valid UTF-8 (surrogate-escaped by Python) are written back as their own bytes.
+    atomic_write_bytes(path, "".join(names[i] + "\n" for i in indices).encode("utf-8", "surrogateescape"))

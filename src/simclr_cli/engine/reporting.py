@@ -31,8 +31,16 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # disk full mid-run: name the file (the saved states are intact)
+            from simclr_cli.errors import from_os_error
+
+            err = from_os_error(e, self.path)
+            if err is None:
+                raise
+            raise err from e
         if self.writer is not None:
             step = int(record.get("step", 0))
             for k, v in record.items():
@@ -72,6 +80,7 @@ class ProgressDisplay:
 
     def __init__(self, total: int, done: int, enabled: bool, description: str) -> None:
         self.enabled = enabled
+        self._stderr = sys.stderr  # before the bar starts (a live bar redirects sys.stderr into itself)
         self.console = Console(file=sys.stdout)
         self.rich = enabled and self.console.is_terminal
         self.progress: Progress | None = None
@@ -97,10 +106,15 @@ class ProgressDisplay:
             print(line, flush=True)
 
     def message(self, text: str) -> None:
+        """A line above the bar (or a plain line). Warnings go to stderr, like the unreadable-image ones;
+        other lines to stdout."""
         if not self.enabled:
             return
-        if self.progress is not None:
-            self.progress.console.print(text)
+        warning = text.startswith("warning:")
+        if warning and not (self.progress is not None and self._stderr.isatty()):
+            print(text, file=self._stderr, flush=True)
+        elif self.progress is not None:
+            self.progress.console.print(text)  # a warning too when stderr is this screen: keeps the bar intact
         else:
             print(text, flush=True)
 

@@ -17,12 +17,7 @@ def create_backbone(name: str, *, cifar_stem: bool = False, pretrained: bool = F
         cifar_stem: apply :func:`apply_cifar_stem` (App. B.9).
         pretrained: load timm's pretrained weights (downloads); off by default.
     """
-    if not timm.is_model(name):
-        import difflib
-
-        close = difflib.get_close_matches(name, timm.list_models(), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UsageError(f"model.backbone: '{name}' is not a timm model{hint}; see timm.list_models()")
+    check_backbone(name)
     model = timm.create_model(name, num_classes=0, pretrained=pretrained)
     if cifar_stem:
         apply_cifar_stem(model, name)
@@ -53,6 +48,17 @@ def guard_padded_convs(model: nn.Module) -> nn.Module:
         if type(m) is nn.Conv2d:
             m.__class__ = PaddedSafeConv2d
     return model
+
+
+def check_backbone(name: str, where: str = "model.backbone") -> None:
+    """Raise a one-line :class:`UsageError` (with the closest timm name) when ``name`` is not a timm model;
+    ``where`` says where the name came from (the key, or the file or ``--set`` and the key)."""
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UsageError(f"{where}: '{name}' is not a timm model{hint}; see timm.list_models()")
 
 
 def apply_cifar_stem(model: nn.Module, name: str = "") -> nn.Module:
