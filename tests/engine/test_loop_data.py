@@ -42,3 +42,31 @@ def test_fit_sees_every_image_every_epoch(tmp_path):
         batches = [ids for e, ids in task.seen if e == epoch]
         assert len(batches) == 3 and all(len(ids) == 4 for ids in batches)  # full batches
         assert {i for ids in batches for i in ids} == set(range(10))
+
+
+def test_fit_stops_before_training_on_known_unreadable_images(tmp_path):
+    # issue 11 item 5, supervised stages: a labeled subset of an in-memory folder knows its failures up front
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from simclr_cli.data.augment import SimCLRAugment
+    from simclr_cli.data.loaders import LabeledViews, SubsetSource, known_unreadable
+    from simclr_cli.data.sources import ImageFolderSource, decode_in_memory
+    from simclr_cli.errors import DataError
+    from simclr_cli.recipe.schema import AugmentConfig
+
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / c / f"{i}.png")
+    (tmp_path / "train" / "b" / "3.png").write_bytes(b"broken")
+    mem = decode_in_memory(ImageFolderSource(tmp_path, "train"), "always", 1.0, say=lambda _: None)
+    sub = SubsetSource(mem, [0, 8, 9])  # source index 8 is b/3.png
+    assert known_unreadable(sub) == {1: known_unreadable(mem)[8]}
+    views = LabeledViews(sub, SimCLRAugment(AugmentConfig(), 8, (0.5,) * 3, (0.5,) * 3), 0)
+    task = _Recorder()
+    with pytest.raises(DataError, match=r"^1 unreadable images, more than data.max_bad_fraction=0.1 of 3 .*before"):
+        fit(make_accelerator("no"), task, views, FitSpec(epochs=1, batch_size=3, lr=0.01, max_bad_fraction=0.1),
+            stage="test", metrics_path=tmp_path / "m.jsonl", show_progress=False, state_dir=None)
+    assert task.seen == []
