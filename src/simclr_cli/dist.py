@@ -65,3 +65,12 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     return _AllReduceSumWithGrad.apply(x)
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (n, ...) from all processes in rank order, without gradients (labels, indices)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)

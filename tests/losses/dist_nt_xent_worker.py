@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from simclr_cli.engine.tasks import global_z_std
+from simclr_cli.objectives.base import global_z_std
 from simclr_cli.losses.contrastive import nt_xent
 
 

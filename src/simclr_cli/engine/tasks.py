@@ -1,6 +1,9 @@
 """Task modules: an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss": ..., ...}``.
 
-The loop knows nothing else about a stage; a task holds the model and the loss.
+The loop knows nothing else about a stage; a task holds the model and the loss. Optional hooks the
+loop calls when a task has them: ``forward_backward(batch, accelerator)`` (a task that runs its own
+backward), ``after_step(step)`` (after each optimizer update: EMA, queues) and ``warning(record)``
+(a one-line warning for a logged metrics record).
 """
 
 from __future__ import annotations
@@ -9,24 +12,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simclr_cli.dist import world_size
-from simclr_cli.losses.contrastive import contrastive_loss
+from simclr_cli.objectives import Objective
+from simclr_cli.objectives.base import global_z_std  # noqa: F401 - re-exported for callers of the task module
+from simclr_cli.objectives.simclr import SimCLR
 
 
 class ContrastiveTask(nn.Module):
-    """SimCLR pretraining: both views through f and g in one pass (BN sees all 2n), then the contrastive loss.
+    """Contrastive pretraining: both views through f and g in one pass (BN sees all 2n), then the
+    objective's loss (:mod:`simclr_cli.objectives`).
 
-    ``forward`` returns ``loss``, ``z_std`` (the std of normalized z across the
-    batch, averaged over dims: about 1/sqrt(d) when healthy, 0 on collapse) and
-    ``z_std_ratio`` (z_std x sqrt(d): near 1 when healthy).
+    ``forward`` returns ``loss`` and the objective's health metrics (``z_std``, ``z_std_ratio``, ...).
+    ``objective`` may also be a loss name (``"nt_xent"``, ...), with ``temperature`` and ``margin``:
+    the SimCLR objective with that loss.
     """
 
-    def __init__(self, model: nn.Module, loss: str, temperature: float, margin: float, batched=None) -> None:
+    def __init__(self, model: nn.Module, objective: Objective | str, temperature: float = 0.1, margin: float = 0.5,
+                 batched=None) -> None:
         super().__init__()
         self.model = model
-        self.loss_name = loss
-        self.temperature = temperature
-        self.margin = margin
+        self.objective = SimCLR(objective, temperature, margin) if isinstance(objective, str) else objective
         self.batched = batched  # a BatchedAugment for the batched backend, else None
         self.channels_last = False
 
@@ -47,26 +51,12 @@ class ContrastiveTask(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         _, z = self.model(x)
         z1, z2 = z.chunk(2, dim=0)
-        loss = contrastive_loss(self.loss_name, z1, z2, temperature=self.temperature, margin=self.margin)
-        z_std = global_z_std(z)
-        return {"loss": loss, "z_std": z_std, "z_std_ratio": z_std * z.shape[1] ** 0.5}
+        loss = self.objective.loss(z1, z2, batch.get("label"))
+        return {"loss": loss, **self.objective.metrics(z)}
 
-
-@torch.no_grad()
-def global_z_std(z: torch.Tensor) -> torch.Tensor:
-    """Std of L2-normalized z over the global batch (all processes), averaged over dimensions.
-
-    Computed from all-reduced sums, so every process returns the same value: the global
-    batch's, not a mean of per-process stds. About 1/sqrt(d) when healthy, 0 on collapse.
-    """
-    zn = F.normalize(z.detach().float(), dim=1)
-    d = zn.shape[1]
-    stats = torch.cat([zn.sum(0), (zn * zn).sum(0), zn.new_tensor([zn.shape[0]])])
-    if world_size() > 1:
-        torch.distributed.all_reduce(stats)
-    s, s2, n = stats[:d], stats[d:2 * d], stats[-1]
-    var = (s2 - s * s / n) / (n - 1).clamp_min(1)
-    return var.clamp_min(0).sqrt().mean()
+    def warning(self, record: dict[str, float]) -> str | None:
+        """The objective's warning for a logged metrics record (the loop prints it), or None."""
+        return self.objective.warning(record)
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -109,9 +99,9 @@ class GradCacheContrastiveTask(ContrastiveTask):
     layer's momentum, and ``num_batches_tracked`` counts steps, as in a plain step.
     """
 
-    def __init__(self, model: nn.Module, loss: str, temperature: float, margin: float, micro_batch_size: int,
-                 batched=None) -> None:
-        super().__init__(model, loss, temperature, margin, batched)
+    def __init__(self, model: nn.Module, objective: Objective | str, temperature: float = 0.1, margin: float = 0.5,
+                 micro_batch_size: int = 0, batched=None) -> None:
+        super().__init__(model, objective, temperature, margin, batched)
         self.micro_batch_size = micro_batch_size
 
     @staticmethod
@@ -148,7 +138,7 @@ class GradCacheContrastiveTask(ContrastiveTask):
                 bn.num_batches_tracked.copy_(count)
         z1 = torch.cat(z1).requires_grad_()
         z2 = torch.cat(z2).requires_grad_()
-        loss = contrastive_loss(self.loss_name, z1, z2, temperature=self.temperature, margin=self.margin)
+        loss = self.objective.loss(z1, z2, batch.get("label"))
         loss.backward()
         scale = accelerator.scaler.get_scale() if getattr(accelerator, "scaler", None) is not None else 1.0
         try:
@@ -174,8 +164,7 @@ class GradCacheContrastiveTask(ContrastiveTask):
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad.div_(world)
-        z_std = global_z_std(torch.cat([z1, z2]))
-        return {"loss": loss.detach(), "z_std": z_std, "z_std_ratio": z_std * z1.shape[1] ** 0.5}
+        return {"loss": loss.detach(), **self.objective.metrics(torch.cat([z1, z2]))}
 
 
 class ClassificationTask(nn.Module):

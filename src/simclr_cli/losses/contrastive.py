@@ -28,7 +28,7 @@ def _at_least_fp32(z: torch.Tensor) -> torch.Tensor:
     return z.to(torch.promote_types(z.dtype, torch.float32))
 
 
-def _full_precision(loss_fn):
+def full_precision(loss_fn):
     """Run ``loss_fn(z1, z2, ...)`` with autocast disabled on the inputs' device type."""
 
     @functools.wraps(loss_fn)
@@ -39,7 +39,7 @@ def _full_precision(loss_fn):
     return wrapper
 
 
-def _similarities(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def similarities(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cosine similarities of local rows against all columns, with index helpers.
 
     Returns:
@@ -62,7 +62,7 @@ def _similarities(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, tor
     return sim, self_col, pos_col
 
 
-@_full_precision
+@full_precision
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent: mean over all 2N positive pairs (i, j) and (j, i) of
     -log[exp(s_ij / t) / sum_{k != i} exp(s_ik / t)].
@@ -70,19 +70,19 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     Returns this process's share: the mean over its 2n rows. Averaged over
     processes (as DDP does with gradients), it equals the global loss.
     """
-    sim, self_col, pos_col = _similarities(z1, z2)
+    sim, self_col, pos_col = similarities(z1, z2)
     logits = sim / temperature
     logits[torch.arange(logits.shape[0], device=logits.device), self_col] = float("-inf")
     return F.cross_entropy(logits, pos_col)
 
 
-@_full_precision
+@full_precision
 def nt_logistic(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Logistic (Table 2): -log sigmoid(s_pos / t) - mean_neg log sigmoid(-s_neg / t), per row.
 
     Negatives are averaged so positive and negative terms carry equal weight.
     """
-    sim, self_col, pos_col = _similarities(z1, z2)
+    sim, self_col, pos_col = similarities(z1, z2)
     r = torch.arange(sim.shape[0], device=sim.device)
     logits = sim / temperature
     pos = logits[r, pos_col]
@@ -93,10 +93,10 @@ def nt_logistic(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch
     return -(F.logsigmoid(pos) + neg_term).mean()
 
 
-@_full_precision
+@full_precision
 def margin_triplet(z1: torch.Tensor, z2: torch.Tensor, margin: float) -> torch.Tensor:
     """Margin triplet (Table 2): mean over negatives of max(s_neg - s_pos + m, 0), per row."""
-    sim, self_col, pos_col = _similarities(z1, z2)
+    sim, self_col, pos_col = similarities(z1, z2)
     r = torch.arange(sim.shape[0], device=sim.device)
     pos = sim[r, pos_col].unsqueeze(1)
     neg_mask = torch.ones_like(sim, dtype=torch.bool)

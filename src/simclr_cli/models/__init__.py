@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -23,15 +25,18 @@ class SimCLRModel(nn.Module):
         return h, self.head(h)
 
 
-def build_simclr_model(cfg: ModelConfig) -> SimCLRModel:
-    """The encoder and projection head the ``[model]`` section describes."""
+def build_simclr_model(cfg: ModelConfig, head: Callable[[int, ModelConfig], nn.Module] | None = None) -> SimCLRModel:
+    """The encoder the ``[model]`` section describes, with the projection head ``head(h width, cfg)``
+    builds (an objective's :meth:`~simclr_cli.objectives.Objective.head`; default: ``model.proj_*``)."""
     backbone = create_backbone(cfg.backbone, cifar_stem=cfg.cifar_stem, pretrained=cfg.pretrained)
     if cfg.proj_layers not in (0, 1, 2, 3):
         from simclr_cli.errors import UsageError
 
         raise UsageError(f"model.proj_layers must be 0, 1, 2 or 3, got {cfg.proj_layers}")
-    head = projection_head(backbone.num_features, cfg.proj_layers, cfg.proj_hidden_dim, cfg.proj_dim)
-    return SimCLRModel(backbone, head)
+    if head is None:
+        return SimCLRModel(backbone, projection_head(backbone.num_features, cfg.proj_layers, cfg.proj_hidden_dim,
+                                                     cfg.proj_dim))
+    return SimCLRModel(backbone, head(backbone.num_features, cfg))
 
 
 __all__ = ["SimCLRModel", "apply_cifar_stem", "build_simclr_model", "create_backbone", "projection_head"]

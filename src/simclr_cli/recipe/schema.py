@@ -95,8 +95,10 @@ class PretrainConfig:
     nesterov: bool = _f(False, "Nesterov momentum for sgd")
     trust_coefficient: float = _f(1e-3, "LARS trust coefficient eta")
     warmup_epochs: float = _f(10.0, "linear warmup length, then cosine decay to 0")
-    temperature: float = _f(0.1, "NT-Xent temperature tau")
-    loss: LossName = _f("nt_xent", "nt_xent | nt_logistic | margin_triplet (paper Table 4)")
+    objective: str = _f("simclr", "simclr (the paper's contrastive loss) | supcon (supervised contrastive; needs "
+                                  "labeled data); see docs/extending.md to add one")
+    temperature: float = _f(0.1, "temperature tau of the contrastive loss")
+    loss: LossName = _f("nt_xent", "simclr objective: nt_xent | nt_logistic | margin_triplet (paper Table 4)")
     margin: float = _f(0.5, "margin for margin_triplet")
     micro_batch_size: int = _f(0, "gradient cache: embed in chunks of this many images (full-batch loss, less memory; exact gradients without BN, per-chunk BN statistics with it); 0 off")
     sync_bn: bool = _f(True, "global BatchNorm across processes when there is more than one")

@@ -27,6 +27,7 @@ from simclr_cli.data.sources import ImageSource
 from simclr_cli.engine.signals import StopRequest
 from simclr_cli.errors import DataError, Interrupted, UsageError
 from simclr_cli.models import SimCLRModel, build_simclr_model
+from simclr_cli.objectives import build_objective
 from simclr_cli.recipe import Recipe, parse_toml, recipe_diff, recipe_from_dict
 from simclr_cli.recipe.loader import read_toml, resolve_recipe_path
 from simclr_cli.utils import atomic_write_text
@@ -373,7 +374,7 @@ def load_encoder(src: Source | None, recipe: Recipe, init: str) -> SimCLRModel:
     if init not in ("pretrained", "random"):
         raise UsageError(f"--init must be 'pretrained' or 'random', got '{init}'")
     torch.manual_seed(recipe.seed)
-    model = build_simclr_model(replace(recipe.model, pretrained=False))
+    model = build_simclr_model(replace(recipe.model, pretrained=False), head=build_objective(recipe.pretrain).head)
     if init == "random":
         return model
     if src is None or src.checkpoint is None:
@@ -482,7 +483,8 @@ def load_classifier(src: Source, recipe: Recipe):
     num_classes, k = int(meta["simclr.num_classes"]), int(meta["simclr.head_layers"])
     classes = json.loads(meta.get("simclr.classes", "[]"))
     torch.manual_seed(recipe.seed)
-    encoder = build_simclr_model(replace(recipe.model, pretrained=False))  # every weight comes from the checkpoint
+    encoder = build_simclr_model(replace(recipe.model, pretrained=False),  # every weight comes from the checkpoint
+                                 head=build_objective(recipe.pretrain).head)
     model = Classifier(encoder.backbone, head_layers(encoder)[:k], num_classes)
     tensors, _ = load_weights(src.checkpoint)
     _load_strict(model.backbone, sub_state(tensors, "backbone"), src.checkpoint, "backbone")
