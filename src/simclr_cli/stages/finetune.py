@@ -10,6 +10,7 @@ weight decay, crop+flip only, through the shared loop (resumable). Writes
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ def default_epochs(fraction: float) -> int:
     return 60 if fraction <= 0.01 + 1e-9 else 30
 
 
+@common.guarded()
 def run(
     recipe: Recipe,
     src: common.Source | None,
@@ -54,6 +56,7 @@ def run(
     force: bool = False,
     show_progress: bool = True,
     interrupt_after: int | None = None,
+    guard: common.StageRun,
 ) -> dict[str, Any]:
     """Fine-tune on the ``finetune.labels`` subset and test; returns the summary.
 
@@ -61,7 +64,8 @@ def run(
         recipe: the resolved recipe; ``[finetune]`` applies.
         src: the pretrain checkpoint (ignored with ``init='random'``: supervised from scratch).
         out_dir: run directory to write ``finetune/`` into.
-        resume: continue from ``OUT/finetune/state``.
+        resume: continue from ``OUT/finetune/state`` (the CLI takes the recipe from ``OUT/finetune/recipe.toml``).
+        guard: given by ``@guarded``: signals, and the previous run kept until the new one is durable.
     """
     t_start = time.perf_counter()
     require_tensorboard(recipe.tensorboard)
@@ -70,7 +74,11 @@ def run(
     stage_dir = out / STAGE
     state_dir = stage_dir / STATE_DIR
     spec = parse_label_spec(cfg.labels)  # a bad --labels is reported before anything else
-    resume_cmd = f"simclr finetune {src.run_dir if src else ''} --out {out} --resume".replace("  ", " ")
+    # The resume takes its recipe from OUT/finetune/recipe.toml: no --labels or --set needed.
+    source = f"{shlex.quote(str(src.checkpoint))} " if init != "random" and src is not None and src.checkpoint else ""
+    resume_cmd = (f"simclr finetune {source}{'--init random ' if init == 'random' else ''}--out {shlex.quote(str(out))} "
+                  "--resume")
+    guard.configure(stage_dir, STAGE, resume_cmd=resume_cmd)
     common.check_output(stage_dir, STAGE, overwrite=overwrite, resume=resume, recipe=recipe, force=force,
                         resume_cmd=resume_cmd, resumable_changes=RESUMABLE_CHANGES)
     accelerator = make_accelerator(cfg.mixed_precision, key="finetune.mixed_precision")
@@ -95,8 +103,8 @@ def run(
     train = SubsetSource(splits.train, chosen)
     augment = crop_flip_augment(recipe.augment, cfg.crop_scale, data.image_size, data.mean, data.std)
     views = LabeledViews(train, augment, recipe.seed)
+    guard.begin(overwrite=overwrite, resume=resume, accelerator=accelerator)
     if main:
-        common.clear_stage_dir(stage_dir, overwrite, resume)
         atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
         write_label_list(stage_dir / "labels.txt", splits.train, chosen)
     accelerator.wait_for_everyone()
@@ -111,12 +119,14 @@ def run(
     task, result, batch = fit(accelerator, ClassificationTask(model), views, spec, stage=STAGE,
                               metrics_path=stage_dir / "metrics.jsonl", show_progress=show_progress,
                               state_dir=state_dir, resume=resume, resume_hint=f"Resume with: {resume_cmd}",
-                              interrupt_after=interrupt_after, description=recipe.name, tensorboard=recipe.tensorboard)
+                              interrupt_after=interrupt_after, description=recipe.name, tensorboard=recipe.tensorboard,
+                              stop=guard.stop, on_save=guard.commit)
     trained: Classifier = task.model
     summary: dict[str, Any] = {}
     if main:
         test_loader = common.eval_loader(splits.test, None, recipe, accelerator)
-        logits, labels = predict(trained, test_loader, accelerator.device, accelerator.autocast)
+        with guard.stop.immediately():  # the final state is saved: a resume runs only this test
+            logits, labels = predict(trained, test_loader, accelerator.device, accelerator.autocast)
         acc = topk_accuracy(logits, labels, (1, 5))
         summary = {
             "stage": STAGE,

@@ -18,6 +18,7 @@ from simclr_cli.utils import atomic_write_text
 STAGE = "knn"
 
 
+@common.guarded(immediate=True)
 def run(
     recipe: Recipe,
     src: common.Source | None,
@@ -26,19 +27,21 @@ def run(
     init: str = "pretrained",
     overwrite: bool = False,
     show_progress: bool = True,
+    guard: common.StageRun,
 ) -> dict[str, Any]:
     """kNN top-1/top-5 of ``src``'s encoder (or a random one); returns the summary."""
     t_start = time.perf_counter()
     k, t = recipe.knn.k, recipe.knn.temperature
     stage_dir = Path(out_dir) / STAGE
+    guard.configure(stage_dir, STAGE, keeps_state=False)
     common.check_output(stage_dir, STAGE, overwrite=overwrite)
     accelerator = make_accelerator("no")
     main = accelerator.is_main_process
     splits = common.labeled_splits(recipe)
     encoder = common.load_encoder(src, recipe, init)
     summary: dict[str, Any] = {}
+    guard.begin(overwrite=overwrite, accelerator=accelerator)  # the previous run is kept until this one finishes
     if main:
-        common.clear_stage_dir(stage_dir, overwrite)
         atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
         if show_progress:
             print(f"knn (k={k}, t={t:g}) of {common.source_label(src, init)}: {len(splits.train_indices)} bank / "

@@ -30,6 +30,7 @@ from simclr_cli.utils import atomic_write_text
 STAGE = "linear_eval"
 
 
+@common.guarded(immediate=True)
 def run(
     recipe: Recipe,
     src: common.Source | None,
@@ -38,6 +39,7 @@ def run(
     init: str = "pretrained",
     overwrite: bool = False,
     show_progress: bool = True,
+    guard: common.StageRun,
 ) -> dict[str, Any]:
     """Train and test a linear probe; return the summary (also ``OUT/linear_eval/summary.json``).
 
@@ -51,6 +53,7 @@ def run(
     require_tensorboard(recipe.tensorboard)
     cfg = recipe.linear_eval
     stage_dir = Path(out_dir) / STAGE
+    guard.configure(stage_dir, STAGE, keeps_state=False)
     accelerator = make_accelerator(cfg.mixed_precision, key="linear_eval.mixed_precision")
     main = accelerator.is_main_process
     say = print if show_progress and main else (lambda *a, **k: None)
@@ -62,8 +65,8 @@ def run(
     common.check_output(stage_dir, STAGE, overwrite=overwrite)
     frozen = model.encoder()
     snapshot = common.frozen_snapshot(frozen)
+    guard.begin(overwrite=overwrite, accelerator=accelerator)  # the previous run is kept until this one finishes
     if main:
-        common.clear_stage_dir(stage_dir, overwrite)
         atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
     accelerator.wait_for_everyone()
     metrics = MetricsLog(stage_dir / "metrics.jsonl", enabled=main)
