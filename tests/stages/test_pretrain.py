@@ -175,7 +175,7 @@ def test_nonfinite_loss_stops_before_the_update_naming_the_step(tiny_recipe_file
 def test_collapse_warning_and_ratio_logged(tiny_recipe_file, tmp_path, capsys):
     recipe = load_recipe(tiny_recipe_file, ["pretrain.collapse_warn=5.0", "pretrain.epochs=1", "pretrain.knn_every=0"])
     pretrain.run(recipe, tmp_path / "r", show_progress=True)
-    assert "may be collapsing" in capsys.readouterr().out
+    assert "may be collapsing" in capsys.readouterr().err  # warnings go to stderr (issue 11 item 13)
     lines = [json.loads(x) for x in (tmp_path / "r" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < x["z_std_ratio"] <= 1.5 for x in lines if "loss" in x)
 
