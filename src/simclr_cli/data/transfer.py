@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from simclr_cli.data.folders import align_classes
 from simclr_cli.data.loaders import SubsetSource
 from simclr_cli.data.sources import IMAGE_EXTENSIONS, ImageSource, read_image, torchvision_source, warn_class_layout
 from simclr_cli.errors import DataError, UsageError
@@ -131,8 +132,6 @@ def load_transfer(name: str, root: str, *, download: bool = False, val_fraction:
 def _align(reference: ImageSource, other: ImageSource) -> None:
     if getattr(other, "targets", None) is not None:
         return
-    from simclr_cli.stages.common import align_classes
-
     align_classes(reference, other)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, has_state, load_weights, read_metadata, read_trainer, sub_state
+from simclr_cli.data.folders import align_classes
 from simclr_cli.data.loaders import build_source
 from simclr_cli.data.sources import ImageSource
 from simclr_cli.engine.signals import StopRequest
@@ -347,20 +348,6 @@ def labeled_splits(recipe: Recipe, *, test: bool = True) -> LabeledSplits:
     if not any(y >= 0 for y in query.labels):
         raise DataError(f"{query.name} has no labels; set data.val_split to a labeled split", missing=True)
     return LabeledSplits(train, query, labeled, list(train.classes))
-
-
-def align_classes(reference: ImageSource, other: ImageSource) -> None:
-    """Renumber ``other``'s labels to ``reference``'s class order (image folders number their own class
-    folders per split); raise when ``other`` has classes the reference lacks."""
-    if other.classes == reference.classes:
-        return
-    index = {name: i for i, name in enumerate(reference.classes)}
-    unknown = sorted(set(other.classes) - set(index))
-    if unknown:
-        raise DataError(f"{other.name}: classes {unknown[:5]} are not among the classes of {reference.name}; "
-                        "the splits need the same class names", missing=True)
-    other.labels = [index[other.classes[y]] if y >= 0 else y for y in other.labels]
-    other.classes = list(reference.classes)
 
 
 def load_encoder(src: Source | None, recipe: Recipe, init: str) -> SimCLRModel:

@@ -29,6 +29,7 @@ from simclr_cli.checkpoints import (
 )
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import BatchedAugment
+from simclr_cli.data.folders import align_classes
 from simclr_cli.data.loaders import (
     ContrastiveViews,
     EvalImages,
@@ -48,7 +49,7 @@ from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.objectives import build_objective
 from simclr_cli.optim import build_optimizer, scaled_lr, warmup_cosine
 from simclr_cli.recipe import Recipe, recipe_to_toml
-from simclr_cli.stages.common import StageRun, align_classes, check_output, guarded
+from simclr_cli.stages.common import StageRun, check_output, guarded
 from simclr_cli.utils import atomic_write_text
 
 STAGE = "pretrain"
