@@ -608,24 +608,9 @@ def _embed_target(out: Path | None, run_dir: Path, tag: str) -> Path:
 
 
 def _folder_source(folder: Path):
-    from simclr_cli.data.transfer import FileListSource, is_image_file
+    from simclr_cli.data.builders import folder_source
 
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files, labels = [], []
-    for ci, c in enumerate(classes):
-        for p in sorted((folder / c).rglob("*")):
-            if is_image_file(p):
-                files.append(p)
-                labels.append(ci)
-    for p in sorted(folder.iterdir()):
-        if is_image_file(p):
-            files.append(p)
-            labels.append(-1)
-    if not files:
-        from simclr_cli.errors import DataError
-
-        raise DataError(f"{folder}: no images (looked in class folders and the folder itself)", missing=True)
-    return FileListSource(files, labels, classes, str(folder))
+    return folder_source(folder)
 
 
 def _console():

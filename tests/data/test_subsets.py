@@ -120,7 +120,7 @@ def test_label_list_round_trips_file_names_that_are_not_utf8(tmp_path):
     # issue 11 item 12: a file name with invalid UTF-8 bytes raised UnicodeEncodeError writing labels.txt
     import os
 
-    from simclr_cli.data.transfer import FileListSource
+    from simclr_cli.data.sources import FileListSource
 
     names = [b"\xff.png", b"caf\xe9.png", b"plain.png", b"other.png"]
     files = [os.fsdecode(b"/data/" + c + b"/" + n) for c, n in zip((b"a", b"a", b"b", b"b"), names)]

@@ -23,15 +23,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import pack
-from simclr_cli.data.sources import (
-    ImageFolderSource,
-    ImageSource,
-    MemorySource,
-    TensorSource,
-    decode_in_memory,
-    torchvision_source,
-)
-from simclr_cli.data.synthetic import synthetic_source
+from simclr_cli.data.registry import pretraining_dataset
+from simclr_cli.data.sources import ImageSource, MemorySource, SubsetSource, TensorSource
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.recipe.schema import DataConfig
 from simclr_cli.utils import mix_seed
@@ -40,22 +33,9 @@ _WARNED: set[str] = set()
 _MAX_FALLBACK = 64
 
 
-def _say(text: str) -> None:
-    import os
-
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(text, flush=True)
-
-
 def build_source(cfg: DataConfig, split: str, seed: int) -> ImageSource:
-    """The image source for ``split`` of the recipe's dataset."""
-    if cfg.dataset == "synthetic":
-        sizes = {"train": cfg.synthetic_train_size}
-        n = sizes.get(split, cfg.synthetic_val_size)
-        return synthetic_source(split, n, cfg.image_size, cfg.synthetic_classes, seed)
-    if cfg.dataset == "imagefolder":
-        return decode_in_memory(ImageFolderSource(cfg.root, split), cfg.in_memory, cfg.memory_limit_gb, say=_say)
-    return torchvision_source(cfg.dataset, cfg.root, split, cfg.download)
+    """The image source for ``split`` of the recipe's dataset (``data.dataset``, from the registry)."""
+    return pretraining_dataset(cfg.dataset).build_split(cfg, split, seed)
 
 
 def load_with_fallback(source: ImageSource, index: int) -> tuple[torch.Tensor, int, int]:
@@ -186,27 +166,6 @@ class EvalImages(Dataset):
         img, used, bad = load_with_fallback(self.source, index)
         return {"image": self.transform(img), "label": self.source.labels[used], "index": index, "bad": bad,
                 "bad_run": bad_run(self.source, index, used, bad)}
-
-
-class SubsetSource:
-    """A view of some items of a source (e.g. the labeled subset); unreadable items fall back
-    to the next item of the subset, never to an item outside it."""
-
-    def __init__(self, source: ImageSource, indices: list[int]) -> None:
-        self.source = source
-        self.indices = list(indices)
-        self.name = source.name
-        self.classes = source.classes
-        self.labels = [source.labels[i] for i in self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load(self, index: int) -> torch.Tensor:
-        return self.source.load(self.indices[index])
-
-    def describe(self, index: int) -> str:
-        return self.source.describe(self.indices[index])
 
 
 class LabeledViews(Dataset):

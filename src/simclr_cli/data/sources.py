@@ -13,9 +13,8 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from simclr_cli.data.folders import IMAGE_EXTENSIONS, scan_class_folders
 from simclr_cli.errors import DataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 
 
 class ImageSource(Protocol):
@@ -112,21 +111,13 @@ class ImageFolderSource:
                 f"Point data.root at the dataset (e.g. --set data.root=/path/to/data) or fix data.{_split_key(split)}",
                 missing=True,
             )
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        files, labels, classes = scan_class_folders(folder, sniff=False)
         if not classes:
             raise DataError(f"imagefolder: {folder} has no class folders; expected {folder}/<class>/<image>", missing=True)
-        files: list[str] = []
-        labels: list[int] = []
-        for ci, cls in enumerate(classes):
-            for p in sorted((folder / cls).rglob("*")):
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-                    files.append(str(p))
-                    labels.append(ci)
         if not files:
             raise DataError(
                 f"imagefolder: no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} in any case)", missing=True
             )
-        warn_class_layout(folder, classes, labels)
         self.files = files
         self.labels = labels
         self.classes = classes
@@ -142,49 +133,19 @@ class ImageFolderSource:
         return self.files[index]
 
 
-_LAYOUT_WARNED: set[str] = set()
-
-
-def warn_class_layout(folder: Path, classes: list[str], labels: list[int]) -> None:
-    """Warn (stderr, once per folder and process group) about a split with a single class folder, and about
-    class folders without images: labels then mean little (kNN, linear eval) or a class is silently empty."""
-    import os
-    import sys
-
-    counts = [0] * len(classes)
-    for y in labels:
-        counts[y] += 1
-    lines = []
-    empty = [c for c, n in zip(classes, counts) if n == 0]
-    if empty:
-        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        lines.append(f"warning: {folder}: {len(empty)} class folder(s) with no images ({shown}); "
-                     "they are still counted as classes")
-    if len(classes) == 1:
-        lines.append(f"warning: {folder}: a single class folder ('{classes[0]}'), so its labels carry no information; "
-                     "pretraining ignores them, but kNN, linear eval and fine-tuning need two or more classes")
-    for line in lines:
-        if line not in _LAYOUT_WARNED and int(os.environ.get("RANK", "0")) == 0:
-            _LAYOUT_WARNED.add(line)
-            print(line, file=sys.stderr, flush=True)
-
-
 def _split_key(split: str) -> str:
     return "train_split" if split.startswith("train") else "val_split"
 
 
-_TORCHVISION_FILES = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
+def torchvision_source(dataset: str, root: str, split: str, download: bool, *, expected: str) -> TensorSource:
+    """CIFAR-10/100 (splits train, test) and STL-10 (train, test, unlabeled, train+unlabeled) in memory.
 
-
-def torchvision_source(dataset: str, root: str, split: str, download: bool) -> TensorSource:
-    """CIFAR-10/100 (splits train, test) and STL-10 (train, test, unlabeled, train+unlabeled) in memory."""
+    ``expected`` is what ``root`` must hold (the registry's hint, e.g. ``cifar-10-batches-py/``); the
+    registry checks ``split`` first.
+    """
     from torchvision import datasets
 
     root = str(Path(root).expanduser())
-    valid = {"cifar10": ("train", "test"), "cifar100": ("train", "test"),
-             "stl10": ("train", "test", "unlabeled", "train+unlabeled")}[dataset]
-    if split not in valid:
-        raise DataError(f"{dataset}: unknown split '{split}'; valid splits: {', '.join(valid)}", missing=True)
     try:
         if dataset == "stl10":
             ds = datasets.STL10(root, split=split, download=download)
@@ -198,16 +159,58 @@ def torchvision_source(dataset: str, root: str, split: str, download: bool) -> T
             labels = [int(v) for v in ds.targets]
             classes = list(ds.classes)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted..."
-        where = Path(root) / _TORCHVISION_FILES[dataset]
+        where = Path(root) / expected.rstrip("/")
         how = "set data.download=true (needs internet)" if not download else "check the download; it failed"
         raise DataError(
             f"{dataset}: no usable data at {where} ({str(e).splitlines()[0]}); {how}, "
-            f"or point data.root at a folder that holds {_TORCHVISION_FILES[dataset]}/",
+            f"or point data.root at a folder that holds {expected}",
             missing=True,
         ) from None
     except OSError as e:  # download without network, unreadable root, ...
         raise DataError(f"{dataset}: cannot read or download into {root}: {e}", missing=True) from None
     return TensorSource(images, labels, classes, name=f"{dataset}:{split}")
+
+
+class FileListSource:
+    """Images given as a list of files with integer labels (or rows of a multi-hot ``targets`` matrix)."""
+
+    def __init__(self, files: list[str], labels: list[int], classes: list[str], name: str,
+                 targets: torch.Tensor | None = None) -> None:
+        self.files = [str(f) for f in files]
+        self.labels = list(labels)
+        self.classes = classes
+        self.name = name
+        self.targets = targets  # multi-label: (N, C) 0/1; labels[i] is then the row index i
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> torch.Tensor:
+        return read_image(self.files[index])
+
+    def describe(self, index: int) -> str:
+        return self.files[index]
+
+
+class SubsetSource:
+    """A view of some items of a source (e.g. the labeled subset); unreadable items fall back
+    to the next item of the subset, never to an item outside it."""
+
+    def __init__(self, source: ImageSource, indices: list[int]) -> None:
+        self.source = source
+        self.indices = list(indices)
+        self.name = source.name
+        self.classes = source.classes
+        self.labels = [source.labels[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.source.load(self.indices[index])
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(self.indices[index])
 
 
 class MemorySource:

@@ -18,14 +18,12 @@ def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best in the schem
     return field(default=default, metadata={"help": help}, **kw)
 
 
-DatasetName = Literal["synthetic", "cifar10", "cifar100", "stl10", "imagefolder"]
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """``[data]``: where images come from and how they are fed."""
 
-    dataset: DatasetName = _f("synthetic", "synthetic | cifar10 | cifar100 | stl10 | imagefolder")
+    dataset: str = _f("synthetic", "a pretraining dataset of the registry (data/registry.py): synthetic | cifar10 | "
+                                   "cifar100 | stl10 | imagefolder; see docs/extending.md to add one")
     root: str = _f("data", "dataset root; for imagefolder, the folder holding the split folders")
     train_split: str = _f("train", "split used for training (stl10: 'train+unlabeled' for pretraining)")
     val_split: str = _f("val", "labeled split for the kNN monitor and evaluation; '' for none")
