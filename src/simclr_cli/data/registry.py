@@ -102,8 +102,12 @@ def transfer_names() -> list[str]:
     return [f"{d.name}:PATH" if d.path_in_name else d.name for d in DATASETS.values() if d.transfer is not None]
 
 
-def pretraining_dataset(name: str) -> Dataset:
-    """The entry for ``data.dataset``; a :class:`RecipeError` (exit 2) with a did-you-mean otherwise."""
+def pretraining_dataset(name: str, where: str = "data.dataset") -> Dataset:
+    """The entry for ``data.dataset``; a :class:`RecipeError` (exit 2) with a did-you-mean otherwise.
+
+    ``where`` starts the message: a command that knows where the value came from (a file, a ``--set``) can
+    say so, e.g. ``recipes validate`` with ``f"{origin}: data.dataset"``.
+    """
     entry = DATASETS.get(name)
     if entry is not None and entry.source is not None:
         return entry
@@ -113,7 +117,7 @@ def pretraining_dataset(name: str) -> Dataset:
     else:
         close = difflib.get_close_matches(str(name), names, n=1)
         why = f"'{name}' is not a dataset" + (f" (did you mean '{close[0]}'?)" if close else "")
-    raise RecipeError(f"data.dataset: {why}; choose one of {' | '.join(names)}")
+    raise RecipeError(f"{where}: {why}; choose one of {' | '.join(names)}")
 
 
 def transfer_dataset(name: str) -> tuple[Dataset, Optional[str]]:
