@@ -432,3 +432,10 @@ def test_finetune_with_file_names_that_are_not_utf8(tmp_path):
     assert r.exit_code == 0, r.output
     labels = Path("runs/odd/finetune/labels.txt").read_bytes().splitlines()
     assert sorted(labels) == sorted([b"\xff%d.png" % i for i in range(4)] + [b"%d.png" % i for i in range(4)])
+
+
+def test_recipes_validate_checks_the_dataset_and_the_objective(tiny_recipe_file):
+    r = invoke("recipes", "validate", str(tiny_recipe_file), "--set", "data.dataset=cifar")
+    assert r.exit_code == 2 and "--set data.dataset=cifar: data.dataset: 'cifar' is not a dataset (did you mean 'cifar10'?)" in r.output
+    r = invoke("recipes", "validate", str(tiny_recipe_file), "--set", "pretrain.objective=supcn")
+    assert r.exit_code == 2 and "did you mean 'supcon'" in r.output

@@ -664,15 +664,22 @@ def recipes_show(
 def recipes_validate(file: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe file (and overrides) against the schema; exit 2 with the first problem."""
     with _handled():
+        from simclr_cli.data.registry import pretraining_dataset
         from simclr_cli.models.backbone import check_backbone
+        from simclr_cli.objectives import build_objective
         from simclr_cli.recipe import load_recipe, resolve_recipe_path
         from simclr_cli.recipe.loader import parse_override
 
         r = load_recipe(file, set_ or [])
-        # Blame where the backbone came from: the last --set of it, else the file.
-        origin = next((f"--set {t}" for t in reversed(set_ or []) if parse_override(t)[0] == "model.backbone"),
-                      str(resolve_recipe_path(file)))
-        check_backbone(r.model.backbone, where=f"{origin}: model.backbone")
+
+        def origin(key: str) -> str:
+            """Blame where a value came from: the last --set of it, else the file."""
+            return next((f"--set {t}" for t in reversed(set_ or []) if parse_override(t)[0] == key),
+                        str(resolve_recipe_path(file)))
+
+        check_backbone(r.model.backbone, where=f"{origin('model.backbone')}: model.backbone")
+        pretraining_dataset(r.data.dataset, where=f"{origin('data.dataset')}: data.dataset")
+        build_objective(r.pretrain)
         print(f"ok: {resolve_recipe_path(file)} (name={r.name}, dataset={r.data.dataset}, backbone={r.model.backbone})")
 
 

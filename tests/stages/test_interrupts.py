@@ -114,7 +114,9 @@ def test_sigterm_during_the_final_knn_stops_and_the_printed_resume_finishes(tiny
                                                                            sigterm_safety_net):
     """Also item 10: pretrain's printed command works verbatim with a space in --out."""
     out = tmp_path / "final knn"
-    run_loop, knn_call = pretrain.run_loop, pretrain._KnnMonitor.__call__
+    from simclr_cli.engine import fit as training  # pretrain trains through the shared Trainer
+
+    run_loop, knn_call = training.run_loop, pretrain._KnnMonitor.__call__
     loop_done = []
 
     def loop_then_mark(*args, **kwargs):
@@ -127,7 +129,7 @@ def test_sigterm_during_the_final_knn_stops_and_the_printed_resume_finishes(tiny
             signal.raise_signal(signal.SIGTERM)
         return knn_call(self, model)
 
-    monkeypatch.setattr(pretrain, "run_loop", loop_then_mark)
+    monkeypatch.setattr(training, "run_loop", loop_then_mark)
     monkeypatch.setattr(pretrain._KnnMonitor, "__call__", sigterm_in_final_knn)
     r = CliRunner().invoke(app, ["pretrain", str(tiny_recipe_file), "-q", "--out", str(out)])  # knn_every=1
     assert loop_done == [8]

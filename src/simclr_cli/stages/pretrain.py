@@ -11,7 +11,6 @@ import json
 import platform
 import shlex
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +18,25 @@ import torch
 from torch.utils.data import Subset
 
 import simclr_cli
-from simclr_cli.checkpoints import (
-    MODEL_FILE,
-    STATE_DIR,
-    load_state,
-    prefixed_state,
-    read_trainer,
-    save_weights,
-)
+from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, prefixed_state, save_weights
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import BatchedAugment
 from simclr_cli.data.folders import align_classes
 from simclr_cli.data.loaders import (
     ContrastiveViews,
     EvalImages,
-    GlobalBatchSampler,
     build_source,
     check_known_unreadable,
     make_loader,
     require_labels,
 )
-from simclr_cli.engine.loop import LoopSpec, restore_scaler, run_loop
-from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay, require_tensorboard
+from simclr_cli.engine.fit import FitSpec, Trainer
+from simclr_cli.engine.reporting import require_tensorboard
 from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
 from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
-from simclr_cli.errors import UsageError
 from simclr_cli.evaluation.knn import extract_features, knn_top1
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.objectives import build_objective
-from simclr_cli.optim import build_optimizer, scaled_lr, warmup_cosine
 from simclr_cli.recipe import Recipe, recipe_to_toml
 from simclr_cli.stages.common import StageRun, check_output, guarded
 from simclr_cli.utils import atomic_write_text
@@ -108,27 +97,10 @@ def run(
     augment = SimCLRAugment(recipe.augment, cfg.image_size, cfg.mean, cfg.std)
     batched = recipe.augment.backend == "batched"
     views = ContrastiveViews(train_source, augment, recipe.seed, batched=batched, labels=objective.needs_labels)
-    sampler = GlobalBatchSampler(len(views), pcfg.batch_size, recipe.seed, accelerator.process_index,
-                                 accelerator.num_processes)
-    pin = accelerator.device.type == "cuda"
-    loader = make_loader(views, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin)
-    spe = len(views) // pcfg.batch_size
-    total = pcfg.epochs * spe
-    warmup = round(pcfg.warmup_epochs * spe)
-    if pcfg.max_steps and pcfg.max_steps < total:
-        # A capped run keeps the same shape of schedule: warmup is the same fraction of it.
-        warmup = round(pcfg.max_steps * pcfg.warmup_epochs / max(pcfg.epochs, 1e-9))
-        total = pcfg.max_steps
-    if total <= 0:
-        raise UsageError("pretrain.epochs and pretrain.max_steps give no training steps; set pretrain.epochs >= 1")
 
-    # Model, optimizer, task.
+    # Model and task.
     model = build_simclr_model(recipe.model, head=objective.head)
     model, bn_mode = convert_sync_bn(model, accelerator, pcfg.sync_bn)
-    peak = scaled_lr(pcfg.lr, pcfg.batch_size, pcfg.lr_scaling)
-    optimizer = build_optimizer(pcfg.optimizer, model, lr=peak, weight_decay=pcfg.weight_decay,
-                                momentum=pcfg.momentum, nesterov=pcfg.nesterov,
-                                trust_coefficient=pcfg.trust_coefficient)
     local_batch = pcfg.batch_size // accelerator.num_processes
     grad_cache = 0 < pcfg.micro_batch_size < local_batch
     on_device = BatchedAugment(augment) if batched else None
@@ -141,87 +113,62 @@ def run(
         task.channels_last = True
     if pcfg.compile:
         model.backbone.compile(backend=COMPILE_BACKEND)  # in place: state_dict keys stay the same
-    task, optimizer = accelerator.prepare(task, optimizer)
 
-    start_step, elapsed0 = 0, 0.0
-    if resume:
-        saved_world = (read_trainer(state_dir) or {}).get("world_size", accelerator.num_processes)
-        if saved_world != accelerator.num_processes and not force:
-            raise UsageError(
-                f"{state_dir} was saved by {saved_world} process(es), this launch has {accelerator.num_processes}. "
-                "Data order and views do not depend on it, but check the launch; pass --force to resume anyway"
-            )
-        counters = load_state(state_dir, accelerator.unwrap_model(task), optimizer)
-        restore_scaler(accelerator, counters)
-        start_step, elapsed0 = int(counters["step"]), float(counters.get("elapsed", 0.0))
-    # Only now, with data, model and optimizer built, is an old run set aside (restored if this one fails).
+    # Only now, with data and model built, is an old run set aside (restored if this one fails).
     guard.begin(overwrite=overwrite, resume=resume, accelerator=accelerator)
     if main:
         atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
-    metrics = MetricsLog(stage_dir / "metrics.jsonl", enabled=main, keep_until_step=start_step if resume else None,
-                         tensorboard=recipe.tensorboard)
+    spec = FitSpec(
+        epochs=pcfg.epochs, max_steps=pcfg.max_steps, batch_size=pcfg.batch_size, full_batches=True,
+        optimizer=pcfg.optimizer, lr=pcfg.lr, lr_scaling=pcfg.lr_scaling, warmup_epochs=pcfg.warmup_epochs,
+        weight_decay=pcfg.weight_decay, momentum=pcfg.momentum, nesterov=pcfg.nesterov,
+        trust_coefficient=pcfg.trust_coefficient, seed=recipe.seed, num_workers=cfg.num_workers,
+        log_every=pcfg.log_every, save_every=pcfg.save_every, checkpoint_every=pcfg.checkpoint_every,
+        keep_states=pcfg.keep_states, max_bad_fraction=cfg.max_bad_fraction, on_nonfinite=pcfg.on_nonfinite,
+        max_nonfinite_skips=pcfg.max_nonfinite_skips, check_world_size=True,
+    )
+    trainer = Trainer(accelerator, task, views, spec, stage=STAGE, metrics_path=stage_dir / "metrics.jsonl",
+                      show_progress=show_progress, state_dir=state_dir, resume=resume, force=force,
+                      resume_hint=f"Resume with: {resume_cmd}", interrupt_after=interrupt_after,
+                      description=recipe.name, tensorboard=recipe.tensorboard, stop=guard.stop, on_save=guard.commit)
+    plan, metrics, progress = trainer.plan, trainer.metrics, trainer.progress
+    spe, total, start_step, elapsed0 = plan.steps_per_epoch, plan.total_steps, plan.start_step, plan.elapsed
 
     # kNN monitor on h against the labeled val split.
     knn = _KnnMonitor.build(recipe, accelerator, train_source) if pcfg.knn_every else None
-    progress = ProgressDisplay(total, start_step, enabled=show_progress and main, description=f"pretrain {recipe.name}")
     progress.message(
         f"pretrain {recipe.name}: {len(views)} images, {spe} steps/epoch, {total} steps, global batch "
         f"{pcfg.batch_size} on {accelerator.num_processes} process(es) ({accelerator.device.type}), "
-        f"{recipe.model.backbone}, lr {peak:.4g}, BN {bn_mode}"
+        f"{recipe.model.backbone}, lr {plan.peak_lr:.4g}, BN {bn_mode}"
         + (f", gradient cache in chunks of {pcfg.micro_batch_size}" if grad_cache else "")
         + f" -> {stage_dir}"
         + (f" (resuming at step {start_step})" if resume else "")
     )
-    if warmup >= total:
+    if plan.warmup_steps >= total:
         progress.message(f"warning: pretrain.warmup_epochs={pcfg.warmup_epochs:g} covers the whole run "
                          f"({pcfg.epochs} epochs); the learning rate never reaches its peak. Lower warmup_epochs.")
-    spec = LoopSpec(
-        total_steps=total,
-        steps_per_epoch=spe,
-        global_batch=pcfg.batch_size,
-        peak_lrs=[peak] * len(optimizer.param_groups),
-        schedule=partial(warmup_cosine, total_steps=total, warmup_steps=warmup),
-        seed=recipe.seed,
-        log_every=pcfg.log_every,
-        save_every=pcfg.save_every,
-        checkpoint_every=pcfg.checkpoint_every,
-        keep_states=pcfg.keep_states,
-        dataset_size=len(views),
-        max_bad_fraction=cfg.max_bad_fraction,
-        stage=STAGE,
-        resume_hint=f"Resume with: {resume_cmd}",
-        interrupt_after=interrupt_after,
-        on_nonfinite=pcfg.on_nonfinite,
-        max_nonfinite_skips=pcfg.max_nonfinite_skips,
-    )
     hook = None
     if knn is not None and knn.enabled:
-        hook = lambda epoch, step: {"knn_top1": knn(accelerator.unwrap_model(task).model)}  # noqa: E731
+        hook = lambda epoch, step: {"knn_top1": knn(trainer.model.model)}  # noqa: E731
     # Ctrl-C / SIGTERM (caught since the stage started, also during the first kNN pass) stop at a step boundary
     # with state saved; once the loop has saved the final state, they stop the final kNN pass at once.
-    stop = guard.stop.__enter__()
-    try:
+    with trainer:
         init_knn = None
         if knn is not None and knn.enabled and not resume:
-            init_knn = knn(accelerator.unwrap_model(task).model)
+            init_knn = knn(trainer.model.model)
             metrics.write({"step": 0, "epoch": 0, "knn_top1": init_knn, "time": 0.0})
             progress.message(f"knn_top1 at init (random encoder): {init_knn}")
         elif resume:
             init_knn = _first_knn(stage_dir / "metrics.jsonl")
-        result = run_loop(accelerator, task, optimizer, sampler, loader, spec, state_dir=state_dir, metrics=metrics,
-                          progress=progress, start_step=start_step, epoch_hook=hook, hook_every=pcfg.knn_every,
-                          start_time_offset=elapsed0, stop=stop, on_save=guard.commit)
+        result = trainer.run(epoch_hook=hook, hook_every=pcfg.knn_every)
         final_knn = None
         if knn is not None and knn.enabled:
-            with stop.immediately():  # a resume at the final step runs only this pass and writes the outputs
-                final_knn = knn(accelerator.unwrap_model(task).model)
+            with trainer.stop.immediately():  # a resume at the final step runs only this pass and writes the outputs
+                final_knn = knn(trainer.model.model)
             metrics.write({"step": result.step, "epoch": round(result.step / spe, 4), "knn_top1": final_knn,
                            "time": round(elapsed0 + result.train_seconds, 3)})
-    finally:
-        progress.close()
-        stop.__exit__(None, None, None)
 
-    unwrapped: SimCLRModel = accelerator.unwrap_model(task).model
+    unwrapped: SimCLRModel = trainer.model.model
     summary = {
         "stage": STAGE,
         "name": recipe.name,
