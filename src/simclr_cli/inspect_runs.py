@@ -8,7 +8,7 @@ from pathlib import Path
 from simclr_cli.checkpoints import MODEL_FILE, read_metadata
 from simclr_cli.errors import UsageError
 from simclr_cli.recipe import parse_toml, recipe_from_dict
-from simclr_cli.stages.common import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_DIRS
+from simclr_cli.layout import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_DIRS
 
 # The number each stage is judged by, for the runs table.
 KEY_METRIC = {"pretrain": "knn_top1", "knn": "knn_top1", "linear_eval": "top1", "finetune": "top1",

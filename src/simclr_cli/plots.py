@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from simclr_cli.errors import SimclrError, UsageError
-from simclr_cli.stages.common import RANDOM_INIT_DIR, STAGE_DIRS
+from simclr_cli.layout import RANDOM_INIT_DIR, STAGE_DIRS
 
 
 def _pyplot():

@@ -26,6 +26,7 @@ from simclr_cli.data.folders import align_classes
 from simclr_cli.data.loaders import build_source
 from simclr_cli.data.sources import ImageSource
 from simclr_cli.engine.signals import StopRequest
+from simclr_cli.layout import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_DIRS
 from simclr_cli.errors import DataError, Interrupted, UsageError
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.objectives import build_objective
@@ -33,9 +34,6 @@ from simclr_cli.recipe import Recipe, parse_toml, recipe_diff, recipe_from_dict
 from simclr_cli.recipe.loader import read_toml, resolve_recipe_path
 from simclr_cli.utils import atomic_write_text
 
-STAGE_DIRS = ("pretrain", "linear_eval", "knn", "finetune", "distill", "transfer")
-RUNS_ROOT = Path("runs")
-RANDOM_INIT_DIR = "random_init"  # default --out for --init random: RUN/random_init/<stage>/
 
 
 @dataclass
