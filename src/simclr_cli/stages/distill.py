@@ -30,6 +30,7 @@ from simclr_cli.checkpoints import (
     save_weights,
     sub_state,
 )
+from simclr_cli.checkpoints.metadata import checkpoint_metadata, classifier_metadata
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment, crop_flip_augment
 from simclr_cli.data.loaders import DistillViews, SubsetSource, build_source
 from simclr_cli.data.subsets import parse_label_spec, select_labeled
@@ -45,8 +46,6 @@ from simclr_cli.models import create_backbone
 from simclr_cli.models.classifier import Classifier
 from simclr_cli.recipe import Recipe, recipe_to_toml
 from simclr_cli.stages import common
-from simclr_cli.stages.linear_eval import classifier_metadata
-from simclr_cli.stages.pretrain import checkpoint_metadata
 from simclr_cli.utils import atomic_write_text
 
 STAGE = "distill"

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, prefixed_state, save_weights
+from simclr_cli.checkpoints.metadata import checkpoint_metadata, classifier_metadata
 from simclr_cli.data.augment import crop_flip_augment
 from simclr_cli.data.loaders import LabeledViews, SubsetSource
 from simclr_cli.data.subsets import parse_label_spec, select_labeled, write_label_list
@@ -31,8 +32,6 @@ from simclr_cli.evaluation.linear import predict
 from simclr_cli.models.classifier import Classifier
 from simclr_cli.recipe import Recipe, recipe_to_toml
 from simclr_cli.stages import common
-from simclr_cli.stages.linear_eval import classifier_metadata
-from simclr_cli.stages.pretrain import checkpoint_metadata
 from simclr_cli.utils import atomic_write_text
 
 STAGE = "finetune"

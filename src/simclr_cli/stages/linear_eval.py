@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from simclr_cli.checkpoints import MODEL_FILE, prefixed_state, save_weights
+from simclr_cli.checkpoints.metadata import checkpoint_metadata, classifier_metadata
 from simclr_cli.data.augment import crop_flip_augment
 from simclr_cli.data.loaders import LabeledViews, SubsetSource
 from simclr_cli.engine.reporting import MetricsLog, require_tensorboard
@@ -24,7 +25,6 @@ from simclr_cli.evaluation.linear import fit_linear, predict
 from simclr_cli.models.classifier import Classifier
 from simclr_cli.recipe import Recipe, recipe_to_toml
 from simclr_cli.stages import common
-from simclr_cli.stages.pretrain import checkpoint_metadata
 from simclr_cli.utils import atomic_write_text
 
 STAGE = "linear_eval"
@@ -108,19 +108,6 @@ def run(
         common.write_json(stage_dir / "summary.json", summary)
     accelerator.wait_for_everyone()
     return summary
-
-
-def classifier_metadata(classes: list[str], num_classes: int, head_layers: int, init: str) -> dict[str, str]:
-    """The ``simclr.*`` metadata a checkpoint with a classifier under ``head.`` carries."""
-    import json
-
-    return {
-        "simclr.num_classes": str(num_classes),
-        "simclr.classes": json.dumps(list(classes)),
-        "simclr.head_layers": str(head_layers),
-        "simclr.classifier": "head",
-        "simclr.init": init,
-    }
 
 
 def _fit_cached(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, accelerator, metrics: MetricsLog,

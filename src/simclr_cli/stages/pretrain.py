@@ -19,6 +19,7 @@ from torch.utils.data import Subset
 
 import simclr_cli
 from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, prefixed_state, save_weights
+from simclr_cli.checkpoints.metadata import checkpoint_metadata
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import BatchedAugment
 from simclr_cli.data.folders import align_classes
@@ -198,20 +199,6 @@ def run(
     accelerator.wait_for_everyone()
     return summary
 
-
-
-def checkpoint_metadata(recipe: Recipe, model: SimCLRModel, stage: str) -> dict[str, str]:
-    """The ``simclr.*`` string metadata every checkpoint carries."""
-    return {
-        "simclr.stage": stage,
-        "simclr.backbone": recipe.model.backbone,
-        "simclr.cifar_stem": "true" if recipe.model.cifar_stem else "false",
-        "simclr.feature_dim": str(model.backbone.num_features),
-        "simclr.proj_layers": str(recipe.model.proj_layers),
-        "simclr.image_size": str(recipe.data.image_size),
-        "simclr.version": simclr_cli.__version__,
-        "simclr.recipe": recipe_to_toml(recipe),
-    }
 
 
 def _first_knn(path: Path) -> float | None:
