@@ -4,6 +4,7 @@ import pytest
 
 from simclr_cli.errors import RecipeError
 from simclr_cli.recipe import (
+    FromOption,
     Recipe,
     bundled_recipe_names,
     load_recipe,
@@ -95,6 +96,42 @@ def test_bad_overrides_are_named(override, message):
         load_recipe("quickstart", [override])
     assert message in str(e.value)
     assert "--set" in str(e.value)
+
+
+def test_typed_overrides_keep_their_python_type_and_apply_after_set():
+    odd = 'a "quoted" \\back\\slash, [not toml'
+    r = load_recipe("quickstart", ["knn.k=3", "knn.temperature=0.5"],
+                    {"knn.k": 20, "finetune.labels": "10%", "data.root": odd, "knn.temperature": 0.07,
+                     "pretrain.lr": 2, "augment.crop_scale": (0.2, 1.0), "distill.hard": True})
+    assert r.knn.k == 20 and r.knn.temperature == 0.07 and isinstance(r.knn.temperature, float)
+    assert r.finetune.labels == "10%" and r.data.root == odd  # never read as TOML text
+    assert r.pretrain.lr == 2.0 and isinstance(r.pretrain.lr, float) and r.augment.crop_scale == (0.2, 1.0)
+    assert r.distill.hard is True
+    # what the stages write and read back
+    assert recipe_from_dict(tomllib.loads(recipe_to_toml(r))) == r
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("knn.k", 0, "--opt: 'knn.k' must be an integer >= 1, got 0"),
+        ("knn.k", "5", "--opt: 'knn.k' must be an integer, got string '5'"),
+        ("knn.k", 2.0, "--opt: 'knn.k' must be an integer, got number 2.0"),
+        ("distill.hard", 1, "--opt: 'distill.hard' must be a boolean (true/false), got integer 1"),
+        ("finetune.labels", 10, "--opt: 'finetune.labels' must be a string, got integer 10"),
+        ("linear_eval.mode", "papr", "--opt: 'linear_eval.mode' must be one of 'cached' | 'paper', got 'papr' "
+                                     "(did you mean 'paper'?)"),
+        ("knn.kk", 5, "--opt: unknown key 'knn.kk' (did you mean 'knn.k'?)"),
+        ("knn", 5, "--opt: 'knn' is a section"),
+    ],
+)
+def test_bad_typed_overrides_name_the_option(key, value, message):
+    with pytest.raises(RecipeError) as e:
+        load_recipe("quickstart", values={key: FromOption("--opt", value)})
+    assert message in str(e.value)
+    with pytest.raises(RecipeError) as e:  # without an option: the key and the value
+        load_recipe("quickstart", values={key: value})
+    assert message.replace("--opt", f"{key}={value!r}") in str(e.value)
 
 
 def _write(tmp_path, text):

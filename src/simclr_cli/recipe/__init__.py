@@ -1,6 +1,8 @@
-"""Recipes: typed schema, TOML loading with ``--set`` overrides, validation."""
+"""Recipes: typed schema, TOML loading with ``--set`` and typed overrides, validation."""
 
 from simclr_cli.recipe.loader import (
+    FromOption,
+    TypedOverrides,
     bundled_recipe_names,
     bundled_recipes_dir,
     load_recipe,
@@ -22,9 +24,11 @@ from simclr_cli.recipe.schema import (
 __all__ = [
     "AugmentConfig",
     "DataConfig",
+    "FromOption",
     "ModelConfig",
     "PretrainConfig",
     "Recipe",
+    "TypedOverrides",
     "bundled_recipe_names",
     "bundled_recipes_dir",
     "load_recipe",

@@ -1,7 +1,15 @@
-"""Read TOML recipes into the typed schema, apply ``--set`` overrides, write them back.
+"""Read TOML recipes into the typed schema, apply overrides, write them back.
 
-Errors are :class:`~simclr_cli.errors.RecipeError` (exit 2) with one line that
-names the file (or ``--set``), the key, and what to do.
+Two kinds of override apply on top of a recipe, in this order:
+
+* ``--set`` strings (``section.key=value``), whose value is read as a TOML literal when it is one;
+* typed values (``{"knn.k": 20}``), Python values that a program or a command-line option already
+  parsed; they are never read as TOML text, so ``"10%"`` or a path with quotes stays the string it is.
+  Wrap one in :class:`FromOption` to name the option that gave it in errors.
+
+Both go through the same schema checks (type, range, did-you-mean). Errors are
+:class:`~simclr_cli.errors.RecipeError` (exit 2) with one line that names the file, the ``--set``
+or the option, the key, and what to do.
 """
 
 from __future__ import annotations
@@ -10,10 +18,10 @@ import difflib
 import math
 import tomllib
 import typing
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Mapping, get_args, get_origin, get_type_hints
 
 from simclr_cli.errors import RecipeError
 from simclr_cli.recipe.schema import RANGES, Recipe
@@ -50,16 +58,33 @@ def resolve_recipe_path(arg: str | Path) -> Path:
     raise RecipeError(f"'{arg}' is neither a recipe file nor a bundled recipe{hint}; bundled recipes: {', '.join(names)}")
 
 
-def load_recipe(arg: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Load a recipe file or bundled name, apply ``section.key=value`` overrides, validate.
+@dataclass(frozen=True)
+class FromOption:
+    """A typed override's value and the command-line option it came from, which errors name.
+
+    ``{"knn.k": FromOption("--k", 0)}`` fails as ``--k: 'knn.k' must be an integer >= 1, got 0``.
+    """
+
+    option: str
+    value: Any
+
+
+TypedOverrides = Mapping[str, Any]
+"""Dotted key -> Python value (or :class:`FromOption`), e.g. ``{"knn.k": 20, "finetune.labels": "1%"}``."""
+
+
+def load_recipe(arg: str | Path, overrides: typing.Sequence[str] = (), values: TypedOverrides | None = None) -> Recipe:
+    """Load a recipe file or bundled name, apply overrides, validate.
 
     Args:
         arg: a path to a TOML file or the name of a bundled recipe (``cifar10``).
         overrides: ``--set`` strings such as ``pretrain.epochs=2``.
+        values: typed overrides applied after ``overrides``: dotted key -> Python value, or
+            :class:`FromOption` to name the command-line option that gave it.
     """
     path = resolve_recipe_path(arg)
     raw = read_toml(path)
-    return recipe_from_dict(raw, source=str(path), overrides=overrides)
+    return recipe_from_dict(raw, source=str(path), overrides=overrides, values=values)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -85,15 +110,23 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
 
 
 def recipe_from_dict(
-    raw: dict[str, Any], source: str = "<recipe>", overrides: typing.Sequence[str] = ()
+    raw: dict[str, Any], source: str = "<recipe>", overrides: typing.Sequence[str] = (),
+    values: TypedOverrides | None = None,
 ) -> Recipe:
-    """Validate a parsed TOML mapping (plus overrides) into a :class:`Recipe`."""
+    """Validate a parsed TOML mapping (plus overrides) into a :class:`Recipe`.
+
+    ``overrides`` (``--set`` strings) apply first, then ``values`` (typed; see :func:`load_recipe`).
+    """
     merged = _deep_copy(raw)
     origins: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
-        _apply_override(merged, key, value, text, source)
+        _apply_override(merged, key, value, f"--set {text}", source)
         origins[key] = f"--set {text}"
+    for key, given in (values or {}).items():
+        value, where = (given.value, given.option) if isinstance(given, FromOption) else (given, f"{key}={given!r}")
+        _apply_override(merged, key, value, where, source)
+        origins[key] = where
     return _build(Recipe, merged, prefix="", source=source, origins=origins)
 
 
@@ -112,7 +145,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, parsed
 
 
-def _apply_override(merged: dict, key: str, value: Any, text: str, source: str) -> None:
+def _apply_override(merged: dict, key: str, value: Any, where: str, source: str) -> None:
+    """Put ``value`` at dotted ``key``; ``where`` (``--set TEXT``, an option) is what errors blame."""
     parts = key.split(".")
     node = merged
     cls: Any = Recipe
@@ -121,15 +155,15 @@ def _apply_override(merged: dict, key: str, value: Any, text: str, source: str) 
         if part not in names:
             dotted = ".".join(parts[: i + 1])
             valid = [".".join([*parts[:i], n]) for n in names]
-            raise RecipeError(f"--set {text}: unknown key '{dotted}'{_did_you_mean(dotted, valid)}")
+            raise RecipeError(f"{where}: unknown key '{dotted}'{_did_you_mean(dotted, valid)}")
         hint = get_type_hints(cls)[part]
         if i == len(parts) - 1:
             if is_dataclass(hint):
-                raise RecipeError(f"--set {text}: '{key}' is a section; set one of its keys, e.g. {key}.{fields(hint)[0].name}=...")
+                raise RecipeError(f"{where}: '{key}' is a section; set one of its keys, e.g. {key}.{fields(hint)[0].name}=...")
             node[part] = value
             return
         if not is_dataclass(hint):
-            raise RecipeError(f"--set {text}: '{'.'.join(parts[: i + 1])}' is not a section")
+            raise RecipeError(f"{where}: '{'.'.join(parts[: i + 1])}' is not a section")
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"{source}: '{'.'.join(parts[: i + 1])}' must be a table")
