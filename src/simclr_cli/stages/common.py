@@ -30,7 +30,7 @@ from simclr_cli.layout import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_DIRS
 from simclr_cli.errors import DataError, Interrupted, UsageError
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.objectives import build_objective
-from simclr_cli.recipe import Recipe, parse_toml, recipe_diff, recipe_from_dict
+from simclr_cli.recipe import Recipe, TypedOverrides, parse_toml, recipe_diff, recipe_from_dict
 from simclr_cli.recipe.loader import read_toml, resolve_recipe_path
 from simclr_cli.utils import atomic_write_text
 
@@ -103,8 +103,10 @@ def _source_from_checkpoint(path: Path) -> Source:
     return Source(run_dir=run_dir, checkpoint=path, metadata=meta)
 
 
-def inherit_recipe(src: Source | None, recipe_arg: str | None, overrides: Sequence[str]) -> Recipe:
-    """The checkpoint's recipe, then the optional recipe file's keys on top, then ``--set``."""
+def inherit_recipe(src: Source | None, recipe_arg: str | None, overrides: Sequence[str],
+                   values: TypedOverrides | None = None) -> Recipe:
+    """The checkpoint's recipe, then the optional recipe file's keys on top, then ``--set``, then the typed
+    ``values`` (command-line options; see :func:`~simclr_cli.recipe.load_recipe`)."""
     raw: dict = {}
     origin = "<defaults>"
     if src is not None and src.checkpoint is not None:
@@ -116,7 +118,7 @@ def inherit_recipe(src: Source | None, recipe_arg: str | None, overrides: Sequen
         origin = str(path)
     elif src is None or src.checkpoint is None:
         raise UsageError("no checkpoint to inherit a recipe from; pass a run directory, or --recipe FILE")
-    return recipe_from_dict(raw, source=origin, overrides=overrides)
+    return recipe_from_dict(raw, source=origin, overrides=overrides, values=values)
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -166,9 +168,11 @@ def check_output(stage_dir: Path, stage: str, *, overwrite: bool, resume: bool =
                          "or --out DIR to write elsewhere")
 
 
-def resume_recipe(stage_dir: Path, recipe_arg: str | None, overrides: Sequence[str]) -> Recipe | None:
+def resume_recipe(stage_dir: Path, recipe_arg: str | None, overrides: Sequence[str],
+                  values: TypedOverrides | None = None) -> Recipe | None:
     """On ``--resume``: the recipe the interrupted run saved in ``STAGE_DIR/recipe.toml`` when it started,
-    with an optional recipe file and ``--set`` on top (which :func:`check_output` then compares with it).
+    with an optional recipe file, ``--set`` and typed ``values`` on top (which :func:`check_output` then
+    compares with it).
     None when there is no saved recipe (``check_output`` says what is missing)."""
     saved = Path(stage_dir) / "recipe.toml"
     if not saved.is_file():
@@ -176,7 +180,7 @@ def resume_recipe(stage_dir: Path, recipe_arg: str | None, overrides: Sequence[s
     raw = parse_toml(saved.read_text(), str(saved))
     if recipe_arg:
         raw = _deep_merge(raw, read_toml(resolve_recipe_path(recipe_arg)))
-    return recipe_from_dict(raw, source=str(saved), overrides=overrides)
+    return recipe_from_dict(raw, source=str(saved), overrides=overrides, values=values)
 
 
 class StageRun:
