@@ -241,7 +241,9 @@ def test_fp16_loss_scale_survives_resume(tiny_recipe_file, tmp_path, monkeypatch
         scalers.append(acc.scaler)
         return acc
 
-    monkeypatch.setattr(pretrain, "make_accelerator", make_accelerator)
+    from simclr_cli.stages import scaffold
+
+    monkeypatch.setattr(scaffold, "make_accelerator", make_accelerator)
     recipe = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.epochs=2"])
     pretrain.run(recipe, tmp_path / "full", show_progress=False)
     with pytest.raises(Interrupted):

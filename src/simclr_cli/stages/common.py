@@ -9,11 +9,7 @@ recipe file (or bundled name) and ``--set`` overrides apply on top.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import shutil
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -21,13 +17,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, has_state, load_weights, read_metadata, read_trainer, sub_state
+from simclr_cli.checkpoints import MODEL_FILE, has_state, load_weights, read_metadata, sub_state
 from simclr_cli.data.folders import align_classes
 from simclr_cli.data.loaders import build_source
 from simclr_cli.data.sources import ImageSource
-from simclr_cli.engine.signals import StopRequest
 from simclr_cli.layout import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_DIRS
-from simclr_cli.errors import DataError, Interrupted, UsageError
+from simclr_cli.errors import DataError, UsageError
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.objectives import build_objective
 from simclr_cli.recipe import Recipe, TypedOverrides, parse_toml, recipe_diff, recipe_from_dict
@@ -181,135 +176,6 @@ def resume_recipe(stage_dir: Path, recipe_arg: str | None, overrides: Sequence[s
     if recipe_arg:
         raw = _deep_merge(raw, read_toml(resolve_recipe_path(recipe_arg)))
     return recipe_from_dict(raw, source=str(saved), overrides=overrides, values=values)
-
-
-class StageRun:
-    """One invocation of a stage, from its first line to its last file (see :func:`guarded`).
-
-    * Ctrl-C and SIGTERM are caught from the start (:attr:`stop`). The training loop stops at a step
-      boundary with state saved (a signal during setup: before its first step); a second Ctrl-C, or any
-      signal in a stage without a loop, stops at once. Every stop ends as :class:`Interrupted` (exit 130)
-      with a message that says what was kept and, when a state exists, the command that resumes it.
-    * ``--overwrite`` never loses the previous run to a failure of the new one: :meth:`begin` moves
-      ``RUN/STAGE`` aside to ``RUN/.STAGE.old-PID`` and the new run writes ``RUN/STAGE`` as usual (so every
-      path, hint and process sees the usual folder). The old run is deleted once the new one is durable
-      (:meth:`commit`: its first saved state, or its finished results) and moved back if the new run fails
-      or stops before that.
-    """
-
-    def __init__(self, immediate: bool = False) -> None:
-        self.stop = StopRequest(immediate=immediate)
-        self.stage = ""
-        self.stage_dir: Path | None = None
-        self.state_dir: Path | None = None
-        self.resume_cmd = ""
-        self.main = True
-        self._aside: Path | None = None
-        self._restored = False
-
-    def configure(self, stage_dir: Path, stage: str, *, resume_cmd: str = "", keeps_state: bool = True) -> None:
-        """Where the stage writes, whether it keeps resume state (``STAGE_DIR/state``), how to resume it."""
-        self.stage_dir, self.stage = Path(stage_dir), stage
-        self.state_dir = self.stage_dir / STATE_DIR if keeps_state else None
-        self.resume_cmd = resume_cmd
-
-    def begin(self, *, overwrite: bool, resume: bool = False, accelerator=None) -> None:
-        """Create the stage folder; with ``overwrite`` (and not ``resume``) move the previous run aside first.
-        Every process calls it; the main process moves folders while the others wait."""
-        assert self.stage_dir is not None, "configure() first"
-        if accelerator is not None:
-            self.main = accelerator.is_main_process
-            accelerator.wait_for_everyone()  # every process has looked at the old folder before it moves
-        if self.main:
-            with self.stop.shielded():  # a signal here must not lose track of the folder set aside
-                self._warn_leftovers()
-                if overwrite and not resume and self.stage_dir.exists():
-                    aside = self.stage_dir.with_name(f".{self.stage_dir.name}.old-{os.getpid()}")
-                    try:
-                        self.stage_dir.rename(aside)
-                    except OSError as e:
-                        raise UsageError(f"{self.stage_dir}: cannot move the previous run aside to replace it "
-                                         f"({e.strerror}); make {self.stage_dir.parent} writable, or pass --out DIR "
-                                         "to write elsewhere (the previous run is untouched)") from None
-                    self._aside = aside
-                self.stage_dir.mkdir(parents=True, exist_ok=True)
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
-
-    def commit(self) -> None:
-        """The new run is durable: delete the previous one (main process; no-op without one)."""
-        aside, self._aside = self._aside, None
-        if aside is not None and self.main:
-            shutil.rmtree(aside, ignore_errors=True)
-
-    def _rollback(self) -> None:
-        aside, self._aside = self._aside, None
-        if aside is None or not self.main or self.stage_dir is None:
-            return
-        shutil.rmtree(self.stage_dir, ignore_errors=True)
-        try:
-            aside.rename(self.stage_dir)
-            self._restored = True
-        except OSError as e:
-            print(f"warning: the previous {self.stage} run is in {aside}: moving it back to {self.stage_dir} failed "
-                  f"({e.strerror}); move it back by hand", file=sys.stderr)
-
-    def _warn_leftovers(self) -> None:
-        assert self.stage_dir is not None
-        for old in sorted(self.stage_dir.parent.glob(f".{self.stage_dir.name}.old-*")):
-            print(f"warning: {old} holds a previous {self.stage} run set aside by an --overwrite that was killed; "
-                  f"move it back to {self.stage_dir} to keep it, or delete it", file=sys.stderr)
-
-    def _stopped(self) -> Interrupted:
-        """The truth after a stop at once (a second Ctrl-C, or a signal outside the training loop)."""
-        how = self.stop.signal_name or "SIGINT"
-        if self.stage_dir is None:
-            return Interrupted(f"stopped by {how} before the stage started; nothing was written")
-        saved = read_trainer(self.state_dir) if self.state_dir is not None else None
-        if saved is not None:
-            return Interrupted(f"stopped by {how}; the last saved state (step {saved['step']}) is in {self.state_dir}. "
-                               f"Resume with: {self.resume_cmd}")
-        if self.state_dir is None:
-            return Interrupted(f"stopped by {how}; this stage keeps no state, run it again")
-        return Interrupted(f"stopped by {how} before any state was saved; run the command again")
-
-    def __enter__(self) -> "StageRun":
-        self.stop.__enter__()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        stopped = self._stopped() if isinstance(exc, KeyboardInterrupt) else None  # about this run, before any rollback
-        try:
-            with self.stop.shielded(deliver=False):
-                if exc is None:
-                    self.commit()
-                else:
-                    self._rollback()
-        finally:
-            self.stop.__exit__(None, None, None)
-        kept = f" ({self.stage_dir} still holds the previous run)" if self._restored else ""
-        if exc is None:
-            if self.stop.requested:  # the signal came while the results were being written
-                raise Interrupted(f"stopped by {self.stop.signal_name} as the {self.stage} run finished; its results "
-                                  f"in {self.stage_dir} are complete")
-            return False
-        if stopped is not None:
-            raise Interrupted(f"{stopped}{kept}") from None
-        if isinstance(exc, Interrupted) and kept:
-            raise Interrupted(f"{exc}{kept}") from None
-        return False
-
-
-def guarded(immediate: bool = False):
-    """Run a stage function inside a :class:`StageRun`, passed to it as ``guard``. ``immediate``: the stage has
-    no training loop to stop at a step boundary, so a signal stops it at once."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def run(*args, **kwargs):
-            with StageRun(immediate=immediate) as guard:
-                return fn(*args, guard=guard, **kwargs)
-        return run
-    return wrap
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -23,7 +23,6 @@ import torch
 
 from simclr_cli.checkpoints import (
     MODEL_FILE,
-    STATE_DIR,
     load_weights,
     prefixed_state,
     read_metadata,
@@ -35,8 +34,7 @@ from simclr_cli.data.augment import EvalTransform, SimCLRAugment, crop_flip_augm
 from simclr_cli.data.loaders import DistillViews, SubsetSource, build_source
 from simclr_cli.data.subsets import parse_label_spec, select_labeled
 from simclr_cli.engine.fit import FitSpec, fit
-from simclr_cli.engine.reporting import require_tensorboard
-from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
+from simclr_cli.engine.setup import convert_sync_bn
 from simclr_cli.engine.tasks import DistillTask
 from simclr_cli.errors import UsageError
 from simclr_cli.evaluation.knn import topk_accuracy
@@ -44,16 +42,16 @@ from simclr_cli.evaluation.linear import predict
 from simclr_cli.losses.distill import confident_pseudo_labels
 from simclr_cli.models import create_backbone
 from simclr_cli.models.classifier import Classifier
-from simclr_cli.recipe import Recipe, recipe_to_toml
+from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
-from simclr_cli.utils import atomic_write_text
+from simclr_cli.stages.scaffold import StageRun, guarded
 
 STAGE = "distill"
 LOGITS_FILE = "teacher_logits.safetensors"
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "distill.log_every"})
 
 
-@common.guarded()
+@guarded()
 def run(
     recipe: Recipe,
     src: common.Source,
@@ -64,28 +62,23 @@ def run(
     force: bool = False,
     show_progress: bool = True,
     interrupt_after: int | None = None,
-    guard: common.StageRun,
+    guard: StageRun,
 ) -> dict[str, Any]:
     """Distill ``src``'s classifier into a student; returns the summary (also ``OUT/distill/summary.json``)."""
-    t_start = time.perf_counter()
-    require_tensorboard(recipe.tensorboard)
     cfg, data = recipe.distill, recipe.data
     out = Path(out_dir)
-    stage_dir = out / STAGE
     import timm
 
     if cfg.student and not timm.is_model(cfg.student):
         raise UsageError(f"--student {cfg.student}: not a timm model name; see timm.list_models()")
     # The resume takes its recipe from OUT/distill/recipe.toml: no options or --set needed.
     resume_cmd = f"simclr distill {shlex.quote(str(src.checkpoint))} --out {shlex.quote(str(out))} --resume"
-    guard.configure(stage_dir, STAGE, resume_cmd=resume_cmd)
-    common.check_output(stage_dir, STAGE, overwrite=overwrite, resume=resume, recipe=recipe, force=force,
-                        resume_cmd=resume_cmd, resumable_changes=RESUMABLE_CHANGES)
+    accelerator = guard.open(recipe, out, STAGE, precision=(cfg.mixed_precision, "distill.mixed_precision"),
+                             resume_cmd=resume_cmd, show_progress=show_progress)
+    guard.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES)
     if cfg.hard and not cfg.cache_teacher:
         raise UsageError("distill.hard needs the cached teacher logits (distill.cache_teacher=true) to pick examples")
-    accelerator = make_accelerator(cfg.mixed_precision, key="distill.mixed_precision")
-    main = accelerator.is_main_process
-    say = print if show_progress and main else (lambda *a, **k: None)
+    main, say, stage_dir = guard.main, guard.say, guard.stage_dir
 
     teacher, classes = common.load_classifier(src, recipe)
     student, student_recipe, init_note = _build_student(recipe, src, len(classes) or teacher.num_classes)
@@ -95,10 +88,7 @@ def run(
     train_all = build_source(data, data.train_split, recipe.seed)
     unlabeled = SubsetSource(train_all, list(range(len(train_all))))
     unlabeled.labels = [-1] * len(unlabeled)
-    guard.begin(overwrite=overwrite, resume=resume, accelerator=accelerator)
-    if main:
-        atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
-    accelerator.wait_for_everyone()
+    guard.start(overwrite=overwrite, resume=resume)
     say(f"distill {src.checkpoint} ({recipe.model.backbone}, {common.count_parameters(teacher):,} params) -> "
         f"student {student_recipe.model.backbone} ({common.count_parameters(student):,} params, {init_note}) "
         f"on {len(unlabeled)} unlabeled images of {train_all.name} -> {stage_dir}")
@@ -140,54 +130,44 @@ def run(
                    weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
                    log_every=cfg.log_every, save_every=cfg.save_every, keep_states=cfg.keep_states,
                    max_bad_fraction=data.max_bad_fraction)
-    task, result, batch = fit(accelerator, task, views, spec, stage=STAGE, metrics_path=stage_dir / "metrics.jsonl",
-                              show_progress=show_progress, state_dir=stage_dir / STATE_DIR, resume=resume,
-                              resume_hint=f"Resume with: {resume_cmd}", interrupt_after=interrupt_after,
-                              description=recipe.name, tensorboard=recipe.tensorboard, stop=guard.stop,
-                              on_save=guard.commit)
+    task, result, batch = fit(accelerator, task, views, spec,
+                              **guard.training(resume=resume, interrupt_after=interrupt_after))
     trained: Classifier = task.student
-
-    summary: dict[str, Any] = {}
-    if main:
-        test = common.eval_loader(splits.test, None, recipe, accelerator)
-        device = accelerator.device
-        with guard.stop.immediately():  # the final state is saved: a resume runs only this test
-            t_logits, labels = predict(teacher.to(device), test, device, accelerator.autocast)
-            s_logits, _ = predict(trained, test, device, accelerator.autocast)
-        t_acc, s_acc = topk_accuracy(t_logits, labels, (1, 5)), topk_accuracy(s_logits, labels, (1, 5))
-        summary = {
-            "stage": STAGE,
-            "name": recipe.name,
-            "teacher": str(src.checkpoint),
-            "teacher_backbone": recipe.model.backbone,
-            "student_backbone": student_recipe.model.backbone,
-            "student_init": init_note,
-            "teacher_top1": round(t_acc[1], 4),
-            "teacher_top5": round(t_acc[5], 4),
-            "student_top1": round(s_acc[1], 4),
-            "student_top5": round(s_acc[5], 4),
-            "teacher_params": common.count_parameters(teacher),
-            "student_params": common.count_parameters(trained),
-            "loss": "hard pseudo-labels" if cfg.hard else f"distillation (tau {cfg.temperature:g})",
-            "alpha": cfg.alpha,
-            "noisy": cfg.noisy,
-            "unlabeled_images": len(train_all),
-            "kept_images": kept if cfg.hard else len(train_all),
-            "epochs": cfg.epochs,
-            "steps": result.step,
-            "global_batch": batch,
-            "test_images": len(labels),
-            "final_loss": result.last.get("loss"),
-            "images_per_sec": round(result.images_per_sec, 2),
-            "wall_seconds": round(time.perf_counter() - t_start, 2),
-        }
-        metadata = checkpoint_metadata(student_recipe, trained, STAGE)
-        metadata.update(classifier_metadata(classes, trained.num_classes, 0, init_note))
-        tensors = {**prefixed_state("backbone", trained.backbone), **prefixed_state("head", trained.head)}
-        save_weights(stage_dir / MODEL_FILE, tensors, metadata)
-        common.write_json(stage_dir / "summary.json", summary)
-    accelerator.wait_for_everyone()
-    return summary
+    if not main:
+        return guard.finish({})
+    test = common.eval_loader(splits.test, None, recipe, accelerator)
+    device = accelerator.device
+    with guard.stop.immediately():  # the final state is saved: a resume runs only this test
+        t_logits, labels = predict(teacher.to(device), test, device, accelerator.autocast)
+        s_logits, _ = predict(trained, test, device, accelerator.autocast)
+    t_acc, s_acc = topk_accuracy(t_logits, labels, (1, 5)), topk_accuracy(s_logits, labels, (1, 5))
+    summary = guard.summary(
+        teacher=str(src.checkpoint),
+        teacher_backbone=recipe.model.backbone,
+        student_backbone=student_recipe.model.backbone,
+        student_init=init_note,
+        teacher_top1=round(t_acc[1], 4),
+        teacher_top5=round(t_acc[5], 4),
+        student_top1=round(s_acc[1], 4),
+        student_top5=round(s_acc[5], 4),
+        teacher_params=common.count_parameters(teacher),
+        student_params=common.count_parameters(trained),
+        loss="hard pseudo-labels" if cfg.hard else f"distillation (tau {cfg.temperature:g})",
+        alpha=cfg.alpha,
+        noisy=cfg.noisy,
+        unlabeled_images=len(train_all),
+        kept_images=kept if cfg.hard else len(train_all),
+        epochs=cfg.epochs,
+        steps=result.step,
+        global_batch=batch,
+        test_images=len(labels),
+        final_loss=result.last.get("loss"),
+        images_per_sec=round(result.images_per_sec, 2),
+    )
+    metadata = {**checkpoint_metadata(student_recipe, trained, STAGE),
+                **classifier_metadata(classes, trained.num_classes, 0, init_note)}
+    tensors = {**prefixed_state("backbone", trained.backbone), **prefixed_state("head", trained.head)}
+    return guard.finish(summary, tensors=tensors, metadata=metadata)
 
 
 def _build_student(recipe: Recipe, src: common.Source, num_classes: int) -> tuple[Classifier, Recipe, str]:

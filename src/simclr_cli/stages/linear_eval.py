@@ -12,25 +12,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simclr_cli.checkpoints import MODEL_FILE, prefixed_state, save_weights
+from simclr_cli.checkpoints import prefixed_state
 from simclr_cli.checkpoints.metadata import checkpoint_metadata, classifier_metadata
 from simclr_cli.data.augment import crop_flip_augment
 from simclr_cli.data.loaders import LabeledViews, SubsetSource
-from simclr_cli.engine.reporting import MetricsLog, require_tensorboard
-from simclr_cli.engine.setup import make_accelerator
+from simclr_cli.engine.reporting import MetricsLog
 from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.tasks import ClassificationTask
 from simclr_cli.evaluation.knn import topk_accuracy
 from simclr_cli.evaluation.linear import fit_linear, predict
 from simclr_cli.models.classifier import Classifier
-from simclr_cli.recipe import Recipe, recipe_to_toml
+from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
-from simclr_cli.utils import atomic_write_text
+from simclr_cli.stages.scaffold import StageRun, guarded
 
 STAGE = "linear_eval"
 
 
-@common.guarded(immediate=True)
+@guarded(immediate=True)
 def run(
     recipe: Recipe,
     src: common.Source | None,
@@ -39,7 +38,7 @@ def run(
     init: str = "pretrained",
     overwrite: bool = False,
     show_progress: bool = True,
-    guard: common.StageRun,
+    guard: StageRun,
 ) -> dict[str, Any]:
     """Train and test a linear probe; return the summary (also ``OUT/linear_eval/summary.json``).
 
@@ -49,65 +48,50 @@ def run(
         out_dir: run directory to write ``linear_eval/`` into.
         init: ``pretrained`` or ``random`` (the same protocol on an untrained encoder).
     """
-    t_start = time.perf_counter()
-    require_tensorboard(recipe.tensorboard)
     cfg = recipe.linear_eval
-    stage_dir = Path(out_dir) / STAGE
-    guard.configure(stage_dir, STAGE, keeps_state=False)
-    accelerator = make_accelerator(cfg.mixed_precision, key="linear_eval.mixed_precision")
-    main = accelerator.is_main_process
-    say = print if show_progress and main else (lambda *a, **k: None)
-
+    accelerator = guard.open(recipe, out_dir, STAGE, precision=(cfg.mixed_precision, "linear_eval.mixed_precision"),
+                             keeps_state=False, show_progress=show_progress)
     splits = common.labeled_splits(recipe)
     encoder = common.load_encoder(src, recipe, init)
     k = common.parse_on(cfg.on, encoder)
     model = Classifier(encoder.backbone, common.head_layers(encoder)[:k], splits.num_classes)
-    common.check_output(stage_dir, STAGE, overwrite=overwrite)
+    guard.check(overwrite=overwrite)
     frozen = model.encoder()
     snapshot = common.frozen_snapshot(frozen)
-    guard.begin(overwrite=overwrite, accelerator=accelerator)  # the previous run is kept until this one finishes
-    if main:
-        atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
-    accelerator.wait_for_everyone()
-    metrics = MetricsLog(stage_dir / "metrics.jsonl", enabled=main)
-    say(f"linear-eval ({cfg.mode}) of {common.source_label(src, init)} on {cfg.on} "
-        f"({model.num_features} features): {len(splits.train_indices)} train / {len(splits.test)} test images, "
-        f"{splits.num_classes} classes -> {stage_dir}")
+    guard.start(overwrite=overwrite)  # the previous run is kept until this one finishes
+    metrics = MetricsLog(guard.stage_dir / "metrics.jsonl", enabled=guard.main)
+    guard.say(f"linear-eval ({cfg.mode}) of {common.source_label(src, init)} on {cfg.on} "
+              f"({model.num_features} features): {len(splits.train_indices)} train / {len(splits.test)} test images, "
+              f"{splits.num_classes} classes -> {guard.stage_dir}")
 
     if cfg.mode == "cached":
-        _fit_cached(model, splits, recipe, accelerator, metrics, say)
+        _fit_cached(model, splits, recipe, accelerator, metrics, guard.say)
     else:
-        _fit_paper(model, splits, recipe, accelerator, stage_dir, show_progress and main)
+        _fit_paper(model, splits, recipe, accelerator, guard)
     common.assert_unchanged(frozen, snapshot, "encoder")
 
-    summary: dict[str, Any] = {}
-    if main:  # the test pass runs once; the other processes wait
-        test_loader = common.eval_loader(splits.test, None, recipe, accelerator)
-        model.to(accelerator.device)
-        logits, labels = predict(model, test_loader, accelerator.device, accelerator.autocast)
-        acc = topk_accuracy(logits, labels, (1, 5))
-        summary = {
-            "stage": STAGE,
-            "name": recipe.name,
-            "mode": cfg.mode,
-            "on": cfg.on,
-            "init": init,
-            "source": common.source_label(src, init),
-            "backbone": recipe.model.backbone,
-            "top1": round(acc[1], 4),
-            "top5": round(acc[5], 4),
-            "train_images": len(splits.train_indices),
-            "test_images": len(labels),
-            "num_classes": splits.num_classes,
-            "wall_seconds": round(time.perf_counter() - t_start, 2),
-        }
-        metadata = checkpoint_metadata(recipe, encoder, STAGE)
-        metadata.update(classifier_metadata(splits.classes, splits.num_classes, k, init))
-        tensors = {**prefixed_state("backbone", model.backbone), **prefixed_state("head", model.head)}
-        save_weights(stage_dir / MODEL_FILE, tensors, metadata)
-        common.write_json(stage_dir / "summary.json", summary)
-    accelerator.wait_for_everyone()
-    return summary
+    if not guard.main:  # the test pass runs once; the other processes wait
+        return guard.finish({})
+    test_loader = common.eval_loader(splits.test, None, recipe, accelerator)
+    model.to(accelerator.device)
+    logits, labels = predict(model, test_loader, accelerator.device, accelerator.autocast)
+    acc = topk_accuracy(logits, labels, (1, 5))
+    summary = guard.summary(
+        mode=cfg.mode,
+        on=cfg.on,
+        init=init,
+        source=common.source_label(src, init),
+        backbone=recipe.model.backbone,
+        top1=round(acc[1], 4),
+        top5=round(acc[5], 4),
+        train_images=len(splits.train_indices),
+        test_images=len(labels),
+        num_classes=splits.num_classes,
+    )
+    metadata = {**checkpoint_metadata(recipe, encoder, STAGE),
+                **classifier_metadata(splits.classes, splits.num_classes, k, init)}
+    tensors = {**prefixed_state("backbone", model.backbone), **prefixed_state("head", model.head)}
+    return guard.finish(summary, tensors=tensors, metadata=metadata)
 
 
 def _fit_cached(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, accelerator, metrics: MetricsLog,
@@ -137,8 +121,7 @@ def _fit_cached(model: Classifier, splits: common.LabeledSplits, recipe: Recipe,
             p.data = broadcast(p.data.to(accelerator.device)).cpu()
 
 
-def _fit_paper(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, accelerator, stage_dir: Path,
-               show: bool) -> None:
+def _fit_paper(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, accelerator, guard: StageRun) -> None:
     """App. B.6: crop+flip views every epoch through the shared loop, Nesterov SGD, lr 0.1 x B/256, cosine.
     A probe is cheap to rerun: no resume state is kept."""
     cfg, data = recipe.linear_eval, recipe.data
@@ -147,6 +130,6 @@ def _fit_paper(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, 
     spec = FitSpec(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                    weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
                    log_every=cfg.log_every, max_bad_fraction=data.max_bad_fraction)
+    # its own stop request: a signal stops the probe at a step boundary (the stage's stops at once)
     fit(accelerator, ClassificationTask(model, frozen=True), LabeledViews(train, augment, recipe.seed), spec,
-        stage=STAGE, metrics_path=stage_dir / "metrics.jsonl", show_progress=show, state_dir=None,
-        description=recipe.name, tensorboard=recipe.tensorboard)
+        **{**guard.training(), "stop": None})

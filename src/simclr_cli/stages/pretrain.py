@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Subset
 
 import simclr_cli
-from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, prefixed_state, save_weights
+from simclr_cli.checkpoints import prefixed_state
 from simclr_cli.checkpoints.metadata import checkpoint_metadata
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import BatchedAugment
@@ -32,15 +32,13 @@ from simclr_cli.data.loaders import (
     require_labels,
 )
 from simclr_cli.engine.fit import FitSpec, Trainer
-from simclr_cli.engine.reporting import require_tensorboard
-from simclr_cli.engine.setup import convert_sync_bn, make_accelerator
+from simclr_cli.engine.setup import convert_sync_bn
 from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
 from simclr_cli.evaluation.knn import extract_features, knn_top1
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.objectives import build_objective
-from simclr_cli.recipe import Recipe, recipe_to_toml
-from simclr_cli.stages.common import StageRun, check_output, guarded
-from simclr_cli.utils import atomic_write_text
+from simclr_cli.recipe import Recipe
+from simclr_cli.stages.scaffold import StageRun, guarded
 
 STAGE = "pretrain"
 COMPILE_BACKEND = "inductor"  # torch.compile backend for pretrain.compile (tests use "eager")
@@ -72,19 +70,13 @@ def run(
         interrupt_after: for tests, stop as if SIGTERM arrived after this step.
         guard: given by ``@guarded``: signals, and the previous run kept until the new one is durable.
     """
-    t_start = time.perf_counter()
-    require_tensorboard(recipe.tensorboard)
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
     stage_dir = out / STAGE
-    state_dir = stage_dir / STATE_DIR
     resume_cmd = f"simclr pretrain {shlex.quote(str(stage_dir / 'recipe.toml'))} --out {shlex.quote(str(out))} --resume"
-    guard.configure(stage_dir, STAGE, resume_cmd=resume_cmd)
-    check_output(stage_dir, STAGE, overwrite=overwrite, resume=resume, recipe=recipe, force=force,
-                 resume_cmd=resume_cmd, resumable_changes=RESUMABLE_CHANGES)
     cfg, pcfg = recipe.data, recipe.pretrain
-
-    accelerator = make_accelerator(pcfg.mixed_precision)
-    main = accelerator.is_main_process
+    accelerator = guard.open(recipe, out, STAGE, precision=(pcfg.mixed_precision, "pretrain.mixed_precision"),
+                             resume_cmd=resume_cmd, show_progress=show_progress)
+    guard.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES)
     torch.manual_seed(recipe.seed)
 
     objective = build_objective(pcfg)
@@ -116,9 +108,7 @@ def run(
         model.backbone.compile(backend=COMPILE_BACKEND)  # in place: state_dict keys stay the same
 
     # Only now, with data and model built, is an old run set aside (restored if this one fails).
-    guard.begin(overwrite=overwrite, resume=resume, accelerator=accelerator)
-    if main:
-        atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
+    guard.start(overwrite=overwrite, resume=resume)
     spec = FitSpec(
         epochs=pcfg.epochs, max_steps=pcfg.max_steps, batch_size=pcfg.batch_size, full_batches=True,
         optimizer=pcfg.optimizer, lr=pcfg.lr, lr_scaling=pcfg.lr_scaling, warmup_epochs=pcfg.warmup_epochs,
@@ -128,10 +118,8 @@ def run(
         keep_states=pcfg.keep_states, max_bad_fraction=cfg.max_bad_fraction, on_nonfinite=pcfg.on_nonfinite,
         max_nonfinite_skips=pcfg.max_nonfinite_skips, check_world_size=True,
     )
-    trainer = Trainer(accelerator, task, views, spec, stage=STAGE, metrics_path=stage_dir / "metrics.jsonl",
-                      show_progress=show_progress, state_dir=state_dir, resume=resume, force=force,
-                      resume_hint=f"Resume with: {resume_cmd}", interrupt_after=interrupt_after,
-                      description=recipe.name, tensorboard=recipe.tensorboard, stop=guard.stop, on_save=guard.commit)
+    trainer = Trainer(accelerator, task, views, spec,
+                      **guard.training(resume=resume, force=force, interrupt_after=interrupt_after))
     plan, metrics, progress = trainer.plan, trainer.metrics, trainer.progress
     spe, total, start_step, elapsed0 = plan.steps_per_epoch, plan.total_steps, plan.start_step, plan.elapsed
 
@@ -170,35 +158,27 @@ def run(
                            "time": round(elapsed0 + result.train_seconds, 3)})
 
     unwrapped: SimCLRModel = trainer.model.model
-    summary = {
-        "stage": STAGE,
-        "name": recipe.name,
-        "backbone": recipe.model.backbone,
-        "steps": result.step,
-        "epochs": round(result.step / spe, 4),
-        "images": len(views),
-        "global_batch": pcfg.batch_size,
-        "processes": accelerator.num_processes,
-        "device": accelerator.device.type,
-        "final_loss": result.last.get("loss"),
-        "images_per_sec": round(result.images_per_sec, 2),
-        "train_seconds": round(result.train_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - t_start + elapsed0, 2),
-        "bad_images": result.bad_images,
-        "knn_top1": final_knn,
-        "knn_top1_init": init_knn,
-        "version": simclr_cli.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    if main:
-        metadata = checkpoint_metadata(recipe, unwrapped, STAGE)
-        tensors = {**prefixed_state("backbone", unwrapped.backbone), **prefixed_state("head", unwrapped.head)}
-        save_weights(stage_dir / MODEL_FILE, tensors, metadata)
-        atomic_write_text(stage_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    return summary
-
+    summary = guard.summary(
+        backbone=recipe.model.backbone,
+        steps=result.step,
+        epochs=round(result.step / spe, 4),
+        images=len(views),
+        global_batch=pcfg.batch_size,
+        processes=accelerator.num_processes,
+        device=accelerator.device.type,
+        final_loss=result.last.get("loss"),
+        images_per_sec=round(result.images_per_sec, 2),
+        train_seconds=round(result.train_seconds, 2),
+        wall_seconds=round(time.perf_counter() - guard.t_start + elapsed0, 2),
+        bad_images=result.bad_images,
+        knn_top1=final_knn,
+        knn_top1_init=init_knn,
+        version=simclr_cli.__version__,
+        torch=torch.__version__,
+        python=platform.python_version(),
+    )
+    tensors = {**prefixed_state("backbone", unwrapped.backbone), **prefixed_state("head", unwrapped.head)}
+    return guard.finish(summary, tensors=tensors, metadata=checkpoint_metadata(recipe, unwrapped, STAGE))
 
 
 def _first_knn(path: Path) -> float | None:

@@ -26,16 +26,15 @@ from simclr_cli.data.augment import crop_flip_augment
 from simclr_cli.data.loaders import LabeledViews
 from simclr_cli.data.transfer import ConcatSource, TransferData, label_targets, load_transfer
 from simclr_cli.engine.fit import FitSpec, fit
-from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.engine.tasks import ClassificationTask
 from simclr_cli.errors import UsageError
 from simclr_cli.evaluation.linear import predict
 from simclr_cli.evaluation.logistic import fit_logistic, l2_grid, select_l2
 from simclr_cli.evaluation.metrics import score
 from simclr_cli.models.classifier import Classifier, FeatureEncoder
-from simclr_cli.recipe import Recipe, recipe_to_toml
+from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
-from simclr_cli.utils import atomic_write_text
+from simclr_cli.stages.scaffold import StageRun, guarded
 
 STAGE = "transfer"
 SHORT = {"food101": "Food", "cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10", "sun397": "SUN397",
@@ -53,6 +52,7 @@ def finetune_grid(kind: str) -> list[tuple[float, float]]:
     return [(lr, wd) for lr in lrs for wd in wds]
 
 
+@guarded(immediate=True)
 def run(
     recipe: Recipe,
     src: common.Source | None,
@@ -61,37 +61,38 @@ def run(
     init: str = "pretrained",
     overwrite: bool = False,
     show_progress: bool = True,
+    guard: StageRun,
 ) -> dict[str, Any]:
-    """Transfer to every dataset in ``transfer.datasets``; returns the summary with all results so far."""
+    """Transfer to every dataset in ``transfer.datasets``; returns the summary with all results so far.
+
+    Results accumulate in ``OUT/transfer/summary.json``, written after every dataset; ``--overwrite`` only
+    allows running a dataset and mode again (its result is replaced once the new one is finished).
+    """
     cfg = recipe.transfer
     names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
     if not names:
         raise UsageError("no transfer dataset given; use --dataset NAME or --datasets a,b,c")
-    stage_dir = Path(out_dir) / STAGE
-    summary_path = stage_dir / "summary.json"
+    summary_path = Path(out_dir) / STAGE / "summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     done = [n for n in names if n in previous.get("results", {}).get(cfg.mode, {})]
     if done and not overwrite:
         raise UsageError(f"{summary_path} already has {cfg.mode} results for {', '.join(done)}; pass --overwrite to "
                          "run them again, or --out DIR to write elsewhere")
-    accelerator = make_accelerator(cfg.mixed_precision, key="transfer.mixed_precision")
-    main = accelerator.is_main_process
-    say = print if show_progress and main else (lambda *a, **k: None)
+    accelerator = guard.open(recipe, out_dir, STAGE, precision=(cfg.mixed_precision, "transfer.mixed_precision"),
+                             keeps_state=False, show_progress=show_progress)
+    main, say, stage_dir = guard.main, guard.say, guard.stage_dir
     size = cfg.image_size or recipe.data.image_size
     common.load_encoder(src, recipe, init)  # fail early on a bad checkpoint, before any data is read
-    if main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
+    guard.start(overwrite=False)  # results accumulate: nothing is set aside
 
-    summary = {
-        "stage": STAGE,
-        "name": recipe.name,
-        "init": init,
-        "source": common.source_label(src, init),
-        "backbone": recipe.model.backbone,
-        "image_size": size,
-        "results": previous.get("results", {}),
-    }
+    summary = guard.summary(
+        init=init,
+        source=common.source_label(src, init),
+        backbone=recipe.model.backbone,
+        image_size=size,
+        results=previous.get("results", {}),
+    )
+    del summary["wall_seconds"]  # per dataset, in its result
     for name in names:
         t0 = time.perf_counter()
         data = load_transfer(name, cfg.root, download=cfg.download, val_fraction=cfg.val_fraction, split=cfg.split,

@@ -1,0 +1,235 @@
+"""The stage scaffold: what every stage does around its own work, in one object.
+
+A stage function is decorated with :func:`guarded` and receives a :class:`StageRun` as ``guard``;
+it then reads top to bottom as *build, run, report*::
+
+    accelerator = guard.open(recipe, out_dir, STAGE, precision=(cfg.mixed_precision, "finetune.mixed_precision"))
+    guard.check(overwrite=overwrite, resume=resume)        # never replace work by accident
+    ...build data and model...                             # stage-specific
+    guard.start(overwrite=overwrite, resume=resume)        # set the old run aside, write recipe.toml
+    ...train (``Trainer(..., **guard.training(...))``)... # stage-specific
+    if guard.main: ...evaluate...                          # stage-specific
+    return guard.finish(guard.summary(top1=...), tensors=..., metadata=...)
+
+The scaffold owns the stage folder and its checks, the Accelerator, main-process printing
+(:attr:`StageRun.say`), ``recipe.toml``, the barriers, the base summary fields (stage, name, wall
+time), writing ``model.safetensors`` + ``summary.json``, signals, and ``--overwrite`` that never
+loses the previous run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, read_trainer, save_weights
+from simclr_cli.engine.reporting import require_tensorboard
+from simclr_cli.engine.setup import make_accelerator
+from simclr_cli.engine.signals import StopRequest
+from simclr_cli.errors import Interrupted, UsageError
+from simclr_cli.recipe import Recipe, recipe_to_toml
+from simclr_cli.stages.common import check_output, write_json
+from simclr_cli.utils import atomic_write_text
+
+
+class StageRun:
+    """One invocation of a stage, from its first line to its last file (see :func:`guarded`).
+
+    * Ctrl-C and SIGTERM are caught from the start (:attr:`stop`). The training loop stops at a step
+      boundary with state saved (a signal during setup: before its first step); a second Ctrl-C, or any
+      signal in a stage without a loop, stops at once. Every stop ends as :class:`Interrupted` (exit 130)
+      with a message that says what was kept and, when a state exists, the command that resumes it.
+    * ``--overwrite`` never loses the previous run to a failure of the new one: :meth:`begin` moves
+      ``RUN/STAGE`` aside to ``RUN/.STAGE.old-PID`` and the new run writes ``RUN/STAGE`` as usual (so every
+      path, hint and process sees the usual folder). The old run is deleted once the new one is durable
+      (:meth:`commit`: its first saved state, or its finished results) and moved back if the new run fails
+      or stops before that.
+    """
+
+    def __init__(self, immediate: bool = False) -> None:
+        self.stop = StopRequest(immediate=immediate)
+        self.stage = ""
+        self.stage_dir: Path | None = None
+        self.state_dir: Path | None = None
+        self.resume_cmd = ""
+        self.main = True
+        self._aside: Path | None = None
+        self._restored = False
+        self.recipe: Recipe | None = None
+        self.accelerator = None
+        self.show_progress = True
+        self.t_start = time.perf_counter()
+        self.say: Callable[..., None] = lambda *a, **k: None
+
+    def configure(self, stage_dir: Path, stage: str, *, resume_cmd: str = "", keeps_state: bool = True) -> None:
+        """Where the stage writes, whether it keeps resume state (``STAGE_DIR/state``), how to resume it."""
+        self.stage_dir, self.stage = Path(stage_dir), stage
+        self.state_dir = self.stage_dir / STATE_DIR if keeps_state else None
+        self.resume_cmd = resume_cmd
+
+    def begin(self, *, overwrite: bool, resume: bool = False, accelerator=None) -> None:
+        """Create the stage folder; with ``overwrite`` (and not ``resume``) move the previous run aside first.
+        Every process calls it; the main process moves folders while the others wait."""
+        assert self.stage_dir is not None, "configure() first"
+        if accelerator is not None:
+            self.main = accelerator.is_main_process
+            accelerator.wait_for_everyone()  # every process has looked at the old folder before it moves
+        if self.main:
+            with self.stop.shielded():  # a signal here must not lose track of the folder set aside
+                self._warn_leftovers()
+                if overwrite and not resume and self.stage_dir.exists():
+                    aside = self.stage_dir.with_name(f".{self.stage_dir.name}.old-{os.getpid()}")
+                    try:
+                        self.stage_dir.rename(aside)
+                    except OSError as e:
+                        raise UsageError(f"{self.stage_dir}: cannot move the previous run aside to replace it "
+                                         f"({e.strerror}); make {self.stage_dir.parent} writable, or pass --out DIR "
+                                         "to write elsewhere (the previous run is untouched)") from None
+                    self._aside = aside
+                self.stage_dir.mkdir(parents=True, exist_ok=True)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+
+    # -- the scaffold: build, run, report ---------------------------------------------------------------------
+
+    def open(self, recipe: Recipe, out_dir: str | Path, stage: str, *, precision: tuple[str, str] | None = None,
+             resume_cmd: str = "", keeps_state: bool = True, show_progress: bool = True):
+        """Start the stage: its folder ``OUT/STAGE``, the Accelerator (``precision``: the recipe value and its
+        key, for the error message), main-process printing. Returns the Accelerator."""
+        self.t_start = time.perf_counter()
+        self.recipe = recipe
+        require_tensorboard(recipe.tensorboard)
+        self.configure(Path(out_dir) / stage, stage, resume_cmd=resume_cmd, keeps_state=keeps_state)
+        value, key = precision or ("no", f"{stage}.mixed_precision")
+        self.accelerator = make_accelerator(value, key=key)
+        self.main = self.accelerator.is_main_process
+        self.show_progress = show_progress
+        self.say: Callable[..., None] = print if show_progress and self.main else (lambda *a, **k: None)
+        return self.accelerator
+
+    def check(self, *, overwrite: bool, resume: bool = False, force: bool = False,
+              resumable_changes: frozenset[str] = frozenset()) -> None:
+        """Refuse to replace finished or interrupted work without ``--overwrite``; on resume, check the recipe."""
+        assert self.stage_dir is not None, "open() first"
+        check_output(self.stage_dir, self.stage, overwrite=overwrite, resume=resume, recipe=self.recipe, force=force,
+                     resume_cmd=self.resume_cmd, resumable_changes=resumable_changes)
+
+    def start(self, *, overwrite: bool, resume: bool = False,
+              files: dict[str, Callable[[Path], None]] | None = None) -> None:
+        """Everything is built: set a previous run aside (``--overwrite``), write ``recipe.toml`` and any
+        ``files`` (name -> writer of that path) on the main process, and wait for every process."""
+        self.begin(overwrite=overwrite, resume=resume, accelerator=self.accelerator)
+        if self.main:
+            atomic_write_text(self.stage_dir / "recipe.toml", recipe_to_toml(self.recipe))
+            for name, write in (files or {}).items():
+                write(self.stage_dir / name)
+        self.accelerator.wait_for_everyone()
+
+    def training(self, *, resume: bool = False, force: bool = False, interrupt_after: int | None = None) -> dict:
+        """The keyword arguments :class:`~simclr_cli.engine.fit.Trainer` and :func:`~simclr_cli.engine.fit.fit`
+        take from the stage: where metrics and states go, the resume hint, signals, and the overwrite commit."""
+        return {"stage": self.stage, "metrics_path": self.stage_dir / "metrics.jsonl",
+                "show_progress": self.show_progress, "state_dir": self.state_dir, "resume": resume, "force": force,
+                "resume_hint": f"Resume with: {self.resume_cmd}" if self.resume_cmd else "",
+                "interrupt_after": interrupt_after, "description": self.recipe.name,
+                "tensorboard": self.recipe.tensorboard, "stop": self.stop, "on_save": self.commit}
+
+    def summary(self, **fields: Any) -> dict[str, Any]:
+        """``{"stage", "name", **fields, "wall_seconds"}`` (``fields`` may set its own ``wall_seconds``)."""
+        out = {"stage": self.stage, "name": self.recipe.name, **fields}
+        out.setdefault("wall_seconds", round(time.perf_counter() - self.t_start, 2))
+        return out
+
+    def finish(self, summary: dict[str, Any], *, tensors: dict[str, torch.Tensor] | None = None,
+               metadata: dict[str, str] | None = None) -> dict[str, Any]:
+        """Write ``model.safetensors`` (when ``tensors``) and ``summary.json`` on the main process, wait for every
+        process, and return ``summary``."""
+        if self.main:
+            if tensors is not None:
+                save_weights(self.stage_dir / MODEL_FILE, tensors, metadata or {})
+            write_json(self.stage_dir / "summary.json", summary)
+        self.accelerator.wait_for_everyone()
+        return summary
+
+
+    def commit(self) -> None:
+        """The new run is durable: delete the previous one (main process; no-op without one)."""
+        aside, self._aside = self._aside, None
+        if aside is not None and self.main:
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def _rollback(self) -> None:
+        aside, self._aside = self._aside, None
+        if aside is None or not self.main or self.stage_dir is None:
+            return
+        shutil.rmtree(self.stage_dir, ignore_errors=True)
+        try:
+            aside.rename(self.stage_dir)
+            self._restored = True
+        except OSError as e:
+            print(f"warning: the previous {self.stage} run is in {aside}: moving it back to {self.stage_dir} failed "
+                  f"({e.strerror}); move it back by hand", file=sys.stderr)
+
+    def _warn_leftovers(self) -> None:
+        assert self.stage_dir is not None
+        for old in sorted(self.stage_dir.parent.glob(f".{self.stage_dir.name}.old-*")):
+            print(f"warning: {old} holds a previous {self.stage} run set aside by an --overwrite that was killed; "
+                  f"move it back to {self.stage_dir} to keep it, or delete it", file=sys.stderr)
+
+    def _stopped(self) -> Interrupted:
+        """The truth after a stop at once (a second Ctrl-C, or a signal outside the training loop)."""
+        how = self.stop.signal_name or "SIGINT"
+        if self.stage_dir is None:
+            return Interrupted(f"stopped by {how} before the stage started; nothing was written")
+        saved = read_trainer(self.state_dir) if self.state_dir is not None else None
+        if saved is not None:
+            return Interrupted(f"stopped by {how}; the last saved state (step {saved['step']}) is in {self.state_dir}. "
+                               f"Resume with: {self.resume_cmd}")
+        if self.state_dir is None:
+            return Interrupted(f"stopped by {how}; this stage keeps no state, run it again")
+        return Interrupted(f"stopped by {how} before any state was saved; run the command again")
+
+    def __enter__(self) -> "StageRun":
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        stopped = self._stopped() if isinstance(exc, KeyboardInterrupt) else None  # about this run, before any rollback
+        try:
+            with self.stop.shielded(deliver=False):
+                if exc is None:
+                    self.commit()
+                else:
+                    self._rollback()
+        finally:
+            self.stop.__exit__(None, None, None)
+        kept = f" ({self.stage_dir} still holds the previous run)" if self._restored else ""
+        if exc is None:
+            if self.stop.requested:  # the signal came while the results were being written
+                raise Interrupted(f"stopped by {self.stop.signal_name} as the {self.stage} run finished; its results "
+                                  f"in {self.stage_dir} are complete")
+            return False
+        if stopped is not None:
+            raise Interrupted(f"{stopped}{kept}") from None
+        if isinstance(exc, Interrupted) and kept:
+            raise Interrupted(f"{exc}{kept}") from None
+        return False
+
+
+def guarded(immediate: bool = False):
+    """Run a stage function inside a :class:`StageRun`, passed to it as ``guard``. ``immediate``: the stage has
+    no training loop to stop at a step boundary, so a signal stops it at once."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with StageRun(immediate=immediate) as guard:
+                return fn(*args, guard=guard, **kwargs)
+        return run
+    return wrap
