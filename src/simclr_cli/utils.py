@@ -57,3 +57,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_out_folder(folder: Path) -> None:
+    """Refuse an output folder that cannot be one before any work: a file in its place (or in the place of
+    a parent), or a folder this user may not write into (:class:`~simclr_cli.errors.UsageError`, exit 2)."""
+    from simclr_cli.errors import UsageError
+
+    folder = Path(folder).expanduser()
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"output folder {folder}: {probe} is a file, not a folder; pass --out with a folder path, "
+                         "or move the file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {folder}: {probe} is not writable; pass --out with a writable folder, "
+                         "or fix its permissions")

@@ -1,0 +1,30 @@
+"""The ``simclr`` command: thin Typer wrappers over the package's importable functions.
+
+Each command parses its arguments, calls one plain function (``stages.<stage>.run``, ``embed.embed``,
+``validate.validate_recipe``, ...) and prints what it returns. Its own options reach a stage as typed
+recipe overrides, never as TOML text.
+
+* ``_app``: the Typer apps, the shared options, errors to exit codes (``_handled``), a stage's inputs
+  (``_chain_inputs``).
+* ``stage_commands``: pretrain, linear-eval, knn, finetune, distill, transfer.
+* ``run_commands``: info, runs, export, plot, embed.
+* ``recipe_commands``: recipes list, show, validate; data check.
+* ``render``: the tables and the console they print on.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or recipe error, 130 interrupted
+(state saved). Errors print one line on stderr; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+from simclr_cli.cli._app import app
+
+# Importing a command module registers its commands, in this order in --help: stages, runs, recipes.
+from simclr_cli.cli import stage_commands, run_commands, recipe_commands  # noqa: E402, F401, I001
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="simclr")

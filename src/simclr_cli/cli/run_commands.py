@@ -1,0 +1,127 @@
+"""Commands on finished runs: info, runs, export, plot, embed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from simclr_cli.cli import render
+from simclr_cli.cli._app import (
+    RUNS_PANEL,
+    DebugOpt,
+    OverwriteOpt,
+    SourceArg,
+    _check_out,
+    _handled,
+    _is_main_process,
+    app,
+)
+
+
+@app.command(rich_help_panel=RUNS_PANEL)
+def info(
+    path: Annotated[Path, typer.Argument(help="A checkpoint (model.safetensors), a stage folder, or a run "
+                                              "directory or name (its pretrain checkpoint, else its newest stage's).")],
+    debug: DebugOpt = False,
+) -> None:
+    """Show a checkpoint's metadata, key recipe values and final metrics."""
+    with _handled(debug):
+        from simclr_cli.inspect_runs import checkpoint_info
+
+        render.show_info(path, checkpoint_info(path))
+
+
+@app.command(rich_help_panel=RUNS_PANEL)
+def runs(
+    root: Annotated[Path, typer.Option("--root", help="Folder holding the runs.")] = Path("runs"),
+    debug: DebugOpt = False,
+) -> None:
+    """List the runs under ./runs: stages done, their key metrics, wall time."""
+    with _handled(debug):
+        from simclr_cli.inspect_runs import list_runs
+
+        found = list_runs(root)
+        if not found:
+            print(f"no runs under {root}/ yet; start with: simclr pretrain quickstart")
+            return
+        render.show_runs(root, found)
+
+
+@app.command(rich_help_panel=RUNS_PANEL)
+def export(
+    source: SourceArg = None,
+    format_: Annotated[str, typer.Option("--format", help="Export format (timm).")] = "timm",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write (default RUN/export-timm).")] = None,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Export the encoder as a timm folder: backbone-only model.safetensors + config.json."""
+    with _handled(debug):
+        from simclr_cli.errors import UsageError
+        from simclr_cli.export import export_timm
+        from simclr_cli.stages import common
+
+        if format_ != "timm":
+            raise UsageError(f"--format {format_}: only 'timm' is supported")
+        # A run directory or nothing: its pretrain encoder; a stage folder or file: that checkpoint.
+        src = common.find_source(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
+                                 say=print if _is_main_process() else (lambda *a: None))
+        target = out or src.run_dir / "export-timm"
+        _check_out(target)
+        config = export_timm(src.checkpoint, target, overwrite=overwrite)
+        print(f"wrote {target}/model.safetensors and config.json ({config['architecture']}, "
+              f"{config['num_features']} features)")
+        if config["simclr"]["cifar_stem"]:
+            print(f"load with: simclr_cli.export.load_timm('{target}')  (CIFAR stem)")
+        else:
+            print(f"load with: timm.create_model('{config['architecture']}', pretrained=True, num_classes=0, "
+                  f"pretrained_cfg_overlay=dict(file='{target}/model.safetensors'))")
+
+
+@app.command(rich_help_panel=RUNS_PANEL)
+def plot(
+    source: SourceArg = None,
+    embedding: Annotated[bool, typer.Option("--embedding", help="Also draw a 2-D map of h on the labeled val split, "
+                                                                "coloured by label (paper Fig. B.4).")] = False,
+    method: Annotated[str, typer.Option("--method", help="pca or tsne (for --embedding).")] = "pca",
+    max_points: Annotated[int, typer.Option("--max-points", help="Points in the embedding map (a seeded sample).")] = 2000,
+    debug: DebugOpt = False,
+) -> None:
+    """Write PNG figures into RUN/plots/: training curves, pretrained vs random init, and the embedding map."""
+    with _handled(debug):
+        from simclr_cli import plots
+        from simclr_cli.stages import common
+
+        src = common.find_source(source, ("pretrain",), say=print)
+        written = plots.plot_curves(src.run_dir)
+        cmp = plots.plot_comparison(src.run_dir)
+        written += [cmp] if cmp else []
+        if embedding:
+            from simclr_cli.embed import embedding_map
+
+            written.append(embedding_map(src, method, max_points))
+        if not written:
+            print(f"nothing to plot in {src.run_dir} yet")
+        for p in written:
+            print(f"wrote {p}")
+
+
+@app.command(rich_help_panel=RUNS_PANEL)
+def embed(
+    source: SourceArg = None,
+    data: Annotated[str, typer.Option("--data", help="A split of the recipe's dataset (e.g. val, train), or a folder "
+                                                     "of images (class folders or flat).")] = "val",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .npy, or a folder for <data>.npy "
+                                                                    "(default RUN/embed/<data>.npy); a .csv with "
+                                                                    "paths and labels goes beside it.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output .npy and .csv.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Export h (the encoder's features) for a dataset to .npy, with a CSV of file paths and labels."""
+    with _handled(debug):
+        from simclr_cli.embed import embed as embed_features
+
+        written = embed_features(source, data, out, overwrite, say=print)
+        print(f"wrote {written.path} {written.shape} and {written.table}")

@@ -1,0 +1,129 @@
+"""h, the encoder's features, out of a finished run: ``simclr embed`` (a dataset to ``.npy`` with a CSV of
+file paths and labels) and the 2-D map of ``simclr plot --embedding`` (paper Fig. B.4).
+
+Like a stage, this reads a checkpoint and the recipe stored in it (:mod:`simclr_cli.stages.common`); it
+writes nothing a later stage reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+
+from simclr_cli import plots
+from simclr_cli.data.builders import folder_source
+from simclr_cli.data.loaders import build_source
+from simclr_cli.engine.setup import make_accelerator
+from simclr_cli.errors import DataError, UsageError, from_os_error
+from simclr_cli.evaluation.linear import predict
+from simclr_cli.stages import common
+from simclr_cli.utils import check_out_folder
+
+
+class Embedding(NamedTuple):
+    """What :func:`embed` wrote."""
+
+    path: Path  # the .npy, float32 (N, D)
+    table: Path  # the .csv beside it: row, path, label, class
+    shape: tuple[int, ...]  # (N, D)
+
+
+def embed(source: str | Path | None, data: str = "val", out: str | Path | None = None, overwrite: bool = False, *,
+          say: Callable[..., None] = print) -> Embedding:
+    """Write h of every image of ``data`` to a ``.npy`` (float32, N x D), and a ``.csv`` beside it.
+
+    Args:
+        source: a run directory, run name or checkpoint (pretrain, finetune or distill); None: the newest run.
+        data: a split of the run's dataset (``val``, ``train``), or a folder of images (class folders or flat).
+        out: the ``.npy`` to write, or a folder for ``<data>.npy``; default ``RUN/embed/<data>.npy``.
+        overwrite: replace an existing ``.npy`` and ``.csv``.
+        say: where to report the run picked when ``source`` is None.
+
+    Raises:
+        DataError: ``data`` is neither a folder nor a split of the run's dataset.
+        UsageError: the output exists (without ``overwrite``) or cannot be written.
+    """
+    src = common.find_source(source, ("pretrain", "finetune", "distill"), say=say)
+    recipe = common.inherit_recipe(src, None, [])
+    folder = Path(data).expanduser()
+    if folder.is_dir():
+        tag = folder.resolve().name or "root"
+        build = lambda: folder_source(folder)  # noqa: E731
+    else:
+        cfg = recipe.data
+        splits = [s for s in dict.fromkeys(("train", cfg.train_split, "val", cfg.val_split)) if s]
+        if _looks_like_path(data) or (cfg.dataset == "synthetic" and data not in splits):
+            raise DataError(f"--data {data}: no such folder, and not a split of the run's {cfg.dataset} dataset; "
+                            f"pass a split (e.g. {', '.join(splits)}) or an existing folder of images", missing=True)
+        tag = data
+        build = lambda: build_source(cfg, data, recipe.seed)  # noqa: E731
+    target = _embed_target(out, src.run_dir, tag)
+    table = target.with_suffix(".csv")
+    existing = [p for p in (target, table) if p.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{existing[0]} exists; pass --overwrite to replace it, or --out to write elsewhere")
+    check_out_folder(target.parent)
+    source_images = build()
+    accelerator = make_accelerator("no")
+    encoder = common.load_encoder(src, recipe, "pretrained").backbone.to(accelerator.device)
+    feats, labels = predict(encoder, common.eval_loader(source_images, None, recipe, accelerator), accelerator.device)
+    writing = target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, feats.numpy().astype(np.float32))
+        writing = table
+        # File names that are not valid UTF-8 are written back as the bytes they are (surrogateescape).
+        with table.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            w = csv.writer(f)
+            w.writerow(["row", "path", "label", "class"])
+            for i, y in enumerate(labels.tolist()):
+                name = source_images.classes[y] if 0 <= y < len(source_images.classes) else ""
+                w.writerow([i, source_images.describe(i), y, name])
+    except OSError as e:  # disk full, read-only: name the file
+        err = from_os_error(e, writing)
+        if err is None:
+            raise
+        raise err from e
+    return Embedding(target, table, tuple(feats.shape))
+
+
+def embedding_map(src: common.Source, method: str = "pca", max_points: int = 2000) -> Path:
+    """``RUN/plots/embedding_<method>.png``: h of a seeded sample of the labeled val split, projected to 2-D
+    (:func:`simclr_cli.plots.project_2d`) and coloured by label (paper Fig. B.4).
+
+    Args:
+        src: the run's pretrain checkpoint (:func:`simclr_cli.stages.common.find_source`).
+        method: ``pca`` or ``tsne``.
+        max_points: images in the sample (seeded by the recipe's seed).
+    """
+    recipe = common.inherit_recipe(src, None, [])
+    splits = common.labeled_splits(recipe)
+    g = torch.Generator().manual_seed(recipe.seed)
+    idx = sorted(torch.randperm(len(splits.test), generator=g)[:max_points].tolist())
+    accelerator = make_accelerator("no")
+    encoder = common.load_encoder(src, recipe, "pretrained").backbone.to(accelerator.device)
+    feats, labels = predict(encoder, common.eval_loader(splits.test, idx, recipe, accelerator), accelerator.device)
+    coords = plots.project_2d(feats, method, recipe.seed)
+    return plots.plot_embedding(coords, labels, splits.classes, src.run_dir / "plots" / f"embedding_{method}.png",
+                                f"{src.run_dir.name}: h on {recipe.data.val_split} ({method}, {len(idx)} images)")
+
+
+def _looks_like_path(text: str) -> bool:
+    """A ``--data`` value meant as a folder rather than a split name (``./x``, ``~/x``, ``a/b``, ``/x``)."""
+    return text.startswith((".", "~")) or "/" in text or os.sep in text or Path(text).is_absolute()
+
+
+def _embed_target(out: str | Path | None, run_dir: Path, tag: str) -> Path:
+    """Where ``embed`` writes: RUN/embed/<tag>.npy, inside ``out`` when it is a folder, else ``out``
+    with ``.npy`` added when missing (what numpy would write anyway)."""
+    if out is None:
+        return run_dir / "embed" / f"{tag}.npy"
+    target = Path(out).expanduser()
+    if target.is_dir():
+        return target / f"{tag}.npy"
+    return target if target.suffix == ".npy" else target.with_name(target.name + ".npy")

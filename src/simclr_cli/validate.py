@@ -1,0 +1,36 @@
+"""``simclr recipes validate``: everything about a recipe that can be checked without data or a run.
+
+Beyond the schema (:func:`simclr_cli.recipe.load_recipe`: keys, types, ranges), the names that point into
+registries: the timm backbone, the dataset and the pretraining objective. Each error blames where the value
+came from: the last ``--set`` of that key, else the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from simclr_cli.data.registry import pretraining_dataset
+from simclr_cli.models.backbone import check_backbone
+from simclr_cli.objectives import build_objective
+from simclr_cli.recipe import Recipe, load_recipe, resolve_recipe_path
+from simclr_cli.recipe.loader import parse_override
+
+
+def validate_recipe(file: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, Recipe]:
+    """Check a recipe file or bundled name, with ``--set`` overrides; return its path and the recipe.
+
+    Raises:
+        RecipeError: (exit 2) the first problem, naming the file or the ``--set`` it came from.
+    """
+    r = load_recipe(file, overrides)
+
+    def origin(key: str) -> str:
+        """Blame where a value came from: the last --set of it, else the file."""
+        return next((f"--set {t}" for t in reversed(overrides) if parse_override(t)[0] == key),
+                    str(resolve_recipe_path(file)))
+
+    check_backbone(r.model.backbone, where=f"{origin('model.backbone')}: model.backbone")
+    pretraining_dataset(r.data.dataset, where=f"{origin('data.dataset')}: data.dataset")
+    build_objective(r.pretrain)
+    return resolve_recipe_path(file), r

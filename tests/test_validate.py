@@ -1,0 +1,18 @@
+"""simclr_cli.validate without the CLI: the registry checks blame the --set or the file."""
+
+import pytest
+
+from simclr_cli.errors import SimclrError
+from simclr_cli.recipe import resolve_recipe_path
+from simclr_cli.validate import validate_recipe
+
+
+def test_validate_recipe_returns_the_path_and_blames_the_origin(tiny_recipe_file):
+    path, r = validate_recipe(tiny_recipe_file)
+    assert path == resolve_recipe_path(tiny_recipe_file) and r.name == "tiny"
+    with pytest.raises(SimclrError) as e:
+        validate_recipe(tiny_recipe_file, ["data.dataset=cifar"])
+    assert "--set data.dataset=cifar: data.dataset: 'cifar' is not a dataset" in str(e.value)
+    with pytest.raises(SimclrError) as e:
+        validate_recipe("quickstart", ["model.backbone=resnet5O"])
+    assert str(e.value).startswith("--set model.backbone=resnet5O: model.backbone:")
