@@ -197,14 +197,27 @@ class LabeledSplits:
         return max(len(self.classes), max(self.train.labels) + 1)
 
 
-def labeled_splits(recipe: Recipe, *, test: bool = True) -> LabeledSplits:
-    """Build the labeled splits the evaluation stages use: ``data.train_split`` (its labeled
-    part) for training, ``data.val_split`` for testing."""
+def labeled_splits(recipe: Recipe, *, test: bool = True, train_source: ImageSource | None = None,
+                   required: bool = True) -> LabeledSplits | None:
+    """Build the labeled splits the evaluation stages and the kNN monitor use: ``data.train_split`` (its
+    labeled part) for training, ``data.val_split`` for testing.
+
+    Args:
+        test: also build the test split.
+        train_source: ``data.train_split`` already built, reused when it is the same split (an in-memory
+            image folder is then decoded once, not twice).
+        required: raise when a labeled split is missing; with False return None instead (the monitor is off).
+    """
     cfg = recipe.data
     train_split = cfg.train_split.split("+")[0]  # stl10 "train+unlabeled": the labeled part
-    train = build_source(cfg, train_split, recipe.seed)
+    same = train_source is not None and train_split == cfg.train_split
+    if not required and test and not cfg.val_split:
+        return None
+    train = train_source if same else build_source(cfg, train_split, recipe.seed)
     labeled = [i for i, y in enumerate(train.labels) if y >= 0]
     if not labeled:
+        if not required:
+            return None
         raise DataError(f"{train.name} has no labels; this stage needs a labeled training split "
                         "(set data.train_split)", missing=True)
     if not test:
@@ -214,6 +227,8 @@ def labeled_splits(recipe: Recipe, *, test: bool = True) -> LabeledSplits:
     query = build_source(cfg, cfg.val_split, recipe.seed)
     align_classes(train, query)
     if not any(y >= 0 for y in query.labels):
+        if not required:
+            return None
         raise DataError(f"{query.name} has no labels; set data.val_split to a labeled split", missing=True)
     return LabeledSplits(train, query, labeled, list(train.classes))
 

@@ -15,20 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
 
 import simclr_cli
 from simclr_cli.checkpoints import prefixed_state
 from simclr_cli.checkpoints.metadata import checkpoint_metadata
-from simclr_cli.data.augment import EvalTransform, SimCLRAugment
+from simclr_cli.data.augment import SimCLRAugment
 from simclr_cli.data.batched import BatchedAugment
-from simclr_cli.data.folders import align_classes
 from simclr_cli.data.loaders import (
     ContrastiveViews,
-    EvalImages,
     build_source,
     check_known_unreadable,
-    make_loader,
     require_labels,
 )
 from simclr_cli.engine.fit import FitSpec, Trainer
@@ -38,6 +34,7 @@ from simclr_cli.evaluation.knn import extract_features, knn_top1
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.objectives import build_objective
 from simclr_cli.recipe import Recipe
+from simclr_cli.stages import common
 from simclr_cli.stages.scaffold import StageRun, guarded
 
 STAGE = "pretrain"
@@ -208,29 +205,15 @@ class _KnnMonitor:
 
     @classmethod
     def build(cls, recipe: Recipe, accelerator, train_source=None) -> "_KnnMonitor":
-        """``train_source``: the training split already built, reused as the bank when it is the same split
-        (an in-memory image folder is then decoded once, not twice)."""
-        cfg = recipe.data
-        if not cfg.val_split:
+        """The labeled splits as the evaluation stages build them (``train_source`` reused as the bank when
+        it is the same split); off when there is no labeled val split."""
+        splits = common.labeled_splits(recipe, train_source=train_source, required=False)
+        if splits is None:
             return cls(accelerator, None, None, 0, 0, 0, enabled=False)
-        bank_split = cfg.train_split.split("+")[0]  # stl10 "train+unlabeled": the labeled part
-        same = train_source is not None and bank_split == cfg.train_split
-        bank = train_source if same else build_source(cfg, bank_split, recipe.seed)
-        query = build_source(cfg, cfg.val_split, recipe.seed)
-        align_classes(bank, query)
-        labeled = [i for i, y in enumerate(bank.labels) if y >= 0]
-        if not labeled or not any(y >= 0 for y in query.labels):
-            return cls(accelerator, None, None, 0, 0, 0, enabled=False)
-        tf = EvalTransform(cfg.image_size, cfg.mean, cfg.std)
         bs = max(64, min(512, recipe.pretrain.batch_size))
-        workers = cfg.num_workers
-        pin = accelerator.device.type == "cuda"
-        bank_ds = EvalImages(bank, tf)
-        bank_loader = make_loader(Subset(bank_ds, labeled) if len(labeled) < len(bank) else bank_ds,
-                                  batch_size=bs, num_workers=workers, pin_memory=pin)
-        query_loader = make_loader(EvalImages(query, tf), batch_size=bs, num_workers=workers, pin_memory=pin)
-        num_classes = max(len(bank.classes), max(bank.labels) + 1)
-        return cls(accelerator, bank_loader, query_loader, num_classes, recipe.pretrain.knn_k,
+        bank_loader = common.eval_loader(splits.train, splits.train_indices, recipe, accelerator, batch_size=bs)
+        query_loader = common.eval_loader(splits.test, None, recipe, accelerator, batch_size=bs)
+        return cls(accelerator, bank_loader, query_loader, splits.num_classes, recipe.pretrain.knn_k,
                    recipe.pretrain.knn_temperature, enabled=True)
 
     def __call__(self, model: SimCLRModel) -> float | None:
