@@ -318,24 +318,6 @@ def assert_unchanged(module: nn.Module, snapshot: dict[str, torch.Tensor], what:
         raise RuntimeError(f"bug: the frozen {what} changed during training ({len(changed)} tensors, e.g. {changed[0]})")
 
 
-def show_result(title: str, row: dict, enabled: bool = True) -> None:
-    """One-row rich table on screen."""
-    if not enabled:
-        return
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, box=box.SIMPLE)
-    for k in row:
-        table.add_column(k, justify="right")
-    table.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()))
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)
-    console.print(table)
-
-
 def source_label(src: Source | None, init: str) -> str:
     if init == "random":
         return "random init"
