@@ -99,7 +99,28 @@ def to_8bit(arr: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
-class ImageFolderSource:
+class FileListSource:
+    """Images given as a list of files with integer labels (or rows of a multi-hot ``targets`` matrix)."""
+
+    def __init__(self, files: list[str], labels: list[int], classes: list[str], name: str,
+                 targets: torch.Tensor | None = None) -> None:
+        self.files = [str(f) for f in files]
+        self.labels = list(labels)
+        self.classes = classes
+        self.name = name
+        self.targets = targets  # multi-label: (N, C) 0/1; labels[i] is then the row index i
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> torch.Tensor:
+        return read_image(self.files[index])
+
+    def describe(self, index: int) -> str:
+        return self.files[index]
+
+
+class ImageFolderSource(FileListSource):
     """``root/<split>/<class>/<image>``: class folders sorted by name, any common extension in any case."""
 
     def __init__(self, root: Path, split: str) -> None:
@@ -118,19 +139,7 @@ class ImageFolderSource:
             raise DataError(
                 f"imagefolder: no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} in any case)", missing=True
             )
-        self.files = files
-        self.labels = labels
-        self.classes = classes
-        self.name = f"imagefolder:{folder}"
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load(self, index: int) -> torch.Tensor:
-        return read_image(self.files[index])
-
-    def describe(self, index: int) -> str:
-        return self.files[index]
+        super().__init__(files, labels, classes, f"imagefolder:{folder}")
 
 
 def _split_key(split: str) -> str:
@@ -169,27 +178,6 @@ def torchvision_source(dataset: str, root: str, split: str, download: bool, *, e
     except OSError as e:  # download without network, unreadable root, ...
         raise DataError(f"{dataset}: cannot read or download into {root}: {e}", missing=True) from None
     return TensorSource(images, labels, classes, name=f"{dataset}:{split}")
-
-
-class FileListSource:
-    """Images given as a list of files with integer labels (or rows of a multi-hot ``targets`` matrix)."""
-
-    def __init__(self, files: list[str], labels: list[int], classes: list[str], name: str,
-                 targets: torch.Tensor | None = None) -> None:
-        self.files = [str(f) for f in files]
-        self.labels = list(labels)
-        self.classes = classes
-        self.name = name
-        self.targets = targets  # multi-label: (N, C) 0/1; labels[i] is then the row index i
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load(self, index: int) -> torch.Tensor:
-        return read_image(self.files[index])
-
-    def describe(self, index: int) -> str:
-        return self.files[index]
 
 
 class SubsetSource:
