@@ -101,7 +101,8 @@ def knn(
     with _handled(debug):
         from simclr_cli.stages import knn as stage
 
-        values = _typed(("--k", "knn.k", k), ("--temperature", "knn.temperature", temperature))
+        # --temperature 0 means the recipe's value, as it always has (0 is out of range anyway).
+        values = _typed(("--k", "knn.k", k), ("--temperature", "knn.temperature", temperature or None))
         src, r, out_dir = _chain_inputs(source, recipe, set_ or [], init, ("pretrain",), out, quiet, values=values)
         summary = stage.run(r, src, out_dir, init=init, overwrite=overwrite, show_progress=not quiet)
         render.show_result(f"knn (k={summary.get('k')}, t={summary.get('temperature')}, {init})",
@@ -222,9 +223,9 @@ def transfer(
 
         if dataset and datasets:
             raise UsageError("pass --dataset NAME or --datasets a,b,c, not both")
+        names = dataset or datasets
         values = _typed(
-            ("--dataset" if dataset is not None else "--datasets", "transfer.datasets",
-             dataset if dataset is not None else datasets),
+            ("--dataset" if dataset else "--datasets", "transfer.datasets", names or None),
             ("--mode", "transfer.mode", mode),
             ("--root", "transfer.root", root),
             ("--download", "transfer.download", True if download else None),  # a flag: never sets false
