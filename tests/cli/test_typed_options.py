@@ -86,3 +86,11 @@ def test_distill_options_are_typed_and_named(run_dir, monkeypatch):
     assert (d.student, d.student_init, d.hard, d.threshold, d.noisy, d.alpha, d.temperature) == (
         ODD, "random", True, 0.5, False, 0.25, 2.0)
     assert type(d.temperature) is float
+
+
+def test_an_option_given_is_never_silently_dropped(run_dir):
+    """`knn --temperature 0` and `finetune --labels ""` used to fall back to the recipe's value."""
+    r = CliRunner().invoke(app, ["knn", str(run_dir), "--temperature", "0", "-q"])
+    assert r.exit_code == 2 and "--temperature: 'knn.temperature' must be a number > 0" in _one_error(r)
+    r = CliRunner().invoke(app, ["finetune", str(run_dir), "--labels", "", "-q"])
+    assert r.exit_code == 2 and "--labels" in _one_error(r)

@@ -141,11 +141,11 @@ def _check_out(folder: Path) -> None:
 def _typed(*options: tuple[str, str, Any]) -> dict[str, Any]:
     """The typed recipe overrides of a command's own options, from (option, recipe key, value) triples:
     ``_typed(("--k", "knn.k", k))`` gives ``{"knn.k": FromOption("--k", k)}``, which the recipe loader checks
-    like any value and blames on ``--k``. Options not given (None) are left out, and so is an empty string
-    (``--labels ""``: the recipe's value)."""
+    like any value and blames on ``--k``. Options not given (None) are left out; a value given is always
+    checked, never silently dropped (``--labels ""`` and ``--temperature 0`` are errors)."""
     from simclr_cli.recipe import FromOption
 
-    return {key: FromOption(option, value) for option, key, value in options if value is not None and value != ""}
+    return {key: FromOption(option, value) for option, key, value in options if value is not None}
 
 
 def _chain_inputs(source, recipe, set_, init, wants, out, quiet, resume_stage=None, values=None):

@@ -101,8 +101,7 @@ def knn(
     with _handled(debug):
         from simclr_cli.stages import knn as stage
 
-        # --temperature 0 means the recipe's value, as it always has (0 is out of range anyway).
-        values = _typed(("--k", "knn.k", k), ("--temperature", "knn.temperature", temperature or None))
+        values = _typed(("--k", "knn.k", k), ("--temperature", "knn.temperature", temperature))
         src, r, out_dir = _chain_inputs(source, recipe, set_ or [], init, ("pretrain",), out, quiet, values=values)
         summary = stage.run(r, src, out_dir, init=init, overwrite=overwrite, show_progress=not quiet)
         render.show_result(f"knn (k={summary.get('k')}, t={summary.get('temperature')}, {init})",
