@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from simclr_cli.data.folders import scan_class_folders
+from simclr_cli.data.folders import IMAGE_EXTENSIONS, scan_class_folders, scan_images
+from simclr_cli.data.lists import read_file_list
 from simclr_cli.data.sources import (
     FileListSource,
     ImageFolderSource,
@@ -51,6 +53,11 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
+def _warn(text: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------------------- split builders (data.dataset)
 
 
@@ -63,6 +70,27 @@ def synthetic_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int
 def imagefolder_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -> ImageSource:
     """``data.root/<split>/<class>/<image>``, decoded into memory as ``data.in_memory`` says."""
     return decode_in_memory(ImageFolderSource(cfg.root, split), cfg.in_memory, cfg.memory_limit_gb, say=_say)
+
+
+def folder_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -> ImageSource:
+    """Every image under ``data.root``, flat or nested to any depth, unlabeled; one set (``split`` is not used)."""
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        also = " (a file: for a list of image paths use data.dataset=filelist)" if root.is_file() else ""
+        raise DataError(f"folder: {root} is not a folder{also}; point data.root at the folder that holds your "
+                        "images (e.g. --set data.root=/path/to/images)", missing=True)
+    files = scan_images(root)
+    if not files:
+        raise DataError(f"folder: no images under {root} at any depth (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                        "in any case, and opened files with other extensions)", missing=True)
+    source = FileListSource(files, [-1] * len(files), [], f"folder:{root}")
+    return decode_in_memory(source, cfg.in_memory, cfg.memory_limit_gb, say=_say)
+
+
+def filelist_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -> ImageSource:
+    """The images a list file names (``data.root``: .txt or .csv, see :mod:`simclr_cli.data.lists`); one set."""
+    source = read_file_list(Path(cfg.root), allow_missing=cfg.allow_missing, warn=_warn)
+    return decode_in_memory(source, cfg.in_memory, cfg.memory_limit_gb, say=_say)
 
 
 def torchvision_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -> ImageSource:

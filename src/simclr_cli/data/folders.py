@@ -91,6 +91,32 @@ def scan_class_folders(folder: Path, *, sniff: bool = True, loose: bool = False,
     return ClassFolders(files, labels, classes)
 
 
+def scan_images(folder: Path, *, sniff: bool = True) -> list[str]:
+    """Every image under ``folder``, at any depth, sorted by path (so the order is a pure function of the tree).
+
+    Hidden files and hidden folders (names starting with '.') are skipped, and so are files that are not
+    images (see ``sniff``). Symbolic links, to files or to folders, are followed; a folder reached twice
+    (a link cycle, or two links to one folder) is read once.
+
+    Args:
+        folder: an existing folder.
+        sniff: as in :func:`scan_class_folders`: files with an odd or no extension are opened with PIL;
+            ``False``: by extension only.
+    """
+    accept = is_image_file if sniff else has_image_extension
+    files: list[str] = []
+    seen: set[str] = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a cycle, or a second link to a folder already read
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [str(Path(top) / n) for n in names if not n.startswith(".") and accept(Path(top) / n)]
+    return sorted(files)
+
+
 _LAYOUT_WARNED: set[str] = set()
 
 

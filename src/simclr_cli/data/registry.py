@@ -44,6 +44,8 @@ class Dataset:
         transfer: transfer builder ``(name, hint, root, *, download, split, seed)``; set when it can be a
             transfer dataset.
         path_in_name: transfer names it ``NAME:PATH`` (the data's own folder) instead of reading ``--root``.
+        one_set: one set of images with no splits (every split name gives all of it), so no held-out split for
+            evaluation: the kNN monitor and the evaluation stages take their labeled images from ``data.labeled``.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Dataset:
     source: Optional[SplitBuilder] = None
     transfer: Optional[Callable[..., TransferSplits]] = None
     path_in_name: bool = False
+    one_set: bool = False
 
     def build_split(self, cfg: DataConfig, split: str, seed: int) -> ImageSource:
         """Split ``split`` of this dataset as the recipe's ``[data]`` section describes it."""
@@ -78,6 +81,10 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
             builders.torchvision_split, builders.train_test_in_memory),
     Dataset("imagefolder", "top1", "<split>/<class>/<image> folders", source=builders.imagefolder_split,
             transfer=builders.folder_layouts, path_in_name=True),
+    Dataset("folder", "top1", "images at any depth under data.root (unlabeled)", source=builders.folder_split,
+            one_set=True),
+    Dataset("filelist", "top1", "a .txt (one image path a line) or .csv (path[,label]) list file as data.root",
+            source=builders.filelist_split, one_set=True),
     Dataset("food101", "top1", "food-101/", transfer=_official("Food101", ("train", "test"))),
     Dataset("flowers102", "mean_per_class", "flowers-102/", transfer=_official("Flowers102", ("train", "val", "test"))),
     Dataset("oxford_pets", "mean_per_class", "oxford-iiit-pet/", transfer=_official("OxfordIIITPet", ("trainval", "test"))),

@@ -57,15 +57,18 @@ class TensorSource:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """Decode any PIL-readable image to uint8 RGB (3, H, W); grayscale, palette, CMYK and alpha become RGB.
+    """Decode any PIL-readable image to uint8 RGB (3, H, W), upright; grayscale, palette, CMYK and alpha become RGB.
 
-    This is the one decoder every source uses. High-bit-depth grayscale is scaled, not clipped
+    This is the one decoder every source uses. An EXIF orientation tag (phone photos) is applied, so the
+    image is stored the way it is shown. High-bit-depth grayscale is scaled, not clipped
     (PIL's own ``convert`` clips it to 255, turning a 16-bit image almost white): see :func:`to_8bit`.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as img:
         img.draft("RGB", (img.width, img.height))  # lets JPEG decode straight to RGB
+        if img.getexif().get(_ORIENTATION, 1) != 1:  # checked first: exif_transpose copies even upright images
+            img = ImageOps.exif_transpose(img)
         if img.mode in _WIDE_MODES:
             gray = to_8bit(np.asarray(img), img.mode)
             arr = np.repeat(gray[:, :, None], 3, axis=2)
@@ -74,6 +77,7 @@ def read_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+_ORIENTATION = 0x0112  # the EXIF orientation tag
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
@@ -134,7 +138,9 @@ class ImageFolderSource(FileListSource):
             )
         files, labels, classes = scan_class_folders(folder, sniff=False)
         if not classes:
-            raise DataError(f"imagefolder: {folder} has no class folders; expected {folder}/<class>/<image>", missing=True)
+            raise DataError(f"imagefolder: {folder} has no class folders; expected {folder}/<class>/<image>. "
+                            f"For unlabeled images (flat or nested), use data.dataset=folder with data.root={folder}",
+                            missing=True)
         if not files:
             raise DataError(
                 f"imagefolder: no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} in any case)", missing=True
@@ -205,7 +211,7 @@ class MemorySource:
     """An image folder decoded once into memory (uint8 tensors of any size); unreadable files keep
     their error and raise it on ``load``, so they are skipped and named like on disk."""
 
-    def __init__(self, folder: ImageFolderSource, images: list[torch.Tensor | None], errors: dict[int, str]) -> None:
+    def __init__(self, folder: FileListSource, images: list[torch.Tensor | None], errors: dict[int, str]) -> None:
         self.files = folder.files
         self.labels = folder.labels
         self.classes = folder.classes
@@ -226,8 +232,8 @@ class MemorySource:
         return self.files[index]
 
 
-def decode_in_memory(folder: ImageFolderSource, mode: str, limit_gb: float, say=print):
-    """``folder`` decoded into memory when ``mode`` is 'always', or 'auto' and the estimate fits ``limit_gb``.
+def decode_in_memory(folder: FileListSource, mode: str, limit_gb: float, say=print):
+    """``folder`` (an image folder or list of files) decoded into memory when ``mode`` is 'always', or 'auto' and the estimate fits ``limit_gb``.
 
     Same-size images become one :class:`TensorSource` (the batched backend then crops on the
     device); others a :class:`MemorySource`. Returns ``folder`` itself when it stays on disk.

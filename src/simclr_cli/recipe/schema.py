@@ -23,12 +23,21 @@ class DataConfig:
     """``[data]``: where images come from and how they are fed."""
 
     dataset: str = _f("synthetic", "a pretraining dataset of the registry (data/registry.py): synthetic | cifar10 | "
-                                   "cifar100 | stl10 | imagefolder; see docs/extending.md to add one")
-    root: str = _f("data", "dataset root; for imagefolder, the folder holding the split folders")
+                                   "cifar100 | stl10 | imagefolder (labeled class folders) | folder (any folder of "
+                                   "images, any depth, no labels) | filelist (a .txt or .csv list of image paths); "
+                                   "see docs/extending.md to add one")
+    root: str = _f("data", "dataset root; imagefolder: the folder holding the split folders; folder: the image "
+                           "folder itself; filelist: the list file (paths relative to its folder, or absolute)")
     train_split: str = _f("train", "split used for training (stl10: 'train+unlabeled' for pretraining)")
     val_split: str = _f("val", "labeled split for the kNN monitor and evaluation; '' for none")
     image_size: int = _f(32, "training resolution in pixels (square)")
     num_workers: int = _f(2, "DataLoader worker processes per training process")
+    labeled: str = _f("", "a labeled image folder elsewhere for the kNN monitor and the stages that need labels "
+                          "(linear-eval, finetune, knn, distill), used instead of train_split/val_split: "
+                          "PATH/train/ and PATH/val/ (or test/) of class folders, or PATH/<class>/<image> (half of "
+                          "each class held out, seeded); '' for the dataset's own splits")
+    allow_missing: bool = _f(False, "filelist: train on the files that exist when the list names missing ones "
+                                    "(with a warning giving the count); false: a list naming missing files is an error")
     download: bool = _f(False, "let torchvision download cifar10/cifar100/stl10 into root")
     max_bad_fraction: float = _f(0.01, "stop once more than this fraction of images are unreadable")
     in_memory: Literal["auto", "always", "never"] = _f(

@@ -1,0 +1,79 @@
+"""List files: a text file of image paths (one a line) or a CSV of ``path[,label]`` rows (``data.dataset = "filelist"``).
+
+Paths are relative to the list's own folder, or absolute (``~`` expanded). In a text list, blank lines and
+lines starting with ``#`` are skipped. In a CSV (a ``.csv`` file), the first column is the path and the optional
+second column the label (a class name or number; empty: unlabeled); a first row whose first cell is a column
+name (``path``, ``file``, ``filename``, ``image``, ``filepath``, ``image_path``) is a header. Classes are the
+distinct labels, sorted (numerically when every label is an integer).
+
+A list that names files that do not exist is refused (exit 2) with their count and the first few names, so that
+nothing trains on a partial list by accident; ``data.allow_missing = true`` leaves them out with a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Callable
+
+from simclr_cli.data.sources import FileListSource
+from simclr_cli.errors import DataError
+
+_HEADER_NAMES = frozenset({"path", "file", "filename", "image", "filepath", "image_path"})
+SHOWN = 3  # missing files named in the message
+
+
+def _rows(path: Path) -> list[tuple[str, str]]:
+    """(path text, label text or '') per entry of the list, in file order."""
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    if path.suffix.lower() != ".csv":
+        return [(ln.strip(), "") for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    rows = [[c.strip() for c in r] for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
+    if rows and rows[0][0].lower() in _HEADER_NAMES:
+        rows = rows[1:]
+    return [(r[0], r[1] if len(r) > 1 else "") for r in rows if r[0]]
+
+
+def _class_order(names: set[str]) -> list[str]:
+    try:
+        return sorted(names, key=int)
+    except ValueError:
+        return sorted(names)
+
+
+def read_file_list(path: Path, *, allow_missing: bool = False, warn: Callable[[str], None] = print) -> FileListSource:
+    """The images a list file names, with their labels (-1 where a row has none).
+
+    Args:
+        path: the list file (``.csv``: ``path[,label]`` rows; anything else: one path a line).
+        allow_missing: leave out the files that do not exist, saying how many through ``warn``; otherwise
+            they are a :class:`DataError` (exit 2) with the count and the first few names.
+        warn: where the allow-missing warning goes.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        hint = " (a folder: for a folder of images use data.dataset=folder)" if path.is_dir() else ""
+        raise DataError(f"filelist: {path} is not a list file{hint}; point data.root at a .txt (one image path "
+                        "a line) or .csv (path[,label]) file", missing=True)
+    base = path.parent
+    rows = _rows(path)
+    if not rows:
+        raise DataError(f"filelist: {path} names no images", missing=True)
+    entries = [(os.path.join(base, os.path.expanduser(p)), y) for p, y in rows]  # join keeps absolute paths
+    missing = [(p, f) for (p, _), (f, _) in zip(rows, entries) if not os.path.isfile(f)]
+    if missing:
+        shown = ", ".join(p for p, _ in missing[:SHOWN]) + (f" and {len(missing) - SHOWN} more" if len(missing) > SHOWN else "")
+        what = f"{path}: {len(missing)} of {len(rows)} listed files do not exist ({shown})"
+        if not allow_missing:
+            raise DataError(f"{what}; paths are relative to {base} unless absolute. Fix the list, or set "
+                            f"data.allow_missing=true to use the {len(rows) - len(missing)} that exist", missing=True)
+        if len(missing) == len(rows):
+            raise DataError(f"{what}: none is left to use", missing=True)
+        warn(f"warning: {what}; left out (data.allow_missing=true)")
+        gone = {f for _, f in missing}
+        entries = [(f, y) for f, y in entries if f not in gone]
+    classes = _class_order({y for _, y in entries if y})
+    index = {c: i for i, c in enumerate(classes)}
+    return FileListSource([f for f, _ in entries], [index[y] if y else -1 for _, y in entries], classes,
+                          f"filelist:{path}")
