@@ -43,6 +43,21 @@ log_every = 2
 """
 
 
+def pytest_collection_modifyitems(config, items):
+    """``cuda``-marked tests are skipped, with the reason shown, where no CUDA device is visible."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
+                                   "on a GPU machine: bash benchmarks/gpu_check.sh")
+    for item in marked:
+        item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_recipe_file(tmp_path):
     path = tmp_path / "tiny.toml"
