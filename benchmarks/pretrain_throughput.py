@@ -2,15 +2,21 @@
 the real training loop, and the peer (lightly) pipeline, with the ratios that matter.
 
     python benchmarks/pretrain_throughput.py                       # CPU defaults, under 3 minutes
-    python benchmarks/pretrain_throughput.py --backbone resnet18 --image-size 32 --batch 256 \\
-        --steps 30 --device cuda --cifar-stem --out results.json
+    python benchmarks/pretrain_throughput.py --smoke               # every code path, tiny sizes, seconds
+    # the GPU rows of docs/performance.md (benchmarks/gpu_check.sh runs these):
+    python benchmarks/pretrain_throughput.py --device cuda --backbone resnet18 --cifar-stem --image-size 32 \\
+        --batch 512 --bf16 --channels-last --steps 30 --warmup 5 --workers 8 --skip b,d
+    python benchmarks/pretrain_throughput.py --device cuda --backbone resnet50 --image-size 224 --batch 256 \\
+        --bf16 --channels-last --data jpeg --steps 20 --warmup 5 --workers 14 --skip b,d
 
 a. model_only: forward + backward + LARS step of backbone + head + NT-Xent on tensors made in advance.
 b. data_only: decode + augment both views, images/s:
    - memory_32px: an in-memory CIFAR-size set, per-image torchvision backend vs the batched backend;
    - jpeg_224px: JPEG image folder (the Imagenette subset) on one core: torchvision's per-image PIL
      pipeline vs ours (decode with draft + batched augmentation).
-c. full_loop: the real ``simclr pretrain`` loop (``stages.pretrain.run``) on in-memory data, both backends.
+c. full_loop: the real ``simclr pretrain`` loop (``stages.pretrain.run``), both backends, on in-memory
+   synthetic data (``--data memory``) or read and decoded from the JPEG folder every step (``--data jpeg``).
+   The stage trains on the GPU whenever one is visible, so ``--device`` must say where it runs.
 d. lightly: lightly's SimCLRTransform, NTXentLoss and SimCLRProjectionHead with the same backbone and
    batch (when ``lightly`` is installed).
 
@@ -121,9 +127,12 @@ def data_only_memory(args, device: torch.device) -> dict:
 
 
 def _jpeg_root(args) -> Path | None:
+    """The JPEG class folders: --jpeg-root, else the Imagenette subset extracted into benchmarks/.cache/
+    from ../shared/data or from a copy of the archive carried in benchmarks/.cache/ (a GPU machine)."""
     if args.jpeg_root:
         return Path(args.jpeg_root)
-    archive = SHARED / "imagenette-subset.tar.gz"
+    archive = next((a for a in (SHARED / "imagenette-subset.tar.gz", CACHE / "imagenette-subset.tar.gz")
+                    if a.is_file()), SHARED / "imagenette-subset.tar.gz")
     target = CACHE / "imagenette" / "train"
     if not target.is_dir() and archive.is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -182,17 +191,32 @@ def data_only_jpeg(args) -> dict:
 
 
 def full_loop(args, backend: str) -> dict:
-    """c: the real pretrain loop on in-memory synthetic data; throughput from the metrics windows after warmup."""
+    """c: the real pretrain loop on in-memory synthetic data or on the JPEG folder; throughput from the
+    metrics windows after warmup."""
     from simclr_cli.recipe import load_recipe
     from simclr_cli.stages import pretrain
 
     n = args.batch * (args.warmup + args.steps)
+    if args.data == "jpeg":
+        root = _jpeg_root(args)
+        if root is None:
+            return {"skipped": "no JPEG folder: pass --jpeg-root or keep imagenette-subset.tar.gz in "
+                               "../shared/data or benchmarks/.cache"}
+        per_epoch = sum(1 for p in root.rglob("*") if p.is_file()) // args.batch
+        if per_epoch == 0:
+            return {"skipped": f"fewer JPEGs in {root} than one batch of {args.batch}"}
+        data = ["data.dataset='imagefolder'", f"data.root='{root.parent.as_posix()}'", f"data.train_split='{root.name}'",
+                "data.in_memory='never'", f"pretrain.epochs={-(-(args.warmup + args.steps) // per_epoch)}",
+                f"pretrain.max_steps={args.warmup + args.steps}"]
+    else:
+        data = ["data.dataset='synthetic'", f"data.synthetic_train_size={n}", "pretrain.epochs=1"]
     overrides = [
-        "data.dataset='synthetic'", f"data.synthetic_train_size={n}", f"data.image_size={args.image_size}",
+        *data, f"data.image_size={args.image_size}",
         f"data.num_workers={args.workers}", "data.val_split=''", f"augment.backend='{backend}'",
         f"augment.blur={'true' if args.image_size > 32 else 'false'}", "augment.strength=0.5",
         f"model.backbone='{args.backbone}'", f"model.cifar_stem={'true' if args.cifar_stem else 'false'}",
-        "model.proj_layers=2", f"pretrain.batch_size={args.batch}", "pretrain.epochs=1", "pretrain.knn_every=0",
+        "model.proj_layers=2", f"pretrain.batch_size={args.batch}", "pretrain.knn_every=0",
+        f"pretrain.channels_last={'true' if args.channels_last else 'false'}",
         f"pretrain.log_every={args.warmup}" if args.warmup else "pretrain.log_every=1",
         "pretrain.mixed_precision='bf16'" if args.bf16 else "pretrain.mixed_precision='no'", "pretrain.save_every=0",
     ]
@@ -204,7 +228,7 @@ def full_loop(args, backend: str) -> dict:
     first, last = steps[0], steps[-1]
     done, span = last["step"] - first["step"], last["time"] - first["time"]
     return {"images_per_sec": round(done * args.batch / span, 2), "steps": done, "backend": backend,
-            "num_workers": args.workers}
+            "num_workers": args.workers, "data": args.data}
 
 
 def lightly_pipeline(args, device: torch.device) -> dict:
@@ -267,16 +291,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=6, help="measured steps per part")
     p.add_argument("--warmup", type=int, default=2, help="steps excluded from each measurement")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where a, b and d run; c (the stage) trains on the GPU whenever one is visible")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for b, c, d")
     p.add_argument("--cifar-stem", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (a, c)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last for a")
+    p.add_argument("--channels-last", action="store_true", help="channels_last for a and c")
+    p.add_argument("--data", default="memory", choices=["memory", "jpeg"],
+                   help="c: in-memory synthetic images, or the JPEG folder decoded every step")
+    p.add_argument("--backends", default="batched,torchvision", help="c: augmentation backends to run")
+    p.add_argument("--smoke", action="store_true",
+                   help="every code path at tiny sizes (test_resnet, batch 8, 2 steps): checks the script runs")
     p.add_argument("--jpeg-root", default="", help="class folders of JPEGs (default: the Imagenette subset)")
     p.add_argument("--jpeg-images", type=int, default=96)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,d")
     p.add_argument("--out", default="", help="write the JSON here as well as to stdout")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.backbone, args.batch, args.steps, args.warmup, args.jpeg_images = "test_resnet", 8, 2, 1, 4
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if args.device == "cpu" and torch.cuda.is_available() and "c" not in set(args.skip.split(",")):
+        p.error("a GPU is visible, and part c (the pretrain stage) trains on it: pass --device cuda, "
+                "or hide it with CUDA_VISIBLE_DEVICES=''")
     device = torch.device(args.device)
     skip = set(args.skip.split(","))
     t_start = time.perf_counter()
@@ -291,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "b" not in skip:
         result["b_data_only"] = {"memory_32px": data_only_memory(args, device), "jpeg_224px": data_only_jpeg(args)}
     if "c" not in skip:
-        result["c_full_loop"] = {b: full_loop(args, b) for b in ("batched", "torchvision")}
+        result["c_full_loop"] = {b: full_loop(args, b) for b in args.backends.split(",")}
     if "d" not in skip:
         result["d_lightly"] = lightly_pipeline(args, device)
     ratios = {}
