@@ -180,3 +180,15 @@ def test_an_image_too_small_to_crop_is_upscaled(shape):
     assert torch.isfinite(whole).all()
     for size in (32, 224):  # the evaluation transform, small and ImageNet-style
         assert EvalTransform(size, (0.5,) * 3, (0.5,) * 3)(img).shape == (3, size, size)
+
+
+def test_data_check_scans_a_folder_once(messy_folder):
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+
+    r = CliRunner().invoke(app, ["data", "check", "quickstart", "--set", "data.dataset=folder",
+                                 "--set", f"data.root={messy_folder}"])
+    assert r.exit_code == 0, r.output
+    assert "(unlabeled)" in r.stdout and "train: 5 images, 0 unreadable" in r.stdout
+    assert "val:" not in r.stdout  # one set: the val split would be the same images again

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from simclr_cli.data.loaders import build_source
+from simclr_cli.data.registry import pretraining_dataset
 from simclr_cli.data.sources import ImageSource
 from simclr_cli.recipe.schema import Recipe
 
@@ -66,9 +67,11 @@ def scan_split(source: ImageSource, split: str, workers: int = 0) -> SplitReport
 
 
 def check_recipe_data(recipe: Recipe) -> list[SplitReport]:
-    """Scan the training split and, when set, the validation split of the recipe."""
+    """Scan the training split and, when set, the validation split of the recipe (a one-set dataset such as
+    ``folder`` or ``filelist`` has only the one)."""
     cfg = recipe.data
-    splits = [cfg.train_split] + ([cfg.val_split] if cfg.val_split else [])
+    one_set = pretraining_dataset(cfg.dataset).one_set
+    splits = [cfg.train_split] + ([cfg.val_split] if cfg.val_split and not one_set else [])
     return [scan_split(build_source(replace(cfg, in_memory="never"), split, recipe.seed), split, workers=cfg.num_workers) for split in splits]
 
 

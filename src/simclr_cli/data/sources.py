@@ -36,15 +36,18 @@ class ImageSource(Protocol):
 
 
 class TensorSource:
-    """Images held in memory as one uint8 tensor (N, 3, H, W)."""
+    """Images held in memory as one uint8 tensor (N, 3, H, W); ``files``, when given, name them in messages
+    and outputs (an image folder decoded into memory)."""
 
-    def __init__(self, images: torch.Tensor, labels: Sequence[int], classes: list[str], name: str) -> None:
+    def __init__(self, images: torch.Tensor, labels: Sequence[int], classes: list[str], name: str,
+                 files: Sequence[str] | None = None) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
         self.images = images
         self.labels = list(labels)
         self.classes = classes
         self.name = name
+        self.files = list(files) if files is not None else None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -53,7 +56,7 @@ class TensorSource:
         return self.images[index]
 
     def describe(self, index: int) -> str:
-        return f"{self.name}[{index}]"
+        return self.files[index] if self.files is not None else f"{self.name}[{index}]"
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -258,5 +261,6 @@ def decode_in_memory(folder: FileListSource, mode: str, limit_gb: float, say=pri
             errors[i] = f"{type(e).__name__}: {e}"
     shapes = {tuple(img.shape) for img in images if img is not None}
     if not errors and len(shapes) == 1:
-        return TensorSource(torch.stack(images), folder.labels, folder.classes, folder.name)  # type: ignore[arg-type]
+        return TensorSource(torch.stack(images), folder.labels, folder.classes, folder.name,  # type: ignore[arg-type]
+                            files=folder.files)
     return MemorySource(folder, images, errors)

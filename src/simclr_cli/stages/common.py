@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from simclr_cli.checkpoints import MODEL_FILE, has_state, load_weights, read_metadata, sub_state
+from simclr_cli.data.builders import folder_layouts
 from simclr_cli.data.folders import align_classes
 from simclr_cli.data.loaders import build_source
+from simclr_cli.data.registry import pretraining_dataset
 from simclr_cli.data.sources import ImageSource
 from simclr_cli.layout import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_DIRS
 from simclr_cli.errors import DataError, UsageError
@@ -202,6 +204,8 @@ def labeled_splits(recipe: Recipe, *, test: bool = True, train_source: ImageSour
     """Build the labeled splits the evaluation stages and the kNN monitor use: ``data.train_split`` (its
     labeled part) for training, ``data.val_split`` for testing.
 
+    With ``data.labeled`` set, both come from that labeled image folder instead (:func:`labeled_elsewhere`).
+
     Args:
         test: also build the test split.
         train_source: ``data.train_split`` already built, reused when it is the same split (an in-memory
@@ -209,6 +213,9 @@ def labeled_splits(recipe: Recipe, *, test: bool = True, train_source: ImageSour
         required: raise when a labeled split is missing; with False return None instead (the monitor is off).
     """
     cfg = recipe.data
+    if cfg.labeled:
+        return labeled_elsewhere(cfg.labeled, recipe.seed)
+    one_set = pretraining_dataset(cfg.dataset).one_set
     train_split = cfg.train_split.split("+")[0]  # stl10 "train+unlabeled": the labeled part
     same = train_source is not None and train_split == cfg.train_split
     if not required and test and not cfg.val_split:
@@ -218,10 +225,13 @@ def labeled_splits(recipe: Recipe, *, test: bool = True, train_source: ImageSour
     if not labeled:
         if not required:
             return None
-        raise DataError(f"{train.name} has no labels; this stage needs a labeled training split "
-                        "(set data.train_split)", missing=True)
+        raise DataError(f"{train.name} has no labels; {NEEDS_LABELS}", missing=True)
     if not test:
         return LabeledSplits(train, train, labeled, list(train.classes))
+    if one_set:  # its "val split" would be the training images again
+        if not required:
+            return None
+        raise DataError(f"{train.name} is one set of images with no held-out split; {NEEDS_LABELS}", missing=True)
     if not cfg.val_split:
         raise UsageError("data.val_split is empty; evaluation needs a labeled test split (e.g. --set data.val_split=test)")
     query = build_source(cfg, cfg.val_split, recipe.seed)
@@ -231,6 +241,29 @@ def labeled_splits(recipe: Recipe, *, test: bool = True, train_source: ImageSour
             return None
         raise DataError(f"{query.name} has no labels; set data.val_split to a labeled split", missing=True)
     return LabeledSplits(train, query, labeled, list(train.classes))
+
+
+NEEDS_LABELS = ("this stage needs labeled images, a train and a test set: point data.labeled at a labeled image "
+                "folder (--set data.labeled=PATH, holding PATH/train/ and PATH/val/ of class folders, or "
+                "PATH/<class>/<image>), or use a labeled dataset (e.g. --set data.dataset=imagefolder "
+                "--set data.root=PATH with PATH/train/<class>/ and PATH/val/<class>/)")
+
+
+def labeled_elsewhere(path: str, seed: int) -> LabeledSplits:
+    """The labeled train and test splits of the image folder ``data.labeled`` names, in any of the layouts of
+    ``imagefolder:PATH`` (:func:`simclr_cli.data.builders.folder_layouts`); class folders alone are split
+    half and half per class, seeded."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"data.labeled: {folder} is not a folder; point it at a labeled image folder "
+                        "(PATH/train/ and PATH/val/ of class folders, or PATH/<class>/<image>)", missing=True)
+    parts = folder_layouts("imagefolder", "", folder, download=False, split="0.5", seed=seed)
+    align_classes(parts.train, parts.test)
+    labeled = [i for i, y in enumerate(parts.train.labels) if y >= 0]
+    if len(parts.train.classes) < 2 or not labeled or not any(y >= 0 for y in parts.test.labels):
+        raise DataError(f"data.labeled: {folder} needs two or more class folders with images "
+                        "(PATH/<class>/<image>, or PATH/train/<class>/ and PATH/val/<class>/)", missing=True)
+    return LabeledSplits(parts.train, parts.test, labeled, list(parts.train.classes))
 
 
 def load_encoder(src: Source | None, recipe: Recipe, init: str) -> SimCLRModel:

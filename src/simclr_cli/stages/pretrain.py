@@ -40,7 +40,7 @@ from simclr_cli.stages.scaffold import StageRun, guarded
 STAGE = "pretrain"
 COMPILE_BACKEND = "inductor"  # torch.compile backend for pretrain.compile (tests use "eager")
 # Keys that may change between an interrupted run and its resume.
-RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "pretrain.log_every"})
+RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "data.labeled", "pretrain.log_every"})
 
 
 @guarded()
@@ -130,6 +130,8 @@ def run(
         + f" -> {stage_dir}"
         + (f" (resuming at step {start_step})" if resume else "")
     )
+    if knn is not None and not knn.enabled:
+        progress.message(knn.off_reason)
     if plan.warmup_steps >= total:
         progress.message(f"warning: pretrain.warmup_epochs={pcfg.warmup_epochs:g} covers the whole run "
                          f"({pcfg.epochs} epochs); the learning rate never reaches its peak. Lower warmup_epochs.")
@@ -195,8 +197,10 @@ class _KnnMonitor:
     Runs on the main process only (other processes wait); cost: one pass over both splits.
     """
 
-    def __init__(self, accelerator, bank_loader, query_loader, num_classes: int, k: int, t: float, enabled: bool):
+    def __init__(self, accelerator, bank_loader, query_loader, num_classes: int, k: int, t: float, enabled: bool,
+                 off_reason: str = ""):
         self.accelerator = accelerator
+        self.off_reason = off_reason  # the one line said when the monitor is off
         self.bank_loader = bank_loader
         self.query_loader = query_loader
         self.num_classes = num_classes
@@ -205,11 +209,16 @@ class _KnnMonitor:
 
     @classmethod
     def build(cls, recipe: Recipe, accelerator, train_source=None) -> "_KnnMonitor":
-        """The labeled splits as the evaluation stages build them (``train_source`` reused as the bank when
-        it is the same split); off when there is no labeled val split."""
+        """The labeled splits as the evaluation stages build them (``data.labeled``, or the dataset's own
+        splits with ``train_source`` reused as the bank when it is the same split); off, with ``off_reason``,
+        when there is no labeled val split."""
         splits = common.labeled_splits(recipe, train_source=train_source, required=False)
         if splits is None:
-            return cls(accelerator, None, None, 0, 0, 0, enabled=False)
+            cfg = recipe.data
+            why = "data.val_split is empty" if not cfg.val_split else f"data.dataset={cfg.dataset} has no labeled val split"
+            return cls(accelerator, None, None, 0, 0, 0, enabled=False,
+                       off_reason=f"kNN monitor off: {why}; set data.labeled=PATH (a labeled image folder) to turn it "
+                                  "on, or pretrain.knn_every=0 to silence this line")
         bs = max(64, min(512, recipe.pretrain.batch_size))
         bank_loader = common.eval_loader(splits.train, splits.train_indices, recipe, accelerator, batch_size=bs)
         query_loader = common.eval_loader(splits.test, None, recipe, accelerator, batch_size=bs)
