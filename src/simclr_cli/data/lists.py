@@ -1,4 +1,4 @@
-"""List files: a text file of image paths (one a line) or a CSV of ``path[,label]`` rows (``data.dataset = "filelist"``).
+"""List files (``data.dataset = "filelist"``): a text file of image paths, one a line, or a CSV of ``path[,label]`` rows.
 
 Paths are relative to the list's own folder, or absolute (``~`` expanded). In a text list, blank lines and
 lines starting with ``#`` are skipped. In a CSV (a ``.csv`` file), the first column is the path and the optional
@@ -63,7 +63,8 @@ def read_file_list(path: Path, *, allow_missing: bool = False, warn: Callable[[s
     entries = [(os.path.join(base, os.path.expanduser(p)), y) for p, y in rows]  # join keeps absolute paths
     missing = [(p, f) for (p, _), (f, _) in zip(rows, entries) if not os.path.isfile(f)]
     if missing:
-        shown = ", ".join(p for p, _ in missing[:SHOWN]) + (f" and {len(missing) - SHOWN} more" if len(missing) > SHOWN else "")
+        more = len(missing) - SHOWN
+        shown = ", ".join(p for p, _ in missing[:SHOWN]) + (f" and {more} more" if more > 0 else "")
         what = f"{path}: {len(missing)} of {len(rows)} listed files do not exist ({shown})"
         if not allow_missing:
             raise DataError(f"{what}; paths are relative to {base} unless absolute. Fix the list, or set "
