@@ -1,4 +1,4 @@
-"""List files (``data.dataset = "filelist"``): a text file of image paths, one a line, or a CSV of ``path[,label]`` rows.
+"""List files (``data.dataset = "filelist"``): a text file of image paths, one a line, or a CSV of path[,label] rows.
 
 Paths are relative to the list's own folder, or absolute (``~`` expanded). In a text list, blank lines and
 lines starting with ``#`` are skipped. In a CSV (a ``.csv`` file), the first column is the path and the optional
