@@ -27,3 +27,10 @@ def docs(session: nox.Session) -> None:
     session.install("mkdocs-material>=9.5")
     site = session.create_tmp() + "/site"
     session.run("mkdocs", "build", "--strict", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """The prepared GPU check (issue 14): benchmarks/gpu_check.sh with the machine's own Python and torch
+    (no install), about 5 minutes on one H200, one JSON in $OUT (default benchmarks/out/)."""
+    session.run("bash", "benchmarks/gpu_check.sh", *session.posargs, external=True)
