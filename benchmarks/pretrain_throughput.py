@@ -205,7 +205,8 @@ def full_loop(args, backend: str) -> dict:
         per_epoch = sum(1 for p in root.rglob("*") if p.is_file()) // args.batch
         if per_epoch == 0:
             return {"skipped": f"fewer JPEGs in {root} than one batch of {args.batch}"}
-        data = ["data.dataset='imagefolder'", f"data.root='{root.parent.as_posix()}'", f"data.train_split='{root.name}'",
+        data = ["data.dataset='imagefolder'", f"data.root='{root.parent.as_posix()}'",
+                f"data.train_split='{root.name}'",
                 "data.in_memory='never'", f"pretrain.epochs={-(-(args.warmup + args.steps) // per_epoch)}",
                 f"pretrain.max_steps={args.warmup + args.steps}"]
     else:
