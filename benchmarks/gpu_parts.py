@@ -117,7 +117,7 @@ def epoch(args) -> dict:
     from simclr_cli.stages import pretrain
 
     device = _device(args.dry)
-    root = None if args.synthetic else cifar10_root()
+    root = None if args.synthetic or args.dry else cifar10_root()
     if args.dry:
         data = ["data.dataset='synthetic'", "data.synthetic_train_size=256", "data.image_size=16"]
         model = ["model.backbone='test_resnet'", "pretrain.batch_size=32"]
