@@ -17,7 +17,10 @@
 # settings; both are off by default until measured, docs/performance.md), the kNN monitor every 25
 # epochs, a saved state every 5 epochs. kNN: weighted, k=200, t=0.1, on h, train bank, test queries.
 #
-# Environment: OUT, RUN_DIR (default $OUT/cifar10-100ep), GPU_CIFAR_LIMIT, GPU_CIFAR_EPOCHS (default 100),
+# The run folder is git-ignored and inside the checkout, so a warm GPU machine keeps it between calls
+# (the device tool empties $OUT before each one); only the JSON and the log go to $OUT.
+#
+# Environment: OUT, RUN_DIR (default benchmarks/.cache/cifar10-100ep), GPU_CIFAR_LIMIT, GPU_CIFAR_EPOCHS (default 100),
 # PYTHON (default .venv/bin/python if present, else python3), SIMCLR_GPU_CHECK_DRY=1 (CPU, synthetic
 # images, a tiny model and 3 epochs: checks the script, the stop and the resume; measures nothing).
 set -euo pipefail
@@ -26,7 +29,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/benchmarks/out}
 mkdir -p "$OUT"
-RUN_DIR=${RUN_DIR:-$OUT/cifar10-100ep}
+RUN_DIR=${RUN_DIR:-$ROOT/benchmarks/.cache/cifar10-100ep}
 LIMIT=${GPU_CIFAR_LIMIT:-540}
 EPOCHS=${GPU_CIFAR_EPOCHS:-100}
 DRY=${SIMCLR_GPU_CHECK_DRY:-0}

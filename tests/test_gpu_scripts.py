@@ -27,7 +27,7 @@ def _parts():
 
 
 def _env(tmp_path: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIMCLR_GPU_CHECK", "GPU_C"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIMCLR_GPU_CHECK", "GPU_C", "RUN_DIR"))}
     return {**env, "SIMCLR_GPU_CHECK_DRY": "1", "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path),
             "CUDA_VISIBLE_DEVICES": "", **extra}
 
@@ -154,7 +154,7 @@ def test_gpu_check_dry_run_every_part(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_cifar100_dry_run_stops_on_its_time_limit_and_resumes(tmp_path):
-    env = _env(tmp_path, GPU_CIFAR_LIMIT="20")
+    env = _env(tmp_path, GPU_CIFAR_LIMIT="20", RUN_DIR=str(tmp_path / "run"))
     subprocess.run(["bash", str(SCRIPTS[1])], env=env, capture_output=True, text=True, timeout=300, check=True)
     cut = json.loads((tmp_path / "out" / "gpu_cifar100.json").read_text())
     assert cut["exit_code"] == 124 and cut["status"].startswith("cut off") and cut["saved_state_step"]
