@@ -6,35 +6,85 @@ from contextlib import nullcontext
 from typing import Callable, ContextManager, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from simclr_cli.evaluation.sharded import run_model
 
-@torch.no_grad()
+
 def extract_features(
     encoder: nn.Module,
     batches: Iterable[dict],
     device: torch.device,
     autocast: Callable[[], ContextManager] = nullcontext,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``encoder`` in eval mode over ``batches`` (dicts with ``image`` and ``label``).
+    *,
+    everywhere: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Run ``encoder`` in eval mode over ``batches`` (dicts with ``image`` and ``label``), split across
+    processes when ``batches`` is sharded (:func:`simclr_cli.evaluation.sharded.run_model`, which says how).
 
     Returns:
-        (features (N, d) float32 on CPU, L2-normalized; labels (N,) int64). The
-        encoder's train/eval mode is restored afterwards.
+        (features (N, d) float32 on CPU, L2-normalized; labels (N,) int64), in dataset order; None on
+        processes other than rank 0 when ``everywhere`` is False. The encoder's train/eval mode is restored.
     """
-    was_training = encoder.training
-    encoder.eval()
-    feats, labels = [], []
-    try:
-        for batch in batches:
-            with autocast():
-                h = encoder(batch["image"].to(device, non_blocking=True))
-            feats.append(F.normalize(h.float(), dim=1).cpu())
-            labels.append(torch.as_tensor(batch["label"]))
-    finally:
-        encoder.train(was_training)
-    return torch.cat(feats), torch.cat(labels).long()
+    return run_model(encoder, batches, device, autocast, normalize=True, everywhere=everywhere)
+
+
+# Similarities held at once: QUERY_CHUNK x BANK_CHUNK float32 (128 MiB), whatever the bank size.
+QUERY_CHUNK = 1024
+BANK_CHUNK = 32768
+
+
+@torch.no_grad()
+def knn_neighbors(
+    train_features: torch.Tensor,
+    test_features: torch.Tensor,
+    k: int,
+    query_chunk: int = QUERY_CHUNK,
+    bank_chunk: int = BANK_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most similar train features of each test feature: (similarities (M, k), indices (M, k)), most
+    similar first, equal similarities in bank order (lower index first, as a stable sort puts them).
+
+    Queries run ``query_chunk`` at a time against ``bank_chunk`` bank rows at a time, keeping a running
+    top-k, so at most ``query_chunk x bank_chunk`` similarities exist at once (0: the whole bank, or all
+    queries). The result does not depend on the chunk sizes, given the same similarities (BLAS may round a
+    dot product differently for a different matrix shape, ~1e-7).
+    """
+    n, m = train_features.shape[0], test_features.shape[0]
+    k = min(k, n)
+    query_chunk, bank_chunk = query_chunk or max(m, 1), bank_chunk or max(n, 1)
+    sims, idxs = [], []
+    for q0 in range(0, m, query_chunk):
+        q = test_features[q0 : q0 + query_chunk]
+        best_s = torch.empty(len(q), 0, dtype=q.dtype, device=q.device)
+        best_i = torch.empty(len(q), 0, dtype=torch.long, device=q.device)
+        for b0 in range(0, n, bank_chunk):
+            sim = q @ train_features[b0 : b0 + bank_chunk].T  # (m, b)
+            s, i = _top_stable(sim, min(k, sim.shape[1]))
+            del sim  # before the next chunk's is made
+            # earlier chunks first: a stable sort keeps the lower bank index first among equal similarities
+            s, order = torch.cat([best_s, s], 1).sort(dim=1, descending=True, stable=True)
+            best_s, best_i = s[:, :k], torch.cat([best_i, i + b0], 1).gather(1, order[:, :k])
+        sims.append(best_s)
+        idxs.append(best_i)
+    return torch.cat(sims), torch.cat(idxs)
+
+
+def _top_stable(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sim.topk(k)`` with ties broken by index (lower first), sorted by (similarity desc, index asc).
+
+    topk picks among equal values arbitrarily. It takes one value more here: where that one equals the
+    k-th, a tie may cross the cut, and only those rows are redone by a stable sort."""
+    s, i = sim.topk(min(k + 1, sim.shape[1]), dim=1)
+    cut = (s[:, k] == s[:, k - 1]).nonzero().flatten() if s.shape[1] > k else s.new_empty(0, dtype=torch.long)
+    s, i = s[:, :k], i[:, :k]
+    i, by_index = i.sort(dim=1)
+    s, order = s.gather(1, by_index).sort(dim=1, descending=True, stable=True)
+    i = i.gather(1, order)
+    if len(cut):
+        rs, ri = sim[cut].sort(dim=1, descending=True, stable=True)
+        s[cut], i[cut] = rs[:, :k], ri[:, :k]
+    return s, i
 
 
 @torch.no_grad()
@@ -45,18 +95,26 @@ def knn_scores(
     num_classes: int,
     k: int = 200,
     temperature: float = 0.1,
-    chunk: int = 1024,
+    query_chunk: int = QUERY_CHUNK,
+    bank_chunk: int = BANK_CHUNK,
 ) -> torch.Tensor:
     """Class scores (M, C): for each test feature, sum over its k nearest train features
-    (cosine similarity) of exp(sim / temperature), per class. Features must be L2-normalized."""
-    k = min(k, train_features.shape[0])
+    (cosine similarity) of exp(sim / temperature), per class. Features must be L2-normalized.
+
+    The search runs in chunks (:func:`knn_neighbors`): a 1.28M x 2048 bank never needs an (M, N) matrix.
+    Each score is summed over the neighbours in order, most similar first, so it is the same number for
+    any chunk sizes.
+    """
     out = []
-    for start in range(0, test_features.shape[0], chunk):
-        sim = test_features[start : start + chunk] @ train_features.T  # (m, N)
-        top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
-        one_hot = F.one_hot(train_labels[top_idx], num_classes).float()  # (m, k, C)
-        out.append((weights.unsqueeze(-1) * one_hot).sum(1))
+    for q0 in range(0, test_features.shape[0], query_chunk or max(test_features.shape[0], 1)):
+        q = test_features[q0 : q0 + (query_chunk or test_features.shape[0])]
+        sim, idx = knn_neighbors(train_features, q, k, 0, bank_chunk)
+        weights = (sim / temperature).exp()
+        labels = train_labels.to(idx.device)[idx]
+        scores = torch.zeros(len(q), num_classes, dtype=weights.dtype, device=weights.device)
+        for j in range(idx.shape[1]):  # one add per row and step: a fixed order on every device
+            scores.scatter_add_(1, labels[:, j : j + 1], weights[:, j : j + 1])
+        out.append(scores)
     return torch.cat(out)
 
 
@@ -71,7 +129,9 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     return result
 
 
-def knn_top1(train_features, train_labels, test_features, test_labels, num_classes, k=200, temperature=0.1) -> float:
-    """Weighted kNN top-1 accuracy in percent."""
-    scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature)
+def knn_top1(train_features, train_labels, test_features, test_labels, num_classes, k=200, temperature=0.1,
+             query_chunk: int = QUERY_CHUNK, bank_chunk: int = BANK_CHUNK) -> float:
+    """Weighted kNN top-1 accuracy in percent (the search in chunks, :func:`knn_scores`)."""
+    scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature, query_chunk,
+                        bank_chunk)
     return topk_accuracy(scores, test_labels, (1,))[1]

@@ -10,30 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simclr_cli.evaluation.sharded import run_model
 from simclr_cli.utils import mix_seed
 
 
-@torch.no_grad()
 def predict(
     model: nn.Module,
     batches: Iterable[dict],
     device: torch.device,
     autocast: Callable[[], ContextManager] = nullcontext,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *,
+    everywhere: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Outputs of ``model`` in eval mode over ``batches`` (dicts with ``image`` and ``label``), as
-    float32 on CPU, with the labels. Unlike ``extract_features`` nothing is normalized."""
-    was_training = model.training
-    model.eval()
-    outs, labels = [], []
-    try:
-        for batch in batches:
-            with autocast():
-                y = model(batch["image"].to(device, non_blocking=True))
-            outs.append(y.float().cpu())
-            labels.append(torch.as_tensor(batch["label"]))
-    finally:
-        model.train(was_training)
-    return torch.cat(outs), torch.cat(labels).long()
+    float32 on CPU in dataset order, with the labels; split across processes when ``batches`` is sharded
+    (:func:`simclr_cli.evaluation.sharded.run_model`). Unlike ``extract_features`` nothing is normalized.
+    None on processes other than rank 0 when ``everywhere`` is False."""
+    return run_model(model, batches, device, autocast, everywhere=everywhere)
 
 
 def fit_linear(
