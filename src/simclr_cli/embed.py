@@ -71,7 +71,10 @@ def embed(source: str | Path | None, data: str = "val", out: str | Path | None =
     source_images = build()
     accelerator = make_accelerator("no")
     encoder = common.load_encoder(src, recipe, "pretrained").backbone.to(accelerator.device)
+    # split across processes under torchrun / accelerate launch; every process gets h, the main one writes it
     feats, labels = predict(encoder, common.eval_loader(source_images, None, recipe, accelerator), accelerator.device)
+    if not accelerator.is_main_process:
+        return Embedding(target, table, tuple(feats.shape))
     writing = target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -326,17 +326,20 @@ def head_layers(model: SimCLRModel) -> list[nn.Module]:
 def eval_loader(source: ImageSource, indices: list[int] | None, recipe: Recipe, accelerator, batch_size: int = 256,
                 size: int | None = None):
     """Un-augmented, labeled batches (resize + center crop for large images) of ``source`` or its ``indices``,
-    at ``size`` (default ``data.image_size``)."""
+    at ``size`` (default ``data.image_size``): this process's share of them (:class:`ShardedBatches`), which
+    ``evaluation.knn.extract_features`` and ``evaluation.linear.predict`` run on every process and gather."""
     from torch.utils.data import Subset
 
     from simclr_cli.data.augment import EvalTransform
     from simclr_cli.data.loaders import EvalImages, make_loader
+    from simclr_cli.evaluation.sharded import ShardedBatches
 
     cfg = recipe.data
     ds = EvalImages(source, EvalTransform(size or cfg.image_size, cfg.mean, cfg.std))
     if indices is not None and len(indices) < len(source):
         ds = Subset(ds, indices)
-    return make_loader(ds, batch_size=batch_size, num_workers=cfg.num_workers,
+    shard = ShardedBatches(len(ds), batch_size, accelerator.process_index, accelerator.num_processes)
+    return make_loader(ds, batch_sampler=shard, num_workers=cfg.num_workers,
                        pin_memory=accelerator.device.type == "cuda")
 
 

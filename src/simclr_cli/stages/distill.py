@@ -133,13 +133,14 @@ def run(
     task, result, batch = fit(accelerator, task, views, spec,
                               **guard.training(resume=resume, interrupt_after=interrupt_after))
     trained: Classifier = task.student
-    if not main:
-        return guard.finish({})
     test = common.eval_loader(splits.test, None, recipe, accelerator)
     device = accelerator.device
-    with guard.stop.immediately():  # the final state is saved: a resume runs only this test
-        t_logits, labels = predict(teacher.to(device), test, device, accelerator.autocast)
-        s_logits, _ = predict(trained, test, device, accelerator.autocast)
+    with guard.stop.immediately():  # the final state is saved: a resume runs only this test, split K ways
+        t_test = predict(teacher.to(device), test, device, accelerator.autocast, everywhere=False)
+        s_test = predict(trained, test, device, accelerator.autocast, everywhere=False)
+    if not main:
+        return guard.finish({})
+    (t_logits, labels), (s_logits, _) = t_test, s_test
     t_acc, s_acc = topk_accuracy(t_logits, labels, (1, 5)), topk_accuracy(s_logits, labels, (1, 5))
     summary = guard.summary(
         teacher=str(src.checkpoint),
@@ -201,22 +202,31 @@ def _build_student(recipe: Recipe, src: common.Source, num_classes: int) -> tupl
 
 def _teacher_logits(teacher: Classifier, teacher_path: Path, unlabeled, recipe: Recipe, accelerator, stage_dir: Path,
                     say) -> torch.Tensor:
-    """Teacher logits on clean images of the whole unlabeled split, computed once (main process) and
-    kept in the stage folder, so a resumed run reuses them.
+    """Teacher logits on clean images of the whole unlabeled split, computed once (every process its share,
+    gathered on the main process) and kept in the stage folder, so a resumed run reuses them.
 
     The cache records what made it (:func:`_logits_key`): the teacher checkpoint's content hash, the
     data and the transform. A cache made by anything else is recomputed, with a line saying why.
     """
     path = stage_dir / LOGITS_FILE
+    key, compute = None, [False]
     if accelerator.is_main_process:
         key = _logits_key(teacher_path, unlabeled, recipe)
         stale = _stale_cache(path, key)
         if stale:
             say(f"{path} was made by {stale}; recomputing the teacher logits")
-        if stale or not path.is_file():
-            t0 = time.perf_counter()
-            loader = common.eval_loader(unlabeled, None, recipe, accelerator)
-            logits, _ = predict(teacher.to(accelerator.device), loader, accelerator.device, accelerator.autocast)
+        compute = [bool(stale) or not path.is_file()]
+    if accelerator.num_processes > 1:  # the main process decides; every process takes part in computing
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(compute)
+    if compute[0]:
+        t0 = time.perf_counter()
+        loader = common.eval_loader(unlabeled, None, recipe, accelerator)
+        out = predict(teacher.to(accelerator.device), loader, accelerator.device, accelerator.autocast,
+                      everywhere=False)
+        if accelerator.is_main_process:
+            logits = out[0]
             save_weights(path, {"logits": logits}, {"simclr.kind": "teacher_logits",
                                                     **{f"simclr.{k}": v for k, v in key.items()}})
             say(f"teacher logits for {len(logits)} images in {time.perf_counter() - t0:.1f} s (cached in {path})")

@@ -107,11 +107,12 @@ def run(
     task, result, batch = fit(accelerator, ClassificationTask(model), views, spec,
                               **guard.training(resume=resume, interrupt_after=interrupt_after))
     trained: Classifier = task.model
-    if not guard.main:
-        return guard.finish({})
     test_loader = common.eval_loader(splits.test, None, recipe, accelerator)
     with guard.stop.immediately():  # the final state is saved: a resume runs only this test
-        logits, labels = predict(trained, test_loader, accelerator.device, accelerator.autocast)
+        test = predict(trained, test_loader, accelerator.device, accelerator.autocast, everywhere=False)  # split K ways
+    if not guard.main:
+        return guard.finish({})
+    logits, labels = test
     acc = topk_accuracy(logits, labels, (1, 5))
     summary = guard.summary(
         init=init,

@@ -36,14 +36,16 @@ def run(
     guard.start(overwrite=overwrite)  # the previous run is kept until this one finishes
     guard.say(f"knn (k={k}, t={t:g}) of {common.source_label(src, init)}: {len(splits.train_indices)} bank / "
               f"{len(splits.test)} query images -> {guard.stage_dir}")
-    if not guard.main:
-        return guard.finish({})
     device = accelerator.device
     backbone = encoder.backbone.to(device)
-    bank = common.eval_loader(splits.train, splits.train_indices, recipe, accelerator)
-    query = common.eval_loader(splits.test, None, recipe, accelerator)
-    bank_f, bank_y = extract_features(backbone, bank, device, accelerator.autocast)
-    q_f, q_y = extract_features(backbone, query, device, accelerator.autocast)
+    # every process extracts its share of both splits; the main one gathers them and scores
+    bank = extract_features(backbone, common.eval_loader(splits.train, splits.train_indices, recipe, accelerator),
+                            device, accelerator.autocast, everywhere=False)
+    query = extract_features(backbone, common.eval_loader(splits.test, None, recipe, accelerator), device,
+                             accelerator.autocast, everywhere=False)
+    if not guard.main:
+        return guard.finish({})
+    (bank_f, bank_y), (q_f, q_y) = bank, query
     acc = topk_accuracy(knn_scores(bank_f, bank_y, q_f, splits.num_classes, k, t), q_y, (1, 5))
     summary = guard.summary(
         init=init,

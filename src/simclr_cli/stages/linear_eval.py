@@ -70,11 +70,12 @@ def run(
         _fit_paper(model, splits, recipe, accelerator, guard)
     common.assert_unchanged(frozen, snapshot, "encoder")
 
-    if not guard.main:  # the test pass runs once; the other processes wait
-        return guard.finish({})
     test_loader = common.eval_loader(splits.test, None, recipe, accelerator)
     model.to(accelerator.device)
-    logits, labels = predict(model, test_loader, accelerator.device, accelerator.autocast)
+    test = predict(model, test_loader, accelerator.device, accelerator.autocast, everywhere=False)  # split K ways
+    if not guard.main:
+        return guard.finish({})
+    logits, labels = test
     acc = topk_accuracy(logits, labels, (1, 5))
     summary = guard.summary(
         mode=cfg.mode,
@@ -96,14 +97,16 @@ def run(
 
 def _fit_cached(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, accelerator, metrics: MetricsLog,
                 say) -> None:
-    """Extract features once, fit the linear layer on them (main process; the others wait)."""
+    """Extract features once (every process its share), fit the linear layer on them (main process; the others
+    wait), and give every process the fitted layer."""
     cfg = recipe.linear_eval
+    device = accelerator.device
+    frozen = model.encoder().to(device)
+    loader = common.eval_loader(splits.train, splits.train_indices, recipe, accelerator)
+    t0 = time.perf_counter()
+    train = predict(frozen, loader, device, accelerator.autocast, everywhere=False)
     if accelerator.is_main_process:
-        device = accelerator.device
-        frozen = model.encoder().to(device)
-        loader = common.eval_loader(splits.train, splits.train_indices, recipe, accelerator)
-        t0 = time.perf_counter()
-        feats, labels = predict(frozen, loader, device, accelerator.autocast)
+        feats, labels = train
         say(f"features: {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s; fitting {cfg.epochs} epochs")
 
         def log(epoch: int, loss: float, lr: float) -> None:

@@ -194,7 +194,8 @@ def _first_knn(path: Path) -> float | None:
 class _KnnMonitor:
     """kNN top-1 of h on the labeled val split, with the labeled train split as memory bank.
 
-    Runs on the main process only (other processes wait); cost: one pass over both splits.
+    Every process extracts its share of both splits (one pass over them, split K ways); the main process
+    scores, on the gathered features.
     """
 
     def __init__(self, accelerator, bank_loader, query_loader, num_classes: int, k: int, t: float, enabled: bool,
@@ -226,12 +227,14 @@ class _KnnMonitor:
                    recipe.pretrain.knn_temperature, enabled=True)
 
     def __call__(self, model: SimCLRModel) -> float | None:
+        """kNN top-1 on the main process (None on the others). Every process extracts its share of both splits;
+        the main one gathers them and scores."""
+        device, autocast = self.accelerator.device, self.accelerator.autocast
+        bank = extract_features(model.backbone, self.bank_loader, device, autocast, everywhere=False)
+        query = extract_features(model.backbone, self.query_loader, device, autocast, everywhere=False)
         acc = None
         if self.accelerator.is_main_process:
-            autocast = self.accelerator.autocast
-            bank_f, bank_y = extract_features(model.backbone, self.bank_loader, self.accelerator.device, autocast)
-            q_f, q_y = extract_features(model.backbone, self.query_loader, self.accelerator.device, autocast)
-            acc = round(knn_top1(bank_f, bank_y, q_f, q_y, self.num_classes, self.k, self.t), 4)
+            acc = round(knn_top1(*bank, *query, self.num_classes, self.k, self.t), 4)
         self.accelerator.wait_for_everyone()
         return acc
 
