@@ -26,8 +26,8 @@ def make_accelerator(mixed_precision: str, key: str = "pretrain.mixed_precision"
         # the process-group part (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True lets Accelerate pick up torchrun/accelerate-launch processes on CPU (gloo).
-    # A long timeout: the kNN monitor runs on the main process while the others wait at a barrier,
-    # which on ImageNet-size data takes longer than NCCL's default 10 minutes.
+    # A long timeout: the kNN monitor's and the probes' scoring runs on the main process (on features every
+    # process extracted) while the others wait at a barrier, which on ImageNet-size data can take minutes.
     timeout = InitProcessGroupKwargs(timeout=timedelta(hours=3))
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
 

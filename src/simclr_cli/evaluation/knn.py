@@ -41,33 +41,38 @@ def knn_neighbors(
     k: int,
     query_chunk: int = QUERY_CHUNK,
     bank_chunk: int = BANK_CHUNK,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most similar train features of each test feature: (similarities (M, k), indices (M, k)), most
     similar first, equal similarities in bank order (lower index first, as a stable sort puts them).
 
-    Queries run ``query_chunk`` at a time against ``bank_chunk`` bank rows at a time, keeping a running
-    top-k, so at most ``query_chunk x bank_chunk`` similarities exist at once (0: the whole bank, or all
-    queries). The result does not depend on the chunk sizes, given the same similarities (BLAS may round a
-    dot product differently for a different matrix shape, ~1e-7).
+    The bank is read ``bank_chunk`` rows at a time (each moved to ``device`` once; default: where the
+    features are), against ``query_chunk`` queries at a time, keeping a running top-k per query: at most
+    ``query_chunk x bank_chunk`` similarities exist at once (0: the whole bank, or all queries). The result
+    does not depend on the chunk sizes, given the same similarities (BLAS may round a dot product
+    differently for another matrix shape, ~1e-7). Returned on the features' device.
     """
     n, m = train_features.shape[0], test_features.shape[0]
     k = min(k, n)
     query_chunk, bank_chunk = query_chunk or max(m, 1), bank_chunk or max(n, 1)
-    sims, idxs = [], []
-    for q0 in range(0, m, query_chunk):
-        q = test_features[q0 : q0 + query_chunk]
-        best_s = torch.empty(len(q), 0, dtype=q.dtype, device=q.device)
-        best_i = torch.empty(len(q), 0, dtype=torch.long, device=q.device)
-        for b0 in range(0, n, bank_chunk):
-            sim = q @ train_features[b0 : b0 + bank_chunk].T  # (m, b)
+    home = test_features.device
+    queries = test_features.to(device or home)
+    best = [(queries.new_empty(min(query_chunk, m - q0), 0), queries.new_empty(min(query_chunk, m - q0), 0,
+                                                                               dtype=torch.long))
+            for q0 in range(0, m, query_chunk)]
+    for b0 in range(0, n, bank_chunk):
+        bank = train_features[b0 : b0 + bank_chunk].to(queries.device)
+        for c, q0 in enumerate(range(0, m, query_chunk)):
+            sim = queries[q0 : q0 + query_chunk] @ bank.T  # (m, b)
             s, i = _top_stable(sim, min(k, sim.shape[1]))
-            del sim  # before the next chunk's is made
+            del sim  # before the next one is made
             # earlier chunks first: a stable sort keeps the lower bank index first among equal similarities
+            best_s, best_i = best[c]
             s, order = torch.cat([best_s, s], 1).sort(dim=1, descending=True, stable=True)
-            best_s, best_i = s[:, :k], torch.cat([best_i, i + b0], 1).gather(1, order[:, :k])
-        sims.append(best_s)
-        idxs.append(best_i)
-    return torch.cat(sims), torch.cat(idxs)
+            best[c] = s[:, :k], torch.cat([best_i, i + b0], 1).gather(1, order[:, :k])
+    if not best:
+        return test_features.new_empty(0, k), test_features.new_empty(0, k, dtype=torch.long)
+    return torch.cat([s for s, _ in best]).to(home), torch.cat([i for _, i in best]).to(home)
 
 
 def _top_stable(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,25 +102,22 @@ def knn_scores(
     temperature: float = 0.1,
     query_chunk: int = QUERY_CHUNK,
     bank_chunk: int = BANK_CHUNK,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Class scores (M, C): for each test feature, sum over its k nearest train features
     (cosine similarity) of exp(sim / temperature), per class. Features must be L2-normalized.
 
-    The search runs in chunks (:func:`knn_neighbors`): a 1.28M x 2048 bank never needs an (M, N) matrix.
-    Each score is summed over the neighbours in order, most similar first, so it is the same number for
-    any chunk sizes.
+    The search runs in chunks (:func:`knn_neighbors`, on ``device`` if given): a 1.28M x 2048 bank never
+    needs an (M, N) matrix. Each score is summed over the neighbours in order, most similar first, so it is
+    the same number for any chunk sizes.
     """
-    out = []
-    for q0 in range(0, test_features.shape[0], query_chunk or max(test_features.shape[0], 1)):
-        q = test_features[q0 : q0 + (query_chunk or test_features.shape[0])]
-        sim, idx = knn_neighbors(train_features, q, k, 0, bank_chunk)
-        weights = (sim / temperature).exp()
-        labels = train_labels.to(idx.device)[idx]
-        scores = torch.zeros(len(q), num_classes, dtype=weights.dtype, device=weights.device)
-        for j in range(idx.shape[1]):  # one add per row and step: a fixed order on every device
-            scores.scatter_add_(1, labels[:, j : j + 1], weights[:, j : j + 1])
-        out.append(scores)
-    return torch.cat(out)
+    sim, idx = knn_neighbors(train_features, test_features, k, query_chunk, bank_chunk, device)
+    weights = (sim / temperature).exp()
+    labels = train_labels.to(idx.device)[idx]
+    scores = torch.zeros(len(test_features), num_classes, dtype=weights.dtype, device=weights.device)
+    for j in range(idx.shape[1]):  # one add per row and step: the same order on every device and chunking
+        scores.scatter_add_(1, labels[:, j : j + 1], weights[:, j : j + 1])
+    return scores
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
@@ -130,8 +132,8 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 
 
 def knn_top1(train_features, train_labels, test_features, test_labels, num_classes, k=200, temperature=0.1,
-             query_chunk: int = QUERY_CHUNK, bank_chunk: int = BANK_CHUNK) -> float:
+             query_chunk: int = QUERY_CHUNK, bank_chunk: int = BANK_CHUNK, device=None) -> float:
     """Weighted kNN top-1 accuracy in percent (the search in chunks, :func:`knn_scores`)."""
     scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature, query_chunk,
-                        bank_chunk)
+                        bank_chunk, device)
     return topk_accuracy(scores, test_labels, (1,))[1]

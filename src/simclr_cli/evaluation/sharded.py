@@ -34,7 +34,7 @@ class ShardedBatches(Sampler[list[int]]):
         if batch_size < 1 or world < 1 or not 0 <= rank < world:
             raise ValueError(f"bad shard: batch_size={batch_size}, rank={rank}, world={world}")
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
-        self.num_batches = math.ceil(n / batch_size)  # B, as one process runs them
+        self.num_batches = math.ceil(n / batch_size)  # as one process runs them
         self.slots = math.ceil(self.num_batches / world)  # batches every process runs, padding included
         self.real = len(range(rank, self.num_batches, world))  # this process's real batches (the first ones)
 

@@ -46,7 +46,7 @@ def run(
     if not guard.main:
         return guard.finish({})
     (bank_f, bank_y), (q_f, q_y) = bank, query
-    acc = topk_accuracy(knn_scores(bank_f, bank_y, q_f, splits.num_classes, k, t), q_y, (1, 5))
+    acc = topk_accuracy(knn_scores(bank_f, bank_y, q_f, splits.num_classes, k, t, device=device), q_y, (1, 5))
     summary = guard.summary(
         init=init,
         source=common.source_label(src, init),

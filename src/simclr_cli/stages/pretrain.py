@@ -228,13 +228,13 @@ class _KnnMonitor:
 
     def __call__(self, model: SimCLRModel) -> float | None:
         """kNN top-1 on the main process (None on the others). Every process extracts its share of both splits;
-        the main one gathers them and scores."""
+        the main one gathers them and scores on its device, in chunks."""
         device, autocast = self.accelerator.device, self.accelerator.autocast
         bank = extract_features(model.backbone, self.bank_loader, device, autocast, everywhere=False)
         query = extract_features(model.backbone, self.query_loader, device, autocast, everywhere=False)
         acc = None
         if self.accelerator.is_main_process:
-            acc = round(knn_top1(*bank, *query, self.num_classes, self.k, self.t), 4)
+            acc = round(knn_top1(*bank, *query, self.num_classes, self.k, self.t, device=device), 4)
         self.accelerator.wait_for_everyone()
         return acc
 
