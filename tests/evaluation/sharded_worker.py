@@ -1,4 +1,7 @@
-"""Run under torchrun (2 processes, gloo): sharded feature extraction against one process running every batch.
+"""Run under torchrun (2 processes, gloo): sharded feature extraction against one process running every batch,
+then the ``knn`` stage (random init) on RECIPE into RUN_DIR.
+
+    sharded_worker.py OUT RECIPE RUN_DIR
 
 Writes one JSON per rank (``OUT.rank<r>.json``) for tests/evaluation/test_sharded_multiprocess.py.
 """
@@ -7,13 +10,15 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.evaluation.knn import extract_features
 from simclr_cli.evaluation.linear import predict
 from simclr_cli.evaluation.sharded import ShardedBatches
 from simclr_cli.models import create_backbone
+from simclr_cli.recipe import load_recipe
+from simclr_cli.stages import knn
 
 
 class Images(Dataset):
@@ -29,9 +34,9 @@ class Images(Dataset):
         return {"image": self.x[i], "label": int(self.y[i])}
 
 
-def main(out: str) -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+def main(out: str, recipe: str, run_dir: str) -> None:
+    accelerator = make_accelerator("no")  # the gloo process group of the torchrun launch
+    rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(0)
     model = create_backbone("test_resnet", cifar_stem=True)
     for m in model.modules():  # eval-mode BN with non-trivial running statistics
@@ -57,10 +62,10 @@ def main(out: str) -> None:
             "main_only": None if main_only is None else torch.equal(main_only[0], ref_p),
             "still_training": model.training,
         }
+    result["knn"] = knn.run(load_recipe(recipe, []), None, run_dir, init="random", show_progress=False)
     with open(f"{out}.rank{rank}.json", "w") as fh:
         json.dump(result, fh)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:4])
