@@ -24,3 +24,25 @@ def test_embed_is_a_plain_function(tiny_recipe_file, tmp_path):
     pytest.importorskip("matplotlib")
     png = embedding_map(common.find_source(run, ("pretrain",)), "pca", max_points=16)
     assert png == run / "plots" / "embedding_pca.png" and png.stat().st_size > 0
+
+
+def test_embed_on_a_folder_run_refuses_a_split_it_does_not_have(tmp_path):
+    """Review: on a data.dataset=folder run, `--data nosuch` (and the default `val`) silently embedded the
+    training images under that name."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+
+    for i in range(12):
+        Image.fromarray(np.full((12, 12, 3), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    r = CliRunner().invoke(app, ["pretrain", "quickstart", "--set", "data.dataset=folder", "--set",
+                                 f"data.root={tmp_path}", "--set", "pretrain.batch_size=4", "--set",
+                                 "pretrain.max_steps=2", "--set", "pretrain.knn_every=0", "--out", "runs/f", "-q"])
+    assert r.exit_code == 0, r.output
+    for data in ("nosuch", "val"):
+        r = CliRunner().invoke(app, ["embed", "runs/f", "--data", data])
+        assert r.exit_code == 2 and "not a split of the run's folder dataset" in r.output, r.output
+    r = CliRunner().invoke(app, ["embed", "runs/f", "--data", "train"])
+    assert r.exit_code == 0, r.output

@@ -103,3 +103,19 @@ def test_info_takes_a_run_folder_and_a_bad_summary_hides_nothing(tiny_recipe_fil
     assert r.output.count("unreadable summary.json") == 2 and "knn 50.00" in r.output
     r = runner.invoke(app, ["info", "runs/tiny"])
     assert r.exit_code == 0 and "unreadable" in r.output and "test_resnet" in r.output
+
+
+def test_runs_lists_a_run_whose_only_stage_is_an_interrupted_pretrain(tiny_recipe_file):
+    """Review: a run with nothing finished yet was hidden, so the user could not find what to --resume."""
+    import pytest as _pytest
+
+    from simclr_cli.errors import Interrupted
+    from simclr_cli.inspect_runs import list_runs
+    from simclr_cli.recipe import load_recipe
+    from simclr_cli.stages import pretrain
+
+    with _pytest.raises(Interrupted):
+        pretrain.run(load_recipe(tiny_recipe_file, ["pretrain.knn_every=0"]), "runs/cut", show_progress=False,
+                     interrupt_after=2)
+    [entry] = [r for r in list_runs() if r["run"].endswith("cut")]
+    assert entry["stages"] == [] and entry["interrupted"] == ["pretrain"]

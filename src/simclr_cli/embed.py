@@ -17,6 +17,7 @@ import torch
 
 from simclr_cli import plots
 from simclr_cli.data.builders import folder_source
+from simclr_cli.data.registry import DATASETS
 from simclr_cli.data.loaders import build_source
 from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.errors import DataError, UsageError, from_os_error
@@ -56,8 +57,13 @@ def embed(source: str | Path | None, data: str = "val", out: str | Path | None =
         build = lambda: folder_source(folder)  # noqa: E731
     else:
         cfg = recipe.data
-        splits = [s for s in dict.fromkeys(("train", cfg.train_split, "val", cfg.val_split)) if s]
-        if _looks_like_path(data) or (cfg.dataset == "synthetic" and data not in splits):
+        entry = DATASETS.get(cfg.dataset)
+        if entry is not None and entry.one_set:  # one set of images: only the training set itself is a split
+            splits = [cfg.train_split]
+        else:
+            splits = [s for s in dict.fromkeys(("train", cfg.train_split, "val", cfg.val_split)) if s]
+        fixed = cfg.dataset == "synthetic" or (entry is not None and (entry.one_set or bool(entry.splits)))
+        if _looks_like_path(data) or (fixed and data not in splits):
             raise DataError(f"--data {data}: no such folder, and not a split of the run's {cfg.dataset} dataset; "
                             f"pass a split (e.g. {', '.join(splits)}) or an existing folder of images", missing=True)
         tag = data

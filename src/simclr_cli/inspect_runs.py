@@ -100,9 +100,9 @@ def list_runs(root: Path = Path("runs")) -> list[dict]:
                     if data is None:
                         unreadable.append(s)  # shown as such; one bad file does not hide the other runs
                     stages[s] = data or {}
-            if not stages:
-                continue
             interrupted = [s for s in STAGE_DIRS if (d / s / "state").is_dir() and s not in stages]
+            if not stages and not interrupted:
+                continue
             metrics = {s: stages[s].get(KEY_METRIC[s]) for s in stages if s in KEY_METRIC}
             if "transfer" in stages:
                 res = stages["transfer"].get("results", {})

@@ -129,3 +129,12 @@ def test_label_list_round_trips_file_names_that_are_not_utf8(tmp_path):
     write_label_list(out, source, [0, 1, 2])
     assert out.read_bytes() == b"\xff.png\ncaf\xe9.png\nplain.png\n"  # the names' own bytes
     assert select_labeled(source, parse_label_spec(str(out)), seed=0) == [0, 1, 2]
+
+
+def test_an_empty_labels_value_says_it_is_empty():
+    """Review: `--labels ""` was read as the current folder ('. is a folder')."""
+    from simclr_cli.data.subsets import parse_label_spec
+    from simclr_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--labels is empty; give a percentage \(10%\), N-per-class"):
+        parse_label_spec("")

@@ -192,3 +192,11 @@ def test_data_check_scans_a_folder_once(messy_folder):
     assert r.exit_code == 0, r.output
     assert "(unlabeled)" in r.stdout and "train: 5 images, 0 unreadable" in r.stdout
     assert "val:" not in r.stdout  # one set: the val split would be the same images again
+
+
+def test_a_list_naming_only_missing_files_does_not_suggest_allow_missing(tmp_path):
+    """Review: the hint offered data.allow_missing=true 'to use the 0 that exist'."""
+    (tmp_path / "none.txt").write_text("a.png\nb.png\n")
+    with pytest.raises(DataError) as e:
+        build_source(_cfg("filelist", tmp_path / "none.txt"), "train", 0)
+    assert "2 of 2 listed files do not exist" in str(e.value) and "allow_missing" not in str(e.value)

@@ -181,3 +181,22 @@ def test_successful_overwrite_replaces_the_run_and_leaves_nothing_aside(runs, tm
     pretrain.run(_pretrain_recipe(runs, "pretrain.lr=0.1"), run, overwrite=True, show_progress=False)
     assert _snapshot(run / "pretrain") != before
     assert not list(run.glob(".pretrain.old-*"))
+
+
+def test_a_stopped_overwrite_gives_the_previous_run_back(tmp_path):
+    """Review: SIGTERM seconds into an --overwrite saved a state, which counted as the new run's first durable
+    output, so the finished run was deleted. A stop's save no longer counts: the old run comes back."""
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(TINY_RECIPE)
+    recipe = load_recipe(recipe_file, ["pretrain.knn_every=0", "pretrain.epochs=1"])
+    run = tmp_path / "run"
+    pretrain.run(recipe, run, show_progress=False)
+    before = (run / "pretrain" / "model.safetensors").read_bytes()
+    with pytest.raises(Interrupted, match="still holds the previous run, and the new run was discarded"):
+        pretrain.run(recipe, run, overwrite=True, show_progress=False, interrupt_after=2)
+    assert (run / "pretrain" / "model.safetensors").read_bytes() == before
+    from simclr_cli.checkpoints import read_trainer
+
+    assert (run / "pretrain" / "summary.json").is_file()
+    assert read_trainer(run / "pretrain" / "state")["step"] == 4  # the finished run's state, not the stop's
+    assert not list(run.glob(".pretrain.old-*"))

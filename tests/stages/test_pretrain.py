@@ -325,3 +325,23 @@ def test_unreadable_count_survives_resume(tiny_recipe_file, tmp_path):
     assert json.loads((state / "trainer.json").read_text())["bad_indices"] == [victim]
     resumed = pretrain.run(load_recipe(tiny_recipe_file, args), tmp_path / "r", show_progress=False, resume=True)
     assert resumed["steps"] == 2 and resumed["bad_images"] == 1
+
+
+def test_a_missing_val_folder_names_the_monitor_and_how_to_pretrain_without_it(tmp_path, tiny_recipe_file):
+    """Review: an image folder with train/ only failed on data.val_split without saying that pretraining works
+    with the monitor off."""
+    import numpy as np
+    from PIL import Image
+
+    from simclr_cli.errors import DataError
+
+    for c in ("a", "b"):
+        (tmp_path / "d" / "train" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((16, 16, 3), 30 * i, np.uint8)).save(tmp_path / "d" / "train" / c / f"{i}.png")
+    sets = ["data.dataset='imagefolder'", f"data.root='{tmp_path / 'd'}'", "pretrain.epochs=1", "pretrain.batch_size=8"]
+    with pytest.raises(DataError, match=r"val does not exist.*pretrain.knn_every=0 pretrains without the monitor"):
+        pretrain.run(load_recipe(tiny_recipe_file, sets), tmp_path / "r", show_progress=False)
+    summary = pretrain.run(load_recipe(tiny_recipe_file, [*sets, "pretrain.knn_every=0"]), tmp_path / "r2",
+                           show_progress=False)
+    assert summary["steps"] == 2

@@ -67,8 +67,9 @@ def read_file_list(path: Path, *, allow_missing: bool = False, warn: Callable[[s
         shown = ", ".join(p for p, _ in missing[:SHOWN]) + (f" and {more} more" if more > 0 else "")
         what = f"{path}: {len(missing)} of {len(rows)} listed files do not exist ({shown})"
         if not allow_missing:
-            raise DataError(f"{what}; paths are relative to {base} unless absolute. Fix the list, or set "
-                            f"data.allow_missing=true to use the {len(rows) - len(missing)} that exist", missing=True)
+            rest = (f", or set data.allow_missing=true to use the {len(rows) - len(missing)} that exist"
+                    if len(missing) < len(rows) else "")
+            raise DataError(f"{what}; paths are relative to {base} unless absolute. Fix the list{rest}", missing=True)
         if len(missing) == len(rows):
             raise DataError(f"{what}: none is left to use", missing=True)
         warn(f"warning: {what}; left out (data.allow_missing=true)")

@@ -41,6 +41,9 @@ _FILE_LIKE = re.compile(r"[/\\~]|\.[A-Za-z]\w*\s*$")  # a folder part or a file 
 
 def parse_label_spec(text: str) -> LabelSpec:
     """Parse ``1%``, ``12.5%``, ``10-per-class`` or a path to a list file."""
+    if not text.strip():
+        raise UsageError("--labels is empty; give a percentage (10%), N-per-class (10-per-class) or a file "
+                         "listing one image name per line")
     m = _PERCENT.match(text)
     if m:
         pct = float(m.group(1))

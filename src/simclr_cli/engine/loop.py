@@ -103,7 +103,9 @@ def run_loop(
     prior = (read_trainer(state_dir) or {}) if state_dir is not None and start_step else {}
     prior_seconds = float(prior.get("train_seconds", prior.get("elapsed", 0.0)))
 
-    def save(at_step: int) -> None:
+    def save(at_step: int, durable: bool = True) -> None:
+        """``durable=False``: the save a stop makes, which does not count as the run's first durable output
+        (so a stopped ``--overwrite`` gives the previous run back rather than replacing it)."""
         if state_dir is None:  # stages that keep no resume state
             return
         sync_bad()  # every process saves here together, so the saved set is complete
@@ -116,7 +118,7 @@ def run_loop(
                         "bad_indices": sorted(bad)},
                        keep=spec.keep_states)
         accelerator.wait_for_everyone()
-        if on_save is not None:
+        if on_save is not None and durable:
             on_save()
 
     def sync_bad(pending: float | None = None) -> None:
@@ -224,7 +226,7 @@ def run_loop(
                     loss_sum.zero_()
                     window_start, window_steps = time.perf_counter(), 0
                 if flags[1].item() > 0 or step == spec.interrupt_after:
-                    save(step)
+                    save(step, durable=False)
                     why = stop.signal_name or "interrupt"
                     if state_dir is None:
                         raise Interrupted(f"stopped by {why} at step {step}; this stage keeps no state, run it again")

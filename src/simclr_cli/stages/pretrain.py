@@ -32,6 +32,7 @@ from simclr_cli.engine.setup import convert_sync_bn
 from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
 from simclr_cli.evaluation.knn import extract_features, knn_top1
 from simclr_cli.models import SimCLRModel, build_simclr_model
+from simclr_cli.errors import DataError
 from simclr_cli.objectives import build_objective
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
@@ -213,7 +214,11 @@ class _KnnMonitor:
         """The labeled splits as the evaluation stages build them (``data.labeled``, or the dataset's own
         splits with ``train_source`` reused as the bank when it is the same split); off, with ``off_reason``,
         when there is no labeled val split."""
-        splits = common.labeled_splits(recipe, train_source=train_source, required=False)
+        try:
+            splits = common.labeled_splits(recipe, train_source=train_source, required=False)
+        except DataError as e:  # e.g. an image folder without the val/ the recipe names
+            raise DataError(f"{e} (the kNN monitor reads it: pretrain.knn_every=0 pretrains without the monitor)",
+                            missing=True) from None
         if splits is None:
             cfg = recipe.data
             why = "data.val_split is empty" if not cfg.val_split else f"data.dataset={cfg.dataset} has no labeled val split"

@@ -219,7 +219,11 @@ class StageRun:
         if stopped is not None:
             raise Interrupted(f"{stopped}{kept}") from None
         if isinstance(exc, Interrupted) and kept:
-            raise Interrupted(f"{exc}{kept}") from None
+            # Stopped before the --overwrite run was durable: its folder (and any state the stop saved) is gone.
+            how = self.stop.signal_name or "interrupt"
+            raise Interrupted(f"stopped by {how} before the new {self.stage} run replaced the previous one: "
+                              f"{self.stage_dir} still holds the previous run, and the new run was discarded; "
+                              "run the command again to replace it") from None
         return False
 
 
