@@ -218,8 +218,11 @@ class StageRun:
             return False
         if stopped is not None:
             raise Interrupted(f"{stopped}{kept}") from None
+        if isinstance(exc, Interrupted) and kept and "state saved in" not in str(exc):
+            raise Interrupted(f"{exc}{kept}") from None
         if isinstance(exc, Interrupted) and kept:
-            # Stopped before the --overwrite run was durable: its folder (and any state the stop saved) is gone.
+            # The stop saved a state, but the --overwrite run was not durable yet: it is discarded (its resume
+            # hint would point at nothing) and the previous run is back.
             how = self.stop.signal_name or "interrupt"
             raise Interrupted(f"stopped by {how} before the new {self.stage} run replaced the previous one: "
                               f"{self.stage_dir} still holds the previous run, and the new run was discarded; "
