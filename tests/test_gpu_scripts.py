@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import stat
 import subprocess
 from pathlib import Path
@@ -28,8 +29,9 @@ def _parts():
 
 def _env(tmp_path: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SIMCLR_GPU_CHECK", "GPU_C", "RUN_DIR"))}
+    # PYTHON: this interpreter (CI's nox venv has no .venv/ beside the scripts, and python3 there lacks torch)
     return {**env, "SIMCLR_GPU_CHECK_DRY": "1", "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path),
-            "CUDA_VISIBLE_DEVICES": "", **extra}
+            "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, **extra}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
