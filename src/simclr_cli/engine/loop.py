@@ -93,14 +93,15 @@ def run_loop(
     window_start, window_steps = time.perf_counter(), 0
     # Unreadable samples: ``bad`` is what every process knows (restored on resume), ``new_bad`` what this
     # process saw since the last sync; each distinct index counts once, however it was met.
-    bad: set[int] = set(_restored_bad(state_dir) if start_step and state_dir is not None else ())
+    # The saved counters of the state a resume starts from (read once): unreadable indices, training time.
+    prior = (read_trainer(state_dir) or {}) if state_dir is not None and start_step else {}
+    bad: set[int] = {int(i) for i in prior.get("bad_indices", [])}
     new_bad: set[int] = set()
     result = LoopResult(step=step, epoch=epoch, bad_images=len(bad))
     loss_sum = torch.zeros((), device=device)
     skipped = 0
     # Training time (kNN and other hooks excluded) of the steps before start_step, kept in the state so that
     # the throughput of a resumed run counts them ("elapsed", wall time, for states saved before it was kept).
-    prior = (read_trainer(state_dir) or {}) if state_dir is not None and start_step else {}
     prior_seconds = float(prior.get("train_seconds", prior.get("elapsed", 0.0)))
 
     def save(at_step: int, durable: bool = True) -> None:
@@ -286,12 +287,6 @@ def _bad_indices(batch: dict, n: int) -> list[int]:
             run = max(int(runs[k]), 1) if runs is not None else 1
             out += [(first + j) % n if n else first + j for j in range(run)]
     return out
-
-
-def _restored_bad(state_dir: Path) -> list[int]:
-    """The unreadable indices counted before the saved state (resume keeps the count)."""
-    trainer = read_trainer(state_dir) or {}
-    return [int(i) for i in trainer.get("bad_indices", [])]
 
 
 def _finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> bool:

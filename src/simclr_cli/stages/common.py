@@ -343,6 +343,20 @@ def eval_loader(source: ImageSource, indices: list[int] | None, recipe: Recipe, 
                        pin_memory=accelerator.device.type == "cuda")
 
 
+def test_topk(model: nn.Module, splits: LabeledSplits, recipe: Recipe, accelerator) -> tuple[dict[int, float], int] | None:
+    """Top-1/top-5 of a classifier on the test split: every process predicts its share; the main process gets
+    ``({1: top1, 5: top5}, test images)``, the others None."""
+    from simclr_cli.evaluation.knn import topk_accuracy
+    from simclr_cli.evaluation.linear import predict
+
+    loader = eval_loader(splits.test, None, recipe, accelerator)
+    out = predict(model.to(accelerator.device), loader, accelerator.device, accelerator.autocast, everywhere=False)
+    if out is None:
+        return None
+    logits, labels = out
+    return topk_accuracy(logits, labels, (1, 5)), len(labels)
+
+
 def frozen_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of every parameter and buffer, to prove afterwards that a frozen module did not change."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

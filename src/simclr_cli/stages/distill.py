@@ -37,7 +37,6 @@ from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.setup import convert_sync_bn
 from simclr_cli.engine.tasks import DistillTask
 from simclr_cli.errors import UsageError
-from simclr_cli.evaluation.knn import topk_accuracy
 from simclr_cli.evaluation.linear import predict
 from simclr_cli.losses.distill import confident_pseudo_labels
 from simclr_cli.models import create_backbone
@@ -133,15 +132,12 @@ def run(
     task, result, batch = fit(accelerator, task, views, spec,
                               **guard.training(resume=resume, interrupt_after=interrupt_after))
     trained: Classifier = task.student
-    test = common.eval_loader(splits.test, None, recipe, accelerator)
-    device = accelerator.device
-    with guard.stop.immediately():  # the final state is saved: a resume runs only this test, split K ways
-        t_test = predict(teacher.to(device), test, device, accelerator.autocast, everywhere=False)
-        s_test = predict(trained, test, device, accelerator.autocast, everywhere=False)
+    with guard.stop.immediately():  # the final state is saved: a resume runs only this test
+        t_test = common.test_topk(teacher, splits, recipe, accelerator)
+        s_test = common.test_topk(trained, splits, recipe, accelerator)
     if not main:
         return guard.finish({})
-    (t_logits, labels), (s_logits, _) = t_test, s_test
-    t_acc, s_acc = topk_accuracy(t_logits, labels, (1, 5)), topk_accuracy(s_logits, labels, (1, 5))
+    (t_acc, test_images), (s_acc, _) = t_test, s_test
     summary = guard.summary(
         teacher=str(src.checkpoint),
         teacher_backbone=recipe.model.backbone,
@@ -161,7 +157,7 @@ def run(
         epochs=cfg.epochs,
         steps=result.step,
         global_batch=batch,
-        test_images=len(labels),
+        test_images=test_images,
         final_loss=result.last.get("loss"),
         images_per_sec=round(result.images_per_sec, 2),
     )

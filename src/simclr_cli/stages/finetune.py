@@ -25,8 +25,6 @@ from simclr_cli.engine.setup import convert_sync_bn
 from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.tasks import ClassificationTask
 from simclr_cli.errors import UsageError
-from simclr_cli.evaluation.knn import topk_accuracy
-from simclr_cli.evaluation.linear import predict
 from simclr_cli.models.classifier import Classifier
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
@@ -107,13 +105,11 @@ def run(
     task, result, batch = fit(accelerator, ClassificationTask(model), views, spec,
                               **guard.training(resume=resume, interrupt_after=interrupt_after))
     trained: Classifier = task.model
-    test_loader = common.eval_loader(splits.test, None, recipe, accelerator)
     with guard.stop.immediately():  # the final state is saved: a resume runs only this test
-        test = predict(trained, test_loader, accelerator.device, accelerator.autocast, everywhere=False)  # split K ways
-    if not guard.main:
+        test = common.test_topk(trained, splits, recipe, accelerator)
+    if test is None:
         return guard.finish({})
-    logits, labels = test
-    acc = topk_accuracy(logits, labels, (1, 5))
+    acc, test_images = test
     summary = guard.summary(
         init=init,
         source=common.source_label(src, init),
@@ -127,7 +123,7 @@ def run(
         global_batch=batch,
         top1=round(acc[1], 4),
         top5=round(acc[5], 4),
-        test_images=len(labels),
+        test_images=test_images,
         num_classes=splits.num_classes,
         final_loss=result.last.get("loss"),
         images_per_sec=round(result.images_per_sec, 2),

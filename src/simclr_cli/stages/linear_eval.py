@@ -19,7 +19,6 @@ from simclr_cli.data.loaders import LabeledViews, SubsetSource
 from simclr_cli.engine.reporting import MetricsLog
 from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.tasks import ClassificationTask
-from simclr_cli.evaluation.knn import topk_accuracy
 from simclr_cli.evaluation.linear import fit_linear, predict
 from simclr_cli.models.classifier import Classifier
 from simclr_cli.recipe import Recipe
@@ -70,13 +69,10 @@ def run(
         _fit_paper(model, splits, recipe, accelerator, guard)
     common.assert_unchanged(frozen, snapshot, "encoder")
 
-    test_loader = common.eval_loader(splits.test, None, recipe, accelerator)
-    model.to(accelerator.device)
-    test = predict(model, test_loader, accelerator.device, accelerator.autocast, everywhere=False)  # split K ways
-    if not guard.main:
+    test = common.test_topk(model, splits, recipe, accelerator)
+    if test is None:
         return guard.finish({})
-    logits, labels = test
-    acc = topk_accuracy(logits, labels, (1, 5))
+    acc, test_images = test
     summary = guard.summary(
         mode=cfg.mode,
         on=cfg.on,
@@ -86,7 +82,7 @@ def run(
         top1=round(acc[1], 4),
         top5=round(acc[5], 4),
         train_images=len(splits.train_indices),
-        test_images=len(labels),
+        test_images=test_images,
         num_classes=splits.num_classes,
     )
     metadata = {**checkpoint_metadata(recipe, encoder, STAGE),
