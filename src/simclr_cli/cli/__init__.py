@@ -9,6 +9,8 @@ recipe overrides, never as TOML text.
 * ``stage_commands``: pretrain, linear-eval, knn, finetune, distill, transfer.
 * ``run_commands``: info, runs, export, plot, embed.
 * ``recipe_commands``: recipes list, show, validate; data check.
+* ``data_commands``: data pack (image folders and lists into indexed WebDataset shards).
+* ``launch_commands``: launch (a stage under ``accelerate launch``, SLURM-aware).
 * ``render``: the tables and the console they print on.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or recipe error, 130 interrupted
@@ -20,7 +22,7 @@ from __future__ import annotations
 from simclr_cli.cli._app import app
 
 # Importing a command module registers its commands, in this order in --help: stages, runs, recipes.
-from simclr_cli.cli import stage_commands, run_commands, recipe_commands  # noqa: E402, F401, I001
+from simclr_cli.cli import stage_commands, run_commands, recipe_commands, data_commands, launch_commands  # noqa: E402, F401, I001
 
 __all__ = ["app", "main"]
 
