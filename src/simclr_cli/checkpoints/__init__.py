@@ -8,7 +8,9 @@ the newest K complete ones are kept.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,26 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from simclr_cli.errors import SimclrError
+from simclr_cli.errors import DiskFull, SimclrError, from_os_error
 from simclr_cli.utils import atomic_write_bytes, atomic_write_text
 
 MODEL_FILE = "model.safetensors"
 STATE_DIR = "state"
+
+
+class StateWriteError(DiskFull):
+    """A resume state could not be written (disk full, a read-only or unwritable folder): a runtime failure
+    (exit 1); the last complete state is intact and loadable."""
+
+    exit_code = 1
+
+
+def human_size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"  # pragma: no cover
 
 
 def prefixed_state(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -72,20 +89,51 @@ def save_state(
     root = Path(root)
     final = root / f"step-{int(trainer['step']):09d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # Serialized first, so a refused write can say how much space the state needs.
+    weights = st_save({k: v.clone() for k, v in prefixed_state("model", model).items()},
+                      metadata={"simclr.kind": "state"})
+    opt = _torch_bytes(optimizer.state_dict())
+    counters = json.dumps(trainer, indent=2)
+    writing = tmp
     try:
-        save_weights(tmp / MODEL_FILE, prefixed_state("model", model), {"simclr.kind": "state"})
-        atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
-        atomic_write_text(tmp / "trainer.json", json.dumps(trainer, indent=2))  # written last: marks it complete
-    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        writing = tmp / MODEL_FILE
+        atomic_write_bytes(writing, weights)
+        writing = tmp / "optimizer.pt"
+        atomic_write_bytes(writing, opt)
+        writing = tmp / "trainer.json"
+        atomic_write_text(writing, counters)  # written last: marks it complete
+        writing = final
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: the older states stay, without debris
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+        refused = _write_refusal(e)
+        if refused is None:
+            raise
+        need = human_size(len(weights) + len(opt) + len(counters))
+        last = latest_state(root)
+        kept = (f"the last complete state ({last.name}) is intact and loadable" if last is not None
+                else "no earlier state was saved")
+        raise StateWriteError(f"cannot save the resume state of step {int(trainer['step'])}: {writing}: {refused}; "
+                              f"the state needs {need}; {kept} in {root}. Free that much space, or make {root} "
+                              "writable") from e
     for old in complete_states(root)[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_refusal(e: BaseException) -> str | None:
+    """``strerror: path`` when ``e`` (or the OSError behind it) is a full disk or a refused permission."""
+    os_error = e if isinstance(e, OSError) else e.__cause__ if isinstance(e.__cause__, OSError) else None
+    if os_error is None or from_os_error(os_error) is None:
+        return None
+    if os_error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return None
+    if os_error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on device"
+    return (os_error.strerror or os.strerror(os_error.errno or 0)).lower()
 
 
 def complete_states(root: Path) -> list[Path]:

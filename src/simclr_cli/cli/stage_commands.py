@@ -32,12 +32,35 @@ from simclr_cli.cli._app import (
 )
 
 
+AutoResumeOpt = Annotated[bool, typer.Option(
+    "--auto-resume", help="Continue OUT/STAGE/state when it holds an unfinished run with this recipe, else start "
+                          "fresh. Implied under an elastic restart (torchrun --max-restarts) for the run that launch "
+                          "started.")]
+
+
+def _auto_resume(stage_dir: Path, recipe, explicit: bool, resumable_changes) -> bool:
+    """The auto-resume rule (stages.scaffold.auto_resume); says so on the main process when it resumes."""
+    import sys
+
+    from simclr_cli.checkpoints import read_trainer
+    from simclr_cli.stages.scaffold import auto_resume, elastic_restart
+
+    if not auto_resume(stage_dir, recipe, explicit=explicit, resumable_changes=resumable_changes):
+        return False
+    if _is_main_process():
+        step = (read_trainer(stage_dir / "state") or {}).get("step", "?")
+        why = f"elastic restart {elastic_restart()}" if elastic_restart() and not explicit else "--auto-resume"
+        print(f"note: {why}: resuming {stage_dir} from its last complete state (step {step})", file=sys.stderr)
+    return True
+
+
 @app.command(rich_help_panel=STAGES_PANEL)
 def pretrain(
     recipe: RecipeArg,
     set_: SetOpt = None,
     out: OutOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/pretrain/state.")] = False,
+    auto_resume: AutoResumeOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pretrain run in OUT.")] = False,
     force: Annotated[bool, typer.Option("--force", help="With --resume: accept a changed recipe or process count.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -51,6 +74,8 @@ def pretrain(
         r = load_recipe(recipe, set_ or [])
         _show_recipe(r)
         _check_out(out if out is not None else Path("runs") / r.name)
+        resume = resume or _auto_resume(Path(out if out is not None else Path("runs") / r.name) / stage.STAGE, r,
+                                        auto_resume, stage.RESUMABLE_CHANGES)
         summary = stage.run(r, out, resume=resume, overwrite=overwrite, force=force, show_progress=not quiet)
         if not quiet and summary is not None and _is_main_process():
             print(render.pretrain_done(summary))
@@ -122,6 +147,7 @@ def finetune(
     set_: SetOpt = None,
     out: StageOutOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/finetune/state, with the recipe it saved (no other options needed).")] = False,
+    auto_resume: AutoResumeOpt = False,
     overwrite: OverwriteOpt = False,
     force: Annotated[bool, typer.Option("--force", help="With --resume: accept a changed recipe.")] = False,
     quiet: QuietOpt = False,
@@ -135,6 +161,7 @@ def finetune(
                         ("--from-head-layer", "finetune.from_head_layer", from_head_layer))
         src, r, out_dir = _chain_inputs(source, recipe, set_ or [], init, ("pretrain",), out, quiet,
                                         resume_stage=stage.STAGE if resume else None, values=values)
+        resume = resume or _auto_resume(out_dir / stage.STAGE, r, auto_resume, stage.RESUMABLE_CHANGES)
         summary = stage.run(r, src, out_dir, init=init, resume=resume, overwrite=overwrite, force=force,
                             show_progress=not quiet)
         render.show_result(f"finetune ({summary.get('labels')}, {init})",
@@ -165,6 +192,7 @@ def distill(
     set_: SetOpt = None,
     out: StageOutOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/distill/state, with the recipe it saved (no other options needed).")] = False,
+    auto_resume: AutoResumeOpt = False,
     overwrite: OverwriteOpt = False,
     force: Annotated[bool, typer.Option("--force", help="With --resume: accept a changed recipe.")] = False,
     quiet: QuietOpt = False,
@@ -185,6 +213,7 @@ def distill(
         )
         src, r, out_dir = _chain_inputs(source, recipe, set_ or [], "pretrained", ("finetune",), out, quiet,
                                         resume_stage=stage.STAGE if resume else None, values=values)
+        resume = resume or _auto_resume(out_dir / stage.STAGE, r, auto_resume, stage.RESUMABLE_CHANGES)
         summary = stage.run(r, src, out_dir, resume=resume, overwrite=overwrite, force=force, show_progress=not quiet)
         render.show_result(f"distill ({summary.get('loss')})",
                            render.pick(summary, "teacher_top1", "student_top1", "teacher_top5", "student_top5",

@@ -20,6 +20,7 @@ loses the previous run.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import sys
@@ -29,12 +30,13 @@ from typing import Any, Callable
 
 import torch
 
-from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, read_trainer, save_weights
-from simclr_cli.engine.reporting import require_tensorboard
+from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, StateWriteError, has_state, read_trainer, save_weights
+from simclr_cli.checkpoints.lock import RunLock
+from simclr_cli.engine import trackers as tracking
 from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.engine.signals import StopRequest
-from simclr_cli.errors import Interrupted, UsageError
-from simclr_cli.recipe import Recipe, recipe_to_toml
+from simclr_cli.errors import Interrupted, SimclrError, UsageError
+from simclr_cli.recipe import Recipe, recipe_to_dict, recipe_to_toml
 from simclr_cli.stages.common import check_output, write_json
 from simclr_cli.utils import atomic_write_text
 
@@ -67,6 +69,8 @@ class StageRun:
         self.show_progress = True
         self.t_start = time.perf_counter()
         self.say: Callable[..., None] = lambda *a, **k: None
+        self._last_step = 0  # the last step given to the trackers (the summary is logged at it)
+        self.lock: RunLock | None = None
 
     def configure(self, stage_dir: Path, stage: str, *, resume_cmd: str = "", keeps_state: bool = True) -> None:
         """Where the stage writes, whether it keeps resume state (``STAGE_DIR/state``), how to resume it."""
@@ -105,11 +109,14 @@ class StageRun:
         key, for the error message), main-process printing. Returns the Accelerator."""
         self.t_start = time.perf_counter()
         self.recipe = recipe
-        require_tensorboard(recipe.tensorboard)
+        tracking.require_trackers(tracking.tracker_names(recipe))  # a missing extra: before any work
         self.configure(Path(out_dir) / stage, stage, resume_cmd=resume_cmd, keeps_state=keeps_state)
         value, key = precision or ("no", f"{stage}.mixed_precision")
-        self.accelerator = make_accelerator(value, key=key)
+        self.accelerator = make_accelerator(value, key=key, log_with=self._trackers(), project_dir=self.stage_dir)
         self.main = self.accelerator.is_main_process
+        if self.main:  # one writer per stage folder; refused at once when another live command holds it
+            self.lock = RunLock(self.stage_dir, stage)
+            self.lock.acquire()
         self.show_progress = show_progress
         self.say: Callable[..., None] = print if show_progress and self.main else (lambda *a, **k: None)
         return self.accelerator
@@ -126,8 +133,11 @@ class StageRun:
         """Everything is built: set a previous run aside (``--overwrite``), write ``recipe.toml`` and any
         ``files`` (name -> writer of that path) on the main process, and wait for every process."""
         self.begin(overwrite=overwrite, resume=resume, accelerator=self.accelerator)
+        self._start_trackers()
         if self.main:
             atomic_write_text(self.stage_dir / "recipe.toml", recipe_to_toml(self.recipe))
+            if ELASTIC_RUN_ID in os.environ:  # which launch owns the run: its elastic restarts resume it
+                atomic_write_text(self.stage_dir / LAUNCH_FILE, json.dumps({"run_id": os.environ[ELASTIC_RUN_ID]}))
             for name, write in (files or {}).items():
                 write(self.stage_dir / name)
         self.accelerator.wait_for_everyone()
@@ -139,7 +149,7 @@ class StageRun:
                 "show_progress": self.show_progress, "state_dir": self.state_dir, "resume": resume, "force": force,
                 "resume_hint": f"Resume with: {self.resume_cmd}" if self.resume_cmd else "",
                 "interrupt_after": interrupt_after, "description": self.recipe.name,
-                "tensorboard": self.recipe.tensorboard, "stop": self.stop, "on_save": self.commit}
+                "track": self.track, "stop": self.stop, "on_save": self.commit}
 
     def summary(self, **fields: Any) -> dict[str, Any]:
         """``{"stage", "name", **fields, "wall_seconds"}`` (``fields`` may set its own ``wall_seconds``)."""
@@ -155,8 +165,37 @@ class StageRun:
             if tensors is not None:
                 save_weights(self.stage_dir / MODEL_FILE, tensors, metadata or {})
             write_json(self.stage_dir / "summary.json", summary)
+            self.track({f"summary/{k}": v for k, v in tracking.scalars(summary).items()}, self._last_step)
         self.accelerator.wait_for_everyone()
         return summary
+
+    # -- experiment trackers (engine/trackers.py) ------------------------------------------------------------
+
+    def _trackers(self) -> list:
+        return tracking.build_trackers(tracking.tracker_names(self.recipe), self.stage_dir,
+                                       project=self.recipe.tracker_project, run_name=f"{self.recipe.name}/{self.stage}")
+
+    def _start_trackers(self) -> None:
+        """Start the trackers (their files go into the new stage folder, so after :meth:`begin`) with the
+        resolved recipe as the run's config; every process calls it, Accelerate starts them on the main one."""
+        if self.accelerator is not None and self.accelerator.log_with and not self.accelerator.trackers:
+            config = {"stage": self.stage, **tracking.flat_config(recipe_to_dict(self.recipe))}
+            self.accelerator.init_trackers(self.recipe.tracker_project, config=config)
+        self._last_step = 0
+
+    def track(self, values: dict[str, float], step: int) -> None:
+        """Numbers to the trackers at ``step`` (main process only; a no-op without trackers)."""
+        if self.main and self.accelerator is not None and self.accelerator.trackers and values:
+            self._last_step = max(self._last_step, int(step))
+            self.accelerator.log(values, step=int(step))
+
+    def _end_trackers(self, failed: bool) -> None:
+        if self.accelerator is None or not self.accelerator.trackers:
+            return
+        try:
+            tracking.finish_trackers(self.accelerator, failed=failed)
+        except Exception as e:  # noqa: BLE001 - a tracker that cannot close must not hide the stage's own outcome
+            print(f"warning: closing the experiment trackers failed: {e}", file=sys.stderr)
 
 
     def commit(self) -> None:
@@ -202,6 +241,7 @@ class StageRun:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         stopped = self._stopped() if isinstance(exc, KeyboardInterrupt) else None  # about this run, before any rollback
+        self._end_trackers(failed=exc is not None)
         try:
             with self.stop.shielded(deliver=False):
                 if exc is None:
@@ -209,8 +249,18 @@ class StageRun:
                 else:
                     self._rollback()
         finally:
-            self.stop.__exit__(None, None, None)
-        kept = f" ({self.stage_dir} still holds the previous run)" if self._restored else ""
+            try:
+                if self.lock is not None:
+                    self.lock.release()
+            finally:
+                self.stop.__exit__(None, None, None)
+        if isinstance(exc, StateWriteError):  # disk full, read-only folder: what was kept, and how to go on
+            if self._restored:
+                raise StateWriteError(f"{exc}; {self.stage_dir} still holds the previous run") from None
+            if self.state_dir is not None and self.resume_cmd and has_state(self.state_dir):
+                raise StateWriteError(f"{exc}; then resume with: {self.resume_cmd}") from None
+            raise StateWriteError(f"{exc}; then run the command again") from None
+        kept = ""f" ({self.stage_dir} still holds the previous run)" if self._restored else ""
         if exc is None:
             if self.stop.requested:  # the signal came while the results were being written
                 raise Interrupted(f"stopped by {self.stop.signal_name} as the {self.stage} run finished; its results "
@@ -228,6 +278,61 @@ class StageRun:
                               f"{self.stage_dir} still holds the previous run, and the new run was discarded; "
                               "run the command again to replace it") from None
         return False
+
+
+ELASTIC_RESTARTS = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun / accelerate launch (the elastic agent)
+ELASTIC_RUN_ID = "TORCHELASTIC_RUN_ID"  # the same for every restart of one launch
+LAUNCH_FILE = ".launch.json"  # in the stage folder: the elastic launch that started the run
+
+
+def elastic_restart() -> int:
+    """How many times the elastic launcher restarted this process group (0: the first attempt, or no launcher)."""
+    try:
+        return int(os.environ.get(ELASTIC_RESTARTS, "0") or 0)
+    except ValueError:
+        return 0
+
+
+def auto_resume(stage_dir: Path, recipe: Recipe | None, *, explicit: bool = False,
+                resumable_changes: frozenset[str] = frozenset()) -> bool:
+    """Whether a command that did not say ``--resume`` continues the run in ``stage_dir`` (the rule, also in
+    docs/distributed.md):
+
+    * under an elastic restart (``TORCHELASTIC_RESTART_COUNT`` > 0): when ``stage_dir`` holds a complete state
+      of an unfinished run that this same launch started (``TORCHELASTIC_RUN_ID``, recorded in
+      ``STAGE/.launch.json``) with the same recipe;
+    * with ``--auto-resume`` (``explicit``): when ``stage_dir`` holds a complete state of an unfinished run with
+      the same recipe, whoever started it.
+
+    Otherwise the command runs as typed: a fresh start, ``--overwrite`` setting the old run aside, or the
+    refusal to replace work. So a restart never sets aside the run its first attempt wrote, and a restart of a
+    first attempt that was refused does not resume the run it refused to touch.
+    """
+    restarted = elastic_restart() > 0
+    if not (explicit or restarted) or recipe is None:
+        return False
+    stage_dir = Path(stage_dir)
+    if (stage_dir / MODEL_FILE).exists() or (stage_dir / "summary.json").exists():
+        return False
+    if not has_state(stage_dir / STATE_DIR):
+        return False
+    if not explicit:
+        try:
+            owner = json.loads((stage_dir / LAUNCH_FILE).read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            return False
+        if owner != os.environ.get(ELASTIC_RUN_ID):
+            return False
+    saved = stage_dir / "recipe.toml"
+    if not saved.is_file():
+        return False
+    from simclr_cli.recipe import parse_toml, recipe_diff, recipe_from_dict
+
+    try:
+        before = recipe_from_dict(parse_toml(saved.read_text(), str(saved)), str(saved))
+    except SimclrError:
+        return False
+    return not [k for k in recipe_diff(before, recipe) if k not in resumable_changes]
 
 
 def guarded(immediate: bool = False):
