@@ -34,7 +34,7 @@ def test_the_papers_metrics_and_roles():
     assert {n for n, d in DATASETS.items() if d.metric == "mean_per_class"} == {
         "fgvc_aircraft", "oxford_pets", "caltech101", "flowers102"}
     assert [n for n, d in DATASETS.items() if d.metric == "map11"] == ["voc2007"]
-    assert pretraining_names() == ["synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "folder", "filelist"]
+    assert pretraining_names() == ["synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "folder", "filelist", "shards"]
     assert transfer_names() == ["cifar10", "cifar100", "stl10", "imagefolder:PATH", "food101", "flowers102",
                                 "oxford_pets", "stanford_cars", "fgvc_aircraft", "dtd", "sun397", "caltech101",
                                 "voc2007"]

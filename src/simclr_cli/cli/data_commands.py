@@ -1,4 +1,94 @@
-"""``simclr data pack``: a dataset into indexed WebDataset tar shards (thin wrapper; the work is in
-:mod:`simclr_cli.data.shards`)."""
+"""``simclr data pack`` and ``simclr data index``: a dataset into indexed WebDataset tar shards (thin wrappers; the
+work is in :mod:`simclr_cli.data.shards`)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from simclr_cli.cli._app import DebugOpt, QuietOpt, _handled, data_app
+
+
+@data_app.command("pack")
+def data_pack(
+    src: Annotated[Path, typer.Argument(help="A folder of images (any depth; class folders give labels) or a "
+                                             ".txt/.csv list of image paths.")],
+    out: Annotated[Path, typer.Argument(help="The pack folder: new, empty, or an interrupted pack to resume.")],
+    shorter_side: Annotated[int, typer.Option("--shorter-side", help="Scale images down so that the shorter side "
+                                                                    "is this many pixels (never up).")] = 256,
+    quality: Annotated[int, typer.Option("--quality", help="JPEG quality of the packed images (1-95).")] = 90,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard.")] = 1000,
+    labels: Annotated[str, typer.Option("--labels", help="auto: from class folders when SRC holds only "
+                                                        "sub-folders | folders | none.")] = "auto",
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes that decode and encode "
+                                                                    "(default: the CPU count; 0: this one).")] = None,
+    allow_missing: Annotated[bool, typer.Option("--allow-missing", help="A list naming missing files: pack the "
+                                                                       "rest (warns).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a pack of another source or other "
+                                                               "settings in OUT.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Pack images into WebDataset shards with a random-access index (train with data.dataset=shards).
+
+    Images are decoded upright, scaled to the shorter side and re-encoded once. An interrupted pack keeps its
+    completed shards: run the same command again to resume.
+    """
+    with _handled(debug):
+        from simclr_cli.data.shards import PackSettings, pack
+        from simclr_cli.engine.reporting import ProgressDisplay
+        from simclr_cli.errors import UsageError
+
+        if labels not in ("auto", "folders", "none"):
+            raise UsageError(f"--labels must be auto, folders or none, got '{labels}'")
+        if workers is not None and workers < 0:
+            raise UsageError(f"--workers must be 0 or more, got {workers}")
+        bar: dict = {}
+
+        def progress(done: int, total: int) -> None:
+            if "bar" not in bar:
+                bar["bar"] = ProgressDisplay(total, done, enabled=not quiet, description="pack")
+                bar["every"] = max(1, total // 10)
+            line = f"packed {done}/{total} images" if done % bar["every"] == 0 or done == total else None
+            bar["bar"].update(done, "", line)
+
+        def say(text: str) -> None:
+            if "bar" in bar:
+                bar["bar"].message(text)
+            elif text.startswith("warning:"):
+                typer.echo(text, err=True)
+            elif not quiet:
+                typer.echo(text)
+
+        try:
+            result = pack(src, out, PackSettings(shorter_side, quality, shard_size), labels=labels,  # type: ignore[arg-type]
+                          overwrite=overwrite, workers=(os.cpu_count() or 1) if workers is None else workers,
+                          allow_missing=allow_missing, say=say, progress=progress)
+        finally:
+            if "bar" in bar:
+                bar["bar"].close()
+        if result.already:
+            print(f"{result.out}: already packed ({result.images} images in {result.shards} shards); nothing to do")
+        else:
+            kept = f", {result.reused} kept from the interrupted run" if result.reused else ""
+            skipped = f", {result.skipped} unreadable images skipped (named above)" if result.skipped else ""
+            print(f"packed {result.images} images into {result.shards} shards in {result.out}{kept}{skipped}")
+        if not quiet:
+            print(f"train on them: --set data.dataset=shards --set data.root={result.out}")
+
+
+@data_app.command("index")
+def data_index(
+    out: Annotated[Path, typer.Argument(help="A pack folder (shard-NNNNNN.tar files).")],
+    debug: DebugOpt = False,
+) -> None:
+    """Rebuild a pack's index.json by reading its shards (after it was lost, or the shards were changed)."""
+    with _handled(debug):
+        from simclr_cli.data.shards import write_index
+
+        index = write_index(out, say=lambda text: typer.echo(text, err=text.startswith("warning:")))
+        print(f"indexed {len(index['samples']['key'])} images in {len(index['shards'])} shards: "
+              f"{Path(out).expanduser().absolute() / 'index.json'}")

@@ -85,6 +85,8 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
             one_set=True),
     Dataset("filelist", "top1", "a .txt (one image path a line) or .csv (path[,label]) list file as data.root",
             source=builders.filelist_split, one_set=True),
+    Dataset("shards", "top1", "a pack folder made by `simclr data pack SRC OUT` (index.json, shard-*.tar) as data.root",
+            source=builders.shards_split, one_set=True),
     Dataset("food101", "top1", "food-101/", transfer=_official("Food101", ("train", "test"))),
     Dataset("flowers102", "mean_per_class", "flowers-102/", transfer=_official("Flowers102", ("train", "val", "test"))),
     Dataset("oxford_pets", "mean_per_class", "oxford-iiit-pet/", transfer=_official("OxfordIIITPet", ("trainval", "test"))),

@@ -1,0 +1,618 @@
+"""Packed shards (``simclr data pack``, ``data.dataset = "shards"``): a dataset re-encoded once into WebDataset tars
+with an index that gives random access by sample index.
+
+Layout of a pack folder ``OUT``::
+
+    OUT/shard-000000.tar ...   WebDataset tars: KEY.cls (the label, when there is one), KEY.jpg, KEY.json
+                               ({"path": the original file, "class": its class name or null}); KEY is the
+                               image's position in the source list, 9 digits
+    OUT/pack.json              what is packed: the source, a hash of its file list, the settings, the classes
+                               (written first: a re-run resumes only when it matches)
+    OUT/index.json             written last, atomically: per sample its shard, byte offset and size of its
+                               .jpg member, label, key and original path, plus the shard sizes
+
+Images are decoded with :func:`~simclr_cli.data.sources.read_image` (EXIF orientation applied), scaled so that the
+shorter side is ``shorter_side`` (never upscaled; aspect kept) and re-encoded as JPEG at ``quality``. Shard ``k``
+holds source images ``k * shard_size ...`` (unreadable ones are skipped and named), so each shard is a pure
+function of the source and the settings: an interrupted pack keeps its completed shards (written to a temp name,
+then renamed) and a re-run writes only the rest.
+
+:class:`ShardSource` reads a member with one positional read (``os.pread``) of its tar header and data and checks
+the header names the member, so a sample costs one system call and no tar parsing; file descriptors are opened
+lazily per process (safe after a DataLoader fork), at most :data:`MAX_OPEN` at a time. The per-sample index lives
+in numpy arrays, not Python lists, so DataLoader workers do not copy it page by page (copy-on-read).
+
+Why not ``wids`` (webdataset's indexed reader, a separate ``wids`` package since webdataset 1.0): it re-scans a
+whole tar on each shard it opens and keeps ~10 shards open (an LRU), so the one global random permutation per epoch
+that keeps views and batch order a pure function of (seed, epoch, index) re-scans a shard on almost every sample
+(see ``benchmarks/shard_throughput.py --wids``); it also copies shards into a cache folder and reads a damaged tar
+as a whole-shard failure. The tars themselves stay plain WebDataset, readable by ``webdataset`` and ``wids``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import json
+import os
+import re
+import signal
+import tarfile
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Optional
+
+import numpy as np
+import torch
+
+from simclr_cli.data.folders import is_image_file, scan_class_folders, scan_images
+from simclr_cli.data.lists import read_file_list
+from simclr_cli.data.sources import FileListSource, read_image
+from simclr_cli.errors import DataError, Interrupted, UsageError
+from simclr_cli.utils import atomic_write_text
+
+FORMAT = "simclr-shards/1"
+INDEX = "index.json"
+MANIFEST = "pack.json"
+SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+MAX_OPEN = 64  # file descriptors a ShardSource keeps open per process (the soft limit is often 1024)
+_KEY_DIGITS = 9
+
+Labels = Literal["auto", "folders", "none"]
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}.tar"
+
+
+def key_of(position: int) -> str:
+    return f"{position:0{_KEY_DIGITS}d}"
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    """How images are re-encoded and grouped.
+
+    Attributes:
+        shorter_side: the shorter side in pixels after packing; larger images are scaled down to it, smaller
+            ones are kept as they are (never upscaled).
+        quality: JPEG quality (1-95).
+        shard_size: images per shard (the last shard holds the rest).
+    """
+
+    shorter_side: int = 256
+    quality: int = 90
+    shard_size: int = 1000
+
+    def check(self) -> None:
+        if self.shorter_side < 8:
+            raise UsageError(f"--shorter-side must be at least 8 pixels, got {self.shorter_side}")
+        if not 1 <= self.quality <= 95:
+            raise UsageError(f"--quality must be between 1 and 95 (JPEG), got {self.quality}")
+        if self.shard_size < 1:
+            raise UsageError(f"--shard-size must be at least 1 image, got {self.shard_size}")
+
+
+# ----------------------------------------------------------------------------- the source to pack
+
+
+def list_source(src: Path, labels: Labels = "auto", *, allow_missing: bool = False,
+                say: Callable[[str], None] = print) -> FileListSource:
+    """The images of ``src``: a folder (any depth; class folders give labels, see ``labels``) or a list file
+    (``.txt``/``.csv``, see :mod:`simclr_cli.data.lists`).
+
+    ``labels`` (folders only): "auto": labels from the class folders when ``src`` holds two or more sub-folders
+    and no image directly, unlabeled otherwise; "folders": ``src/<class>/**/<image>`` (images directly in ``src``
+    unlabeled); "none": every image unlabeled.
+    """
+    src = Path(src).expanduser().absolute()
+    if src.is_file():
+        return read_file_list(src, allow_missing=allow_missing, warn=say)
+    if not src.is_dir():
+        raise DataError(f"{src}: no such folder or list file; SRC is a folder of images or a .txt/.csv list of "
+                        "image paths", missing=True)
+    subdirs = [p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if labels == "auto":
+        loose = any(is_image_file(p) for p in src.iterdir())
+        labels = "folders" if len(subdirs) >= 2 and not loose else "none"
+    if labels == "folders":
+        files, ys, classes = scan_class_folders(src, loose=True)
+        split_names = {"train", "val", "test", "valid", "validation"}
+        if classes and set(classes) <= split_names:
+            say(f"warning: {src}: the class folders are {', '.join(classes)}, which look like splits; pack each "
+                f"split on its own (simclr data pack {src / classes[0]} OUT/{classes[0]}), or pass --labels none")
+        if len(files) and classes:
+            say(f"{src}: labels from {len(classes)} class folders (--labels none packs them unlabeled)")
+    else:
+        files = scan_images(src)
+        ys, classes = [-1] * len(files), []
+    if not len(files):  # the scanners may give numpy arrays
+        raise DataError(f"{src}: no images at any depth", missing=True)
+    return FileListSource(files, ys, classes, str(src))
+
+
+def source_hash(source: FileListSource, settings: PackSettings) -> str:
+    """A hash of what a pack depends on: the file list (path, label, size, modification time), the class names
+    and the settings. A re-run resumes only when it is the same."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([asdict(settings), list(source.classes)]).encode())
+    for f, y in zip(source.files, source.labels):
+        try:
+            st = os.stat(f)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"\0{f}\0{int(y)}\0{stamp}".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- encoding one image
+
+_MIN_SIDE = "min_side" in inspect.signature(read_image).parameters  # reduced-size JPEG decoding, where available
+
+
+def resize_shorter(img: torch.Tensor, shorter_side: int):
+    """uint8 (3, H, W) -> PIL image whose shorter side is ``shorter_side`` (aspect kept, bicubic with
+    antialiasing); an image already that small or smaller is kept as it is (never upscaled)."""
+    from PIL import Image
+
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    h, w = img.shape[-2:]
+    if min(h, w) <= shorter_side:
+        return pil
+    if h <= w:
+        size = (max(1, int(w * shorter_side / h + 0.5)), shorter_side)
+    else:
+        size = (shorter_side, max(1, int(h * shorter_side / w + 0.5)))
+    return pil.resize(size, Image.Resampling.BICUBIC)
+
+
+def encode_image(path: str, shorter_side: int, quality: int) -> bytes:
+    """The packed JPEG bytes of one source image: decoded upright, scaled, re-encoded."""
+    img = read_image(path, min_side=shorter_side) if _MIN_SIDE else read_image(path)
+    buf = io.BytesIO()
+    resize_shorter(img, shorter_side).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _encode_job(job: tuple[int, str, int, int]) -> tuple[int, bytes | None, str]:
+    position, path, shorter_side, quality = job
+    try:
+        return position, encode_image(path, shorter_side, quality), ""
+    except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
+        return position, None, f"{type(e).__name__}: {e}"
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process stops the pool
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+    return info, io.BytesIO(data)
+
+
+class _ShardWriter:
+    """One shard, written to ``.shard-K.tar.tmp`` and renamed when complete (a crash leaves no partial shard)."""
+
+    def __init__(self, out: Path, k: int) -> None:
+        self.final = out / shard_name(k)
+        self.tmp = out / f".{shard_name(k)}.tmp"
+        self.file = open(self.tmp, "wb")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, key: str, jpeg: bytes, label: int, path: str, classes: list[str]) -> None:
+        meta = {"path": path, "class": classes[label] if 0 <= label < len(classes) else None}
+        if label >= 0:
+            self.tar.addfile(*_member(f"{key}.cls", str(label).encode()))
+        self.tar.addfile(*_member(f"{key}.jpg", jpeg))
+        self.tar.addfile(*_member(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8", "surrogateescape")))
+
+    def commit(self) -> None:
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.final)
+
+    def discard(self) -> None:
+        try:
+            self.tar.close()
+        except Exception:  # noqa: BLE001 - the temp file goes anyway
+            pass
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class PackResult:
+    """What :func:`pack` did."""
+
+    out: Path
+    images: int  # packed
+    skipped: int  # unreadable source images left out
+    shards: int
+    reused: int  # completed shards kept from an earlier, interrupted run
+    already: bool = False  # the pack was complete: nothing was written
+
+
+def _our_files(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if SHARD_RE.match(p.name) or p.name in (INDEX, MANIFEST)
+            or (p.name.startswith(".shard-") and p.name.endswith(".tar.tmp"))]
+
+
+def _prepare_out(out: Path, manifest: dict, overwrite: bool) -> bool:
+    """Make ``out`` ready for ``manifest``; True when it already holds a pack of the same source and settings
+    (completed shards are kept)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; OUT must be a folder (new, empty, or an earlier pack)")
+    out.mkdir(parents=True, exist_ok=True)
+    mine = _our_files(out)
+    others = [p for p in out.iterdir() if p not in mine]
+    old = out / MANIFEST
+    if old.is_file():
+        try:
+            previous = json.loads(old.read_text())
+        except ValueError:
+            previous = {}
+        same = all(previous.get(k) == manifest[k] for k in ("format", "source", "source_hash", "settings"))
+        if same and not overwrite:
+            return True
+        if not overwrite:
+            what = ("with other settings" if previous.get("settings") != manifest["settings"] else
+                    "of another source (or one whose files changed)")
+            raise UsageError(
+                f"{out} holds a pack {what} (source {previous.get('source')}, settings "
+                f"{previous.get('settings')}; now {manifest['source']}, {manifest['settings']}): pass --overwrite "
+                "to replace it, or choose another OUT")
+    elif mine and not overwrite:
+        raise UsageError(f"{out} holds shards but no {MANIFEST}, so they cannot be checked against this source: "
+                         "pass --overwrite to pack again, or `simclr data index OUT` to index them as they are")
+    elif others and not mine:
+        raise UsageError(f"{out} is not empty and is not a shard pack ({others[0].name}, ...); choose a new or "
+                         "empty folder")
+    for p in mine:  # --overwrite, or a fresh pack: only the files a pack writes are removed
+        p.unlink()
+    return False
+
+
+def _complete_shard(path: Path, keys: list[str]) -> bool:
+    """A shard from an earlier run is kept when it reads as a tar whose .jpg members are a subset of ``keys``
+    in order (unreadable images are missing from it)."""
+    try:
+        got = [e.key for e in scan_shard(path) if e.jpg is not None]
+    except (OSError, tarfile.TarError, ValueError):
+        return False
+    it = iter(keys)
+    return all(k in it for k in got)
+
+
+def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, labels: Labels = "auto",
+         overwrite: bool = False, workers: int = 0, allow_missing: bool = False,
+         say: Callable[[str], None] = print, progress: Optional[Callable[[int, int], None]] = None) -> PackResult:
+    """Pack the images of ``src`` into WebDataset shards under ``out`` with an index (see the module docstring).
+
+    Args:
+        src: a folder of images or a list file (:func:`list_source`).
+        out: the pack folder: new, empty, or an earlier pack of the same source and settings (resumed: its
+            completed shards are kept); another pack is replaced only with ``overwrite``.
+        workers: processes that decode and encode (0: this process).
+        say: where lines and warnings go (warnings start with "warning:").
+        progress: called with (images done, total) as images are packed.
+
+    Raises:
+        Interrupted: Ctrl-C or SIGTERM (exit 130); the completed shards are kept and the same command resumes.
+    """
+    settings.check()
+    out = Path(out).expanduser().absolute()
+    source = list_source(src, labels, allow_missing=allow_missing, say=say)
+    n, size = len(source), settings.shard_size
+    manifest = {"format": FORMAT, "source": str(Path(src).expanduser().absolute()),
+                "source_hash": source_hash(source, settings), "settings": asdict(settings),
+                "classes": list(source.classes), "images": n, "shards": -(-n // size)}
+    resuming = _prepare_out(out, manifest, overwrite)
+    if resuming and (out / INDEX).is_file():
+        try:
+            index = read_index(out)
+        except DataError:
+            index = None
+        if index is not None and index.get("source_hash") == manifest["source_hash"]:
+            done = len(index["samples"]["key"])
+            return PackResult(out, done, n - done, len(index["shards"]), len(index["shards"]), already=True)
+    if not resuming:
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    (out / INDEX).unlink(missing_ok=True)
+    keys = [key_of(i) for i in range(n)]
+    todo = []
+    for k in range(manifest["shards"]):
+        path = out / shard_name(k)
+        if resuming and path.is_file() and _complete_shard(path, keys[k * size:(k + 1) * size]):
+            continue
+        todo.append(k)
+    reused = manifest["shards"] - len(todo)
+    if reused:
+        say(f"{out}: resuming: {reused} of {manifest['shards']} shards are complete and kept")
+    jobs = [(i, source.files[i], settings.shorter_side, settings.quality)
+            for k in todo for i in range(k * size, min(n, (k + 1) * size))]
+    done = n - len(jobs)
+    if progress:
+        progress(done, n)
+    writer: _ShardWriter | None = None
+    pool = None
+    try:
+        if workers > 0 and len(jobs) > 1:
+            import multiprocessing
+
+            pool = multiprocessing.get_context().Pool(workers, initializer=_ignore_sigint)
+            results: Iterator = pool.imap(_encode_job, jobs, chunksize=8)
+        else:
+            results = map(_encode_job, jobs)
+        current = -1
+        for position, jpeg, err in results:
+            k = position // size
+            if k != current:
+                if writer is not None:
+                    _write_shard(writer)
+                writer, current = _ShardWriter(out, k), k
+            if jpeg is None:
+                say(f"warning: skipping unreadable image {source.files[position]}: {err}")
+            else:
+                writer.add(keys[position], jpeg, int(source.labels[position]), source.files[position], source.classes)
+            done += 1
+            if progress:
+                progress(done, n)
+        if writer is not None:
+            _write_shard(writer)
+            writer = None
+    except KeyboardInterrupt:
+        complete = sum(1 for k in range(manifest["shards"]) if (out / shard_name(k)).is_file())
+        raise Interrupted(f"packing stopped: {complete} of {manifest['shards']} shards are complete and kept in {out}; "
+                          "run the same command again to resume") from None
+    finally:
+        if writer is not None:
+            writer.discard()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    index = write_index(out, say=say)
+    packed = len(index["samples"]["key"])
+    return PackResult(out, packed, n - packed, len(index["shards"]), reused)
+
+
+def _write_shard(writer: _ShardWriter) -> None:
+    """Complete one shard (a function of its own, so a test can stop a pack between shards)."""
+    writer.commit()
+
+
+# ----------------------------------------------------------------------------- the index
+
+
+@dataclass
+class ShardEntry:
+    """One sample of a shard, as its members say."""
+
+    key: str
+    jpg: tuple[int, int] | None = None  # (data offset, size)
+    label: int = -1
+    path: str = ""
+    cls: str | None = None
+
+
+def scan_shard(path: Path, warn: Callable[[str], None] | None = None) -> list[ShardEntry]:
+    """The samples of one tar, in order, from its headers and its small members (.cls, .json).
+
+    A damaged tar yields the samples before the damage (a member whose data runs past the end of the file is
+    left out), with a warning through ``warn``; without ``warn`` the damage raises.
+    """
+    entries: dict[str, ShardEntry] = {}
+    end = path.stat().st_size
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                folder, _, base = m.name.rpartition("/")
+                if not m.isfile() or "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)  # WebDataset: the key ends at the first dot of the file name
+                key, ext = (f"{folder}/{stem}" if folder else stem), ext.lower()
+                if m.offset_data + m.size > end:
+                    raise tarfile.ReadError(f"member {m.name} runs past the end of the file")
+                e = entries.setdefault(key, ShardEntry(key))
+                if ext in ("jpg", "jpeg"):
+                    e.jpg = (m.offset_data, m.size)
+                elif ext == "cls":
+                    e.label = int(tar.extractfile(m).read().decode().strip())
+                elif ext == "json":
+                    meta = json.loads(tar.extractfile(m).read().decode("utf-8", "surrogateescape"))
+                    e.path, e.cls = str(meta.get("path", "")), meta.get("class")
+    except (tarfile.TarError, OSError, ValueError) as e:
+        if warn is None:
+            raise
+        warn(f"warning: {path} is damaged ({e}); only the {len(entries)} samples before the damage are indexed")
+    return list(entries.values())
+
+
+def write_index(out: Path, say: Callable[[str], None] = print) -> dict:
+    """Build ``out/index.json`` from the shards themselves (and ``pack.json`` where present) and write it
+    atomically; returns it. This is what ``simclr data index OUT`` runs."""
+    out = Path(out).expanduser().absolute()
+    shards = sorted(p for p in out.iterdir() if SHARD_RE.match(p.name)) if out.is_dir() else []
+    if not shards:
+        raise DataError(f"{out}: no shard-NNNNNN.tar files to index; pack a dataset with `simclr data pack SRC {out}`",
+                        missing=True)
+    manifest = {}
+    if (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text())
+    cols: dict[str, list] = {"shard": [], "offset": [], "size": [], "label": [], "key": [], "path": []}
+    names_by_label: dict[int, str] = {}
+    for k, path in enumerate(shards):
+        for e in scan_shard(path, warn=say):
+            if e.jpg is None:
+                continue
+            cols["shard"].append(k)
+            cols["offset"].append(e.jpg[0])
+            cols["size"].append(e.jpg[1])
+            cols["label"].append(e.label)
+            cols["key"].append(e.key)
+            cols["path"].append(e.path)
+            if e.label >= 0 and e.cls is not None:
+                names_by_label[e.label] = e.cls
+    classes = manifest.get("classes")
+    if classes is None:
+        top = max(cols["label"], default=-1)
+        classes = [names_by_label.get(i, str(i)) for i in range(top + 1)]
+    index = {"format": FORMAT, "source": manifest.get("source"), "source_hash": manifest.get("source_hash"),
+             "settings": manifest.get("settings"), "classes": classes,
+             "shards": [{"name": p.name, "bytes": p.stat().st_size} for p in shards], "samples": cols}
+    atomic_write_text(out / INDEX, json.dumps(index, separators=(",", ":"), ensure_ascii=False) + "\n")
+    return index
+
+
+def read_index(root: Path) -> dict:
+    """``root/index.json``; a :class:`DataError` (exit 2) saying how to make or rebuild it otherwise."""
+    root = Path(root).expanduser()
+    path = root / INDEX
+    if not root.is_dir():
+        raise DataError(f"shards: {root} is not a folder; pack images into shards first "
+                        f"(simclr data pack SRC {root}) and point data.root at that folder", missing=True)
+    if not path.is_file():
+        has_shards = any(SHARD_RE.match(p.name) for p in root.iterdir())
+        how = (f"rebuild it from the shards with `simclr data index {root}`, or finish an interrupted pack by "
+               f"running `simclr data pack SRC {root}` again" if has_shards else
+               f"it holds no shards either: pack images with `simclr data pack SRC {root}`")
+        raise DataError(f"shards: {path} is missing; {how}", missing=True)
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        if index.get("format") != FORMAT:
+            raise ValueError(f"format {index.get('format')!r}, expected {FORMAT!r}")
+    except (ValueError, AttributeError) as e:
+        raise DataError(f"shards: {path} is not a readable shard index ({e}); rebuild it with "
+                        f"`simclr data index {root}`", missing=True) from None
+    return index
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _Strings:
+    """Many strings in two numpy arrays (utf-8 bytes and offsets): no Python object per string, so DataLoader
+    workers do not copy them page by page."""
+
+    def __init__(self, items: list[str]) -> None:
+        encoded = [s.encode("utf-8", "surrogateescape") for s in items]
+        self.ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i: int) -> str:
+        start = int(self.ends[i - 1]) if i > 0 else 0
+        return self.data[start:int(self.ends[i])].tobytes().decode("utf-8", "surrogateescape")
+
+
+class ShardSource:
+    """A pack folder (``data.dataset = "shards"``, ``data.root`` = the folder) as an image source.
+
+    ``load(i)`` reads sample ``i``'s JPEG with one positional read and decodes it with
+    :func:`~simclr_cli.data.sources.read_image`; a damaged member (truncated, corrupt, or an index that no longer
+    matches its shard) raises, so the loaders skip it and name it like an unreadable file. ``raw(i)`` gives the
+    JPEG bytes (for decoders of their own, e.g. on a GPU).
+    """
+
+    def __init__(self, root: Path) -> None:
+        root = Path(root).expanduser().absolute()
+        index = read_index(root)
+        self.root = root
+        self.name = f"shards:{root}"
+        self.classes = list(index["classes"])
+        s = index["samples"]
+        self._shard = np.asarray(s["shard"], dtype=np.int32)
+        self._offset = np.asarray(s["offset"], dtype=np.int64)
+        self._size = np.asarray(s["size"], dtype=np.int64)
+        self._keys = _Strings(s["key"])
+        self.labels = np.asarray(s["label"], dtype=np.int64)  # -1: unlabeled
+        self._paths = _Strings(s["path"])
+        self._shards = [sh["name"] for sh in index["shards"]]
+        for sh in index["shards"]:
+            p = root / sh["name"]
+            size = p.stat().st_size if p.is_file() else None
+            if size != sh["bytes"]:
+                what = "is missing" if size is None else f"has {size} bytes, the index says {sh['bytes']}"
+                raise DataError(f"shards: {p} {what}; the index does not match the shards: rebuild it with "
+                                f"`simclr data index {root}` (or pack again)", missing=True)
+        if not len(self._keys):
+            raise DataError(f"shards: {root} holds no images", missing=True)
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getstate__(self) -> dict:  # pickled for spawned workers: no descriptors, no lock
+        state = self.__dict__.copy()
+        state["_fds"], state["_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._pid = -1
+
+    def _fd(self, k: int) -> int:
+        if self._pid != os.getpid():  # a forked worker: the parent's descriptors share its file offsets; start afresh
+            self._fds, self._pid, self._lock = OrderedDict(), os.getpid(), threading.Lock()
+        fd = self._fds.get(k)
+        if fd is not None:
+            self._fds.move_to_end(k)
+            return fd
+        fd = os.open(self.root / self._shards[k], os.O_RDONLY)
+        self._fds[k] = fd
+        while len(self._fds) > MAX_OPEN:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def member(self, index: int) -> str:
+        """``OUT/shard-000003.tar:KEY.jpg``: where sample ``index`` is."""
+        return f"{self.root / self._shards[int(self._shard[index])]}:{self._keys[index]}.jpg"
+
+    def describe(self, index: int) -> str:
+        path = self._paths[index]
+        return self.member(index) + (f" (from {path})" if path else "")
+
+    def raw(self, index: int) -> bytes:
+        """The JPEG bytes of sample ``index``; raises OSError when the shard no longer holds them there."""
+        k, offset, size = int(self._shard[index]), int(self._offset[index]), int(self._size[index])
+        name = f"{self._keys[index]}.".encode("utf-8", "surrogateescape")  # KEY.jpg (KEY.jpeg in a foreign tar)
+        with self._lock:  # the LRU of descriptors; the read itself is positional (no shared file offset)
+            fd = self._fd(k)
+            data = os.pread(fd, size + 512, offset - 512) if offset >= 512 else b""
+        if len(data) != size + 512:
+            raise OSError(f"truncated member: {len(data) - 512 if data else 0} of {size} bytes at offset {offset}")
+        if len(name) < 100 and data[:len(name)] != name:  # longer: a pax or GNU name, not in this header
+            raise OSError(f"the index does not match the shard at offset {offset} (rebuild it with "
+                          f"`simclr data index {self.root}`)")
+        return data[512:]
+
+    def load(self, index: int) -> torch.Tensor:
+        return read_image(io.BytesIO(self.raw(index)))
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            if self._pid == os.getpid():
+                self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
