@@ -93,6 +93,14 @@ def filelist_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int)
     return decode_in_memory(source, cfg.in_memory, cfg.memory_limit_gb, say=_say)
 
 
+def shards_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -> ImageSource:
+    """A pack folder written by ``simclr data pack`` (``data.root``: index.json + shard-*.tar, local or mounted),
+    read by sample index (:class:`~simclr_cli.data.shards.ShardSource`); one set (``split`` is not used)."""
+    from simclr_cli.data.shards import ShardSource
+
+    return ShardSource(Path(cfg.root))
+
+
 def torchvision_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -> ImageSource:
     """CIFAR-10/100 or STL-10 from ``data.root`` (downloaded there with ``data.download``)."""
     return torchvision_source(name, cfg.root, split, cfg.download, expected=hint)
