@@ -107,13 +107,15 @@ class Trainer:
         metrics_path: the ``metrics.jsonl`` to write (kept up to the saved step on resume).
         state_dir: where resume states go (None: the stage keeps none).
         resume, force: continue from ``state_dir``; ``force`` accepts another process count.
+        track: gives each metrics record's numbers to the experiment trackers (``StageRun.track``).
         stop, on_save, resume_hint, interrupt_after: as for :func:`run_loop`.
     """
 
     def __init__(self, accelerator, task: nn.Module, dataset: Dataset, spec: FitSpec, *, stage: str,
                  metrics_path: Path, show_progress: bool, state_dir: Path | None, resume: bool = False,
                  force: bool = False, resume_hint: str = "", interrupt_after: int | None = None,
-                 description: str = "", tensorboard: bool = False, stop: StopRequest | None = None,
+                 description: str = "", track: Callable[[dict, int], None] | None = None,
+                 stop: StopRequest | None = None,
                  on_save: Callable[[], None] | None = None) -> None:
         # Images decoded into memory: too many unreadable ones stop the stage before training.
         check_known_unreadable(getattr(dataset, "source", None), spec.max_bad_fraction)
@@ -150,7 +152,7 @@ class Trainer:
                             elapsed=elapsed0)
         # Resuming keeps the lines logged up to the saved step; a new run starts the file afresh.
         self.metrics = MetricsLog(metrics_path, enabled=accelerator.is_main_process,
-                                  keep_until_step=start_step if resume else None, tensorboard=tensorboard)
+                                  keep_until_step=start_step if resume else None, track=track)
         self.progress = ProgressDisplay(total, start_step, enabled=show_progress and accelerator.is_main_process,
                                         description=f"{stage} {description}".strip())
         self.state_dir, self.on_save = state_dir, on_save

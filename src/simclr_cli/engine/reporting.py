@@ -1,25 +1,25 @@
-"""Metrics to ``metrics.jsonl`` and progress to the screen (rich bar on a terminal, plain lines otherwise)."""
+"""Metrics to ``metrics.jsonl`` (and the trackers) and progress to the screen (rich bar or plain lines)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 class MetricsLog:
-    """Append-only JSON lines, flushed per line; only the main process writes."""
+    """Append-only JSON lines, flushed per line; only the main process writes (and calls ``track``)."""
 
     def __init__(self, path: Path, enabled: bool, keep_until_step: int | None = None,
-                 tensorboard: bool = False) -> None:
+                 track: Callable[[dict[str, float], int], None] | None = None) -> None:
         self.path = Path(path)
         self.enabled = enabled
-        # Optional TensorBoard event files beside metrics.jsonl (the ``tensorboard`` extra).
-        self.writer = tensorboard_writer(self.path.parent / "tensorboard") if enabled and tensorboard else None
+        # The experiment trackers (engine/trackers.py), given each record's numbers after the line is written.
+        self.track = track if enabled else None
         if enabled and keep_until_step is not None and self.path.exists():
             # Resuming: drop lines logged after the saved state, they will be logged again.
             kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln, default=None) is not None
@@ -41,30 +41,12 @@ class MetricsLog:
             if err is None:
                 raise
             raise err from e
-        if self.writer is not None:
-            step = int(record.get("step", 0))
-            for k, v in record.items():
-                if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.writer.add_scalar(k, v, step)
-            self.writer.flush()
+        if self.track is not None:
+            from simclr_cli.engine.trackers import scalars
 
-
-def require_tensorboard(enabled: bool) -> None:
-    """Fail before any work is done (or replaced) when TensorBoard is asked for but not installed."""
-    if enabled:
-        tensorboard_writer(None)
-
-
-def tensorboard_writer(folder: Path | None):
-    """A TensorBoard ``SummaryWriter`` for ``folder``; a clear error when the extra is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        from simclr_cli.errors import UsageError
-
-        raise UsageError("tensorboard = true needs TensorBoard: pip install 'simclr-cli[tensorboard]' "
-                         "(or set tensorboard = false)") from None
-    return SummaryWriter(log_dir=str(folder)) if folder is not None else None
+            values = scalars(record, skip=("step", "epoch", "time"))
+            if values:
+                self.track(values, int(record.get("step", 0)))
 
 
 def _step_of(line: str, default: int | None = 0) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from datetime import timedelta
+from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
@@ -14,10 +15,13 @@ from simclr_cli.errors import UsageError
 from simclr_cli.models.global_bn import convert_global_bn, local_batchnorms
 
 
-def make_accelerator(mixed_precision: str, key: str = "pretrain.mixed_precision") -> Accelerator:
+def make_accelerator(mixed_precision: str, key: str = "pretrain.mixed_precision", *,
+                     log_with: list | None = None, project_dir: Path | None = None) -> Accelerator:
     """An Accelerator for this launch (plain process, torchrun or ``accelerate launch``).
 
-    fp16 needs a GPU; on CPU use ``bf16`` or ``no``.
+    fp16 needs a GPU; on CPU use ``bf16`` or ``no``. ``log_with``: Accelerate trackers
+    (:func:`simclr_cli.engine.trackers.build_trackers`), started later by ``init_trackers``;
+    ``project_dir``: the stage folder (Accelerate's logging directory).
     """
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError(f"{key}='fp16' needs a GPU; use 'bf16' or 'no' on CPU")
@@ -29,7 +33,8 @@ def make_accelerator(mixed_precision: str, key: str = "pretrain.mixed_precision"
     # A long timeout: the kNN monitor's and the probes' scoring runs on the main process (on features every
     # process extracted) while the others wait at a barrier, which on ImageNet-size data can take minutes.
     timeout = InitProcessGroupKwargs(timeout=timedelta(hours=3))
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout],
+                       log_with=log_with or None, project_dir=str(project_dir) if project_dir is not None else None)
 
 
 def convert_sync_bn(model: nn.Module, accelerator: Accelerator, enabled: bool) -> tuple[nn.Module, str]:

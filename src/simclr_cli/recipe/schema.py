@@ -24,10 +24,11 @@ class DataConfig:
 
     dataset: str = _f("synthetic", "a pretraining dataset of the registry (data/registry.py): synthetic | cifar10 | "
                                    "cifar100 | stl10 | imagefolder (labeled class folders) | folder (any folder of "
-                                   "images, any depth, no labels) | filelist (a .txt or .csv list of image paths); "
-                                   "see docs/extending.md to add one")
+                                   "images, any depth, no labels) | filelist (a .txt or .csv list of image paths) | "
+                                   "shards (a pack folder written by `simclr data pack`); see docs/extending.md to add one")
     root: str = _f("data", "dataset root; imagefolder: the folder holding the split folders; folder: the image "
-                           "folder itself; filelist: the list file (paths relative to its folder, or absolute)")
+                           "folder itself; filelist: the list file (paths relative to its folder, or absolute); shards: the "
+                           "pack folder (local or mounted)")
     train_split: str = _f("train", "split used for training (stl10: 'train+unlabeled' for pretraining)")
     val_split: str = _f("val", "labeled split for the kNN monitor and evaluation; '' for none")
     image_size: int = _f(32, "training resolution in pixels (square)")
@@ -38,11 +39,22 @@ class DataConfig:
                           "each class held out, seeded); '' for the dataset's own splits")
     allow_missing: bool = _f(False, "filelist: train on the files that exist when the list names missing ones "
                                     "(with a warning giving the count); false: a list naming missing files is an error")
+    listing_cache: str = _f("auto", "folder, imagefolder: where the listing of a folder is cached, so that a large "
+                                    "tree is listed once (reused until a folder in it changes): auto ($SIMCLR_CACHE_DIR/"
+                                    "index, else $XDG_CACHE_HOME or ~/.cache /simclr-cli/index; SIMCLR_CACHE_DIR=off "
+                                    "turns it off) | off (list on every run) | a folder; see docs/data.md")
     download: bool = _f(False, "let torchvision download cifar10/cifar100/stl10 into root")
     max_bad_fraction: float = _f(0.01, "stop once more than this fraction of images are unreadable")
     in_memory: Literal["auto", "always", "never"] = _f(
         "auto", "imagefolder: decode every image once and keep it in memory as uint8 (auto: when it fits memory_limit_gb)")
     memory_limit_gb: float = _f(4.0, "in_memory='auto': the largest decoded dataset kept in memory")
+    decode_draft: bool = _f(True, "decode a JPEG much larger than needed at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling): "
+                                  "evaluation, embed, and training crops at least 2x the output side after the "
+                                  "reduction (views within resampling noise of a full decode; docs/performance.md)")
+    decode: Literal["cpu", "gpu"] = _f(
+        "cpu", "pretraining: where JPEGs are decoded; gpu: whole batches with torchvision's nvJPEG on the CUDA "
+               "device (needs augment.backend='batched'; falls back to cpu, with one line, without CUDA), an image "
+               "it rejects is decoded on the CPU")
     synthetic_train_size: int = _f(4096, "synthetic: number of training images")
     synthetic_val_size: int = _f(1024, "synthetic: number of validation images")
     synthetic_classes: int = _f(10, "synthetic: number of classes (at most 10)")
@@ -224,7 +236,12 @@ class Recipe:
 
     name: str = _f("run", "run name; the default output folder is runs/<name>")
     seed: int = _f(0, "seed for initialization, augmentation and data order")
-    tensorboard: bool = _f(False, "also log metrics as TensorBoard events in <stage>/tensorboard (the tensorboard extra)")
+    trackers: str = _f("", "experiment trackers, comma-separated: tensorboard (events in <stage>/tensorboard), "
+                           "mlflow (MLFLOW_TRACKING_URI, else <run>/mlruns), wandb (honours WANDB_MODE); each needs "
+                           "its extra, e.g. pip install 'simclr-cli[mlflow]'. metrics.jsonl is always written")
+    tracker_project: str = _f("simclr", "the trackers' project: MLflow experiment, W&B project (runs are named "
+                                        "<name>/<stage>)")
+    tensorboard: bool = _f(False, "same as adding tensorboard to trackers (kept for older recipes)")
     data: DataConfig = _f(DataConfig(), "data section")
     augment: AugmentConfig = _f(AugmentConfig(), "augmentation section")
     model: ModelConfig = _f(ModelConfig(), "model section")
@@ -270,6 +287,9 @@ RANGES = {
     "name": ("a folder name (not empty, no '/' or '\\', not '.' or '..'), since runs go to runs/<name>",
              _folder_name),
     "seed": ("an integer from -2**63 to 2**63 - 1 (64-bit)", lambda v: -(2**63) <= v < 2**63),
+    "trackers": ("a comma-separated list of tensorboard, mlflow, wandb (or empty)",
+                 lambda v: all(t.strip().lower() in ("tensorboard", "mlflow", "wandb") for t in v.split(",") if t.strip())),
+    "tracker_project": ("a non-empty name", lambda v: bool(v.strip())),
     "data.image_size": ("an integer >= 8", lambda v: v >= 8),
     "data.num_workers": ("an integer >= 0", lambda v: v >= 0),
     "data.max_bad_fraction": ("a number in [0, 1]", _prob),

@@ -133,7 +133,7 @@ class StageRun:
         """Everything is built: set a previous run aside (``--overwrite``), write ``recipe.toml`` and any
         ``files`` (name -> writer of that path) on the main process, and wait for every process."""
         self.begin(overwrite=overwrite, resume=resume, accelerator=self.accelerator)
-        self._start_trackers()
+        self._start_trackers(resume)
         if self.main:
             atomic_write_text(self.stage_dir / "recipe.toml", recipe_to_toml(self.recipe))
             if ELASTIC_RUN_ID in os.environ:  # which launch owns the run: its elastic restarts resume it
@@ -175,10 +175,13 @@ class StageRun:
         return tracking.build_trackers(tracking.tracker_names(self.recipe), self.stage_dir,
                                        project=self.recipe.tracker_project, run_name=f"{self.recipe.name}/{self.stage}")
 
-    def _start_trackers(self) -> None:
+    def _start_trackers(self, resume: bool) -> None:
         """Start the trackers (their files go into the new stage folder, so after :meth:`begin`) with the
         resolved recipe as the run's config; every process calls it, Accelerate starts them on the main one."""
         if self.accelerator is not None and self.accelerator.log_with and not self.accelerator.trackers:
+            saved = read_trainer(self.state_dir) if resume and self.state_dir is not None else None
+            if saved is not None:
+                tracking.resume_trackers(self.accelerator.log_with, saved["step"])
             config = {"stage": self.stage, **tracking.flat_config(recipe_to_dict(self.recipe))}
             self.accelerator.init_trackers(self.recipe.tracker_project, config=config)
         self._last_step = 0
