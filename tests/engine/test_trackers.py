@@ -79,6 +79,7 @@ def test_mlflow_defaults_to_a_file_store_under_the_run(tiny_recipe_file, tmp_pat
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # set by the tracker otherwise; restored after the test
     recipe = load_recipe(tiny_recipe_file, ["pretrain.epochs=1", "pretrain.knn_every=0"])
     pretrain.run(recipe, tmp_path / "run", show_progress=False)
     src = tmp_path / "run"
