@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Iterator
+import io
+from dataclasses import replace
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -23,8 +25,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import pack
+from simclr_cli.data.decode import DRAFT_MARGIN, decode_for_crops, header_size
 from simclr_cli.data.registry import pretraining_dataset
-from simclr_cli.data.sources import ImageSource, MemorySource, SubsetSource, TensorSource
+from simclr_cli.data.sources import ImageSource, MemorySource, SubsetSource, TensorSource, read_image
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.recipe.schema import DataConfig
 from simclr_cli.utils import mix_seed
@@ -38,19 +41,23 @@ def build_source(cfg: DataConfig, split: str, seed: int) -> ImageSource:
     return pretraining_dataset(cfg.dataset).build_split(cfg, split, seed)
 
 
-def load_with_fallback(source: ImageSource, index: int) -> tuple[torch.Tensor, int, int]:
+def load_with_fallback(source: ImageSource, index: int, load: Callable[[int], Any] | None = None
+                       ) -> tuple[Any, int, int]:
     """Load ``index``; if unreadable, warn with its name and take the next readable sample.
 
+    ``load(i)``: how to load sample ``i`` (default ``source.load``); any exception means unreadable.
+
     Returns:
-        (image, index actually used, index that failed or -1).
+        (image or what ``load`` returned, index actually used, index that failed or -1).
     """
+    load = load or source.load
     bad = -1
     n = len(source)
     tries = min(_MAX_FALLBACK, n)
     for step in range(tries):
         i = (index + step) % n
         try:
-            return source.load(i), i, bad
+            return load(i), i, bad
         except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
             name = source.describe(i)
             if bad < 0:
@@ -114,10 +121,17 @@ class ContrastiveViews(Dataset):
     Returns a dict with ``view1``, ``view2`` (float (3, S, S)), ``index`` and ``bad``
     (the index of an unreadable sample that was replaced, or -1); with ``labels=True`` also
     ``label``, the class of the image actually used (for objectives that need labels).
+
+    ``decode_draft``: a source of encoded files (one with ``raw(i)``) decodes a large JPEG at a reduced
+    size where both crop boxes allow it (:mod:`simclr_cli.data.decode`); the parameter draws are the
+    same as at full size. ``decode="gpu"`` (batched backend): items carry the encoded bytes (``jpeg``),
+    the full-size ``size`` and the view parameters; :class:`~simclr_cli.data.decode.DeviceDecoder`
+    makes the views in the main process.
     """
 
     def __init__(self, source: ImageSource, augment: SimCLRAugment, seed: int, batched: bool = False,
-                 labels: bool = False) -> None:
+                 labels: bool = False, decode_draft: bool = False, decode: str = "cpu",
+                 draft_margin: float = DRAFT_MARGIN) -> None:
         self.source = source
         self.augment = augment
         self.seed = seed
@@ -125,24 +139,43 @@ class ContrastiveViews(Dataset):
         self.labels = labels
         # Same-size in-memory images are cropped on the device; others are cropped here.
         self.crop_on_device = batched and isinstance(source, TensorSource)
+        encoded = hasattr(source, "raw")
+        self.decode_draft = decode_draft and encoded
+        self.draft_margin = draft_margin
+        self.device_decode = decode == "gpu" and batched and encoded and not self.crop_on_device
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def _generator(self, epoch: int, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor | int]:
         epoch, index = key
+        if self.device_decode:
+            return self._encoded(epoch, index)
+        if self.decode_draft:
+            return self._drafted(epoch, index)
+        if self.batched:
+            return self.cpu_views(epoch, index)
         img, used, bad = load_with_fallback(self.source, index)
-        run = bad_run(self.source, index, used, bad)
-        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
-        extra = {"label": int(self.source.labels[used])} if self.labels else {}
-        if not self.batched:
-            return {"view1": self.augment(img, g), "view2": self.augment(img, g), "index": index, "bad": bad,
-                    "bad_run": run, **extra}
-        # Batched backend: the same parameter draws as above, the pixel work left to the device.
+        g = self._generator(epoch, index)
+        return {"view1": self.augment(img, g), "view2": self.augment(img, g), "index": index, "bad": bad,
+                "bad_run": bad_run(self.source, index, used, bad), **self._label(used)}
+
+    def _label(self, used: int) -> dict[str, int]:
+        return {"label": int(self.source.labels[used])} if self.labels else {}
+
+    def cpu_views(self, epoch: int, index: int) -> dict[str, torch.Tensor | int]:
+        """The batched backend's item, decoded at full size on the CPU: the same parameter draws as the
+        torchvision backend, the pixel work left to the device (``view1``/``view2`` uint8 crops, or the
+        whole ``image`` for same-size in-memory images)."""
+        img, used, bad = load_with_fallback(self.source, index)
+        g = self._generator(epoch, index)
         h, w = img.shape[-2:]
         p1, p2 = self.augment.sample(g, h, w), self.augment.sample(g, h, w)
         item: dict[str, torch.Tensor | int] = {"params1": pack(p1), "params2": pack(p2), "index": index, "bad": bad,
-                                               "bad_run": run, **extra}
+                                               "bad_run": bad_run(self.source, index, used, bad), **self._label(used)}
         if self.crop_on_device:
             item["image"] = img
         else:
@@ -151,19 +184,60 @@ class ContrastiveViews(Dataset):
             item["view2"] = TF.resized_crop(img, *p2.crop, size, antialias=True)
         return item
 
+    def _drafted(self, epoch: int, index: int) -> dict[str, torch.Tensor | int]:
+        """Crop boxes drawn on the header's full-size geometry, the JPEG decoded as small as they allow."""
+
+        def attempt(i: int):
+            raw = self.source.raw(i)  # type: ignore[attr-defined]
+            h, w, _ = header_size(raw)
+            g = self._generator(epoch, index)  # fresh per attempt: the draws of the image used are today's
+            p1, p2 = self.augment.sample(g, h, w), self.augment.sample(g, h, w)
+            return p1, p2, decode_for_crops(raw, [p1.crop, p2.crop], self.augment.size, self.draft_margin)
+
+        (p1, p2, (c1, c2)), used, bad = load_with_fallback(self.source, index, attempt)
+        item: dict[str, torch.Tensor | int] = {"index": index, "bad": bad,
+                                               "bad_run": bad_run(self.source, index, used, bad), **self._label(used)}
+        if self.batched:
+            item.update(params1=pack(p1), params2=pack(p2), view1=c1, view2=c2)
+        else:  # the crops are done: the rest of the reference pipeline on the already cropped views
+            whole = (0, 0, self.augment.size, self.augment.size)
+            item.update(view1=self.augment.apply(c1, replace(p1, crop=whole)),
+                        view2=self.augment.apply(c2, replace(p2, crop=whole)))
+        return item
+
+    def _encoded(self, epoch: int, index: int) -> dict[str, Any]:
+        """Encoded bytes and view parameters drawn on the header's geometry, for the device decoder."""
+
+        def attempt(i: int):
+            raw = self.source.raw(i)  # type: ignore[attr-defined]
+            return raw, header_size(raw)
+
+        (raw, (h, w, _)), used, bad = load_with_fallback(self.source, index, attempt)
+        g = self._generator(epoch, index)
+        p1, p2 = self.augment.sample(g, h, w), self.augment.sample(g, h, w)
+        return {"jpeg": raw, "size": torch.tensor([h, w]), "epoch": epoch, "params1": pack(p1),
+                "params2": pack(p2), "index": index, "bad": bad, "bad_run": bad_run(self.source, index, used, bad),
+                **self._label(used)}
+
 
 class EvalImages(Dataset):
     """Un-augmented images with labels, for feature extraction."""
 
-    def __init__(self, source: ImageSource, transform: EvalTransform) -> None:
+    def __init__(self, source: ImageSource, transform: EvalTransform, decode_draft: bool = False,
+                 draft_margin: float = DRAFT_MARGIN) -> None:
         self.source = source
         self.transform = transform
+        # A large JPEG is decoded with its shorter side still >= draft_margin x the resize target.
+        self.min_side = int(draft_margin * transform.resize_to) if decode_draft and hasattr(source, "raw") else None
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def _load(self, i: int) -> torch.Tensor:
+        return read_image(io.BytesIO(self.source.raw(i)), min_side=self.min_side)  # type: ignore[attr-defined]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        img, used, bad = load_with_fallback(self.source, index)
+        img, used, bad = load_with_fallback(self.source, index, self._load if self.min_side else None)
         return {"image": self.transform(img), "label": self.source.labels[used], "index": index, "bad": bad,
                 "bad_run": bad_run(self.source, index, used, bad)}
 

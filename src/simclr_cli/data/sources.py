@@ -7,13 +7,15 @@ folders are read from disk on demand.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import BinaryIO, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from simclr_cli.data.folders import IMAGE_EXTENSIONS, scan_class_folders
+from simclr_cli.data.index import Ints, as_ints, as_strings
 from simclr_cli.errors import DataError
 
 
@@ -44,10 +46,10 @@ class TensorSource:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
         self.images = images
-        self.labels = list(labels)
+        self.labels = as_ints(labels)
         self.classes = classes
         self.name = name
-        self.files = list(files) if files is not None else None
+        self.files = as_strings(files) if files is not None else None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -59,17 +61,35 @@ class TensorSource:
         return self.files[index] if self.files is not None else f"{self.name}[{index}]"
 
 
-def read_image(path: str | Path) -> torch.Tensor:
+def read_image(src: str | Path | BinaryIO, *, min_side: int | None = None) -> torch.Tensor:
     """Decode any PIL-readable image to uint8 RGB (3, H, W), upright; grayscale, palette, CMYK and alpha become RGB.
 
     This is the one decoder every source uses. An EXIF orientation tag (phone photos) is applied, so the
     image is stored the way it is shown. High-bit-depth grayscale is scaled, not clipped
     (PIL's own ``convert`` clips it to 255, turning a 16-bit image almost white): see :func:`to_8bit`.
+
+    Args:
+        src: a path or a binary file object (e.g. ``io.BytesIO`` of a shard member).
+        min_side: when given, a JPEG at least twice as large is decoded smaller with libjpeg's DCT scaling
+            (PIL's draft mode: 1/2, 1/4 or 1/8), the largest reduction whose shorter side stays
+            >= ``min_side``; other formats and smaller JPEGs are decoded at full size. ``None``: full size.
     """
+    return read_image_scaled(src, min_side=min_side)[0]
+
+
+def read_image_scaled(src: str | Path | BinaryIO, *, min_side: int | None = None) -> tuple[torch.Tensor, int]:
+    """:func:`read_image`, also returning the reduction actually applied (1, 2, 4 or 8): decoded pixel
+    ``(y, x)`` covers the full-size pixels ``[y*s, (y+1)*s) x [x*s, (x+1)*s)`` (upright coordinates)."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as img:
-        img.draft("RGB", (img.width, img.height))  # lets JPEG decode straight to RGB
+    with Image.open(src) as img:
+        size = (img.width, img.height)
+        factor = draft_factor(min(size), min_side) if img.format == "JPEG" else 1
+        if factor > 1:  # PIL picks the largest 1/s with W // s >= requested width: ask for exactly 1/factor
+            size = (img.width // factor, img.height // factor)
+        full_width = img.width
+        drafted = img.draft("RGB", size)  # also lets JPEG decode straight to RGB
+        scale = _draft_scale(drafted, full_width)
         if img.getexif().get(_ORIENTATION, 1) != 1:  # checked first: exif_transpose copies even upright images
             img = ImageOps.exif_transpose(img)
         if img.mode in _WIDE_MODES:
@@ -77,7 +97,24 @@ def read_image(path: str | Path) -> torch.Tensor:
             arr = np.repeat(gray[:, :, None], 3, axis=2)
         else:
             arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), scale
+
+
+def draft_factor(short_side: int, min_side: int | None) -> int:
+    """The largest DCT reduction (8, 4, 2 or 1) that keeps ``short_side / s >= min_side``."""
+    if not min_side or min_side <= 0:
+        return 1
+    for s in (8, 4, 2):
+        if short_side // s >= min_side:
+            return s
+    return 1
+
+
+def _draft_scale(drafted: tuple | None, width: int) -> int:
+    """The reduction PIL's ``draft`` chose, from the box it returns: (0, 0, W / s, H / s) in original pixels."""
+    if not drafted or not drafted[1] or not drafted[1][2]:
+        return 1
+    return int(round(width / drafted[1][2]))
 
 
 _ORIENTATION = 0x0112  # the EXIF orientation tag
@@ -107,12 +144,17 @@ def to_8bit(arr: np.ndarray, mode: str) -> np.ndarray:
 
 
 class FileListSource:
-    """Images given as a list of files with integer labels (or rows of a multi-hot ``targets`` matrix)."""
+    """Images given as a list of files with integer labels (or rows of a multi-hot ``targets`` matrix).
 
-    def __init__(self, files: list[str], labels: list[int], classes: list[str], name: str,
+    ``files`` and ``labels`` are kept as compact read-only sequences (:class:`~simclr_cli.data.index.Strings`,
+    :class:`~simclr_cli.data.index.Ints`: a few numpy arrays, no per-file Python object), so DataLoader
+    workers do not copy a million strings through reference counting; they index and iterate like lists.
+    """
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int], classes: list[str], name: str,
                  targets: torch.Tensor | None = None) -> None:
-        self.files = [str(f) for f in files]
-        self.labels = list(labels)
+        self.files = as_strings(files)
+        self.labels = as_ints(labels)
         self.classes = classes
         self.name = name
         self.targets = targets  # multi-label: (N, C) 0/1; labels[i] is then the row index i
@@ -123,6 +165,11 @@ class FileListSource:
     def load(self, index: int) -> torch.Tensor:
         return read_image(self.files[index])
 
+    def raw(self, index: int) -> bytes:
+        """The file's encoded bytes (reduced-size and GPU decoding, :mod:`simclr_cli.data.decode`)."""
+        with open(self.files[index], "rb") as f:
+            return f.read()
+
     def describe(self, index: int) -> str:
         return self.files[index]
 
@@ -130,7 +177,8 @@ class FileListSource:
 class ImageFolderSource(FileListSource):
     """``root/<split>/<class>/<image>``: class folders sorted by name, any common extension in any case."""
 
-    def __init__(self, root: Path, split: str) -> None:
+    def __init__(self, root: Path, split: str, *, cache: str = "auto") -> None:
+        """``cache``: ``data.listing_cache`` (see :mod:`simclr_cli.data.index`)."""
         root = Path(root).expanduser()
         folder = root / split
         if not folder.is_dir():
@@ -139,12 +187,12 @@ class ImageFolderSource(FileListSource):
                 f"Point data.root at the dataset (e.g. --set data.root=/path/to/data) or fix data.{_split_key(split)}",
                 missing=True,
             )
-        files, labels, classes = scan_class_folders(folder, sniff=False)
+        files, labels, classes = scan_class_folders(folder, sniff=False, cache=cache)
         if not classes:
             raise DataError(f"imagefolder: {folder} has no class folders; expected {folder}/<class>/<image>. "
                             f"For unlabeled images (flat or nested), use data.dataset=folder with data.root={folder}",
                             missing=True)
-        if not files:
+        if not len(files):
             raise DataError(
                 f"imagefolder: no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} in any case)", missing=True
             )
@@ -193,12 +241,14 @@ class SubsetSource:
     """A view of some items of a source (e.g. the labeled subset); unreadable items fall back
     to the next item of the subset, never to an item outside it."""
 
-    def __init__(self, source: ImageSource, indices: list[int]) -> None:
+    def __init__(self, source: ImageSource, indices: Sequence[int]) -> None:
         self.source = source
-        self.indices = list(indices)
+        self.indices = as_ints(indices)  # compact, like FileListSource's lists
         self.name = source.name
         self.classes = source.classes
-        self.labels = [source.labels[i] for i in self.indices]
+        labels = source.labels
+        self.labels = as_ints(np.asarray(labels)[np.asarray(self.indices)] if isinstance(labels, Ints)
+                              else [labels[i] for i in self.indices])
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -235,11 +285,23 @@ class MemorySource:
         return self.files[index]
 
 
-def decode_in_memory(folder: FileListSource, mode: str, limit_gb: float, say=print):
+def decode_threads() -> int:
+    """Threads for :func:`decode_in_memory`: the cores this process may use (its CPU affinity), shared
+    among the processes of this machine (``LOCAL_WORLD_SIZE`` under torchrun), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
+def decode_in_memory(folder: FileListSource, mode: str, limit_gb: float, say=print, *, threads: int | None = None):
     """``folder`` (an image folder or list of files) decoded into memory when ``mode`` is 'always', or 'auto' and the estimate fits ``limit_gb``.
 
     Same-size images become one :class:`TensorSource` (the batched backend then crops on the
     device); others a :class:`MemorySource`. Returns ``folder`` itself when it stays on disk.
+    Decoding runs on ``threads`` threads (default :func:`decode_threads`), in chunks of consecutive
+    files; the result (images, order, the errors of unreadable files) is the same as decoding one by one.
     """
     if mode == "never" or not folder.files:
         return folder
@@ -250,15 +312,31 @@ def decode_in_memory(folder: FileListSource, mode: str, limit_gb: float, say=pri
         return folder
     if mode == "auto" and estimate > limit_gb * 1024**3:
         return folder
-    say(f"{folder.name}: decoding {len(folder.files)} images into memory (about {estimate / 1024**2:.0f} MB)")
-    images: list[torch.Tensor | None] = []
+    n = len(folder.files)
+    threads = max(1, min(threads or decode_threads(), n))
+    say(f"{folder.name}: decoding {n} images into memory (about {estimate / 1024**2:.0f} MB, {threads} threads)")
+    images: list[torch.Tensor | None] = [None] * n
     errors: dict[int, str] = {}
-    for i, f in enumerate(folder.files):
-        try:
-            images.append(read_image(f))
-        except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
-            images.append(None)
-            errors[i] = f"{type(e).__name__}: {e}"
+
+    def decode(start: int, stop: int) -> None:  # each index is written by one task only
+        for i in range(start, stop):
+            try:
+                images[i] = read_image(folder.files[i])
+            except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
+                errors[i] = f"{type(e).__name__}: {e}"
+
+    # PIL decodes with the GIL released, so threads use the cores. Chunks of consecutive files keep the
+    # number of futures small (a million files); several chunks per thread balance slow and fast files.
+    chunk = max(1, min(256, -(-n // (threads * 8))))
+    if threads == 1:
+        decode(0, n)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="simclr-decode") as pool:
+            for f in [pool.submit(decode, a, min(a + chunk, n)) for a in range(0, n, chunk)]:
+                f.result()
+    errors = dict(sorted(errors.items()))
     shapes = {tuple(img.shape) for img in images if img is not None}
     if not errors and len(shapes) == 1:
         return TensorSource(torch.stack(images), folder.labels, folder.classes, folder.name,  # type: ignore[arg-type]

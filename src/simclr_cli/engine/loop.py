@@ -135,6 +135,7 @@ def run_loop(
 
     inner = accelerator.unwrap_model(task)
     own_backward = hasattr(inner, "forward_backward")  # e.g. the gradient cache
+    prepare = getattr(inner, "prepare_batch", None)
     with stop if stop is not None else StopRequest() as stop:
         # A signal that arrived while the stage was setting up: stop before the first step (all processes agree).
         early = torch.tensor([1.0 if stop.requested else 0.0], device=device)
@@ -147,6 +148,8 @@ def run_loop(
                 mult = spec.schedule(step)
                 for group, peak in zip(optimizer.param_groups, spec.peak_lrs):
                     group["lr"] = peak * mult
+                if prepare is not None:  # e.g. JPEG batches decoded on the device (data.decode='gpu')
+                    batch = prepare(batch)
                 new_bad.update(_bad_indices(batch, spec.dataset_size))
                 batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 if own_backward:

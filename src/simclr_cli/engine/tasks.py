@@ -32,7 +32,14 @@ class ContrastiveTask(nn.Module):
         self.model = model
         self.objective = SimCLR(objective, temperature, margin) if isinstance(objective, str) else objective
         self.batched = batched  # a BatchedAugment for the batched backend, else None
+        self.decoder = None  # a DeviceDecoder (data.decode='gpu'): encoded batches decoded on the device
         self.channels_last = False
+
+    def prepare_batch(self, batch: dict) -> dict:
+        """Called by the loop on each batch as loaded, before counting unreadable images and moving it to the
+        device: with a device decoder, the encoded JPEGs become uint8 views there (an image only the CPU
+        decodes, or an unreadable one, is handled per image and counted in ``bad``)."""
+        return self.decoder(batch) if self.decoder is not None else batch
 
     def views(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views: as loaded (torchvision backend), or made here from uint8 images (batched)."""

@@ -335,7 +335,7 @@ def eval_loader(source: ImageSource, indices: list[int] | None, recipe: Recipe, 
     from simclr_cli.evaluation.sharded import ShardedBatches
 
     cfg = recipe.data
-    ds = EvalImages(source, EvalTransform(size or cfg.image_size, cfg.mean, cfg.std))
+    ds = EvalImages(source, EvalTransform(size or cfg.image_size, cfg.mean, cfg.std), decode_draft=cfg.decode_draft)
     if indices is not None and len(indices) < len(source):
         ds = Subset(ds, indices)
     shard = ShardedBatches(len(ds), batch_size, accelerator.process_index, accelerator.num_processes)

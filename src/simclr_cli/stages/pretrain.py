@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from simclr_cli.checkpoints import prefixed_state
 from simclr_cli.checkpoints.metadata import checkpoint_metadata
 from simclr_cli.data.augment import SimCLRAugment
 from simclr_cli.data.batched import BatchedAugment
+from simclr_cli.data.decode import DeviceDecoder
 from simclr_cli.data.loaders import (
     ContrastiveViews,
     build_source,
@@ -32,7 +34,7 @@ from simclr_cli.engine.setup import convert_sync_bn
 from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
 from simclr_cli.evaluation.knn import extract_features, knn_top1
 from simclr_cli.models import SimCLRModel, build_simclr_model
-from simclr_cli.errors import DataError
+from simclr_cli.errors import DataError, RecipeError
 from simclr_cli.objectives import build_objective
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
@@ -87,7 +89,9 @@ def run(
     check_known_unreadable(train_source, cfg.max_bad_fraction)
     augment = SimCLRAugment(recipe.augment, cfg.image_size, cfg.mean, cfg.std)
     batched = recipe.augment.backend == "batched"
-    views = ContrastiveViews(train_source, augment, recipe.seed, batched=batched, labels=objective.needs_labels)
+    decode = _decode_where(cfg.decode, batched, accelerator.device, train_source, progress=accelerator.is_main_process)
+    views = ContrastiveViews(train_source, augment, recipe.seed, batched=batched, labels=objective.needs_labels,
+                             decode_draft=cfg.decode_draft, decode=decode)
 
     # Model and task.
     model = build_simclr_model(recipe.model, head=objective.head)
@@ -99,6 +103,8 @@ def run(
         task = GradCacheContrastiveTask(model, objective, micro_batch_size=pcfg.micro_batch_size, batched=on_device)
     else:
         task = ContrastiveTask(model, objective, batched=on_device)
+    if views.device_decode:  # JPEG batches decoded on the device before the batched augmentation
+        task.decoder = DeviceDecoder(views, accelerator.device)
     if pcfg.channels_last:
         model.to(memory_format=torch.channels_last)
         task.channels_last = True
@@ -242,4 +248,21 @@ class _KnnMonitor:
             acc = round(knn_top1(*bank, *query, self.num_classes, self.k, self.t, device=device), 4)
         self.accelerator.wait_for_everyone()
         return acc
+
+
+def _decode_where(decode: str, batched: bool, device: torch.device, source, progress: bool = True) -> str:
+    """``data.decode`` as it will run: 'gpu' needs the batched backend (a RecipeError otherwise), a CUDA
+    device and encoded files; without CUDA or files it falls back to 'cpu' with one line saying why."""
+    if decode != "gpu":
+        return decode
+    if not batched:
+        raise RecipeError("data.decode='gpu' needs augment.backend='batched' (the views are made on the device); "
+                          "set augment.backend=batched or data.decode=cpu")
+    why = ("no CUDA device" if device.type != "cuda" else
+           "the images are not encoded files (in memory or a built-in dataset)" if not hasattr(source, "raw") else "")
+    if why:
+        if progress:
+            print(f"data.decode='gpu': {why}; decoding on the CPU instead", file=sys.stderr, flush=True)
+        return "cpu"
+    return "gpu"
 

@@ -1,0 +1,156 @@
+"""Decoding fast enough for a GPU: reduced-size JPEG decoding on the CPU, batched JPEG decoding on the device.
+
+* **Reduced-size decoding** (``data.decode_draft``). A JPEG much larger than the pipeline needs is decoded
+  at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling (PIL's draft mode, :func:`read_image`), which skips
+  most of the inverse DCT and colour conversion work. Evaluation decodes with the shorter side at least the
+  resize target. Training views draw their crop boxes on the full-size geometry first (the JPEG header gives
+  the size, EXIF rotation applied), exactly as a full decode would, then decode at the largest reduction at
+  which both boxes are still at least :data:`DRAFT_MARGIN` times the output size in both dimensions, and
+  map the boxes onto the reduced image: the views stay a pure function of (seed, epoch, index) and differ
+  from full decoding by resampling noise only (docs/performance.md has the measured differences).
+* **Device decoding** (``data.decode = "gpu"``). The loader yields the encoded bytes and the view
+  parameters; :class:`DeviceDecoder` decodes the whole batch with ``torchvision.io.decode_jpeg`` on the
+  device (nvJPEG on CUDA), crops every view there and hands uint8 crops to the batched augmentation. An
+  image the batch decoder rejects (PNG, CMYK, corrupt, ...) is made by the CPU path instead, per image.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from simclr_cli.data.sources import _ORIENTATION, read_image_scaled
+
+# A crop box must stay at least this many times the output side (in both dimensions) on the reduced image.
+# Below that the DCT-scaled pixels show through the final resize: 2 keeps training views within resampling
+# noise of a full decode (measured in benchmarks/decode_speed.py; tests/data/test_decode.py checks it).
+DRAFT_MARGIN = 2.0
+_REDUCTIONS = (8, 4, 2)
+
+
+def header_size(raw: bytes) -> tuple[int, int, bool]:
+    """(height, width, is_jpeg) of an encoded image as it will be decoded: upright, so an EXIF rotation
+    by 90 or 270 degrees (orientations 5 to 8) swaps the two. Reads the header only; raises like a decode
+    on a file PIL cannot identify."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw)) as img:
+        w, h = img.size
+        if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+            w, h = h, w
+        return h, w, img.format == "JPEG"
+
+
+def pick_reduction(crops: Sequence[tuple[int, int, int, int]], out: int, margin: float = DRAFT_MARGIN) -> int:
+    """The largest reduction s in (8, 4, 2) such that every crop box ``(top, left, h, w)`` keeps
+    ``h / s >= margin * out`` and ``w / s >= margin * out``; 1 when none does."""
+    shortest = min(min(c[2], c[3]) for c in crops)
+    for s in _REDUCTIONS:
+        if shortest / s >= margin * out:
+            return s
+    return 1
+
+
+def decode_for_crops(raw: bytes, crops: Sequence[tuple[int, int, int, int]], out: int,
+                     margin: float = DRAFT_MARGIN) -> list[torch.Tensor]:
+    """The crop boxes of ``raw`` (full-size upright coordinates, :func:`header_size`) as uint8
+    (3, out, out) views, decoded as small as the boxes allow (see :func:`pick_reduction`).
+
+    At full size this is ``TF.resized_crop`` (antialiased bilinear), the loader's usual path. On a reduced
+    image the boxes are not whole pixels any more (``top / s``, ...): rounding them would shift a view by
+    up to half a reduced pixel, several grey levels on textured images, so the crop is resampled from the
+    exact fractional box with PIL's antialiased bilinear resize (the filter torch's antialiased resize was
+    written to match; 0.02 grey levels apart on full-size images).
+    """
+    s = pick_reduction(crops, out, margin)
+    if s == 1:
+        img, _ = read_image_scaled(io.BytesIO(raw))
+        return crop_views(img, crops, out)
+    h, w, _ = header_size(raw)
+    img, scale = read_image_scaled(io.BytesIO(raw), min_side=min(h, w) // s)
+    return [resized_crop_scaled(img, c, scale, out) for c in crops]
+
+
+def crop_views(img: torch.Tensor, crops: Sequence[tuple[int, int, int, int]], size: int) -> list[torch.Tensor]:
+    """Each crop box of ``img`` resized to ``size`` x ``size`` (antialiased), as the batched loader path does."""
+    return [TF.resized_crop(img, *c, [size, size], antialias=True) for c in crops]
+
+
+def resized_crop_scaled(img: torch.Tensor, crop: tuple[int, int, int, int], scale: int, out: int) -> torch.Tensor:
+    """Full-size crop box ``crop`` of an image decoded at 1/``scale``, resized to ``out`` x ``out`` (uint8)."""
+    if scale == 1:
+        return TF.resized_crop(img, *crop, [out, out], antialias=True)
+    from PIL import Image
+
+    top, left, h, w = crop
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
+    res = pil.resize((out, out), Image.Resampling.BILINEAR, box=box)
+    return torch.from_numpy(np.asarray(res).copy()).permute(2, 0, 1).contiguous()
+
+
+class DeviceDecoder:
+    """Turn a batch of encoded images and view parameters into cropped uint8 views on ``device``.
+
+    The batch (from :class:`~simclr_cli.data.loaders.ContrastiveViews` with ``decode="gpu"``) holds
+    ``jpeg`` (a list of bytes), ``size`` (n, 2) full-size upright (height, width), ``params1``/``params2``
+    and ``epoch``/``index``. The whole batch goes to ``torchvision.io.decode_jpeg(..., device=device,
+    apply_exif_orientation=True)``; if that fails the images are tried one by one, and an image that
+    still fails (or decodes to another size than its header said) is made by the CPU path
+    (``views.cpu_views``: :func:`read_image`, which reads PNG, CMYK, ..., and skips an unreadable file to
+    the next readable one, counted in ``bad``/``bad_run`` like on the CPU path).
+
+    Args:
+        views: the dataset, for its output size and the per-image CPU path.
+        device: where to decode (``cuda``; ``cpu`` runs the same path in tests).
+    """
+
+    def __init__(self, views, device: torch.device | str) -> None:
+        self.views = views
+        self.device = torch.device(device)
+        self.fallbacks = 0  # images made by the CPU path (for tests and benchmarks)
+
+    def _decode_all(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        def one(x: torch.Tensor) -> torch.Tensor | None:
+            try:
+                return decode_jpeg(x, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+            except Exception:  # noqa: BLE001 - rejected by the device decoder: the CPU path decodes it
+                return None
+
+        try:
+            out = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+            return list(out)
+        except Exception:  # noqa: BLE001 - one bad image fails the whole batch call: decode one by one
+            return [one(x) for x in data]
+
+    def __call__(self, batch: dict) -> dict:
+        raws: list[bytes] = batch.pop("jpeg")
+        sizes = batch.pop("size").tolist()
+        epochs, indices = batch.pop("epoch").tolist(), batch["index"].tolist()
+        size = self.views.augment.size
+        data = [torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in raws]
+        decoded = self._decode_all(data)
+        v1, v2 = [], []
+        for k, img in enumerate(decoded):
+            if img is not None and tuple(img.shape[-2:]) == tuple(sizes[k]) and img.shape[0] == 3:
+                p1, p2 = batch["params1"][k], batch["params2"][k]
+                crops = [tuple(int(v) for v in p[:4].tolist()) for p in (p1, p2)]
+                a, b = crop_views(img, crops, size)
+            else:  # the CPU path for this image: same views as data.decode="cpu" would give
+                self.fallbacks += 1
+                item = self.views.cpu_views(epochs[k], indices[k])
+                a, b = item["view1"].to(self.device), item["view2"].to(self.device)
+                batch["params1"][k], batch["params2"][k] = item["params1"], item["params2"]
+                for key in ("bad", "bad_run", "label"):
+                    if key in batch:
+                        batch[key][k] = item[key]
+            v1.append(a)
+            v2.append(b)
+        batch["view1"], batch["view2"] = torch.stack(v1), torch.stack(v2)
+        return batch
