@@ -314,7 +314,8 @@ def build_plan(
     torchrun = False
     if total is not None:
         argv += ["--num_processes", str(total)]
-        config_multi = str(values.get("distributed_type", "NO")).upper() not in ("NO", "MULTI_CPU")
+        kind = values.get("distributed_type")  # YAML reads an unquoted NO as false
+        config_multi = kind not in (None, False) and str(kind).upper() not in ("NO", "MULTI_CPU")
         if total > 1 and (cpu or config is None or not config_multi):
             argv.append("--multi_gpu")  # Accelerate's torchrun launcher; gloo processes on a CPU-only machine
         elif total == 1 and cpu:
