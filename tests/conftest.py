@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download weights
+# Folder listings are cached (data/index.py): tests keep theirs out of ~/.cache.
+os.environ.setdefault("SIMCLR_CACHE_DIR", tempfile.mkdtemp(prefix="simclr-test-cache-"))
 
 
 TINY_RECIPE = """

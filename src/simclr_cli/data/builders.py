@@ -69,7 +69,8 @@ def synthetic_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int
 
 def imagefolder_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -> ImageSource:
     """``data.root/<split>/<class>/<image>``, decoded into memory as ``data.in_memory`` says."""
-    return decode_in_memory(ImageFolderSource(cfg.root, split), cfg.in_memory, cfg.memory_limit_gb, say=_say)
+    return decode_in_memory(ImageFolderSource(cfg.root, split, cache=cfg.listing_cache), cfg.in_memory,
+                            cfg.memory_limit_gb, say=_say)
 
 
 def folder_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -> ImageSource:
@@ -79,8 +80,8 @@ def folder_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -
         also = " (a file: for a list of image paths use data.dataset=filelist)" if root.is_file() else ""
         raise DataError(f"folder: {root} is not a folder{also}; point data.root at the folder that holds your "
                         "images (e.g. --set data.root=/path/to/images)", missing=True)
-    files = scan_images(root)
-    if not files:
+    files = scan_images(root, cache=cfg.listing_cache)
+    if not len(files):
         raise DataError(f"folder: no images under {root} at any depth (looked for {', '.join(IMAGE_EXTENSIONS)} "
                         "in any case, and opened files with other extensions)", missing=True)
     source = FileListSource(files, [-1] * len(files), [], f"folder:{root}")
@@ -154,10 +155,11 @@ def folder_layouts(name: str, hint: str, root: Path, *, download: bool, split: s
 
 
 def folder_source(folder: Path) -> FileListSource:
-    """Every image under ``folder`` (``simclr embed --data FOLDER``): those in class folders labeled by their
-    folder, those directly in ``folder`` unlabeled (-1)."""
+    """Every image under ``folder`` at any depth (``simclr embed --data FOLDER``), found as the ``folder``
+    dataset finds them (hidden files skipped, links followed): those under a top-level folder labeled by it
+    (its class), those directly in ``folder`` unlabeled (-1)."""
     files, labels, classes = scan_class_folders(folder, loose=True, warn=False)
-    if not files:
+    if not len(files):
         raise DataError(f"{folder}: no images (looked in class folders and the folder itself)", missing=True)
     return FileListSource(files, labels, classes, str(folder))
 

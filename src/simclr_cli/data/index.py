@@ -1,0 +1,431 @@
+"""Compact file lists and the folder listing cache (issue 13, "Large collections").
+
+**Compact lists.** A Python list of a million path strings costs a million str objects; every DataLoader
+worker that reads them writes their reference counts, so the pages holding them are copied into each
+worker (copy-on-read) and the workers' memory grows over an epoch. :class:`Strings` keeps the strings in
+one uint8 buffer with int64 offsets and :class:`Ints` keeps labels in one int64 array: a handful of Python
+objects whatever the length, read-only sequences that index, iterate, slice and compare like lists.
+
+**Listing cache.** Walking a folder of a million files takes minutes on a network file system, and every
+run and every process did it. :func:`cached_listing` stores what a scan found (relative file names, labels,
+classes) together with a record of the tree: the ``mtime_ns``, inode and device of every folder that was
+read (symbolic links followed) and of every file whose content decided the result (files with an odd
+extension that were opened to see whether they are images). A later run re-``stat``s those folders and
+files, one call each and no folder listing, and reuses the listing when nothing moved: adding, removing or
+renaming a file in any folder changes that folder's ``mtime_ns``. A folder modified within
+:data:`RACY_S` seconds of the scan is "racy" (a coarse file-system clock could hide a second change in the
+same tick), so its names are hashed and that one folder is listed again to check them.
+
+Where: ``$SIMCLR_CACHE_DIR/index``, else ``$XDG_CACHE_HOME/simclr-cli/index``, else
+``~/.cache/simclr-cli/index``; ``SIMCLR_CACHE_DIR=off`` (or the recipe key ``data.listing_cache = "off"``)
+turns the cache off, and ``data.listing_cache = "PATH"`` puts it in PATH. Concurrent processes (torchrun
+ranks) take an ``fcntl`` lock per listing, so one scans and the others read its result; the file is
+written atomically, and a cache that cannot be read, written or locked is ignored (the folder is listed
+as before), never an error.
+
+This module sits at the bottom of ``data/`` with :mod:`simclr_cli.data.folders`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, overload
+
+import numpy as np
+
+VERSION = 1  # of the cache file layout; a file of another version is rebuilt
+RACY_S = 2.0  # a folder modified this close to its scan is re-checked by its names (FAT: 2 s mtime steps)
+ENV = "SIMCLR_CACHE_DIR"
+
+
+# ----------------------------------------------------------------------------- compact sequences
+
+
+def _encode(items: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 buffer, int64 offsets of len + 1) of the strings, file-system encoded (round-trips any path)."""
+    encoded = [os.fsencode(s) for s in items]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    if encoded:
+        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+    buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    return buf, offsets
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
+class Strings(Sequence[str]):
+    """A read-only sequence of strings held in one uint8 buffer and int64 offsets, after a common ``prefix``.
+
+    ``s[i]`` is ``prefix + (bytes i, decoded)``; slicing with step 1 shares the buffer. Equal to any
+    sequence of the same strings (a list included). It pickles as its two arrays, so a DataLoader worker
+    receives a few buffers rather than a million objects.
+    """
+
+    __slots__ = ("_buf", "_off", "prefix")
+
+    def __init__(self, buf: np.ndarray, offsets: np.ndarray, prefix: str = "") -> None:
+        self._buf = _readonly(np.asarray(buf, dtype=np.uint8))
+        self._off = _readonly(np.asarray(offsets, dtype=np.int64))
+        self.prefix = prefix
+
+    @classmethod
+    def of(cls, items: Iterable[str], prefix: str = "") -> Strings:
+        """The strings ``items`` (each taken after ``prefix``, which they must not repeat)."""
+        return cls(*_encode(items), prefix=prefix)
+
+    def __len__(self) -> int:
+        return len(self._off) - 1
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Strings: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                stop = max(stop, start)
+                return Strings(self._buf, self._off[start:stop + 1], self.prefix)
+            return Strings.of((self._item(i) for i in range(start, stop, step)))  # prefix folded in
+        i = int(index)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {index} out of range for {n} strings")
+        return self._item(i)
+
+    def _item(self, i: int) -> str:
+        return self.prefix + os.fsdecode(self._buf[self._off[i]:self._off[i + 1]].tobytes())
+
+    def __iter__(self) -> Iterator[str]:
+        off = self._off.tolist()
+        buf = self._buf
+        for a, b in zip(off[:-1], off[1:]):
+            yield self.prefix + os.fsdecode(buf[a:b].tobytes())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Strings) and other.prefix == self.prefix:
+            return bool(np.array_equal(self._off - self._off[0], other._off - other._off[0])
+                        and np.array_equal(self._buf[self._off[0]:self._off[-1]],
+                                           other._buf[other._off[0]:other._off[-1]]))
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self):
+        # Only the bytes in use travel (a slice of a large list pickles small).
+        a, b = int(self._off[0]), int(self._off[-1])
+        return (Strings, (self._buf[a:b].copy(), self._off - a, self.prefix))
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(s) for s in self[:3])
+        return f"Strings([{head}{', ...' if len(self) > 3 else ''}], n={len(self)})"
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._buf.nbytes + self._off.nbytes)
+
+
+class Ints(Sequence[int]):
+    """A read-only sequence of ints held in one int64 array; items are Python ints. Equal to any sequence
+    of the same ints; ``np.asarray(ints)`` is the array itself (no copy)."""
+
+    __slots__ = ("_a",)
+
+    def __init__(self, values: Iterable[int] | np.ndarray) -> None:
+        if isinstance(values, Ints):
+            a = values._a
+        elif isinstance(values, np.ndarray):
+            a = values.astype(np.int64, copy=False)
+        else:
+            values = values if isinstance(values, (list, tuple, range)) else list(values)
+            a = np.fromiter((int(v) for v in values), dtype=np.int64, count=len(values))
+        self._a = _readonly(a.reshape(-1))
+
+    def __len__(self) -> int:
+        return len(self._a)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> Ints: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Ints(self._a[index])
+        return int(self._a[index])
+
+    def __iter__(self) -> Iterator[int]:
+        a = self._a
+        for s in range(0, len(a), 65536):  # Python ints a chunk at a time, never a whole list
+            yield from a[s:s + 65536].tolist()
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, (int, np.integer)) and bool((self._a == value).any())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Ints):
+            return bool(np.array_equal(self._a, other._a))
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self._a if dtype is None else self._a.astype(dtype)
+
+    def __reduce__(self):
+        return (Ints, (self._a.copy(),))
+
+    def __repr__(self) -> str:
+        return f"Ints({self._a.tolist()[:5]}{'...' if len(self) > 5 else ''}, n={len(self)})"
+
+
+def as_strings(items: Iterable[str]) -> Strings:
+    """``items`` as :class:`Strings` (itself when it already is)."""
+    return items if isinstance(items, Strings) else Strings.of(str(s) for s in items)
+
+
+def as_ints(values: Iterable[int]) -> Ints:
+    """``values`` as :class:`Ints` (itself when it already is)."""
+    return values if isinstance(values, Ints) else Ints(values)
+
+
+# ----------------------------------------------------------------------------- where the cache lives
+
+
+def cache_folder(setting: str = "auto") -> Path | None:
+    """The folder of listing caches for the recipe value ``setting`` (``data.listing_cache``); None: off.
+
+    ``"off"``: no cache. A path: that folder. ``"auto"`` (or ''): ``$SIMCLR_CACHE_DIR/index`` (``off`` there
+    turns it off), else ``$XDG_CACHE_HOME/simclr-cli/index``, else ``~/.cache/simclr-cli/index``.
+    """
+    s = (setting or "auto").strip()
+    if s.lower() == "off":
+        return None
+    if s.lower() != "auto":
+        return Path(s).expanduser()
+    env = os.environ.get(ENV, "").strip()
+    if env.lower() == "off":
+        return None
+    if env:
+        return Path(env).expanduser() / "index"
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"  # the XDG spec ignores relative
+    return base / "simclr-cli" / "index"
+
+
+# ----------------------------------------------------------------------------- recording a tree while scanning
+
+
+def _names_digest(names: Iterable[str]) -> bytes:
+    return hashlib.blake2b("\0".join(sorted(names)).encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
+class TreeRecord:
+    """What a scan read, so that a later run can tell whether the tree changed: every folder (as reached,
+    links followed) with its ``mtime_ns``/inode/device, the names of racy folders, and the files whose
+    content mattered (opened to sniff) with their ``mtime_ns``/size/inode."""
+
+    def __init__(self) -> None:
+        self.started_ns = time.time_ns()
+        self.dirs: list[str] = []
+        self.dir_stats: list[tuple[int, int, int]] = []
+        self.dir_digests: list[bytes] = []
+        self.files: list[str] = []
+        self.file_stats: list[tuple[int, int, int]] = []
+
+    def _racy(self, st: os.stat_result) -> bool:
+        return st.st_mtime_ns >= self.started_ns - int(RACY_S * 1e9)
+
+    def folder(self, rel: str, st: os.stat_result, names: list[str] | None) -> None:
+        """A folder ``rel`` (relative, '' for the root), stat'ed before it was listed; ``names``: its entries."""
+        self.dirs.append(rel)
+        self.dir_stats.append((st.st_mtime_ns, st.st_ino, st.st_dev))
+        self.dir_digests.append(_names_digest(names) if names is not None and self._racy(st) else b"")
+
+    def file(self, rel: str, st: os.stat_result) -> None:
+        """A file whose content decided whether it is listed."""
+        self.files.append(rel)
+        self.file_stats.append((st.st_mtime_ns, st.st_size, st.st_ino))
+
+
+def _join(root: str, rel: str) -> str:
+    return os.path.join(root, rel) if rel else root
+
+
+def _unchanged(root: str, data: Any) -> bool:
+    """Whether every recorded folder and file of the tree still has its recorded stat (and racy folders
+    their names). One stat per folder; no folder is listed except the racy ones."""
+    dirs = Strings(data["dir_buf"], data["dir_off"])
+    digests = data["dir_digests"].tolist()
+    for rel, mtime, (ino, dev), digest in zip(dirs, data["dir_mtime"].tolist(), data["dir_ids"].tolist(), digests):
+        path = _join(root, rel)
+        st = os.stat(path)
+        if (st.st_mtime_ns, st.st_ino, st.st_dev) != (mtime, ino, dev):
+            return False
+        if digest and _names_digest(os.listdir(path)) != digest:
+            return False
+    files = Strings(data["file_buf"], data["file_off"])
+    for rel, mtime, (size, ino) in zip(files, data["file_mtime"].tolist(), data["file_ids"].tolist()):
+        st = os.stat(_join(root, rel))
+        if (st.st_mtime_ns, st.st_size, st.st_ino) != (mtime, size, ino):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- the cached listing
+
+
+class Listing(NamedTuple):
+    """A scan's result: ``files`` (full paths, :class:`Strings` with the folder as prefix), ``labels``
+    (:class:`Ints`, -1 for none) and ``classes``."""
+
+    files: Strings
+    labels: Ints
+    classes: list[str]
+
+
+Scan = Callable[[TreeRecord], tuple[list[str], list[int], list[str]]]
+"""A scan: fills the record and returns (sorted relative file names, labels, classes)."""
+
+
+def _prefix(folder: str) -> str:
+    """What goes before a relative name so that ``prefix + rel == str(Path(folder) / rel)``."""
+    if folder in ("", "."):
+        return ""
+    return folder if folder.endswith(os.sep) else folder + os.sep
+
+
+def _key(folder: str, kind: str, options: dict) -> str:
+    text = json.dumps({"v": VERSION, "kind": kind, "folder": os.path.abspath(folder), "options": options},
+                      sort_keys=True)
+    return f"{kind}-{hashlib.sha256(text.encode('utf-8', 'surrogateescape')).hexdigest()[:24]}"
+
+
+def _load(path: Path, folder: str, key: str) -> Listing | None:
+    """The cached listing at ``path`` when it is readable, of this key and version, and the tree is unchanged."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+        meta = json.loads(data["meta"].tobytes().decode("utf-8", "surrogateescape"))
+        if meta.get("v") != VERSION or meta.get("key") != key:
+            return None
+        if not _unchanged(folder, data):
+            return None
+        names = Strings(data["name_buf"], data["name_off"], _prefix(folder))
+        labels = Ints(data["labels"])
+        if len(labels) != len(names):
+            return None
+        return Listing(names, labels, list(meta["classes"]))
+    except Exception:  # noqa: BLE001 - missing, truncated, corrupt or stale: list the folder again
+        return None
+
+
+def _save(path: Path, key: str, names: Strings, labels: Ints, classes: list[str], record: TreeRecord) -> None:
+    from simclr_cli.utils import atomic_write_bytes
+
+    dir_buf, dir_off = _encode(record.dirs)
+    file_buf, file_off = _encode(record.files)
+    meta = json.dumps({"v": VERSION, "key": key, "classes": classes, "written_ns": time.time_ns()})
+    out = io.BytesIO()
+    np.savez(out, meta=np.frombuffer(meta.encode("utf-8", "surrogateescape"), dtype=np.uint8),
+             name_buf=names._buf, name_off=names._off, labels=np.asarray(labels),
+             dir_buf=dir_buf, dir_off=dir_off,
+             dir_mtime=np.array([s[0] for s in record.dir_stats], dtype=np.int64),
+             dir_ids=np.array([s[1:] for s in record.dir_stats], dtype=np.uint64).reshape(-1, 2),
+             dir_digests=np.array(record.dir_digests, dtype="S16"),
+             file_buf=file_buf, file_off=file_off,
+             file_mtime=np.array([s[0] for s in record.file_stats], dtype=np.int64),
+             file_ids=np.array([s[1:] for s in record.file_stats], dtype=np.uint64).reshape(-1, 2))
+    atomic_write_bytes(path, out.getvalue())
+
+
+def _note(text: str, *, warning: bool = False) -> None:
+    """One line from the main process: information on stdout (like the data builders' lines), warnings on stderr."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, file=sys.stderr if warning else sys.stdout, flush=True)
+
+
+_UNAVAILABLE_SAID: set[str] = set()
+
+
+def cached_listing(folder: str, kind: str, options: dict, scan: Scan, *, setting: str = "auto",
+                   what: str = "") -> Listing:
+    """The listing of ``folder`` by ``scan``, from the cache when the tree has not changed since it was made.
+
+    Args:
+        folder: the scanned folder as the caller names it (file paths start with it).
+        kind: what was scanned ('images', 'class-folders'), part of the cache key with ``options``.
+        options: the scan's options (a JSON-able dict); another value is another cache entry.
+        scan: lists the folder (see :data:`Scan`).
+        setting: ``data.listing_cache`` ('auto', 'off' or a folder), see :func:`cache_folder`.
+        what: how messages name the data (e.g. ``folder:/data/x``).
+    """
+    prefix = _prefix(folder)
+    where = cache_folder(setting)
+
+    def fresh(record: TreeRecord) -> tuple[Strings, Ints, list[str], float]:
+        t0 = time.perf_counter()
+        rel, labels, classes = scan(record)
+        return Strings.of(rel), Ints(labels), classes, time.perf_counter() - t0
+
+    if where is None:
+        names, labels, classes, _ = fresh(TreeRecord())
+        return Listing(Strings(names._buf, names._off, prefix), labels, classes)
+    key = _key(folder, kind, options)
+    path = where / f"{key}.npz"
+    hit = _load(path, folder, key)
+    if hit is not None:
+        return hit
+    lock = None
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        lock = open(where / f"{key}.lock", "a+b")  # noqa: SIM115 - held across the scan
+        import fcntl
+
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # the first process scans; the others wait, then read
+        hit = _load(path, folder, key)
+        if hit is not None:
+            return hit
+    except Exception as e:  # noqa: BLE001 - no cache here (read-only, no locks): list without it
+        if str(where) not in _UNAVAILABLE_SAID:
+            _UNAVAILABLE_SAID.add(str(where))
+            _note(f"warning: the listing cache in {where} is not usable ({type(e).__name__}: {e}); "
+                  f"listing {folder} without it (data.listing_cache=off or {ENV}=off silences this)", warning=True)
+        if lock is not None:
+            lock.close()
+        names, labels, classes, _ = fresh(TreeRecord())
+        return Listing(Strings(names._buf, names._off, prefix), labels, classes)
+    try:
+        changed = path.exists()
+        record = TreeRecord()
+        names, labels, classes, seconds = fresh(record)
+        try:
+            _save(path, key, names, labels, classes, record)
+            why = "the folder changed since it was cached; " if changed else ""
+            _note(f"{what or folder}: listed {len(names):,} images in {seconds:.1f} s; {why}listing cached in "
+                  f"{path} (reused until a folder in the tree changes; data.listing_cache=off or "
+                  f"{ENV}=off turns it off)")
+        except Exception as e:  # noqa: BLE001 - a cache that cannot be written is no error
+            _note(f"warning: could not write the listing cache {path} ({type(e).__name__}: {e}); "
+                  f"{folder} will be listed again next run", warning=True)
+        return Listing(Strings(names._buf, names._off, prefix), labels, classes)
+    finally:
+        lock.close()  # releases the flock
