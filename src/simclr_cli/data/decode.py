@@ -17,13 +17,13 @@
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from simclr_cli.data.sources import _ORIENTATION, read_image_scaled
+from simclr_cli.data.sources import _ORIENTATION, decode_opened
 
 # A crop box must stay at least this many times the output side (in both dimensions) on the reduced image.
 # Below that the DCT-scaled pixels show through the final resize: 2 keeps training views within resampling
@@ -55,24 +55,40 @@ def pick_reduction(crops: Sequence[tuple[int, int, int, int]], out: int, margin:
     return 1
 
 
-def decode_for_crops(raw: bytes, crops: Sequence[tuple[int, int, int, int]], out: int,
-                     margin: float = DRAFT_MARGIN) -> list[torch.Tensor]:
-    """The crop boxes of ``raw`` (full-size upright coordinates, :func:`header_size`) as uint8
-    (3, out, out) views, decoded as small as the boxes allow (see :func:`pick_reduction`).
+def decode_views(raw: bytes, draw: Callable[[int, int], Any], crops_of: Callable[[Any], Sequence[tuple]],
+                 out: int, margin: float = DRAFT_MARGIN) -> tuple[Any, list[torch.Tensor]]:
+    """Draw the views' parameters on ``raw``'s full-size geometry, then decode it as small as their crop
+    boxes allow (see :func:`pick_reduction`) and cut the views: uint8 (3, out, out) each.
 
-    At full size this is ``TF.resized_crop`` (antialiased bilinear), the loader's usual path. On a reduced
-    image the boxes are not whole pixels any more (``top / s``, ...): rounding them would shift a view by
-    up to half a reduced pixel, several grey levels on textured images, so the crop is resampled from the
+    ``draw(height, width)`` draws the parameters from the upright full size (read from the header, EXIF
+    rotation applied, as :func:`header_size`); ``crops_of(drawn)`` gives their crop boxes. One open of the
+    file serves both. Returns ``(drawn, views)``.
+
+    At full size the views are ``TF.resized_crop`` (antialiased bilinear), the loader's usual path. On a
+    reduced image the boxes are not whole pixels any more (``top / s``, ...): rounding them would shift a view
+    by up to half a reduced pixel, several grey levels on textured images, so each view is resampled from its
     exact fractional box with PIL's antialiased bilinear resize (the filter torch's antialiased resize was
     written to match; 0.02 grey levels apart on full-size images).
     """
-    s = pick_reduction(crops, out, margin)
-    if s == 1:
-        img, _ = read_image_scaled(io.BytesIO(raw))
-        return crop_views(img, crops, out)
-    h, w, _ = header_size(raw)
-    img, scale = read_image_scaled(io.BytesIO(raw), min_side=min(h, w) // s)
-    return [resized_crop_scaled(img, c, scale, out) for c in crops]
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw)) as img:
+        w, h = img.size
+        if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+            w, h = h, w
+        drawn = draw(h, w)
+        crops = list(crops_of(drawn))
+        s = pick_reduction(crops, out, margin) if img.format == "JPEG" else 1
+        decoded, scale = decode_opened(img, min_side=min(h, w) // s if s > 1 else None, channels_last=True)
+    if scale == 1:
+        return drawn, crop_views(decoded, crops, out)
+    return drawn, [resized_crop_scaled(decoded, c, scale, out) for c in crops]
+
+
+def decode_for_crops(raw: bytes, crops: Sequence[tuple[int, int, int, int]], out: int,
+                     margin: float = DRAFT_MARGIN) -> list[torch.Tensor]:
+    """:func:`decode_views` for crop boxes already drawn (full-size upright coordinates)."""
+    return decode_views(raw, lambda h, w: crops, lambda c: c, out, margin)[1]
 
 
 def crop_views(img: torch.Tensor, crops: Sequence[tuple[int, int, int, int]], size: int) -> list[torch.Tensor]:
@@ -87,7 +103,7 @@ def resized_crop_scaled(img: torch.Tensor, crop: tuple[int, int, int, int], scal
     from PIL import Image
 
     top, left, h, w = crop
-    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    pil = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))
     box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
     res = pil.resize((out, out), Image.Resampling.BILINEAR, box=box)
     return torch.from_numpy(np.asarray(res).copy()).permute(2, 0, 1).contiguous()

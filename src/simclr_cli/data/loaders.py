@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import pack
-from simclr_cli.data.decode import DRAFT_MARGIN, decode_for_crops, header_size
+from simclr_cli.data.decode import DRAFT_MARGIN, decode_views, header_size
 from simclr_cli.data.registry import pretraining_dataset
 from simclr_cli.data.sources import ImageSource, MemorySource, SubsetSource, TensorSource, read_image
 from simclr_cli.errors import DataError, UsageError
@@ -187,14 +187,15 @@ class ContrastiveViews(Dataset):
     def _drafted(self, epoch: int, index: int) -> dict[str, torch.Tensor | int]:
         """Crop boxes drawn on the header's full-size geometry, the JPEG decoded as small as they allow."""
 
-        def attempt(i: int):
-            raw = self.source.raw(i)  # type: ignore[attr-defined]
-            h, w, _ = header_size(raw)
+        def draw(h: int, w: int):
             g = self._generator(epoch, index)  # fresh per attempt: the draws of the image used are today's
-            p1, p2 = self.augment.sample(g, h, w), self.augment.sample(g, h, w)
-            return p1, p2, decode_for_crops(raw, [p1.crop, p2.crop], self.augment.size, self.draft_margin)
+            return self.augment.sample(g, h, w), self.augment.sample(g, h, w)
 
-        (p1, p2, (c1, c2)), used, bad = load_with_fallback(self.source, index, attempt)
+        def attempt(i: int):
+            return decode_views(self.source.raw(i), draw, lambda p: (p[0].crop, p[1].crop),  # type: ignore[attr-defined]
+                                self.augment.size, self.draft_margin)
+
+        ((p1, p2), (c1, c2)), used, bad = load_with_fallback(self.source, index, attempt)
         item: dict[str, torch.Tensor | int] = {"index": index, "bad": bad,
                                                "bad_run": bad_run(self.source, index, used, bad), **self._label(used)}
         if self.batched:

@@ -80,23 +80,37 @@ def read_image(src: str | Path | BinaryIO, *, min_side: int | None = None) -> to
 def read_image_scaled(src: str | Path | BinaryIO, *, min_side: int | None = None) -> tuple[torch.Tensor, int]:
     """:func:`read_image`, also returning the reduction actually applied (1, 2, 4 or 8): decoded pixel
     ``(y, x)`` covers the full-size pixels ``[y*s, (y+1)*s) x [x*s, (x+1)*s)`` (upright coordinates)."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with Image.open(src) as img:
-        size = (img.width, img.height)
-        factor = draft_factor(min(size), min_side) if img.format == "JPEG" else 1
-        if factor > 1:  # PIL picks the largest 1/s with W // s >= requested width: ask for exactly 1/factor
-            size = (img.width // factor, img.height // factor)
-        full_width = img.width
-        drafted = img.draft("RGB", size)  # also lets JPEG decode straight to RGB
-        scale = _draft_scale(drafted, full_width)
-        if img.getexif().get(_ORIENTATION, 1) != 1:  # checked first: exif_transpose copies even upright images
-            img = ImageOps.exif_transpose(img)
-        if img.mode in _WIDE_MODES:
-            gray = to_8bit(np.asarray(img), img.mode)
-            arr = np.repeat(gray[:, :, None], 3, axis=2)
-        else:
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return decode_opened(img, min_side=min_side)
+
+
+def decode_opened(img, *, min_side: int | None = None, channels_last: bool = False) -> tuple[torch.Tensor, int]:
+    """The work of :func:`read_image_scaled` on an image PIL has opened (header read, pixels not yet).
+
+    ``channels_last``: a plain RGB image (no EXIF rotation) is returned as a (3, H, W) view of PIL's
+    (H, W, 3) pixels instead of a contiguous copy: the same values, one copy less, and torchvision's uint8
+    crop-and-resize runs faster on that layout.
+    """
+    from PIL import ImageOps
+
+    size = (img.width, img.height)
+    factor = draft_factor(min(size), min_side) if img.format == "JPEG" else 1
+    if factor > 1:  # PIL picks the largest 1/s with W // s >= requested width: ask for exactly 1/factor
+        size = (img.width // factor, img.height // factor)
+    full_width = img.width
+    drafted = img.draft("RGB", size)  # also lets JPEG decode straight to RGB
+    scale = _draft_scale(drafted, full_width)
+    if img.getexif().get(_ORIENTATION, 1) != 1:  # checked first: exif_transpose copies even upright images
+        img = ImageOps.exif_transpose(img)
+    elif channels_last and img.mode == "RGB":
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1), scale
+    if img.mode in _WIDE_MODES:
+        gray = to_8bit(np.asarray(img), img.mode)
+        arr = np.repeat(gray[:, :, None], 3, axis=2)
+    else:
+        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), scale
 
 

@@ -1,0 +1,58 @@
+"""Batched JPEG decoding on the GPU (issue 13, section 4): ``data.decode = "gpu"`` with nvJPEG.
+
+Marked ``cuda``: skipped where ``torch.cuda.is_available()`` is False. The same path runs on the CPU in
+tests/data/test_decode.py (``DeviceDecoder(views, "cpu")``); here the device is a real GPU, whose nvJPEG
+output differs from libjpeg-turbo by rounding (IDCT and chroma upsampling), so views are compared within
+a tolerance instead of exactly.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+
+from simclr_cli.data.decode import DeviceDecoder
+from simclr_cli.data.loaders import ContrastiveViews
+from simclr_cli.recipe import load_recipe
+from simclr_cli.stages import pretrain
+from tests.data.test_decode import _aug, _folder, _jpeg, _textured
+
+pytestmark = pytest.mark.cuda
+
+
+def test_gpu_decoding_matches_cpu_within_rounding_and_falls_back_per_image(tmp_path):
+    arr = [_textured(96, 72, i) for i in range(6)]
+    png = io.BytesIO()
+    Image.fromarray(arr[1]).save(png, "PNG")
+    good = _jpeg(arr[4])
+    blobs = [("0.jpg", _jpeg(arr[0])), ("1.png", png.getvalue()), ("2.jpg", _jpeg(arr[2], mode="CMYK")),
+             ("3.jpg", good[: len(good) // 3]), ("4.jpg", good), ("5.jpg", _jpeg(arr[5], orientation=6))]
+    views = ContrastiveViews(_folder(tmp_path, blobs), _aug(), seed=7, batched=True, decode="gpu")
+    decoder = DeviceDecoder(views, "cuda")
+    idx = list(range(6))
+    out = decoder(default_collate([views[(0, i)] for i in idx]))
+    ref = default_collate([views.cpu_views(0, i) for i in idx])
+    assert out["view1"].device.type == "cuda"
+    for k in ("view1", "view2"):
+        d = (out[k].cpu().float() - ref[k].float()).abs()
+        assert d.mean() < 2.0, (k, float(d.mean()))
+    assert out["bad"].tolist() == [-1, -1, -1, 3, -1, -1]
+    assert decoder.fallbacks >= 2  # the PNG and the truncated JPEG at least
+    again = DeviceDecoder(views, "cuda")(default_collate([views[(0, i)] for i in idx]))
+    assert torch.equal(again["view1"], out["view1"])  # deterministic on the same device
+
+
+def test_pretrain_with_gpu_decoding(tiny_recipe_file, tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(16):
+        (root / f"{i}.jpg").write_bytes(_jpeg(_textured(64, 48, i)))
+    recipe = load_recipe(tiny_recipe_file, ["data.dataset='folder'", f"data.root='{root}'", "data.val_split=''",
+                                            "data.decode='gpu'", "data.in_memory='never'", "pretrain.knn_every=0",
+                                            "pretrain.epochs=1", "pretrain.batch_size=8"])
+    summary = pretrain.run(recipe, tmp_path / "run", show_progress=False)
+    assert summary is not None
