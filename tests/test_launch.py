@@ -365,3 +365,15 @@ def test_launch_two_cpu_processes_equals_torchrun(tmp_path):
 
     summary = json.loads((tmp_path / "launch" / "pretrain" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 2
+
+
+def test_the_documented_launch_commands_dry_run(tmp_path):
+    """Every `simclr launch` line of docs/distributed.md builds a command (nothing documented is refused)."""
+    lines = [line for line in (ROOT / "docs" / "distributed.md").read_text().splitlines()
+             if line.startswith("simclr launch ")]
+    assert len(lines) >= 4
+    for line in lines:
+        args = [a for a in shlex.split(line)[2:] if a != "--dry-run"]
+        result, argv = _dry(tmp_path, *args, CUDA_VISIBLE_DEVICES="0,1")
+        assert result.exit_code == 0, (line, result.output)
+        assert argv[argv.index("simclr_cli") + 1:] == args[args.index("pretrain"):], line

@@ -379,7 +379,8 @@ def run_plan(plan: LaunchPlan, say: Callable[[str], None] = lambda s: None) -> i
     through this function, and not a second time through torchrun (whose agent forwards the signal to its
     workers, and a second Ctrl-C stops a stage at once, without saving). The first SIGINT or SIGTERM is passed
     to the whole group as SIGTERM (each stage saves its state at the next step boundary and exits 130); a
-    second Ctrl-C is passed as SIGINT (stop at once). This returns once every process of the group has ended
+    second Ctrl-C is passed as SIGINT (stop at once), a third signal kills them. The processes read no input (a prompt fails instead of
+    waiting unseen for the terminal). This returns once every process of the group has ended
     (on Linux, where it can adopt the workers of a launcher that died first), so a SLURM step does not end
     while a state is being written.
     """
@@ -388,29 +389,39 @@ def run_plan(plan: LaunchPlan, say: Callable[[str], None] = lambda s: None) -> i
     _become_subreaper()
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     got: list[int] = []
+    group: list[int] = []
 
-    def forward(signum: int, frame: object) -> None:
-        got.append(signum)
-        sig = signal.SIGINT if len(got) > 1 and signum == signal.SIGINT else signal.SIGTERM
+    def send() -> None:
+        if len(got) >= 3:
+            sig = signal.SIGKILL
+        else:
+            sig = signal.SIGINT if len(got) == 2 and got[-1] == signal.SIGINT else signal.SIGTERM
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(group[0], sig)
         except (ProcessLookupError, PermissionError):
             pass
 
-    try:
-        proc = subprocess.Popen(plan.argv, env=env, process_group=0)
-    except OSError as e:
-        raise UsageError(f"cannot start {plan.argv[0]}: {e.strerror or e}") from None
+    def forward(signum: int, frame: object) -> None:
+        got.append(signum)
+        if group:
+            send()
+
     try:
         for s in old:
             signal.signal(s, forward)
+        try:
+            # stdin: nothing: a background process group reading the terminal would be stopped (SIGTTIN) unseen
+            proc = subprocess.Popen(plan.argv, env=env, process_group=0, stdin=subprocess.DEVNULL)
+        except OSError as e:
+            raise UsageError(f"cannot start {plan.argv[0]}: {e.strerror or e}") from None
+        group.append(proc.pid)
+        if got:  # a signal that came while it started
+            send()
         code = _wait_group(proc)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)  # type: ignore[arg-type]
-    if got:
-        return 130
-    return code
+    return 130 if got else code
 
 
 def _wait_group(proc: subprocess.Popen) -> int:
