@@ -10,32 +10,49 @@ source). Plain backbones then load with timm alone::
 
 Backbones trained with the CIFAR stem have a different first layer than timm builds; load those
 with :func:`load_timm` (or create the model, apply ``simclr_cli.models.apply_cifar_stem``, then
-``load_state_dict``).
+``load_state_dict``). The folder also gets a model card, ``README.md``, with the Hugging Face Hub
+metadata header and what a reader needs to trust the encoder (:func:`model_card`).
+
+``export_onnx(checkpoint, out_dir)`` writes ``model.onnx``: the encoder (eval mode) from normalized
+``pixel_values`` ``(N, 3, S, S)`` to features ``(N, num_features)``, the batch dimension dynamic, via
+torch's ``torch.export``-based ONNX exporter (the ``onnx`` extra), checked against PyTorch with
+onnxruntime before it is kept.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from simclr_cli.checkpoints import MODEL_FILE, load_weights, save_weights, sub_state
-from simclr_cli.errors import UsageError
+from simclr_cli.errors import SimclrError, UsageError
 from simclr_cli.recipe import parse_toml, recipe_from_dict
 from simclr_cli.utils import atomic_write_text
 
 
-def export_timm(checkpoint: Path, out_dir: Path, *, overwrite: bool = False) -> dict:
-    """Write the timm folder for ``checkpoint``'s backbone; returns the config written."""
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if (out_dir / MODEL_FILE).exists() and not overwrite:
-        raise UsageError(f"{out_dir / MODEL_FILE} exists; pass --overwrite to replace it")
+def _read_checkpoint(checkpoint: Path):
+    """(backbone tensors, metadata, recipe) of a simclr-cli checkpoint with a backbone."""
     tensors, meta = load_weights(checkpoint)
     backbone = sub_state(tensors, "backbone")
     if not backbone or "simclr.backbone" not in meta:
         raise UsageError(f"{checkpoint}: not a simclr-cli checkpoint with a backbone")
     recipe = recipe_from_dict(parse_toml(meta["simclr.recipe"], str(checkpoint)), str(checkpoint))
+    return backbone, meta, recipe
+
+
+def export_timm(checkpoint: Path, out_dir: Path, *, overwrite: bool = False, run_dir: Path | None = None) -> dict:
+    """Write the timm folder for ``checkpoint``'s backbone (``model.safetensors``, ``config.json`` and the
+    model card ``README.md``, whose numbers come from ``run_dir``'s summaries: by default the run holding
+    ``checkpoint``, ``RUN/STAGE/model.safetensors``); returns the config written."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if (out_dir / MODEL_FILE).exists() and not overwrite:
+        raise UsageError(f"{out_dir / MODEL_FILE} exists; pass --overwrite to replace it")
+    backbone, meta, recipe = _read_checkpoint(checkpoint)
     size = recipe.data.image_size
     name = meta["simclr.backbone"]
     cifar = meta.get("simclr.cifar_stem") == "true"
@@ -72,7 +89,246 @@ def export_timm(checkpoint: Path, out_dir: Path, *, overwrite: bool = False) -> 
     save_weights(out_dir / MODEL_FILE, backbone, {"format": "pt", "simclr.backbone": name,
                                                   "simclr.cifar_stem": "true" if cifar else "false"})
     atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    run = Path(run_dir) if run_dir is not None else checkpoint.resolve().parent.parent
+    atomic_write_text(out_dir / "README.md", model_card(recipe, meta, config, run_summaries(run), out_dir))
     return config
+
+
+# --------------------------------------------------------------------------------------------- model card
+
+_LR_SCALING = {"linear": " x B/256", "sqrt": " x sqrt(B)", "none": " (not scaled with the batch)"}
+_HUB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "stl10": "stl10"}  # known Hub names
+
+
+def run_summaries(run_dir: Path) -> dict[str, dict]:
+    """The ``summary.json`` of each stage of ``run_dir`` that measured the pretrained encoder (``--init random``
+    baselines are left out); missing or unreadable ones are absent."""
+    out: dict[str, dict] = {}
+    for stage in ("pretrain", "knn", "linear_eval", "finetune"):
+        try:
+            summary = json.loads((Path(run_dir) / stage / "summary.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(summary, dict) and summary.get("init", "pretrained") == "pretrained":
+            out[stage] = summary
+    return out
+
+
+def _measures(summaries: dict[str, dict]) -> list[tuple[str, Any, str]]:
+    """(name, value or None, how it was measured) for the card's evaluation table."""
+    knn, lin, ft, pre = (summaries.get(k, {}) for k in ("knn", "linear_eval", "finetune", "pretrain"))
+    return [
+        ("kNN top-1", knn.get("knn_top1"), f"weighted kNN on L2-normalized h, k={knn.get('k', '?')}, "
+                                            f"T={knn.get('temperature', '?')}, {knn.get('test_images', '?')} test "
+                                            "images (`simclr knn`)"),
+        ("linear eval top-1", lin.get("top1"), f"linear classifier on the frozen encoder, {lin.get('mode', '?')} mode, "
+                                               f"{lin.get('test_images', '?')} test images (`simclr linear-eval`)"),
+        ("fine-tune top-1", ft.get("top1"), f"encoder fine-tuned on {ft.get('labels', '?')} of the labels "
+                                            f"(`simclr finetune`), {ft.get('test_images', '?')} test images"),
+        ("kNN top-1, pretrain monitor (end)", pre.get("knn_top1"), "the monitor at the end of pretraining"),
+    ]
+
+
+def model_card(recipe, meta: dict[str, str], config: dict, summaries: dict[str, dict], out_dir: Path) -> str:
+    """``README.md`` for the exported folder: the Hugging Face Hub metadata header (YAML front matter), then the
+    data, the recipe, the steps trained, the evaluation numbers from the run's summaries ("not measured" when
+    a stage was not run), and how to load the folder with timm without network."""
+    import yaml
+
+    import simclr_cli
+
+    d, m, p = recipe.data, recipe.model, recipe.pretrain
+    pre = summaries.get("pretrain", {})
+    cifar = bool(config["simclr"]["cifar_stem"])
+    stage = meta.get("simclr.stage", "pretrain")
+    measures = _measures(summaries)
+    header: dict[str, Any] = {
+        "library_name": "timm",
+        "license": "unknown",
+        "pipeline_tag": "image-feature-extraction",
+        "tags": ["image-feature-extraction", "timm", "simclr", "self-supervised", "contrastive-learning"],
+    }
+    if d.dataset in _HUB_DATASETS:
+        header["datasets"] = [_HUB_DATASETS[d.dataset]]
+    measured = [(n, v) for n, v, _ in measures if isinstance(v, (int, float))]
+    if measured:
+        dataset = {"name": d.dataset, "type": _HUB_DATASETS.get(d.dataset, d.dataset)}
+        header["model-index"] = [{"name": recipe.name, "results": [
+            {"task": {"type": "image-classification"}, "dataset": dataset,
+             "metrics": [{"type": "accuracy", "name": f"{name} (%)", "value": float(value)}]}
+            for name, value in measured]}]
+
+    def row(name: str, value: Any) -> str:
+        return f"| {name} | {value} |"
+
+    steps = pre.get("steps")
+    images = pre.get("images")
+    out_name = Path(out_dir).name
+    lines = [
+        "---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
+        f"# {recipe.name}: a SimCLR `{m.backbone}` image encoder",
+        "",
+        f"A `{m.backbone}`{' (CIFAR stem: 3x3 first convolution, no max-pool)' if cifar else ''} encoder trained "
+        f"with SimCLR (contrastive learning on unlabeled images, Chen et al. 2020) by simclr-cli "
+        f"{meta.get('simclr.version', simclr_cli.__version__)}. It maps a normalized "
+        f"{d.image_size}x{d.image_size} RGB image to a {config['num_features']}-dimensional feature vector h "
+        f"(no classifier). Exported from the `{stage}` checkpoint.",
+        "",
+        "## Data",
+        "",
+        "| | |", "|---|---|",
+        row("dataset", f"`{d.dataset}`"),
+        row("data root", f"`{Path(d.root).name or d.root}`" if d.dataset != "synthetic" else "(generated, no files)"),
+        row("training split", f"`{d.train_split}`"),
+        row("training images", images if images is not None else "not recorded"),
+        row("image size", f"{d.image_size} px"),
+        row("labeled split for evaluation", f"`{d.val_split}`" if d.val_split else "none"),
+        "",
+        "## Training recipe",
+        "",
+        "| | |", "|---|---|",
+        row("backbone", f"`{m.backbone}`" + (" (CIFAR stem)" if cifar else "")),
+        row("projection head", f"{m.proj_layers} layers, output {m.proj_dim}"),
+        row("objective", f"{p.objective}, loss {p.loss}, temperature {p.temperature:g}"),
+        row("global batch", pre.get("global_batch", p.batch_size)),
+        row("epochs", f"{p.epochs}" + (f" (capped at {p.max_steps} steps)" if p.max_steps else "")),
+        row("steps trained", steps if steps is not None else "not recorded"),
+        row("optimizer", f"{p.optimizer}, lr {p.lr:g}{_LR_SCALING[p.lr_scaling]}, weight decay {p.weight_decay:g}, "
+                         f"warmup {p.warmup_epochs:g} epoch(s), then cosine decay"),
+        row("augmentation", f"colour strength {recipe.augment.strength:g}, blur {'on' if recipe.augment.blur else 'off'}"),
+        row("precision", p.mixed_precision),
+        row("seed", recipe.seed),
+        "",
+        "The full recipe is stored in the checkpoint (`simclr info`).",
+        "",
+        "## Evaluation",
+        "",
+        "| measure | top-1 (%) | how |", "|---|---|---|",
+        *[f"| {name} | {f'{value:.2f}' if isinstance(value, (int, float)) else 'not measured'} | "
+          f"{how if isinstance(value, (int, float)) else '-'} |" for name, value, how in measures],
+        "",
+        f"Numbers read from the run's `summary.json` files (top-1 in percent, on the labeled split "
+        f"`{d.val_split or '-'}`).",
+        "",
+        "## How to load it (no network needed)",
+        "",
+        "```python",
+    ]
+    if cifar:
+        lines += ["from simclr_cli.export import load_timm  # the CIFAR stem is not a timm architecture option",
+                  "", f'model = load_timm("{out_name}")  # strict load, eval mode']
+    else:
+        lines += ["import timm", "",
+                  f'model = timm.create_model("local-dir:{out_name}", pretrained=True).eval()',
+                  "# or: timm.create_model(\"" + m.backbone + "\", pretrained=True, num_classes=0,",
+                  f'#         pretrained_cfg_overlay=dict(file="{out_name}/model.safetensors"))']
+    lines += [
+        f"features = model(images)  # images: (N, 3, {d.image_size}, {d.image_size}), normalized -> "
+        f"(N, {config['num_features']})",
+        "```",
+        "",
+        f"Preprocessing: resize and centre-crop to {d.image_size} px, scale to [0, 1], normalize with mean "
+        f"{list(d.mean)} and std {list(d.std)} (also in `config.json`). With `HF_HUB_OFFLINE=1` nothing is downloaded.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- ONNX
+
+ONNX_FILE = "model.onnx"
+
+
+def require_onnx() -> None:
+    """The ``onnx`` extra (onnx, onnxscript for torch's exporter, onnxruntime for the check), or a clear error."""
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(module)  # through builtins.__import__, so a test can make it fail
+        except ImportError as e:
+            raise UsageError(f"--format onnx needs the onnx extra ({e}): pip install 'simclr-cli[onnx]'") from None
+
+
+def build_encoder(backbone: dict[str, torch.Tensor], meta: dict[str, str]) -> nn.Module:
+    """The backbone of a checkpoint as a timm model (CIFAR stem applied when trained with one), eval mode."""
+    import timm
+
+    from simclr_cli.models import apply_cifar_stem
+
+    name = meta["simclr.backbone"]
+    model = timm.create_model(name, num_classes=0, pretrained=False)
+    if meta.get("simclr.cifar_stem") == "true":
+        apply_cifar_stem(model, name)
+    model.load_state_dict(backbone, strict=True)
+    return model.eval()
+
+
+def export_onnx(checkpoint: Path, out_dir: Path, *, overwrite: bool = False, opset: int = 18,
+                check_batches: tuple[int, ...] = (1, 3), tolerance: float = 1e-4) -> dict:
+    """Write ``out_dir/model.onnx`` (one self-contained file) and ``config.json`` (input size, mean/std) for
+    ``checkpoint``'s encoder. Input ``pixel_values`` (N, 3, S, S), normalized; output ``features``
+    (N, num_features); N is dynamic. Before the file is kept, onnxruntime runs it on random input at each of
+    ``check_batches`` and must match PyTorch within ``tolerance`` (max abs); returns what was written and
+    the largest difference seen."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    require_onnx()
+    if (out_dir / ONNX_FILE).exists() and not overwrite:
+        raise UsageError(f"{out_dir / ONNX_FILE} exists; pass --overwrite to replace it")
+    backbone, meta, recipe = _read_checkpoint(checkpoint)
+    model = build_encoder(backbone, meta)
+    size = recipe.data.image_size
+    example = torch.randn(2, 3, size, size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{ONNX_FILE}.tmp-{os.getpid()}"
+    try:
+        import warnings
+
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=opset, external_data=False,
+                              input_names=["pixel_values"], output_names=["features"],
+                              dynamic_shapes=({0: batch},), verbose=False)
+        diff = check_onnx(tmp, model, size, check_batches)
+        if diff > tolerance:
+            raise SimclrError(f"the ONNX export of {checkpoint} differs from PyTorch by {diff:.3g} (more than "
+                              f"{tolerance:g}); nothing was written. Report it with the backbone name "
+                              f"({meta['simclr.backbone']}) and torch/onnx versions")
+        os.replace(tmp, out_dir / ONNX_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    config = {
+        "architecture": meta["simclr.backbone"],
+        "format": "onnx",
+        "opset": opset,
+        "inputs": {"pixel_values": ["batch", 3, size, size]},
+        "outputs": {"features": ["batch", int(meta["simclr.feature_dim"])]},
+        "num_features": int(meta["simclr.feature_dim"]),
+        "mean": list(recipe.data.mean),
+        "std": list(recipe.data.std),
+        "cifar_stem": meta.get("simclr.cifar_stem") == "true",
+        "source": str(checkpoint),
+        "max_abs_diff_vs_pytorch": diff,
+    }
+    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def check_onnx(path: Path, model: nn.Module, size: int, batches: tuple[int, ...] = (1, 3), seed: int = 0) -> float:
+    """The largest absolute difference between onnxruntime (CPU) and ``model`` on seeded random input."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for n in batches:
+        x = torch.randn(n, 3, size, size, generator=gen)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        (got,) = session.run(["features"], {"pixel_values": x.numpy()})
+        if got.shape != expected.shape:
+            raise SimclrError(f"{path}: ONNX output {got.shape} for batch {n}, PyTorch {expected.shape}")
+        worst = max(worst, float(abs(got - expected).max()))
+    return worst
 
 
 def load_timm(folder: str | Path) -> nn.Module:
@@ -92,4 +348,4 @@ def load_timm(folder: str | Path) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["export_timm", "load_timm"]
+__all__ = ["export_onnx", "export_timm", "load_timm", "model_card"]

@@ -52,32 +52,43 @@ def runs(
 @app.command(rich_help_panel=RUNS_PANEL)
 def export(
     source: SourceArg = None,
-    format_: Annotated[str, typer.Option("--format", help="Export format (timm).")] = "timm",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write (default RUN/export-timm).")] = None,
+    format_: Annotated[str, typer.Option("--format", help="timm: model.safetensors + config.json + model card "
+                                                          "README.md; onnx: model.onnx with a dynamic batch "
+                                                          "(the onnx extra).")] = "timm",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write (default RUN/export-FORMAT).")] = None,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Export the encoder as a timm folder: backbone-only model.safetensors + config.json."""
+    """Export the encoder: a timm folder (backbone-only model.safetensors, config.json, a model card README.md)
+    or ONNX (model.onnx, checked against PyTorch with onnxruntime)."""
     with _handled(debug):
         from simclr_cli.errors import UsageError
-        from simclr_cli.export import export_timm
+        from simclr_cli.export import export_onnx, export_timm, require_onnx
         from simclr_cli.stages import common
 
-        if format_ != "timm":
-            raise UsageError(f"--format {format_}: only 'timm' is supported")
+        if format_ not in ("timm", "onnx"):
+            raise UsageError(f"--format {format_}: choose timm or onnx")
+        if format_ == "onnx":
+            require_onnx()  # before looking for the run
         # A run directory or nothing: its pretrain encoder; a stage folder or file: that checkpoint.
         src = common.find_source(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
                                  say=print if _is_main_process() else (lambda *a: None))
-        target = out or src.run_dir / "export-timm"
+        target = out or src.run_dir / f"export-{format_}"
         _check_out(target)
-        config = export_timm(src.checkpoint, target, overwrite=overwrite)
-        print(f"wrote {target}/model.safetensors and config.json ({config['architecture']}, "
+        if format_ == "onnx":
+            config = export_onnx(src.checkpoint, target, overwrite=overwrite)
+            print(f"wrote {target}/model.onnx and config.json ({config['architecture']}, input pixel_values "
+                  f"(N, 3, {config['inputs']['pixel_values'][2]}, {config['inputs']['pixel_values'][3]}) normalized, "
+                  f"output features (N, {config['num_features']}); onnxruntime matches PyTorch within "
+                  f"{config['max_abs_diff_vs_pytorch']:.1e})")
+            return
+        config = export_timm(src.checkpoint, target, overwrite=overwrite, run_dir=src.run_dir)
+        print(f"wrote {target}/model.safetensors, config.json and README.md ({config['architecture']}, "
               f"{config['num_features']} features)")
         if config["simclr"]["cifar_stem"]:
             print(f"load with: simclr_cli.export.load_timm('{target}')  (CIFAR stem)")
         else:
-            print(f"load with: timm.create_model('{config['architecture']}', pretrained=True, num_classes=0, "
-                  f"pretrained_cfg_overlay=dict(file='{target}/model.safetensors'))")
+            print(f"load with: timm.create_model('local-dir:{target}', pretrained=True)")
 
 
 @app.command(rich_help_panel=RUNS_PANEL)
