@@ -130,6 +130,22 @@ def test_an_accelerate_config_is_passed_with_only_the_given_flags(tmp_path):
     assert result.exit_code == 2 and "ACCELERATE_CONFIG_FILE" in result.output and "nope.yaml" in result.output
 
 
+def test_a_multi_node_config_counts_gpus_per_node(tmp_path):
+    """--gpus is per node: with a 2-machine config, 8 GPUs per node are 16 processes; the machine settings stay
+    the config's unless given."""
+    config = tmp_path / "hf" / "accelerate" / "default_config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nnum_processes: 16\nmachine_rank: 1\n"
+                      "main_process_ip: 10.1.1.1\nmain_process_port: 4000\n")
+    _, argv = _dry(tmp_path, "--gpus", "8", *STAGE[2:])
+    assert _flags(argv) == ["--config_file", str(config), "--num_processes", "16"]
+    _, argv = _dry(tmp_path, "--nodes", "2", *STAGE[2:], CUDA_VISIBLE_DEVICES="0,1,2,3")
+    assert _flags(argv) == ["--config_file", str(config), "--num_processes", "8", "--num_machines", "2",
+                            "--machine_rank", "1", "--main_process_ip", "10.1.1.1"]
+    result, _ = _dry(tmp_path, "--node-rank", "2", *STAGE[2:])
+    assert result.exit_code == 2 and "not below --nodes 2" in result.output
+
+
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "4", "SLURM_JOB_NUM_NODES": "4", "SLURM_NODEID": "2",
          "SLURM_JOB_NODELIST": "gpu[07-09,12]", "SLURM_GPUS_ON_NODE": "8", "SLURM_NTASKS": "4",
          "SLURM_PROCID": "2"}

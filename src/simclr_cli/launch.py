@@ -57,15 +57,10 @@ class LaunchOptions:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """The command to run: ``argv`` with ``env`` set on top of the current environment.
-
-    ``torchrun``: the processes are started by Accelerate's torchrun launcher (more than one process), which
-    forwards a signal to its workers itself.
-    """
+    """The command to run: ``argv`` with ``env`` set on top of the current environment."""
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    torchrun: bool = False
 
     def shell(self) -> str:
         """The command as one copy-pastable shell line."""
@@ -272,15 +267,19 @@ def build_plan(
         raise UsageError("--gpus and --processes exclude each other: --gpus N runs N GPU processes per node, "
                          "--processes N runs N CPU processes (gloo)")
     slurm = slurm_info(env)
-    where = "" if slurm is None else " (from SLURM)"
-    nodes = opts.nodes if opts.nodes is not None else (slurm.nodes if slurm else None)
-    rank = opts.node_rank if opts.node_rank is not None else (slurm.node_rank if slurm else None)
-    address = opts.main_address or (slurm.main_address if slurm else None)
+    config = accelerate_config(env, opts.config_file)
+    values = _config_values(config) if config is not None else {}
+    # explicit options win, then SLURM, then the config (whose num_processes counts all nodes)
+    nodes = _first(opts.nodes, slurm and slurm.nodes)
     multi_node_given = nodes is not None
-    nodes = nodes or 1
+    nodes = _first(nodes, _int_or_none(values.get("num_machines")), 1)
+    rank = _first(opts.node_rank, slurm and slurm.node_rank, _int_or_none(values.get("machine_rank")) if nodes > 1
+                  else None)
+    address = _first(opts.main_address, slurm and slurm.main_address, values.get("main_process_ip"))
     if rank is not None and rank >= nodes:
-        raise UsageError(f"--node-rank {rank}{where if opts.node_rank is None else ''} is not below --nodes {nodes}: "
-                         f"node ranks run from 0 to {nodes - 1}")
+        source = "" if opts.node_rank is not None else " (from SLURM)" if slurm else " (from the Accelerate config)"
+        raise UsageError(f"--node-rank {rank}{source} is not below --nodes {nodes}: node ranks run from 0 to "
+                         f"{nodes - 1}")
     if nodes > 1:
         if address is None:
             raise UsageError(f"--nodes {nodes} needs --main-address HOST: the address of the node with rank 0 "
@@ -292,8 +291,6 @@ def build_plan(
             raise UsageError("--main-port 0 (a free port) works on one node only: every node must use the same "
                              "port; pass one, e.g. --main-port 29500")
 
-    config = accelerate_config(env, opts.config_file)
-    values = _config_values(config) if config is not None else {}
     cpu = opts.processes is not None
     per_node: Optional[int] = opts.processes if cpu else opts.gpus
     if opts.gpus is not None and check_gpus:
@@ -311,7 +308,6 @@ def build_plan(
     if config is not None:
         argv += ["--config_file", str(config)]
     total = nodes * per_node if per_node is not None else None
-    torchrun = False
     if total is not None:
         argv += ["--num_processes", str(total)]
         kind = values.get("distributed_type")  # YAML reads an unquoted NO as false
@@ -320,17 +316,16 @@ def build_plan(
             argv.append("--multi_gpu")  # Accelerate's torchrun launcher; gloo processes on a CPU-only machine
         elif total == 1 and cpu:
             argv.append("--cpu")
-        torchrun = total > 1
-    elif config is not None:
-        torchrun = int(values.get("num_processes") or 1) > 1
     if config is None or multi_node_given:
         argv += ["--num_machines", str(nodes)]
-    if nodes > 1:
-        port = opts.main_port if opts.main_port is not None else (
-            None if config is not None and values.get("main_process_port") else DEFAULT_PORT)
+    if nodes > 1 and (config is None or multi_node_given or opts.node_rank is not None or opts.main_address):
         argv += ["--machine_rank", str(rank), "--main_process_ip", str(address)]
+        port = _first(opts.main_port, None if values.get("main_process_port") else DEFAULT_PORT)
         if port is not None:
             argv += ["--main_process_port", str(port)]
+    elif nodes > 1:  # all from the config
+        if opts.main_port is not None:
+            argv += ["--main_process_port", str(opts.main_port)]
     else:
         if opts.main_address is not None:
             argv += ["--main_process_ip", opts.main_address]
@@ -350,7 +345,19 @@ def build_plan(
             gpus_here = visible_gpus(env, cuda_count)
         if gpus_here > 0:  # the stages use a GPU whenever torch sees one: hide them for CPU processes
             extra["CUDA_VISIBLE_DEVICES"] = ""
-    return LaunchPlan(argv=argv, env=extra, torchrun=torchrun)
+    return LaunchPlan(argv=argv, env=extra)
+
+
+def _first(*values):
+    """The first value that is not None (or falsy-but-absent: a missing SLURM section gives None or False)."""
+    return next((v for v in values if v is not None and v is not False), None)
+
+
+def _int_or_none(value: object) -> Optional[int]:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 def _check_stage(stage_args: Sequence[str]) -> None:
