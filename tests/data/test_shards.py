@@ -296,3 +296,24 @@ def test_views_from_shards_equal_views_of_the_packed_images_read_as_files(tmp_pa
     loader = make_loader(a, num_workers=2, pin_memory=False, batch_sampler=sampler)
     for batch, keys in zip(loader, sampler):
         assert torch.equal(batch["view1"], torch.stack([b[k]["view1"] for k in keys]))
+
+
+def test_shard_throughput_benchmark_smoke(tmp_path):
+    """benchmarks/shard_throughput.py end to end on a tiny archive in the Imagenette layout (numbers not checked)."""
+    import importlib.util
+    from pathlib import Path
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "imagenette" / "train" / "n01").mkdir(parents=True)
+    for i in range(6):
+        _image(rng, 40, 40).save(tmp_path / "imagenette" / "train" / "n01" / f"{i}.JPEG")
+    with tarfile.open(tmp_path / "subset.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "imagenette", arcname="imagenette")
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "shard_throughput.py"
+    spec = importlib.util.spec_from_file_location("shard_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--smoke", "--archive", str(tmp_path / "subset.tar.gz"), "--work", str(tmp_path / "work"),
+                         "--width", "50", "--height", "40", "--shorter-side", "32", "--size", "16"])
+    assert result["images"] == 6 and result["speedup_cpu"]["loader"] > 0
+    assert result["shards"]["loader_views_per_sec"]["cpu"] > 0 and result["jpeg_folder"]["loader_views_per_sec"]["wall"] > 0
