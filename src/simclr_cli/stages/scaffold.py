@@ -296,6 +296,21 @@ def elastic_restart() -> int:
         return 0
 
 
+def shared_store_warning() -> str:
+    """A warning when the elastic agent may restart the group (``--max-restarts`` > 0) but shares its rendezvous
+    store with the workers (torch >= 2.4's default): the restarted group then reads the dead group's addresses
+    and cannot connect (pytorch/pytorch#135712). Empty when there is nothing to say."""
+    try:
+        restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    except ValueError:
+        restarts = 0
+    if restarts <= 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return ""
+    return ("warning: this launch may restart its workers (--max-restarts) but shares the launcher's rendezvous store "
+            "with them, so a restarted group fails to connect (pytorch/pytorch#135712); launch with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set (see docs/distributed.md, elastic restarts)")
+
+
 def auto_resume(stage_dir: Path, recipe: Recipe | None, *, explicit: bool = False,
                 resumable_changes: frozenset[str] = frozenset()) -> bool:
     """Whether a command that did not say ``--resume`` continues the run in ``stage_dir`` (the rule, also in
