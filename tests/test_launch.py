@@ -365,15 +365,17 @@ def test_launch_two_cpu_processes_equals_torchrun(tmp_path):
     recipe = tmp_path / "launch.toml"
     recipe.write_text(TINY)
     env = _clean_env(tmp_path, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    a = subprocess.run([sys.executable, "-m", "simclr_cli", "launch", "--processes", "2", "--main-port", "0",
-                        "pretrain", str(recipe), "--out", str(tmp_path / "launch"), "-q"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert a.returncode == 0, a.stderr[-4000:]
-    assert "accelerate.commands.launch --num_processes 2 --multi_gpu" in a.stderr  # the command it ran
-    b = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "simclr_cli", "pretrain", str(recipe), "--out", str(tmp_path / "torchrun"), "-q"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert b.returncode == 0, b.stderr[-4000:]
+    # both at once (their start-ups overlap); each on a free port
+    runs = [subprocess.Popen([sys.executable, "-m", "simclr_cli", "launch", "--processes", "2", "--main-port", "0",
+                              "pretrain", str(recipe), "--out", str(tmp_path / "launch"), "-q"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
+            subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "simclr_cli", "pretrain", str(recipe), "--out", str(tmp_path / "torchrun"), "-q"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
+    (_, a_err), (_, b_err) = (p.communicate(timeout=600) for p in runs)
+    assert runs[0].returncode == 0, a_err[-4000:]
+    assert "accelerate.commands.launch --num_processes 2 --multi_gpu" in a_err  # the command it ran
+    assert runs[1].returncode == 0, b_err[-4000:]
     wa = load_file(tmp_path / "launch" / "pretrain" / "model.safetensors")
     wb = load_file(tmp_path / "torchrun" / "pretrain" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
