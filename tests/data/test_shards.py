@@ -317,3 +317,22 @@ def test_shard_throughput_benchmark_smoke(tmp_path):
                          "--width", "50", "--height", "40", "--shorter-side", "32", "--size", "16"])
     assert result["images"] == 6 and result["speedup_cpu"]["loader"] > 0
     assert result["shards"]["loader_views_per_sec"]["cpu"] > 0 and result["jpeg_folder"]["loader_views_per_sec"]["wall"] > 0
+
+
+def test_device_decoding_reads_the_shards_bytes(tmp_path):
+    """data.decode="gpu": the loader hands ShardSource.raw(i) to the device decoder (run here on the CPU)."""
+    from torch.utils.data import default_collate
+
+    from simclr_cli.data.decode import DeviceDecoder
+
+    pack(_labeled(tmp_path / "src"), tmp_path / "out", SETTINGS, say=lambda s: None)
+    ds = ShardSource(tmp_path / "out")
+    aug = SimCLRAugment(AugmentConfig(), 16, (0.5,) * 3, (0.25,) * 3)
+    views = ContrastiveViews(ds, aug, seed=1, batched=True, labels=True, decode="gpu")
+    item = views[(0, 2)]
+    assert item["jpeg"] == ds.raw(2)
+    decoder = DeviceDecoder(views, "cpu")
+    out = decoder(default_collate([views[(0, i)] for i in range(7)]))
+    ref = default_collate([views.cpu_views(0, i) for i in range(7)])
+    assert decoder.fallbacks == 0 and out["label"].tolist() == ds.labels.tolist()
+    assert (out["view1"].float() - ref["view1"].float()).abs().max() <= 1
