@@ -83,3 +83,78 @@ def test_worker_killed_while_writing_a_state_keeps_the_previous_one(reference, t
     _identical(reference, out / "pretrain" / "model.safetensors")
     states = sorted(p.name for p in (out / "pretrain" / "state").iterdir())
     assert not [s for s in states if s.endswith(".tmp")], states
+
+
+# -- the rule, in-process (fast) ------------------------------------------------------------------------------------
+
+QUICK = ["-q", "--set", "pretrain.knn_every=0", "--set", "pretrain.epochs=1"]
+
+
+@pytest.fixture
+def interrupted(tiny_recipe_file, tmp_path, monkeypatch):
+    """OUT/pretrain interrupted at step 2 (a state, recipe.toml), started as elastic launch 'launch-a'."""
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+    from simclr_cli.stages import pretrain
+
+    out = tmp_path / "run"
+    run = pretrain.run
+    with monkeypatch.context() as m:
+        m.setenv("TORCHELASTIC_RUN_ID", "launch-a")
+        m.setattr(pretrain, "run", lambda *a, **k: run(*a, interrupt_after=2, **k))
+        r = CliRunner().invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(out), *QUICK])
+    assert r.exit_code == 130, r.output
+    return out
+
+
+def test_the_auto_resume_rule(interrupted, tiny_recipe_file, monkeypatch):
+    from simclr_cli.recipe import load_recipe
+    from simclr_cli.stages.scaffold import auto_resume
+
+    stage = interrupted / "pretrain"
+    same = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.epochs=1"])
+    other = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.epochs=2"])
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert not auto_resume(stage, same)  # no launcher restart, no --auto-resume: as typed
+    assert auto_resume(stage, same, explicit=True)
+    assert not auto_resume(stage, other, explicit=True)  # another recipe is not this run
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-a")
+    assert auto_resume(stage, same)  # a restart of the launch that started it
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-b")
+    assert not auto_resume(stage, same)  # another launch's run: not resumed behind anyone's back
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-a")
+    (stage / "summary.json").write_text("{}")
+    assert not auto_resume(stage, same)  # a finished run is never resumed
+
+
+def test_auto_resume_option_resumes_or_starts_fresh(interrupted, tiny_recipe_file, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    runner = CliRunner()
+    r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(interrupted), *QUICK, "--auto-resume"])
+    assert r.exit_code == 0, r.output
+    assert f"--auto-resume: resuming {interrupted / 'pretrain'} from its last complete state (step 2)" in r.stderr
+    steps = [json.loads(x)["step"] for x in (interrupted / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]  # log_every=2: the line of step 2 kept, step 4 logged by the resumed run
+    fresh = tmp_path / "fresh"
+    r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(fresh), *QUICK, "--auto-resume"])
+    assert r.exit_code == 0 and "resuming" not in r.stderr, r.output
+    assert json.loads((fresh / "pretrain" / "summary.json").read_text())["steps"] == 4
+
+
+def test_warns_when_the_launcher_shares_its_store_with_restarts(monkeypatch):
+    from simclr_cli.stages.scaffold import shared_store_warning
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in shared_store_warning()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives
+    assert shared_store_warning() == ""
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert shared_store_warning() == ""

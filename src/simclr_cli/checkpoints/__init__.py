@@ -116,9 +116,9 @@ def save_state(
         last = latest_state(root)
         kept = (f"the last complete state ({last.name}) is intact and loadable" if last is not None
                 else "no earlier state was saved")
+        todo = "free at least that much space" if refused == "no space left on device" else f"make {root} writable"
         raise StateWriteError(f"cannot save the resume state of step {int(trainer['step'])}: {writing}: {refused}; "
-                              f"the state needs {need}; {kept} in {root}. Free that much space, or make {root} "
-                              "writable") from e
+                              f"the state needs {need}; {kept} in {root}. To go on, {todo}") from e
     for old in complete_states(root)[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
