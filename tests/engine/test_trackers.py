@@ -172,3 +172,25 @@ def test_a_resumed_run_hides_the_tensorboard_steps_logged_after_its_state(tiny_r
     acc.Reload()
     steps = [e.step for e in acc.Scalars("loss")]
     assert steps == list(range(1, 9)) == [r["step"] for r in _logged(run) if "loss" in r]
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tiny_recipe_file, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from simclr_cli.errors import Interrupted
+
+    uri = (tmp_path / "store").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.epochs=2", "pretrain.log_every=1", "pretrain.knn_every=0",
+                                            "trackers=mlflow"])
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        pretrain.run(recipe, run, show_progress=False, interrupt_after=3)
+    client = MlflowClient(uri)
+    (first,) = client.search_runs([client.get_experiment_by_name("simclr").experiment_id])
+    assert first.info.status == "KILLED"  # stopped
+    pretrain.run(recipe, run, show_progress=False, resume=True)
+    (again,) = client.search_runs([client.get_experiment_by_name("simclr").experiment_id])
+    assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(again.info.run_id, "loss")) == list(range(1, 9))

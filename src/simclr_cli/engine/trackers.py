@@ -19,6 +19,7 @@ there (:class:`~simclr_cli.engine.reporting.MetricsLog` is enabled on the main p
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,13 @@ def _mlflow_tracker(project: str, run_name: str, uri: str):
                 # MLflow 3 refuses file stores unless asked; a local store under the run is what we want here
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri(uri)
-            super().start()
+            try:
+                super().start()
+            except mlflow.exceptions.MlflowException:
+                if self.run_id is None:
+                    raise
+                self.run_id = None  # the run to continue is not in this store (another MLFLOW_TRACKING_URI): a new one
+                super().start()
 
         @on_main_process
         def finish(self, status: str = "FINISHED"):
@@ -116,12 +123,41 @@ def _mlflow_tracker(project: str, run_name: str, uri: str):
     return LocalMLflowTracker(experiment_name=project, run_name=run_name)
 
 
-def resume_trackers(trackers: list, step: int) -> None:
-    """A resumed stage goes on after ``step``: TensorBoard hides the events logged after it by the interrupted
-    run (``purge_step``), as ``metrics.jsonl`` drops those lines. MLflow and W&B start a new run."""
+TRACKER_FILE = "trackers.json"  # in the stage folder: the MLflow / W&B run ids, so that --resume continues them
+
+
+def run_ids(trackers: list) -> dict[str, str]:
+    """The started MLflow and W&B runs' ids (main process), to write to :data:`TRACKER_FILE`."""
+    ids: dict[str, str] = {}
     for tracker in trackers:
-        if getattr(tracker, "name", "") == "tensorboard":
+        if tracker.name == "mlflow" and getattr(tracker, "active_run", None) is not None:
+            ids["mlflow"] = tracker.active_run.info.run_id
+        elif tracker.name == "wandb" and getattr(tracker, "run", None) is not None:
+            ids["wandb"] = tracker.run.id
+    return ids
+
+
+def read_ids(path: Path) -> dict[str, str]:
+    """The run ids in :data:`TRACKER_FILE` (empty when missing or unreadable: the trackers start new runs)."""
+    try:
+        ids = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: str(v) for k, v in ids.items()} if isinstance(ids, dict) else {}
+
+
+def resume_trackers(trackers: list, step: int, ids: dict[str, str]) -> None:
+    """A resumed stage goes on after ``step``: TensorBoard hides the events logged after it by the interrupted
+    run (``purge_step``), as ``metrics.jsonl`` drops those lines; MLflow and W&B continue the interrupted
+    run's own run (``ids``, from :data:`TRACKER_FILE`) when there is one."""
+    for tracker in trackers:
+        name = getattr(tracker, "name", "")
+        if name == "tensorboard":
             tracker.init_kwargs["purge_step"] = int(step) + 1
+        elif name == "mlflow" and ids.get("mlflow") and not tracker.run_id:
+            tracker.run_id = ids["mlflow"]
+        elif name == "wandb" and ids.get("wandb"):
+            tracker.init_kwargs.update(id=ids["wandb"], resume="allow")
 
 
 def flat_config(recipe_dict: dict[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
@@ -144,13 +180,14 @@ def scalars(record: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, flo
             if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def finish_trackers(accelerator, failed: bool = False) -> None:
+def finish_trackers(accelerator, status: str = "FINISHED") -> None:
     """Finish every started tracker (main process; Accelerate guards each call). Not
     ``accelerator.end_training()``: that also destroys the process group, which later barriers of the stage
-    (and later stages in the same process) still use. A failed or stopped stage ends its MLflow run as FAILED."""
+    (and later stages in the same process) still use. ``status``: how the MLflow run ends, ``FINISHED``,
+    ``FAILED`` or ``KILLED`` (stopped by a signal)."""
     for tracker in getattr(accelerator, "trackers", []):
-        if failed and tracker.name == "mlflow":
-            tracker.finish(status="FAILED")
+        if tracker.name == "mlflow":
+            tracker.finish(status=status)
         else:
             tracker.finish()
     accelerator.trackers = []

@@ -180,10 +180,13 @@ class StageRun:
         resolved recipe as the run's config; every process calls it, Accelerate starts them on the main one."""
         if self.accelerator is not None and self.accelerator.log_with and not self.accelerator.trackers:
             saved = read_trainer(self.state_dir) if resume and self.state_dir is not None else None
+            ids_file = self.stage_dir / tracking.TRACKER_FILE
             if saved is not None:
-                tracking.resume_trackers(self.accelerator.log_with, saved["step"])
+                tracking.resume_trackers(self.accelerator.log_with, saved["step"], tracking.read_ids(ids_file))
             config = {"stage": self.stage, **tracking.flat_config(recipe_to_dict(self.recipe))}
             self.accelerator.init_trackers(self.recipe.tracker_project, config=config)
+            if self.main and tracking.run_ids(self.accelerator.trackers):
+                atomic_write_text(ids_file, json.dumps(tracking.run_ids(self.accelerator.trackers)) + "\n")
         self._last_step = 0
 
     def track(self, values: dict[str, float], step: int) -> None:
@@ -192,11 +195,11 @@ class StageRun:
             self._last_step = max(self._last_step, int(step))
             self.accelerator.log(values, step=int(step))
 
-    def _end_trackers(self, failed: bool) -> None:
+    def _end_trackers(self, status: str) -> None:
         if self.accelerator is None or not self.accelerator.trackers:
             return
         try:
-            tracking.finish_trackers(self.accelerator, failed=failed)
+            tracking.finish_trackers(self.accelerator, status)
         except Exception as e:  # noqa: BLE001 - a tracker that cannot close must not hide the stage's own outcome
             print(f"warning: closing the experiment trackers failed: {e}", file=sys.stderr)
 
@@ -244,7 +247,8 @@ class StageRun:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         stopped = self._stopped() if isinstance(exc, KeyboardInterrupt) else None  # about this run, before any rollback
-        self._end_trackers(failed=exc is not None)
+        self._end_trackers("FINISHED" if exc is None else
+                           "KILLED" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "FAILED")
         try:
             with self.stop.shielded(deliver=False):
                 if exc is None:
