@@ -134,3 +134,24 @@ def test_sigkilled_holder_leaves_a_lock_the_next_run_takes_over(tmp_path, holder
     lines = []
     with RunLock(tmp_path / "pretrain", say=lines.append) as lock:
         assert lock.held and f"left by pid {p.pid}" in lines[0]
+
+
+def test_a_lock_held_on_another_host_is_refused_and_deleting_it_as_told_frees_it(tmp_path):
+    import fcntl
+
+    path = lock_path(tmp_path / "pretrain")
+    path.write_text(json.dumps({"pid": 1, "host": "node-elsewhere", "start": "2026-01-01 00:00:00 UTC",
+                                "command": "simclr pretrain x"}))
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # its holder, alive as far as this host can tell
+    try:
+        with pytest.raises(RunLocked) as e:
+            RunLock(tmp_path / "pretrain").acquire()
+        msg = str(e.value)
+        assert "pid 1 on node-elsewhere, started 2026-01-01 00:00:00 UTC (simclr pretrain x)" in msg
+        assert f"if that process is gone, delete {path}" in msg
+        path.unlink()  # what the message says to do
+        with RunLock(tmp_path / "pretrain") as lock:
+            assert lock.held
+    finally:
+        os.close(fd)
