@@ -29,7 +29,6 @@ This module sits at the bottom of ``data/`` with :mod:`simclr_cli.data.folders`.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import sys
@@ -57,6 +56,9 @@ def _encode(items: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
     return buf, offsets
 
 
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsdecode's
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     if a.flags.writeable:
         a = a.view()
@@ -72,12 +74,15 @@ class Strings(Sequence[str]):
     receives a few buffers rather than a million objects.
     """
 
-    __slots__ = ("_buf", "_off", "prefix")
+    __slots__ = ("_buf", "_off", "prefix", "_bv", "_ov")
 
     def __init__(self, buf: np.ndarray, offsets: np.ndarray, prefix: str = "") -> None:
-        self._buf = _readonly(np.asarray(buf, dtype=np.uint8))
-        self._off = _readonly(np.asarray(offsets, dtype=np.int64))
+        self._buf = _readonly(np.ascontiguousarray(buf, dtype=np.uint8))
+        self._off = _readonly(np.ascontiguousarray(offsets, dtype=np.int64))
         self.prefix = prefix
+        # Memoryviews index to Python ints and decode without a copy: about 3x faster than numpy scalars.
+        self._bv = memoryview(self._buf)
+        self._ov = memoryview(self._off)
 
     @classmethod
     def of(cls, items: Iterable[str], prefix: str = "") -> Strings:
@@ -108,13 +113,12 @@ class Strings(Sequence[str]):
         return self._item(i)
 
     def _item(self, i: int) -> str:
-        return self.prefix + os.fsdecode(self._buf[self._off[i]:self._off[i + 1]].tobytes())
+        return self.prefix + str(self._bv[self._ov[i]:self._ov[i + 1]], _FS_ENCODING, _FS_ERRORS)
 
     def __iter__(self) -> Iterator[str]:
-        off = self._off.tolist()
-        buf = self._buf
-        for a, b in zip(off[:-1], off[1:]):
-            yield self.prefix + os.fsdecode(buf[a:b].tobytes())
+        bv, ov, prefix = self._bv, self._ov, self.prefix
+        for i in range(len(self)):
+            yield prefix + str(bv[ov[i]:ov[i + 1]], _FS_ENCODING, _FS_ERRORS)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Strings) and other.prefix == self.prefix:
@@ -274,13 +278,13 @@ def _unchanged(root: str, data: Any) -> bool:
     """Whether every recorded folder and file of the tree still has its recorded stat (and racy folders
     their names). One stat per folder; no folder is listed except the racy ones."""
     dirs = Strings(data["dir_buf"], data["dir_off"])
-    digests = data["dir_digests"].tolist()
-    for rel, mtime, (ino, dev), digest in zip(dirs, data["dir_mtime"].tolist(), data["dir_ids"].tolist(), digests):
+    racy = data["dir_racy"].tolist()
+    for i, (rel, mtime, (ino, dev)) in enumerate(zip(dirs, data["dir_mtime"].tolist(), data["dir_ids"].tolist())):
         path = _join(root, rel)
         st = os.stat(path)
         if (st.st_mtime_ns, st.st_ino, st.st_dev) != (mtime, ino, dev):
             return False
-        if digest and _names_digest(os.listdir(path)) != digest:
+        if racy[i] and _names_digest(os.listdir(path)) != data["dir_digests"][i].tobytes():
             return False
     files = Strings(data["file_buf"], data["file_off"])
     for rel, mtime, (size, ino) in zip(files, data["file_mtime"].tolist(), data["file_ids"].tolist()):
@@ -319,19 +323,64 @@ def _key(folder: str, kind: str, options: dict) -> str:
     return f"{kind}-{hashlib.sha256(text.encode('utf-8', 'surrogateescape')).hexdigest()[:24]}"
 
 
+MAGIC = b"SIMCLR-LISTING\n"
+
+
+def _pack(meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
+    """One file: MAGIC, an 8-byte header length, a JSON header (``meta`` and where each array lies), then the
+    arrays' raw bytes, each at an 8-byte boundary. Reading is one ``read`` and no copy (no zip, no CRC)."""
+    table, chunks, at = {}, [], 0
+    for name, arr in arrays.items():
+        arr = np.ascontiguousarray(arr)
+        table[name] = [arr.dtype.str, list(arr.shape), at]
+        raw = arr.tobytes()
+        chunks.append(raw + b"\0" * (-len(raw) % 8))
+        at += len(chunks[-1])
+    header = json.dumps({"meta": meta, "arrays": table, "payload": at}).encode("utf-8", "surrogateescape")
+    header += b" " * (-(len(MAGIC) + 8 + len(header)) % 8)
+    return b"".join([MAGIC, len(header).to_bytes(8, "little"), header, *chunks])
+
+
+def _unpack(blob: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """What :func:`_pack` wrote; raises ValueError on anything else (a truncated or foreign file)."""
+    if blob[:len(MAGIC)] != MAGIC:
+        raise ValueError("not a listing cache")
+    n = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], "little")
+    start = len(MAGIC) + 8 + n
+    head = json.loads(blob[len(MAGIC) + 8:start].decode("utf-8", "surrogateescape"))
+    if len(blob) != start + head["payload"]:
+        raise ValueError("truncated listing cache")
+    arrays = {}
+    for name, (dtype, shape, at) in head["arrays"].items():
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        arrays[name] = np.frombuffer(blob, dtype=dt, count=count, offset=start + at).reshape(shape)
+    return head["meta"], arrays
+
+
+def _map(path: Path):
+    """The file's bytes, memory-mapped read-only: nothing is copied, the pages are shared with the other
+    processes that read it (torchrun ranks, forked workers), and only the pages used are read. The cache is
+    replaced by rename, never rewritten in place, so a mapped file never changes."""
+    import mmap
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
 def _load(path: Path, folder: str, key: str) -> Listing | None:
     """The cached listing at ``path`` when it is readable, of this key and version, and the tree is unchanged."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-        meta = json.loads(data["meta"].tobytes().decode("utf-8", "surrogateescape"))
+        meta, data = _unpack(_map(path))
         if meta.get("v") != VERSION or meta.get("key") != key:
             return None
         if not _unchanged(folder, data):
             return None
         names = Strings(data["name_buf"], data["name_off"], _prefix(folder))
         labels = Ints(data["labels"])
-        if len(labels) != len(names):
+        if len(labels) != len(names) or (len(names) and int(data["name_off"][-1]) != len(data["name_buf"])):
             return None
         return Listing(names, labels, list(meta["classes"]))
     except Exception:  # noqa: BLE001 - missing, truncated, corrupt or stale: list the folder again
@@ -343,18 +392,19 @@ def _save(path: Path, key: str, names: Strings, labels: Ints, classes: list[str]
 
     dir_buf, dir_off = _encode(record.dirs)
     file_buf, file_off = _encode(record.files)
-    meta = json.dumps({"v": VERSION, "key": key, "classes": classes, "written_ns": time.time_ns()})
-    out = io.BytesIO()
-    np.savez(out, meta=np.frombuffer(meta.encode("utf-8", "surrogateescape"), dtype=np.uint8),
-             name_buf=names._buf, name_off=names._off, labels=np.asarray(labels),
-             dir_buf=dir_buf, dir_off=dir_off,
-             dir_mtime=np.array([s[0] for s in record.dir_stats], dtype=np.int64),
-             dir_ids=np.array([s[1:] for s in record.dir_stats], dtype=np.uint64).reshape(-1, 2),
-             dir_digests=np.array(record.dir_digests, dtype="S16"),
-             file_buf=file_buf, file_off=file_off,
-             file_mtime=np.array([s[0] for s in record.file_stats], dtype=np.int64),
-             file_ids=np.array([s[1:] for s in record.file_stats], dtype=np.uint64).reshape(-1, 2))
-    atomic_write_bytes(path, out.getvalue())
+    meta = {"v": VERSION, "key": key, "classes": classes, "written_ns": time.time_ns()}
+    blob = _pack(meta, {
+        "name_buf": names._buf, "name_off": names._off, "labels": np.asarray(labels),
+        "dir_buf": dir_buf, "dir_off": dir_off,
+        "dir_mtime": np.array([s[0] for s in record.dir_stats], dtype=np.int64),
+        "dir_ids": np.array([s[1:] for s in record.dir_stats], dtype=np.uint64).reshape(-1, 2),
+        "dir_digests": np.frombuffer(b"".join(d or bytes(16) for d in record.dir_digests),
+                                     dtype=np.uint8).reshape(-1, 16),
+        "dir_racy": np.array([bool(d) for d in record.dir_digests], dtype=bool),
+        "file_buf": file_buf, "file_off": file_off,
+        "file_mtime": np.array([s[0] for s in record.file_stats], dtype=np.int64),
+        "file_ids": np.array([s[1:] for s in record.file_stats], dtype=np.uint64).reshape(-1, 2)})
+    atomic_write_bytes(path, blob)
 
 
 def _note(text: str, *, warning: bool = False) -> None:
@@ -390,7 +440,7 @@ def cached_listing(folder: str, kind: str, options: dict, scan: Scan, *, setting
         names, labels, classes, _ = fresh(TreeRecord())
         return Listing(Strings(names._buf, names._off, prefix), labels, classes)
     key = _key(folder, kind, options)
-    path = where / f"{key}.npz"
+    path = where / f"{key}.listing"
     hit = _load(path, folder, key)
     if hit is not None:
         return hit
