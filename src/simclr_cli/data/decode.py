@@ -2,12 +2,13 @@
 
 * **Reduced-size decoding** (``data.decode_draft``). A JPEG much larger than the pipeline needs is decoded
   at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling (PIL's draft mode, :func:`read_image`), which skips
-  most of the inverse DCT and colour conversion work. Evaluation decodes with the shorter side at least the
-  resize target. Training views draw their crop boxes on the full-size geometry first (the JPEG header gives
-  the size, EXIF rotation applied), exactly as a full decode would, then decode at the largest reduction at
-  which both boxes are still at least :data:`DRAFT_MARGIN` times the output size in both dimensions, and
-  map the boxes onto the reduced image: the views stay a pure function of (seed, epoch, index) and differ
-  from full decoding by resampling noise only (docs/performance.md has the measured differences).
+  most of the inverse DCT and colour conversion work. Evaluation decodes with the shorter side at least
+  :data:`DRAFT_MARGIN` times the resize target. Training views draw their crop boxes on the full-size
+  geometry first (the JPEG header gives the size, EXIF rotation applied), exactly as a full decode would,
+  then decode at the largest reduction at which both boxes are still at least :data:`DRAFT_MARGIN` times
+  the output size in both dimensions, and resample each view from its exact (fractional) box on the
+  reduced image: the views stay a pure function of (seed, epoch, index) and differ from full decoding by
+  resampling noise only (docs/performance.md has the measured differences).
 * **Device decoding** (``data.decode = "gpu"``). The loader yields the encoded bytes and the view
   parameters; :class:`DeviceDecoder` decodes the whole batch with ``torchvision.io.decode_jpeg`` on the
   device (nvJPEG on CUDA), crops every view there and hands uint8 crops to the batched augmentation. An
@@ -74,7 +75,8 @@ def decode_views(raw: bytes, draw: Callable[[int, int], Any], crops_of: Callable
 
     with Image.open(io.BytesIO(raw)) as img:
         w, h = img.size
-        if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+        orientation = img.getexif().get(_ORIENTATION, 1)
+        if orientation in (5, 6, 7, 8):
             w, h = h, w
         drawn = draw(h, w)
         crops = list(crops_of(drawn))
@@ -82,7 +84,19 @@ def decode_views(raw: bytes, draw: Callable[[int, int], Any], crops_of: Callable
         decoded, scale = decode_opened(img, min_side=min(h, w) // s if s > 1 else None, channels_last=True)
     if scale == 1:
         return drawn, crop_views(decoded, crops, out)
-    return drawn, [resized_crop_scaled(decoded, c, scale, out) for c in crops]
+    # Reduced pixel j covers full pixels [j s, (j + 1) s) of the stored image; an axis that EXIF orientation
+    # flips runs from the other end, so there the partial last block comes first: shift by what it lacks.
+    flip_x, flip_y = _FLIPPED.get(orientation, (False, False))
+    pad_y = decoded.shape[-2] * scale - h if flip_y else 0
+    pad_x = decoded.shape[-1] * scale - w if flip_x else 0
+    return drawn, [resized_crop_scaled(decoded, (t + pad_y, l + pad_x, ch, cw), scale, out)
+                   for t, l, ch, cw in crops]
+
+
+# EXIF orientation -> (upright x axis runs backwards on the stored image, upright y axis does): 2 mirror,
+# 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise, 7 transverse, 8 rotate 90 counter-clockwise.
+_FLIPPED = {2: (True, False), 3: (True, True), 4: (False, True), 6: (True, False), 7: (True, True),
+            8: (False, True)}
 
 
 def decode_for_crops(raw: bytes, crops: Sequence[tuple[int, int, int, int]], out: int,

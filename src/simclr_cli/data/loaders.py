@@ -192,7 +192,8 @@ class ContrastiveViews(Dataset):
             return self.augment.sample(g, h, w), self.augment.sample(g, h, w)
 
         def attempt(i: int):
-            return decode_views(self.source.raw(i), draw, lambda p: (p[0].crop, p[1].crop),  # type: ignore[attr-defined]
+            raw = self.source.raw(i)  # type: ignore[attr-defined]
+            return decode_views(raw, draw, lambda p: (p[0].crop, p[1].crop),
                                 self.augment.size, self.draft_margin)
 
         ((p1, p2), (c1, c2)), used, bad = load_with_fallback(self.source, index, attempt)
