@@ -585,7 +585,7 @@ class ShardSource:
         self._pid = -1
 
     def _fd(self, k: int) -> int:
-        if self._pid != os.getpid():  # a forked worker: the parent's descriptors share its file offsets; start afresh
+        if self._pid != os.getpid():  # a forked worker: its own descriptors and lock (one held at the fork stays held)
             self._fds, self._pid, self._lock = OrderedDict(), os.getpid(), threading.Lock()
         fd = self._fds.get(k)
         if fd is not None:
