@@ -73,6 +73,7 @@ class RunLock:
         self.stage = stage or self.stage_dir.name
         self.path = lock_path(self.stage_dir)
         self.fd: int | None = None
+        self._created: list[Path] = []
         self.say = say or (lambda line: print(line, file=sys.stderr))
 
     def _record(self) -> bytes:
@@ -82,6 +83,10 @@ class RunLock:
         return (json.dumps(info) + "\n").encode()
 
     def acquire(self) -> None:
+        missing = self.path.parent
+        while not missing.exists() and missing.parent != missing:
+            self._created.append(missing)  # folders made for the lock, removed with it when left empty
+            missing = missing.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # lost races (another taker in between) retry
             try:
@@ -94,7 +99,6 @@ class RunLock:
                 os.close(fd)
                 continue
             os.write(fd, self._record())
-            os.fsync(fd)
             self.fd = fd
             return
         raise RunLocked(f"{self.path}: could not take the lock of {self.stage_dir} (it kept changing); "
@@ -126,7 +130,6 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, self._record())
-            os.fsync(fd)
         except BaseException:
             if self.fd != fd:
                 try:
@@ -150,6 +153,11 @@ class RunLock:
             pass
         finally:
             os.close(fd)  # drops the flock
+        for folder in self._created:  # innermost first: a refused command leaves no empty run folder behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     @property
     def held(self) -> bool:
