@@ -135,3 +135,15 @@ def test_default_decode_threads_follow_the_cores(monkeypatch):
     assert sources.decode_threads() == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes on this machine share them
     assert sources.decode_threads() == 2
+
+
+def test_in_memory_decode_benchmark_smoke():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "in_memory_decode.py"
+    spec = importlib.util.spec_from_file_location("in_memory_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--images", "6", "--threads", "1,2", "--repeats", "1"])
+    assert [r["threads"] for r in result["rows"]] == [1, 2] and all(r["images_per_s"] > 0 for r in result["rows"])
