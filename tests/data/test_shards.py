@@ -269,8 +269,11 @@ def test_cli_pack_progress_ctrl_c_and_pretrain_from_shards(tmp_path, tiny_recipe
     assert summary["steps"] == 2 and summary["bad_images"] == 0
     r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--set", "data.dataset=shards", "--set",
                             f"data.root={tmp_path / 'out'}", "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=8",
-                            "--set", "pretrain.objective=supcon", "--out", str(tmp_path / "sup"), "--quiet"])
+                            "--set", "pretrain.objective=supcon", "--set", f"data.labeled={src}", "--set",
+                            "pretrain.knn_k=2", "--out", str(tmp_path / "sup"), "--quiet"])
     assert r.exit_code == 0, r.output  # the labels of the class folders reach a supervised objective
+    summary = json.loads((tmp_path / "sup" / "pretrain" / "summary.json").read_text())
+    assert summary["knn_top1"] is not None  # the monitor on a labeled folder elsewhere (data.labeled)
 
 
 @pytest.mark.parametrize("batched", [False, True])

@@ -74,7 +74,7 @@ def data_pack(
             print(f"{result.out}: already packed ({result.images} images in {result.shards} shards); nothing to do")
         else:
             kept = f", {result.reused} kept from the interrupted run" if result.reused else ""
-            skipped = f", {result.skipped} unreadable images skipped (named above)" if result.skipped else ""
+            skipped = f", {result.skipped} unreadable images skipped (each named in a warning)" if result.skipped else ""
             print(f"packed {result.images} images into {result.shards} shards in {result.out}{kept}{skipped}")
         if not quiet:
             print(f"train on them: --set data.dataset=shards --set data.root={result.out}")

@@ -186,8 +186,9 @@ def _encode_job(job: tuple[int, str, int, int]) -> tuple[int, bytes | None, str]
         return position, None, f"{type(e).__name__}: {e}"
 
 
-def _ignore_sigint() -> None:
+def _worker_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler inherited by the fork: terminate() ends it
 
 
 # ----------------------------------------------------------------------------- writing
@@ -350,7 +351,7 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
         if workers > 0 and len(jobs) > 1:
             import multiprocessing
 
-            pool = multiprocessing.get_context().Pool(workers, initializer=_ignore_sigint)
+            pool = multiprocessing.get_context().Pool(workers, initializer=_worker_signals)
             results: Iterator = pool.imap(_encode_job, jobs, chunksize=8)
         else:
             results = map(_encode_job, jobs)
