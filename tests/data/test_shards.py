@@ -156,6 +156,9 @@ def test_an_interrupted_pack_resumes_and_ends_identical(tmp_path, monkeypatch):
         assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp
     assert _files(tmp_path / "out") == _files(tmp_path / "whole")  # byte for byte, index included
     assert pack(src, tmp_path / "out", SETTINGS, say=lambda s: None).already
+    (tmp_path / "out" / "shard-000001.tar").unlink()  # a finished pack that lost a shard: only that one is rewritten
+    result = pack(src, tmp_path / "out", SETTINGS, say=lambda s: None)
+    assert not result.already and result.reused == 2 and _files(tmp_path / "out") == _files(tmp_path / "whole")
     # other settings: refused without --overwrite, repacked with it
     other = PackSettings(shorter_side=12, quality=90, shard_size=3)
     with pytest.raises(UsageError, match="holds a pack with other settings.*pass --overwrite"):

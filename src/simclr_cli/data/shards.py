@@ -324,7 +324,9 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
             index = read_index(out)
         except DataError:
             index = None
-        if index is not None and index.get("source_hash") == manifest["source_hash"]:
+        intact = index is not None and all((out / sh["name"]).is_file() and (out / sh["name"]).stat().st_size
+                                           == sh["bytes"] for sh in index["shards"])
+        if intact and index.get("source_hash") == manifest["source_hash"]:
             done = len(index["samples"]["key"])
             return PackResult(out, done, n - done, len(index["shards"]), len(index["shards"]), already=True)
     if not resuming:
