@@ -342,15 +342,16 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
     reused = manifest["shards"] - len(todo)
     if reused:
         say(f"{out}: resuming: {reused} of {manifest['shards']} shards are complete and kept")
-    jobs = [(i, source.files[i], settings.shorter_side, settings.quality)
-            for k in todo for i in range(k * size, min(n, (k + 1) * size))]
-    done = n - len(jobs)
+    positions = [range(k * size, min(n, (k + 1) * size)) for k in todo]
+    remaining = sum(len(r) for r in positions)
+    jobs = ((i, str(source.files[i]), settings.shorter_side, settings.quality) for r in positions for i in r)
+    done = n - remaining
     if progress:
         progress(done, n)
     writer: _ShardWriter | None = None
     pool = None
     try:
-        if workers > 0 and len(jobs) > 1:
+        if workers > 0 and remaining > 1:
             import multiprocessing
 
             pool = multiprocessing.get_context().Pool(workers, initializer=_worker_signals)
