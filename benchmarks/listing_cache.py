@@ -82,7 +82,7 @@ def generate(root: Path, files: int, depth: int, fanout: int) -> int:
 
 
 def _time(kind: str, root: Path, cache: str, code: str = _CHILD) -> dict:
-    env = dict(os.environ, SIMCLR_CACHE_DIR=cache, RANK="1")  # RANK 1: no message lines
+    env = dict(os.environ, SIMCLR_CACHE_DIR=cache)  # the JSON is the last line, after any message
     out = subprocess.run([sys.executable, "-c", code, kind, str(root)], env=env, check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])

@@ -248,3 +248,13 @@ def test_listing_benchmark_smoke(tmp_path):
 def test_worker_memory_benchmark_smoke():
     row = _benchmark("worker_memory").run_variant("compact", 3000, 1, 64)
     assert row["checksum"] > 0 and len(row["worker_growth_mib"]["uss"]) == 1
+
+
+def test_a_link_between_class_folders_keeps_each_class_whole(tmp_path, cache):
+    root = tmp_path / "imgs"
+    _touch(root / "b" / "sub" / "1.png")
+    _touch(root / "a" / "2.png")
+    (root / "a" / "shared").symlink_to(root / "b" / "sub", target_is_directory=True)
+    found = scan_class_folders(root, sniff=False)
+    assert _rel(found.files, root) == ["a/2.png", "a/shared/1.png", "b/sub/1.png"]
+    assert list(found.labels) == [0, 0, 1] and found.classes == ["a", "b"]

@@ -69,8 +69,9 @@ def _suffix(name: str) -> str:
     return name[i:].lower() if 0 < i < len(name) - 1 else ""
 
 
-def _walk(folder: str, sniff: bool, record: TreeRecord) -> list[str]:
-    """Every image under ``folder`` at any depth, as relative names ('/'-joined), in no particular order.
+def _walk(folder: str, sniff: bool, record: TreeRecord, start: str = "", descend: bool = True) -> list[str]:
+    """Every image under ``folder/start`` at any depth (``descend=False``: directly in it), as names relative
+    to ``folder`` ('/'-joined), in no particular order.
 
     Hidden files and folders are skipped; symbolic links, to files or to folders, are followed; a folder
     reached twice (a link cycle, or two links to one folder) is read once, through the first of its names in
@@ -79,7 +80,7 @@ def _walk(folder: str, sniff: bool, record: TreeRecord) -> list[str]:
     """
     files: list[str] = []
     seen: set[tuple[int, int]] = set()
-    stack = [""]
+    stack = [start]
     while stack:
         rel = stack.pop()
         path = os.path.join(folder, rel) if rel else folder
@@ -123,7 +124,8 @@ def _walk(folder: str, sniff: bool, record: TreeRecord) -> list[str]:
                     continue
                 if _opens_as_image(e.path):
                     files.append(sub)
-        stack.extend(sorted(subdirs, reverse=True))  # depth first, in sorted order
+        if descend:
+            stack.extend(sorted(subdirs, reverse=True))  # depth first, in sorted order
     return files
 
 
@@ -148,7 +150,8 @@ def scan_class_folders(folder: Path, *, sniff: bool = True, loose: bool = False,
 
     Class folders are the non-hidden sub-folders of ``folder``, sorted by name; the images of each are
     found at any depth (as :func:`scan_images` finds them: hidden files skipped, links followed) and sorted
-    by path, so the order is a pure function of the tree. The listing is cached (see
+    by path, so the order is a pure function of the tree. Each class folder is walked on its own, so a link
+    from one class folder into another lists those images in both. The listing is cached (see
     :mod:`simclr_cli.data.index`): a later call on an unchanged tree lists no folder.
 
     Args:
@@ -163,9 +166,10 @@ def scan_class_folders(folder: Path, *, sniff: bool = True, loose: bool = False,
     root = str(folder)
 
     def scan(record: TreeRecord) -> tuple[list[str], list[int], list[str]]:
-        found = _walk(root, sniff, record)
-        classes = sorted({r.split("/", 1)[0] for r in found if "/" in r}
-                         | {e.name for e in _subfolders(root)})
+        found = _walk(root, sniff, record, descend=False)  # the loose images; records the folder itself
+        classes = sorted(e.name for e in _subfolders(root))
+        for c in classes:
+            found += _walk(root, sniff, record, start=c)
         index = {c: i for i, c in enumerate(classes)}
         inside = sorted((r for r in found if "/" in r), key=lambda r: (index[r.split("/", 1)[0]], _parts(r)))
         rel = inside + (sorted(r for r in found if "/" not in r) if loose else [])

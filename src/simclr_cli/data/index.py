@@ -407,9 +407,10 @@ def _save(path: Path, key: str, names: Strings, labels: Ints, classes: list[str]
     atomic_write_bytes(path, blob)
 
 
-def _note(text: str, *, warning: bool = False) -> None:
-    """One line from the main process: information on stdout (like the data builders' lines), warnings on stderr."""
-    if int(os.environ.get("RANK", "0")) == 0:
+def _note(text: str, *, warning: bool = False, any_rank: bool = False) -> None:
+    """One line from the main process (or, ``any_rank``, from this one): information on stdout (like the
+    data builders' lines), warnings on stderr."""
+    if any_rank or int(os.environ.get("RANK", "0")) == 0:
         print(text, file=sys.stderr if warning else sys.stdout, flush=True)
 
 
@@ -472,7 +473,7 @@ def cached_listing(folder: str, kind: str, options: dict, scan: Scan, *, setting
             why = "the folder changed since it was cached; " if changed else ""
             _note(f"{what or folder}: listed {len(names):,} images in {seconds:.1f} s; {why}listing cached in "
                   f"{path} (reused until a folder in the tree changes; data.listing_cache=off or "
-                  f"{ENV}=off turns it off)")
+                  f"{ENV}=off turns it off)", any_rank=True)  # whichever process got the lock built it
         except Exception as e:  # noqa: BLE001 - a cache that cannot be written is no error
             _note(f"warning: could not write the listing cache {path} ({type(e).__name__}: {e}); "
                   f"{folder} will be listed again next run", warning=True)
