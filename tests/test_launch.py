@@ -5,6 +5,7 @@ and a real 2-process CPU run bit-identical to ``torchrun --nproc_per_node 2``.""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import stat
@@ -36,11 +37,17 @@ def _clean_env(tmp_path: Path, **extra: str) -> dict:
 
 
 def _dry(tmp_path: Path, *args: str, **extra: str):
-    """``simclr launch --dry-run ARGS`` in-process with a clean environment; the printed command, split."""
+    """``simclr launch --dry-run ARGS`` in-process with a clean environment; the printed command, split, without
+    the VAR=VALUE words before it."""
     env = _clean_env(tmp_path, **extra)
     runner_env = {k: None for k in os.environ if k not in env} | env
     result = CliRunner().invoke(app, ["launch", "--dry-run", *args], env=runner_env)
-    return result, (shlex.split(result.stdout) if result.exit_code == 0 else None)
+    if result.exit_code:
+        return result, None
+    words = shlex.split(result.stdout)
+    while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):  # the environment the command is run with
+        words.pop(0)
+    return result, words
 
 
 def _flags(argv: list[str]) -> list[str]:
@@ -86,8 +93,21 @@ def test_cpu_processes(tmp_path):
     # on a machine with GPUs, --processes hides them (the stages use a GPU whenever torch sees one)
     result, _ = _dry(tmp_path, "--processes", "2", *STAGE[2:], CUDA_VISIBLE_DEVICES="0,1")
     assert result.stdout.startswith("CUDA_VISIBLE_DEVICES='' ")
-    _, argv = _dry(tmp_path, "--processes", "2", "--max-restarts", "3", *STAGE[2:], CUDA_VISIBLE_DEVICES="")
+
+
+def test_max_restarts_gets_a_rendezvous_that_survives_a_restart(tmp_path):
+    """torchrun's static rendezvous (Accelerate's default) shares its store with the workers, and a restarted
+    group cannot connect: one node gets --standalone (PET_STANDALONE), several nodes c10d; each group its own
+    store."""
+    result, argv = _dry(tmp_path, "--processes", "2", "--max-restarts", "3", *STAGE[2:], CUDA_VISIBLE_DEVICES="")
+    assert result.stdout.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 PET_STANDALONE=1 ")
     assert _flags(argv)[-2:] == ["--max_restarts", "3"]
+    result, argv = _dry(tmp_path, "--gpus", "8", "--nodes", "2", "--node-rank", "1", "--main-address", "h",
+                        "--max-restarts", "1", *STAGE[2:])
+    assert result.stdout.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 /")
+    assert _flags(argv)[-4:] == ["--max_restarts", "1", "--rdzv_backend", "c10d"]
+    result, _ = _dry(tmp_path, "--gpus", "2", "--main-port", "1234", "--max-restarts", "1", *STAGE[2:])
+    assert result.exit_code == 2 and "leave --main-port out" in result.output
 
 
 def test_several_nodes_explicit(tmp_path):
@@ -355,26 +375,50 @@ log_every = 1
 """
 
 
+# Imported by every Python process of the launch (PYTHONPATH): on the first attempt, rank 1 SIGKILLs itself right
+# after the first saved state, so torchrun must restart the group (a test-only fault, as in tests/stages/).
+DIE_AFTER_FIRST_STATE = """
+import os, signal
+if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    from simclr_cli.stages import scaffold
+
+    commit = scaffold.StageRun.commit
+
+    def commit_then_die(self):
+        commit(self)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    scaffold.StageRun.commit = commit_then_die
+"""
+
+
 @pytest.mark.multiprocess
-def test_launch_two_cpu_processes_equals_torchrun(tmp_path):
-    """`simclr launch --processes 2` runs 2 gloo processes: the final weights are bit-identical to
+def test_launch_two_cpu_processes_equals_torchrun_through_an_elastic_restart(tmp_path):
+    """`simclr launch --processes 2` runs 2 gloo processes, and with --max-restarts a SIGKILLed worker is restarted
+    and the run resumes: the final weights are bit-identical to an uninterrupted
     `torchrun --nproc_per_node 2` (global BN on)."""
     import torch
     from safetensors.torch import load_file
 
     recipe = tmp_path / "launch.toml"
     recipe.write_text(TINY)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DIE_AFTER_FIRST_STATE)
     env = _clean_env(tmp_path, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    hooked = {**env, "PYTHONPATH": os.pathsep.join([str(hook), env.get("PYTHONPATH", "")])}
     # both at once (their start-ups overlap); each on a free port
-    runs = [subprocess.Popen([sys.executable, "-m", "simclr_cli", "launch", "--processes", "2", "--main-port", "0",
-                              "pretrain", str(recipe), "--out", str(tmp_path / "launch"), "-q"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
+    runs = [subprocess.Popen([sys.executable, "-m", "simclr_cli", "launch", "--processes", "2", "--max-restarts", "1",
+                              "pretrain", str(recipe), "--out", str(tmp_path / "launch"), "-q",
+                              "--set", "pretrain.checkpoint_every=1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hooked),
             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                               "-m", "simclr_cli", "pretrain", str(recipe), "--out", str(tmp_path / "torchrun"), "-q"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
     (_, a_err), (_, b_err) = (p.communicate(timeout=600) for p in runs)
     assert runs[0].returncode == 0, a_err[-4000:]
     assert "accelerate.commands.launch --num_processes 2 --multi_gpu" in a_err  # the command it ran
+    assert "elastic restart 1: resuming" in a_err and "(step 1)" in a_err, a_err[-4000:]
     assert runs[1].returncode == 0, b_err[-4000:]
     wa = load_file(tmp_path / "launch" / "pretrain" / "model.safetensors")
     wb = load_file(tmp_path / "torchrun" / "pretrain" / "model.safetensors")

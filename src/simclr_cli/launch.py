@@ -332,14 +332,26 @@ def build_plan(
         if opts.main_port is not None:
             argv += ["--main_process_port", str(opts.main_port)]
     if opts.max_restarts is not None:
+        if nodes == 1 and opts.main_port is not None:
+            raise UsageError(f"--main-port with --max-restarts on one node: the restartable rendezvous picks a free "
+                             "port itself (torchrun --standalone); leave --main-port out")
         if total == 1:
             raise UsageError(f"--max-restarts {opts.max_restarts} needs Accelerate's torchrun launcher, which runs "
                              "2 processes or more (--gpus N, --processes N); for one process use `torchrun "
                              f"--nproc_per_node 1 --max-restarts {opts.max_restarts} -m simclr_cli ...`")
         argv += ["--max_restarts", str(opts.max_restarts)]
+        if nodes > 1:
+            argv += ["--rdzv_backend", "c10d"]  # static rendezvous cannot gather a restarted group
     argv += ["-m", "simclr_cli", *stage_args]
 
     extra: dict[str, str] = {}
+    if opts.max_restarts is not None:
+        # A restarted group must not read the dead group's addresses from a store shared with the launcher
+        # (pytorch/pytorch#135712): each group gets its own store, and one node uses torchrun's --standalone
+        # rendezvous (c10d on a free port; PET_* variables set torchrun's options, which Accelerate leaves alone).
+        extra["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        if nodes == 1:
+            extra["PET_STANDALONE"] = "1"
     if cpu and total is not None:
         if gpus_here is None:
             gpus_here = visible_gpus(env, cuda_count)
