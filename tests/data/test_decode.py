@@ -17,7 +17,8 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
-from simclr_cli.data.decode import DeviceDecoder, crop_views, decode_for_crops, header_size, pick_reduction
+from simclr_cli.data.decode import (DeviceDecoder, apply_orientation, crop_views, decode_for_crops, header_size,
+                                    pick_reduction)
 from simclr_cli.data.loaders import ContrastiveViews, EvalImages
 from simclr_cli.data.sources import FileListSource, read_image, read_image_scaled
 from simclr_cli.errors import RecipeError
@@ -85,7 +86,7 @@ def test_read_image_min_side_uses_dct_scaling_and_keeps_exif_and_modes(tmp_path)
     rot = read_image(io.BytesIO(_jpeg(arr, orientation=6)), min_side=100)
     assert rot.shape == (3, 160, 120)
     assert (rot.float() - torch.rot90(img, -1, dims=(1, 2)).float()).abs().mean() < 1  # orientation 6: 90 deg clockwise
-    assert header_size(_jpeg(arr, orientation=6)) == (640, 480, True)
+    assert header_size(_jpeg(arr, orientation=6)) == (640, 480, 6)
     # grayscale and CMYK JPEGs still become RGB; a PNG (no DCT scaling) is decoded at full size
     assert read_image(io.BytesIO(_jpeg(arr, mode="L")), min_side=100).shape == (3, 120, 160)
     assert read_image(io.BytesIO(_jpeg(arr, mode="CMYK")), min_side=100).shape == (3, 120, 160)
@@ -144,6 +145,19 @@ def test_drafted_views_of_any_exif_orientation_and_odd_sizes_stay_within_roundin
         assert (view.float() - ref.float()).abs().mean() < 1.0, (orientation, c)
 
 
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_device_decoder_turns_images_upright_itself(orientation):
+    """decode_jpeg ignores apply_exif_orientation on CUDA: the decoder applies the header's orientation."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    raw = _jpeg(_textured(48, 32, orientation), orientation=orientation)
+    h, w, o = header_size(raw)
+    stored = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    upright = apply_orientation(stored, o)
+    assert o == orientation and tuple(upright.shape[-2:]) == (h, w)
+    assert torch.equal(upright, read_image(io.BytesIO(raw)))  # PIL's exif_transpose
+
+
 def test_drafted_views_are_deterministic_and_skip_unreadable_like_full_decoding(tmp_path, large):
     blobs = [("0.jpg", open(large.files[0], "rb").read()), ("bad.jpg", b"not an image"),
              ("2.jpg", open(large.files[2], "rb").read())]
@@ -185,7 +199,7 @@ def test_device_decoding_on_cpu_matches_the_cpu_path_and_falls_back_per_image(tm
     decoder = DeviceDecoder(views, "cpu")
     idx = list(range(6))
     item = views[(0, 0)]
-    assert isinstance(item["jpeg"], bytes) and item["size"].tolist() == [72, 96] and "view1" not in item
+    assert isinstance(item["jpeg"], bytes) and item["size"].tolist() == [72, 96, 1] and "view1" not in item
     out = decoder(_gpu_batch(views, 0, idx))
     ref = _cpu_batch(views, 0, idx)
     assert out["view1"].shape == (6, 3, SIZE, SIZE) and "jpeg" not in out

@@ -33,17 +33,39 @@ DRAFT_MARGIN = 2.0
 _REDUCTIONS = (8, 4, 2)
 
 
-def header_size(raw: bytes) -> tuple[int, int, bool]:
-    """(height, width, is_jpeg) of an encoded image as it will be decoded: upright, so an EXIF rotation
-    by 90 or 270 degrees (orientations 5 to 8) swaps the two. Reads the header only; raises like a decode
-    on a file PIL cannot identify."""
+def header_size(raw: bytes) -> tuple[int, int, int]:
+    """(height, width, EXIF orientation 1..8) of an encoded image: the size as it will be decoded, upright,
+    so an orientation of 5 to 8 (a 90 degree turn) swaps the two. Reads the header only; raises like a
+    decode on a file PIL cannot identify."""
     from PIL import Image
 
     with Image.open(io.BytesIO(raw)) as img:
         w, h = img.size
-        if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+        orientation = img.getexif().get(_ORIENTATION, 1)
+        orientation = orientation if orientation in range(1, 9) else 1
+        if orientation in (5, 6, 7, 8):
             w, h = h, w
-        return h, w, img.format == "JPEG"
+        return h, w, orientation
+
+
+def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A decoded (C, H, W) image turned upright for its EXIF ``orientation``, as PIL's ``exif_transpose``
+    does (torchvision's ``decode_jpeg`` ignores ``apply_exif_orientation`` on CUDA, so this runs on any device)."""
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-1).flip(-2)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-1, -2)
+    if orientation == 6:
+        return torch.rot90(img, -1, dims=(-2, -1))
+    if orientation == 7:
+        return img.transpose(-1, -2).flip(-1).flip(-2)
+    if orientation == 8:
+        return torch.rot90(img, 1, dims=(-2, -1))
+    return img
 
 
 def pick_reduction(crops: Sequence[tuple[int, int, int, int]], out: int, margin: float = DRAFT_MARGIN) -> int:
@@ -127,9 +149,10 @@ class DeviceDecoder:
     """Turn a batch of encoded images and view parameters into cropped uint8 views on ``device``.
 
     The batch (from :class:`~simclr_cli.data.loaders.ContrastiveViews` with ``decode="gpu"``) holds
-    ``jpeg`` (a list of bytes), ``size`` (n, 2) full-size upright (height, width), ``params1``/``params2``
-    and ``epoch``/``index``. The whole batch goes to ``torchvision.io.decode_jpeg(..., device=device,
-    apply_exif_orientation=True)``; if that fails the images are tried one by one, and an image that
+    ``jpeg`` (a list of bytes), ``size`` (n, 3) full-size upright (height, width) and EXIF orientation,
+    ``params1``/``params2`` and ``epoch``/``index``. The whole batch goes to
+    ``torchvision.io.decode_jpeg(..., device=device)`` and each image is turned upright here
+    (:func:`apply_orientation`); if the batch call fails the images are tried one by one, and an image that
     still fails (or decodes to another size than its header said) is made by the CPU path
     (``views.cpu_views``: :func:`read_image`, which reads PNG, CMYK, ..., and skips an unreadable file to
     the next readable one, counted in ``bad``/``bad_run`` like on the CPU path).
@@ -149,12 +172,12 @@ class DeviceDecoder:
 
         def one(x: torch.Tensor) -> torch.Tensor | None:
             try:
-                return decode_jpeg(x, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+                return decode_jpeg(x, mode=ImageReadMode.RGB, device=self.device)
             except Exception:  # noqa: BLE001 - rejected by the device decoder: the CPU path decodes it
                 return None
 
         try:
-            out = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+            out = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
             return list(out)
         except Exception:  # noqa: BLE001 - one bad image fails the whole batch call: decode one by one
             return [one(x) for x in data]
@@ -168,7 +191,9 @@ class DeviceDecoder:
         decoded = self._decode_all(data)
         v1, v2 = [], []
         for k, img in enumerate(decoded):
-            if img is not None and tuple(img.shape[-2:]) == tuple(sizes[k]) and img.shape[0] == 3:
+            if img is not None:
+                img = apply_orientation(img, sizes[k][2])
+            if img is not None and tuple(img.shape[-2:]) == tuple(sizes[k][:2]) and img.shape[0] == 3:
                 p1, p2 = batch["params1"][k], batch["params2"][k]
                 crops = [tuple(int(v) for v in p[:4].tolist()) for p in (p1, p2)]
                 a, b = crop_views(img, crops, size)

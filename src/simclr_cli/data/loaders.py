@@ -214,10 +214,10 @@ class ContrastiveViews(Dataset):
             raw = self.source.raw(i)  # type: ignore[attr-defined]
             return raw, header_size(raw)
 
-        (raw, (h, w, _)), used, bad = load_with_fallback(self.source, index, attempt)
+        (raw, (h, w, orientation)), used, bad = load_with_fallback(self.source, index, attempt)
         g = self._generator(epoch, index)
         p1, p2 = self.augment.sample(g, h, w), self.augment.sample(g, h, w)
-        return {"jpeg": raw, "size": torch.tensor([h, w]), "epoch": epoch, "params1": pack(p1),
+        return {"jpeg": raw, "size": torch.tensor([h, w, orientation]), "epoch": epoch, "params1": pack(p1),
                 "params2": pack(p2), "index": index, "bad": bad, "bad_run": bad_run(self.source, index, used, bad),
                 **self._label(used)}
 
