@@ -24,14 +24,17 @@ WORKER = str(Path(__file__).with_name("elastic_worker.py"))
 SETS = ["--set", "pretrain.knn_every=0", "--set", "pretrain.checkpoint_every=2", "--set", "pretrain.log_every=1"]
 
 
-def _torchrun(mode: str, recipe: Path, out: Path, *extra: str, restarts: int = 1) -> subprocess.CompletedProcess:
-    # The documented setting for restarts (docs/distributed.md): without it torch >= 2.4 shares the launcher's
-    # rendezvous store with the workers and the restarted gloo group cannot connect (pytorch/pytorch#135712).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+def _torchrun(mode: str, recipe: Path, out: Path, *extra: str, restarts: int = 1,
+              accelerate: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", str(restarts), "--monitor-interval", "0.1",
-           WORKER, mode, "pretrain", str(recipe), "--out", str(out), "-q", *SETS, *extra]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--max-restarts", str(restarts), "--monitor-interval", "0.1"]
+    if accelerate:  # the Accelerate equivalent (its static rendezvous, another store sharing than torchrun's)
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--max_restarts", str(restarts), "--mixed_precision", "no",
+                    "--dynamo_backend", "no", "--main_process_port", "0"]
+    cmd = [*launcher, WORKER, mode, "pretrain", str(recipe), "--out", str(out), "-q", *SETS, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -74,7 +77,7 @@ def test_sigkilled_worker_restarts_and_resumes_bit_identical(reference, tiny_rec
 @pytest.mark.multiprocess
 def test_worker_killed_while_writing_a_state_keeps_the_previous_one(reference, tiny_recipe_file, tmp_path):
     out = tmp_path / "run"
-    r = _torchrun("kill-while-saving", tiny_recipe_file, out)
+    r = _torchrun("kill-while-saving", tiny_recipe_file, out, accelerate=True)  # accelerate launch --max_restarts 1
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     # The step-4 state was being written when rank 0 died: the restart resumed from step 2, took over the lock
     # the dead rank 0 left, and finished bit-identical.
@@ -145,16 +148,3 @@ def test_auto_resume_option_resumes_or_starts_fresh(interrupted, tiny_recipe_fil
     r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(fresh), *QUICK, "--auto-resume"])
     assert r.exit_code == 0 and "resuming" not in r.stderr, r.output
     assert json.loads((fresh / "pretrain" / "summary.json").read_text())["steps"] == 4
-
-
-def test_warns_when_the_launcher_shares_its_store_with_restarts(monkeypatch):
-    from simclr_cli.stages.scaffold import shared_store_warning
-
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in shared_store_warning()
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives
-    assert shared_store_warning() == ""
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
-    assert shared_store_warning() == ""

@@ -43,11 +43,8 @@ def _auto_resume(stage_dir: Path, recipe, explicit: bool, resumable_changes) -> 
     import sys
 
     from simclr_cli.checkpoints import read_trainer
-    from simclr_cli.stages.scaffold import auto_resume, elastic_restart, shared_store_warning
+    from simclr_cli.stages.scaffold import auto_resume, elastic_restart
 
-    warning = shared_store_warning()
-    if warning and _is_main_process():
-        print(warning, file=sys.stderr)
     if not auto_resume(stage_dir, recipe, explicit=explicit, resumable_changes=resumable_changes):
         return False
     if _is_main_process():

@@ -112,6 +112,7 @@ class StageRun:
         tracking.require_trackers(tracking.tracker_names(recipe))  # a missing extra: before any work
         self.configure(Path(out_dir) / stage, stage, resume_cmd=resume_cmd, keeps_state=keeps_state)
         value, key = precision or ("no", f"{stage}.mixed_precision")
+        init_restarted_group()
         self.accelerator = make_accelerator(value, key=key, log_with=self._trackers(), project_dir=self.stage_dir)
         self.main = self.accelerator.is_main_process
         if self.main:  # one writer per stage folder; refused at once when another live command holds it
@@ -300,19 +301,26 @@ def elastic_restart() -> int:
         return 0
 
 
-def shared_store_warning() -> str:
-    """A warning when the elastic agent may restart the group (``--max-restarts`` > 0) but shares its rendezvous
-    store with the workers (torch >= 2.4's default): the restarted group then reads the dead group's addresses
-    and cannot connect (pytorch/pytorch#135712). Empty when there is nothing to say."""
-    try:
-        restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
-    except ValueError:
-        restarts = 0
-    if restarts <= 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return ""
-    return ("warning: this launch may restart its workers (--max-restarts) but shares the launcher's rendezvous store "
-            "with them, so a restarted group fails to connect (pytorch/pytorch#135712); launch with "
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set (see docs/distributed.md, elastic restarts)")
+def init_restarted_group() -> None:
+    """After an elastic restart under a launcher that shares its rendezvous store with the workers (torch >= 2.4:
+    torchrun's default, and ``accelerate launch``'s static rendezvous), join the process group through a store
+    prefix of this restart. Accelerate's own ``init_process_group`` would reuse the keys of the dead group and
+    connect to its addresses (``Gloo connectFullMesh failed ... Connection refused``; pytorch/pytorch#135712).
+    Accelerate then finds the group initialized and uses it. A no-op on a first attempt and without a launcher."""
+    restart = elastic_restart()
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        return
+    from datetime import timedelta
+
+    timeout = timedelta(hours=3)  # as engine.setup.make_accelerator
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            store=dist.PrefixStore(f"simclr/restart-{restart}", store), timeout=timeout,
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def auto_resume(stage_dir: Path, recipe: Recipe | None, *, explicit: bool = False,
