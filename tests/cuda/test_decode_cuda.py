@@ -56,3 +56,18 @@ def test_pretrain_with_gpu_decoding(tiny_recipe_file, tmp_path):
                                             "pretrain.epochs=1", "pretrain.batch_size=8"])
     summary = pretrain.run(recipe, tmp_path / "run", show_progress=False)
     assert summary is not None
+
+
+def test_gpu_decoding_is_not_overwritten_by_work_queued_on_the_callers_stream(tmp_path):
+    """torchvision's CUDA decoder uses a stream of its own (pytorch/vision PR 9606): the decoder synchronizes
+    around it, so work still queued when a batch is decoded cannot corrupt the views."""
+    blobs = [(f"{i}.jpg", _jpeg(_textured(320, 240, i))) for i in range(8)]
+    views = ContrastiveViews(_folder(tmp_path, blobs), _aug(), seed=1, batched=True, decode="gpu")
+    decoder = DeviceDecoder(views, "cuda")
+    items = [views[(0, i)] for i in range(8)]
+    ref = decoder(default_collate(items))["view1"].clone()
+    for _ in range(20):
+        x = torch.randn(4096, 4096, device="cuda")
+        y = x @ x  # queued on the caller's stream; x and y are freed while it may still run
+        del x, y
+        assert torch.equal(decoder(default_collate(items))["view1"], ref)

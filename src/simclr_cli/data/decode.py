@@ -176,11 +176,19 @@ class DeviceDecoder:
             except Exception:  # noqa: BLE001 - rejected by the device decoder: the CPU path decodes it
                 return None
 
+        # torchvision's CUDA decoder runs on a stream of its own that is not ordered against the caller's: with
+        # work still queued there it can write over memory that work reads (pytorch/vision PR 9606, seen on
+        # H100). So nothing is left in flight on either side of it; one synchronization per batch.
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
         try:
-            out = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-            return list(out)
+            out = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
         except Exception:  # noqa: BLE001 - one bad image fails the whole batch call: decode one by one
-            return [one(x) for x in data]
+            out = [one(x) for x in data]
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        return out
 
     def __call__(self, batch: dict) -> dict:
         raws: list[bytes] = batch.pop("jpeg")
