@@ -148,3 +148,27 @@ def test_auto_resume_option_resumes_or_starts_fresh(interrupted, tiny_recipe_fil
     r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(fresh), *QUICK, "--auto-resume"])
     assert r.exit_code == 0 and "resuming" not in r.stderr, r.output
     assert json.loads((fresh / "pretrain" / "summary.json").read_text())["steps"] == 4
+
+
+def test_finetune_auto_resume_with_the_same_options(tiny_recipe_file, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+    from simclr_cli.recipe import load_recipe
+    from simclr_cli.stages import finetune, pretrain
+
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    run = tmp_path / "run"
+    pretrain.run(load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.epochs=1"]), run,
+                 show_progress=False)
+    args = ["finetune", str(run), "--labels", "50%", "--set", "finetune.epochs=2", "--set", "finetune.batch_size=8",
+            "-q", "--auto-resume"]
+    ft = finetune.run
+    with monkeypatch.context() as m:
+        m.setattr(finetune, "run", lambda *a, **k: ft(*a, interrupt_after=2, **k))
+        r = CliRunner().invoke(app, args)  # nothing to resume yet: starts fresh, then is interrupted
+    assert r.exit_code == 130 and "resuming" not in r.stderr, r.output
+    r = CliRunner().invoke(app, args)  # the same command again: continues the interrupted run
+    assert r.exit_code == 0, r.output
+    assert f"--auto-resume: resuming {run / 'finetune'} from its last complete state (step 2)" in r.stderr
+    assert json.loads((run / "finetune" / "summary.json").read_text())["labels"] == "50%"
