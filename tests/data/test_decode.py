@@ -176,6 +176,10 @@ def test_eval_images_decode_reduced_within_rounding(large):
     for i in range(len(large)):
         d = (full[i]["image"] - draft[i]["image"]).abs() * STD[0] * 255
         assert d.mean() < 1.0, (i, float(d.mean()))
+    big = EvalTransform(224, MEAN, STD)  # resize_to 256: 480 < 512, nothing is reduced: the very same pixels
+    full, draft = EvalImages(large, big), EvalImages(large, big, decode_draft=True)
+    for i in range(2):
+        assert torch.equal(full[i]["image"], draft[i]["image"])
 
 
 def _gpu_batch(views: ContrastiveViews, epoch: int, indices: list[int]) -> dict:

@@ -68,6 +68,15 @@ def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
     return img
 
 
+def decode_bytes(raw: bytes, min_side: int | None = None) -> torch.Tensor:
+    """:func:`read_image` of encoded bytes (reduced to ``min_side`` like it), a plain RGB image returned as a
+    (3, H, W) view of PIL's (H, W, 3) pixels: the same values without the transposing copy."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw)) as img:
+        return decode_opened(img, min_side=min_side, channels_last=True)[0]
+
+
 def pick_reduction(crops: Sequence[tuple[int, int, int, int]], out: int, margin: float = DRAFT_MARGIN) -> int:
     """The largest reduction s in (8, 4, 2) such that every crop box ``(top, left, h, w)`` keeps
     ``h / s >= margin * out`` and ``w / s >= margin * out``; 1 when none does."""

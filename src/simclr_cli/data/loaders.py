@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import sys
-import io
 from dataclasses import replace
 from typing import Any, Callable, Iterator
 
@@ -25,9 +24,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import pack
-from simclr_cli.data.decode import DRAFT_MARGIN, decode_views, header_size
+from simclr_cli.data.decode import DRAFT_MARGIN, decode_bytes, decode_views, header_size
 from simclr_cli.data.registry import pretraining_dataset
-from simclr_cli.data.sources import ImageSource, MemorySource, SubsetSource, TensorSource, read_image
+from simclr_cli.data.sources import ImageSource, MemorySource, SubsetSource, TensorSource
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.recipe.schema import DataConfig
 from simclr_cli.utils import mix_seed
@@ -236,7 +235,7 @@ class EvalImages(Dataset):
         return len(self.source)
 
     def _load(self, i: int) -> torch.Tensor:
-        return read_image(io.BytesIO(self.source.raw(i)), min_side=self.min_side)  # type: ignore[attr-defined]
+        return decode_bytes(self.source.raw(i), min_side=self.min_side)  # type: ignore[attr-defined]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         img, used, bad = load_with_fallback(self.source, index, self._load if self.min_side else None)
