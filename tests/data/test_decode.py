@@ -190,7 +190,7 @@ def _cpu_batch(views: ContrastiveViews, epoch: int, indices: list[int]) -> dict:
     return default_collate([views.cpu_views(epoch, i) for i in indices])
 
 
-def test_device_decoding_on_cpu_matches_the_cpu_path_and_falls_back_per_image(tmp_path):
+def test_device_decoding_on_cpu_matches_the_cpu_path_and_falls_back_per_image(tmp_path, monkeypatch):
     arr = [_textured(96, 72, i) for i in range(6)]
     png = io.BytesIO()
     Image.fromarray(arr[1]).save(png, "PNG")
@@ -217,10 +217,23 @@ def test_device_decoding_on_cpu_matches_the_cpu_path_and_falls_back_per_image(tm
     # determinism: the same batch again gives the same views
     again = DeviceDecoder(views, "cpu")(_gpu_batch(views, 0, idx))
     assert torch.equal(again["view1"], out["view1"]) and torch.equal(again["view2"], out["view2"])
-    # a batch of good JPEGs only: decoded in one batch call, no fallback
+    # a batch of good JPEGs only: decoded in one batch call, no fallback; a PNG beside them does not
+    # break that call (it is not sent to the JPEG decoder at all)
     clean = DeviceDecoder(views, "cpu")
     clean(_gpu_batch(views, 1, [0, 4, 5]))
     assert clean.fallbacks == 0
+    from torchvision import io as tvio
+
+    batch_calls = []
+    original = tvio.decode_jpeg
+
+    def counting(x, *a, **k):
+        batch_calls.append(len(x) if isinstance(x, list) else 1)
+        return original(x, *a, **k)
+
+    monkeypatch.setattr(tvio, "decode_jpeg", counting)
+    clean(_gpu_batch(views, 1, [0, 1, 4, 5]))
+    assert batch_calls == [3] and clean.fallbacks == 1
 
 
 def test_gpu_decode_needs_the_batched_backend_and_falls_back_without_cuda(tiny_recipe_file, tmp_path, capsys):

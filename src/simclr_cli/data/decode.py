@@ -191,10 +191,17 @@ class DeviceDecoder:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
+        # Not a JPEG at all (PNG, ...): left to the CPU path, so it does not fail the batch call for the others.
+        jpeg = [k for k, x in enumerate(data) if x.numel() > 2 and int(x[0]) == 0xFF and int(x[1]) == 0xD8]
+        out: list[torch.Tensor | None] = [None] * len(data)
         try:
-            out = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+            if jpeg:
+                for k, img in zip(jpeg, decode_jpeg([data[k] for k in jpeg], mode=ImageReadMode.RGB,
+                                                    device=self.device)):
+                    out[k] = img
         except Exception:  # noqa: BLE001 - one bad image fails the whole batch call: decode one by one
-            out = [one(x) for x in data]
+            for k in jpeg:
+                out[k] = one(data[k])
         if cuda:
             torch.cuda.synchronize(self.device)
         return out
