@@ -53,15 +53,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _try_flock(fd: int) -> bool:
+def _try_flock(fd: int) -> bool | None:
+    """True: locked; False: another open file holds it; None: no flock here (the pid check alone decides)."""
     if fcntl is None:
-        return True
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
-    except OSError:  # a file system without flock: the pid check decides
-        return True
+    except OSError:  # e.g. ENOLCK on a file system without flock
+        return None
     return True
 
 
@@ -95,7 +96,7 @@ class RunLock:
                 if self._take_over_stale():
                     return
                 continue
-            if not _try_flock(fd):  # a taker that flocked the new file between our create and flock
+            if _try_flock(fd) is False:  # a taker that flocked the new file between our create and flock
                 os.close(fd)
                 continue
             os.write(fd, self._record())
@@ -112,7 +113,7 @@ class RunLock:
             return False  # released in between: create it again
         try:
             info = _read_info(fd)
-            free = _try_flock(fd) if fcntl is not None else False
+            free = _try_flock(fd) is True  # its holder's flock went with it
             here = info.get("host") == socket.gethostname()
             dead = here and not pid_alive(int(info.get("pid", -1) or -1))
             if not free and not dead:
