@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,7 +26,8 @@ def _touch(path: Path) -> None:
 
 
 def _tree(root: Path) -> Path:
-    for rel in ("a/1.png", "a/b/2.jpg", "a/b/c/3.JPEG", "d/4.png", "top.png", ".hidden.png", "a/.h/5.png", "a/notes.txt"):
+    for rel in ("a/1.png", "a/b/2.jpg", "a/b/c/3.JPEG", "d/4.png", "top.png",
+                ".hidden.png", "a/.h/5.png", "a/notes.txt"):  # not listed: hidden, not an image
         _touch(root / rel)
     return root
 
@@ -44,6 +46,9 @@ def _rel(files, root: Path) -> list[str]:
 def cache(tmp_path, monkeypatch) -> Path:
     where = tmp_path / "cache"
     monkeypatch.setenv("SIMCLR_CACHE_DIR", str(where))
+    # _backdate cannot move a folder's ctime (always "now"): without a racy window, a folder is racy only
+    # when its times are not before the scan began. The tests of the window set it themselves.
+    monkeypatch.setattr(index, "RACY_S", 0.0)
     return where / "index"
 
 
@@ -101,6 +106,41 @@ def test_a_change_in_a_nested_folder_invalidates(tmp_path, cache, change):
     assert _rel(scan_images(root), root) == want  # and the rebuilt cache is right
 
 
+def test_racy_folders_are_listed_until_they_settle(tmp_path, cache, monkeypatch, no_listing):
+    """A folder scanned while racy is listed again on cached runs; once a check finds it unchanged and older
+    than the window, the cache is rewritten without it, and later runs list nothing."""
+    root = _backdate_tree(tmp_path / "imgs")
+    monkeypatch.setattr(index, "RACY_S", 10 * 3600.0)  # every folder racy at the scan
+    first = list(scan_images(root))
+    listed = []
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p: listed.append(p) or real(p))
+    assert list(scan_images(root)) == first and len(listed) == 5  # still racy: each of the 5 folders listed
+    monkeypatch.setattr(index, "RACY_S", 0.0)  # now they are old enough
+    assert list(scan_images(root)) == first and len(listed) == 10  # checked once more, then settled
+    no_listing()
+    assert list(scan_images(root)) == first
+
+
+def test_a_chmod_or_a_restored_mtime_invalidates(tmp_path, cache, monkeypatch):
+    """A folder made readable keeps its mtime, and `touch -d` / `rsync -t` can put an old mtime back: the
+    folder's ctime moves in both cases."""
+    root = _backdate_tree(tmp_path / "imgs")
+    deep = root / "a" / "b" / "c"
+    scan_images(root)
+    walks = []
+    real = folders._walk
+    monkeypatch.setattr(folders, "_walk", lambda *a, **k: walks.append(1) or real(*a, **k))
+    deep.chmod(0o700)
+    scan_images(root)
+    assert len(walks) == 1
+    _touch(deep / "6.png")
+    os.utime(deep, ns=(OLD, OLD))  # the mtime recorded by the previous scan
+    assert "a/b/c/6.png" in _rel(scan_images(root), root) and len(walks) == 2
+    scan_images(root)
+    assert len(walks) == 2
+
+
 def test_a_change_behind_a_folder_link_invalidates(tmp_path, cache):
     outside = tmp_path / "outside"
     _touch(outside / "x.png")
@@ -112,15 +152,25 @@ def test_a_change_behind_a_folder_link_invalidates(tmp_path, cache):
     assert "a/link/y.png" in _rel(scan_images(root), root)
 
 
-def test_a_change_that_keeps_a_recent_mtime_is_still_seen(tmp_path, cache):
+def test_a_change_that_keeps_a_recent_mtime_is_still_seen(tmp_path, cache, monkeypatch):
     """A coarse file-system clock can give a second change the same mtime: folders modified near the scan
     are checked by their names."""
+    monkeypatch.setattr(index, "RACY_S", 2.0)
     root = _tree(tmp_path / "imgs")  # just written: racy
     deep = root / "a" / "b" / "c"
-    scan_images(root)
     st = os.stat(deep)
+    scan_images(root)
     _touch(deep / "6.png")
-    os.utime(deep, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same mtime as at the scan
+    real_stat = os.stat
+
+    def same_clock_tick(path, *a, **k):  # the folder's times as before the change, as a coarse clock gives
+        now = real_stat(path, *a, **k)
+        if os.fspath(path) != str(deep):
+            return now
+        return SimpleNamespace(st_mtime_ns=st.st_mtime_ns, st_ctime_ns=st.st_ctime_ns, st_ino=now.st_ino,
+                               st_dev=now.st_dev, st_size=now.st_size)
+
+    monkeypatch.setattr(os, "stat", same_clock_tick)
     assert "a/b/c/6.png" in _rel(scan_images(root), root)
 
 
@@ -146,7 +196,7 @@ def test_the_off_switches_list_every_time(tmp_path, monkeypatch, capsys):
     root = _backdate_tree(tmp_path / "imgs")
     calls = []
     real = folders._walk
-    monkeypatch.setattr(folders, "_walk", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(folders, "_walk", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("SIMCLR_CACHE_DIR", "off")
     scan_images(root)
     scan_images(root)

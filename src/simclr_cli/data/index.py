@@ -9,8 +9,9 @@ objects whatever the length, read-only sequences that index, iterate, slice and 
 **Listing cache.** Walking a folder of a million files takes minutes on a network file system, and every
 run and every process did it. :func:`cached_listing` stores what a scan found (relative file names, labels,
 classes) together with a record of the tree: the ``mtime_ns``, inode and device of every folder that was
-read (symbolic links followed) and of every file whose content decided the result (files with an odd
-extension that were opened to see whether they are images). A later run re-``stat``s those folders and
+read (symbolic links followed), with its ``ctime_ns`` (which a ``chmod`` or a ``touch -d`` also moves), and of
+every file whose content decided the result (files with an odd extension that were opened to see whether
+they are images). A later run re-``stat``s those folders and
 files, one call each and no folder listing, and reuses the listing when nothing moved: adding, removing or
 renaming a file in any folder changes that folder's ``mtime_ns``. A folder modified within
 :data:`RACY_S` seconds of the scan is "racy" (a coarse file-system clock could hide a second change in the
@@ -38,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, over
 
 import numpy as np
 
-VERSION = 1  # of the cache file layout; a file of another version is rebuilt
+VERSION = 2  # of the cache file layout; a file of another version is rebuilt
 RACY_S = 2.0  # a folder modified this close to its scan is re-checked by its names (FAT: 2 s mtime steps)
 ENV = "SIMCLR_CACHE_DIR"
 
@@ -244,24 +245,24 @@ def _names_digest(names: Iterable[str]) -> bytes:
 
 class TreeRecord:
     """What a scan read, so that a later run can tell whether the tree changed: every folder (as reached,
-    links followed) with its ``mtime_ns``/inode/device, the names of racy folders, and the files whose
+    links followed) with its ``mtime_ns``/``ctime_ns``/inode/device, the names of racy folders, and the files whose
     content mattered (opened to sniff) with their ``mtime_ns``/size/inode."""
 
     def __init__(self) -> None:
         self.started_ns = time.time_ns()
         self.dirs: list[str] = []
-        self.dir_stats: list[tuple[int, int, int]] = []
+        self.dir_stats: list[tuple[int, int, int, int]] = []
         self.dir_digests: list[bytes] = []
         self.files: list[str] = []
         self.file_stats: list[tuple[int, int, int]] = []
 
     def _racy(self, st: os.stat_result) -> bool:
-        return st.st_mtime_ns >= self.started_ns - int(RACY_S * 1e9)
+        return max(st.st_mtime_ns, st.st_ctime_ns) >= self.started_ns - int(RACY_S * 1e9)
 
     def folder(self, rel: str, st: os.stat_result, names: list[str] | None) -> None:
         """A folder ``rel`` (relative, '' for the root), stat'ed before it was listed; ``names``: its entries."""
         self.dirs.append(rel)
-        self.dir_stats.append((st.st_mtime_ns, st.st_ino, st.st_dev))
+        self.dir_stats.append((st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
         self.dir_digests.append(_names_digest(names) if names is not None and self._racy(st) else b"")
 
     def file(self, rel: str, st: os.stat_result) -> None:
@@ -274,18 +275,25 @@ def _join(root: str, rel: str) -> str:
     return os.path.join(root, rel) if rel else root
 
 
-def _unchanged(root: str, data: Any) -> bool:
+def _unchanged(root: str, data: Any, settled: list[int] | None = None) -> bool:
     """Whether every recorded folder and file of the tree still has its recorded stat (and racy folders
-    their names). One stat per folder; no folder is listed except the racy ones."""
+    their names). One stat per folder; no folder is listed except the racy ones. ``settled`` receives the
+    racy folders whose names matched and whose times are now older than the racy window: later changes
+    to them will move their times, so they need no listing any more."""
+    checked_ns = time.time_ns()
     dirs = Strings(data["dir_buf"], data["dir_off"])
     racy = data["dir_racy"].tolist()
-    for i, (rel, mtime, (ino, dev)) in enumerate(zip(dirs, data["dir_mtime"].tolist(), data["dir_ids"].tolist())):
+    times, ids = data["dir_times"].tolist(), data["dir_ids"].tolist()
+    for i, (rel, (mtime, ctime), (ino, dev)) in enumerate(zip(dirs, times, ids)):
         path = _join(root, rel)
         st = os.stat(path)
-        if (st.st_mtime_ns, st.st_ino, st.st_dev) != (mtime, ino, dev):
+        if (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev) != (mtime, ctime, ino, dev):
             return False
-        if racy[i] and _names_digest(os.listdir(path)) != data["dir_digests"][i].tobytes():
-            return False
+        if racy[i]:
+            if _names_digest(os.listdir(path)) != data["dir_digests"][i].tobytes():
+                return False
+            if settled is not None and max(mtime, ctime) < checked_ns - int(RACY_S * 1e9):
+                settled.append(i)
     files = Strings(data["file_buf"], data["file_off"])
     for rel, mtime, (size, ino) in zip(files, data["file_mtime"].tolist(), data["file_ids"].tolist()):
         st = os.stat(_join(root, rel))
@@ -376,8 +384,11 @@ def _load(path: Path, folder: str, key: str) -> Listing | None:
         meta, data = _unpack(_map(path))
         if meta.get("v") != VERSION or meta.get("key") != key:
             return None
-        if not _unchanged(folder, data):
+        settled: list[int] = []
+        if not _unchanged(folder, data, settled):
             return None
+        if settled:
+            _settle(path, meta, data, settled)
         names = Strings(data["name_buf"], data["name_off"], _prefix(folder))
         labels = Ints(data["labels"])
         if len(labels) != len(names) or (len(names) and int(data["name_off"][-1]) != len(data["name_buf"])):
@@ -385,6 +396,23 @@ def _load(path: Path, folder: str, key: str) -> Listing | None:
         return Listing(names, labels, list(meta["classes"]))
     except Exception:  # noqa: BLE001 - missing, truncated, corrupt or stale: list the folder again
         return None
+
+
+def _settle(path: Path, meta: dict, data: dict[str, np.ndarray], settled: list[int]) -> None:
+    """Rewrite the cache with the ``settled`` folders no longer racy (best effort: skipped when another
+    process holds the lock or the write fails; the next run tries again)."""
+    import fcntl
+
+    from simclr_cli.utils import atomic_write_bytes
+
+    try:
+        with open(path.with_suffix(".lock"), "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            racy = data["dir_racy"].copy()
+            racy[settled] = False
+            atomic_write_bytes(path, _pack(meta, {**data, "dir_racy": racy}))
+    except Exception:  # noqa: BLE001 - only an optimization
+        pass
 
 
 def _save(path: Path, key: str, names: Strings, labels: Ints, classes: list[str], record: TreeRecord) -> None:
@@ -396,8 +424,8 @@ def _save(path: Path, key: str, names: Strings, labels: Ints, classes: list[str]
     blob = _pack(meta, {
         "name_buf": names._buf, "name_off": names._off, "labels": np.asarray(labels),
         "dir_buf": dir_buf, "dir_off": dir_off,
-        "dir_mtime": np.array([s[0] for s in record.dir_stats], dtype=np.int64),
-        "dir_ids": np.array([s[1:] for s in record.dir_stats], dtype=np.uint64).reshape(-1, 2),
+        "dir_times": np.array([s[:2] for s in record.dir_stats], dtype=np.int64).reshape(-1, 2),
+        "dir_ids": np.array([s[2:] for s in record.dir_stats], dtype=np.uint64).reshape(-1, 2),
         "dir_digests": np.frombuffer(b"".join(d or bytes(16) for d in record.dir_digests),
                                      dtype=np.uint8).reshape(-1, 16),
         "dir_racy": np.array([bool(d) for d in record.dir_digests], dtype=bool),
