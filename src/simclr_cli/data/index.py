@@ -8,14 +8,15 @@ objects whatever the length, read-only sequences that index, iterate, slice and 
 
 **Listing cache.** Walking a folder of a million files takes minutes on a network file system, and every
 run and every process did it. :func:`cached_listing` stores what a scan found (relative file names, labels,
-classes) together with a record of the tree: the ``mtime_ns``, inode and device of every folder that was
-read (symbolic links followed), with its ``ctime_ns`` (which a ``chmod`` or a ``touch -d`` also moves), and of
-every file whose content decided the result (files with an odd extension that were opened to see whether
-they are images). A later run re-``stat``s those folders and
-files, one call each and no folder listing, and reuses the listing when nothing moved: adding, removing or
-renaming a file in any folder changes that folder's ``mtime_ns``. A folder modified within
+classes) together with a record of the tree: the ``mtime_ns``, ``ctime_ns`` (which a ``chmod`` or a
+``touch -d`` also moves), inode and device of every folder that was read (symbolic links followed), and the
+stat of every file whose content decided the result (files with an odd extension that were opened to see
+whether they are images). A later run re-``stat``s those folders and files, one call each and no folder
+listing, and reuses the listing when nothing moved: adding, removing or renaming a file in any folder
+changes that folder's times. A folder modified within
 :data:`RACY_S` seconds of the scan is "racy" (a coarse file-system clock could hide a second change in the
-same tick), so its names are hashed and that one folder is listed again to check them.
+same tick), so its names are hashed and that one folder is listed again to check them, until a check finds
+it unchanged and older than the window (the cache is then rewritten without the mark).
 
 Where: ``$SIMCLR_CACHE_DIR/index``, else ``$XDG_CACHE_HOME/simclr-cli/index``, else
 ``~/.cache/simclr-cli/index``; ``SIMCLR_CACHE_DIR=off`` (or the recipe key ``data.listing_cache = "off"``)
