@@ -1,6 +1,6 @@
 """One writer per stage folder (issue 15, section 2): OUT/.STAGE.lock, taken atomically, flocked by its holder.
 
-A second command refuses at once naming the holder (exit 75); a lock left by a dead process is taken over with a
+A second command refuses at once naming the holder (exit 2); a lock left by a dead process is taken over with a
 line saying so; the lock goes away at the end of a run, on errors and on interrupts.
 """
 
@@ -57,7 +57,7 @@ def test_a_second_lock_in_the_same_process_is_refused_naming_the_first(tmp_path)
             RunLock(tmp_path / "pretrain").acquire()
         msg = str(e.value)
         assert f"pid {os.getpid()}" in msg and socket.gethostname() in msg and "started " in msg
-        assert "\n" not in msg and e.value.exit_code == EXIT_LOCKED == 75
+        assert "\n" not in msg and e.value.exit_code == EXIT_LOCKED == 2
     finally:
         first.release()
     assert not lock_path(tmp_path / "pretrain").exists()

@@ -26,11 +26,11 @@ try:  # POSIX; elsewhere the pid check alone detects a stale lock
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-EXIT_LOCKED = 75  # EX_TEMPFAIL (sysexits.h): another command is writing there; try again once it is done
+EXIT_LOCKED = 2  # the project's "fix the command or the output folder" code: another command is writing there
 
 
 class RunLocked(SimclrError):
-    """Another live command writes into the same stage folder (exit 75)."""
+    """Another live command writes into the same stage folder (exit 2, like any output folder that cannot be written)."""
 
     exit_code = EXIT_LOCKED
 
