@@ -327,8 +327,12 @@ def _prefix(folder: str) -> str:
 
 
 def _key(folder: str, kind: str, options: dict) -> str:
-    text = json.dumps({"v": VERSION, "kind": kind, "folder": os.path.abspath(folder), "options": options},
-                      sort_keys=True)
+    """The entry's name. The machine is part of it: device numbers of a network mount differ from one machine
+    to the next, so nodes sharing a home folder would otherwise invalidate each other's entry on every run."""
+    import socket
+
+    text = json.dumps({"v": VERSION, "kind": kind, "folder": os.path.abspath(folder), "options": options,
+                       "host": socket.gethostname()}, sort_keys=True)
     return f"{kind}-{hashlib.sha256(text.encode('utf-8', 'surrogateescape')).hexdigest()[:24]}"
 
 
