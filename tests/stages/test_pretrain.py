@@ -235,8 +235,8 @@ def test_fp16_loss_scale_survives_resume(tiny_recipe_file, tmp_path, monkeypatch
 
     scalers = []
 
-    def make_accelerator(mixed_precision, key="pretrain.mixed_precision"):
-        acc = setup.make_accelerator("no", key)
+    def make_accelerator(mixed_precision, key="pretrain.mixed_precision", **kwargs):
+        acc = setup.make_accelerator("no", key, **kwargs)
         acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4, growth_interval=1)
         scalers.append(acc.scaler)
         return acc
