@@ -316,7 +316,7 @@ if sys.argv[2] == "launcher":  # dies on the first SIGTERM, like Accelerate's on
 got = []
 signal.signal(signal.SIGTERM, lambda s, f: got.append("TERM"))
 signal.signal(signal.SIGINT, lambda s, f: got.append("INT"))
-(d / "ready").touch()
+(d / "ready").write_text(str(os.getpgrp()))
 while not got:
     time.sleep(0.05)
 (d / "done").write_text(" ".join(got))   # the worker outlives its launcher: it is still saving its state
@@ -336,13 +336,22 @@ def test_a_signal_reaches_each_worker_once_and_the_launch_waits_for_it(tmp_path)
     child = tmp_path / "child.py"
     child.write_text(CHILD)
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(child), str(tmp_path)])
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "ready").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the worker did not start"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
-    assert (tmp_path / "done").read_text() == "TERM"
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+        assert (tmp_path / "done").read_text() == "TERM"
+    finally:  # leave nothing behind when it failed
+        proc.kill()
+        group = (tmp_path / "ready").read_text() if (tmp_path / "ready").exists() else ""
+        if group.isdigit() and int(group) != os.getpgrp():
+            try:
+                os.killpg(int(group), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # --- a real run ------------------------------------------------------------------------------------------
@@ -392,6 +401,17 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT"
 """
 
 
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        for p in [*root.children(recursive=True), root]:
+            p.kill()
+    except psutil.NoSuchProcess:
+        pass
+
+
 @pytest.mark.multiprocess
 def test_launch_two_cpu_processes_equals_torchrun_through_an_elastic_restart(tmp_path):
     """`simclr launch --processes 2` runs 2 gloo processes, and with --max-restarts a SIGKILLed worker is restarted
@@ -415,7 +435,12 @@ def test_launch_two_cpu_processes_equals_torchrun_through_an_elastic_restart(tmp
             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                               "-m", "simclr_cli", "pretrain", str(recipe), "--out", str(tmp_path / "torchrun"), "-q"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
-    (_, a_err), (_, b_err) = (p.communicate(timeout=600) for p in runs)
+    try:
+        (_, a_err), (_, b_err) = (p.communicate(timeout=600) for p in runs)
+    finally:  # leave nothing behind when it hung (the launch's processes are in their own group)
+        for p in runs:
+            if p.poll() is None:
+                _kill_tree(p.pid)
     assert runs[0].returncode == 0, a_err[-4000:]
     assert "accelerate.commands.launch --num_processes 2 --multi_gpu" in a_err  # the command it ran
     assert "elastic restart 1: resuming" in a_err and "(step 1)" in a_err, a_err[-4000:]

@@ -1,5 +1,5 @@
-"""``simclr launch``: the ``accelerate launch`` command that runs a stage on this node's GPUs (or CPU
-processes), on several nodes, or under SLURM, and running it.
+"""``simclr launch``: build the ``accelerate launch`` command that runs a stage on this node's GPUs (or CPU
+processes), on several nodes, or under SLURM, and run it.
 
 :func:`build_plan` is a pure function of the options, the environment and the GPU count: it decides the
 ``accelerate launch`` flags and returns a :class:`LaunchPlan` (argv, extra environment). :func:`run_plan` runs
@@ -16,6 +16,7 @@ it and returns the exit code. The rules:
 * Mixed precision is never passed: the recipe's ``mixed_precision`` is what the Accelerator is built with.
 * Under SLURM (``SLURM_JOB_ID`` set) the node count, this node's rank and the main address come from the
   environment; explicit options win.
+* ``--max-restarts``: a rendezvous that a restarted group can join (see :func:`build_plan`'s comments).
 """
 
 from __future__ import annotations
