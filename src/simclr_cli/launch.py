@@ -334,7 +334,7 @@ def build_plan(
             argv += ["--main_process_port", str(opts.main_port)]
     if opts.max_restarts is not None:
         if nodes == 1 and opts.main_port is not None:
-            raise UsageError(f"--main-port with --max-restarts on one node: the restartable rendezvous picks a free "
+            raise UsageError("--main-port with --max-restarts on one node: the restartable rendezvous picks a free "
                              "port itself (torchrun --standalone); leave --main-port out")
         if total == 1:
             raise UsageError(f"--max-restarts {opts.max_restarts} needs Accelerate's torchrun launcher, which runs "
