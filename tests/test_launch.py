@@ -305,6 +305,15 @@ def test_run_forwards_the_exit_code(tmp_path):
     assert run_plan(LaunchPlan([sys.executable, "-c", "import os; assert os.environ['X'] == ''"], env={"X": ""})) == 0
 
 
+def test_a_failed_stage_exits_1_with_its_own_error(tmp_path):
+    """Accelerate reports any failed process with exit 1; the stage's one-line error is on stderr above it."""
+    env = _clean_env(tmp_path, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-m", "simclr_cli", "launch", "--processes", "1", "pretrain",
+                        str(tmp_path / "missing.toml")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "error:" in r.stderr and "missing.toml" in r.stderr
+
+
 CHILD = r"""
 import os, signal, subprocess, sys, time
 from pathlib import Path
