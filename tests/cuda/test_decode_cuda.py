@@ -8,29 +8,21 @@ a tolerance instead of exactly.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import default_collate
 
 from simclr_cli.data.decode import DeviceDecoder
 from simclr_cli.data.loaders import ContrastiveViews
 from simclr_cli.recipe import load_recipe
 from simclr_cli.stages import pretrain
-from tests.data.test_decode import _aug, _folder, _jpeg, _textured
+from tests.data.test_decode import _aug, _folder, _jpeg, _mixed_blobs, _textured
 
 pytestmark = pytest.mark.cuda
 
 
 def test_gpu_decoding_matches_cpu_within_rounding_and_falls_back_per_image(tmp_path):
-    arr = [_textured(96, 72, i) for i in range(6)]
-    png = io.BytesIO()
-    Image.fromarray(arr[1]).save(png, "PNG")
-    good = _jpeg(arr[4])
-    blobs = [("0.jpg", _jpeg(arr[0])), ("1.png", png.getvalue()), ("2.jpg", _jpeg(arr[2], mode="CMYK")),
-             ("3.jpg", good[: len(good) // 3]), ("4.jpg", good), ("5.jpg", _jpeg(arr[5], orientation=6))]
+    blobs = _mixed_blobs()
     views = ContrastiveViews(_folder(tmp_path, blobs), _aug(), seed=7, batched=True, decode="gpu")
     decoder = DeviceDecoder(views, "cuda")
     idx = list(range(6))

@@ -190,13 +190,18 @@ def _cpu_batch(views: ContrastiveViews, epoch: int, indices: list[int]) -> dict:
     return default_collate([views.cpu_views(epoch, i) for i in indices])
 
 
-def test_device_decoding_on_cpu_matches_the_cpu_path_and_falls_back_per_image(tmp_path, monkeypatch):
+def _mixed_blobs() -> list[tuple[str, bytes]]:
+    """Six files a batch decoder meets: a JPEG, a PNG, a CMYK JPEG, a truncated JPEG, a JPEG, an EXIF-rotated JPEG."""
     arr = [_textured(96, 72, i) for i in range(6)]
     png = io.BytesIO()
     Image.fromarray(arr[1]).save(png, "PNG")
     good = _jpeg(arr[4])
-    blobs = [("0.jpg", _jpeg(arr[0])), ("1.png", png.getvalue()), ("2.jpg", _jpeg(arr[2], mode="CMYK")),
-             ("3.jpg", good[: len(good) // 3]), ("4.jpg", good), ("5.jpg", _jpeg(arr[5], orientation=6))]
+    return [("0.jpg", _jpeg(arr[0])), ("1.png", png.getvalue()), ("2.jpg", _jpeg(arr[2], mode="CMYK")),
+            ("3.jpg", good[: len(good) // 3]), ("4.jpg", good), ("5.jpg", _jpeg(arr[5], orientation=6))]
+
+
+def test_device_decoding_on_cpu_matches_the_cpu_path_and_falls_back_per_image(tmp_path, monkeypatch):
+    blobs = _mixed_blobs()
     src = _folder(tmp_path, blobs)
     views = ContrastiveViews(src, _aug(), seed=7, batched=True, labels=True, decode="gpu")
     assert views.device_decode

@@ -43,14 +43,7 @@ def is_image_file(path: Path) -> bool:
         return True
     if path.suffix.lower() in _NOT_IMAGES:
         return False
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        return True
-    except Exception:  # noqa: BLE001 - not an image
-        return False
+    return _opens_as_image(str(path))
 
 
 class ClassFolders(NamedTuple):
