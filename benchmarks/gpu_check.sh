@@ -13,6 +13,8 @@
 #   epoch_cifar10                      the cifar10 recipe over 50k in-memory images, two epochs timed
 #   settings                           channels_last, cudnn.benchmark, bf16, compile, DDP options, H2D copy
 #   grad_cache_max_batch               resnet50 224 px: largest batch that fits, with and without the cache
+#   jpeg_decode                        224 px views: nvJPEG batches on the GPU vs CPU decoding in 8 DataLoader
+#                                      workers, both feeding the batched augmentation (decode_speed.py device)
 #
 # Data travels in benchmarks/.cache/ (git-ignored; ../shared is not on the GPU machine):
 #   mkdir -p benchmarks/.cache && cp ../shared/data/{cifar10-jpeg,imagenette-subset}.tar.gz benchmarks/.cache/
@@ -115,6 +117,11 @@ run_part throughput_resnet50_224px_jpeg 120 "$PYTHON" benchmarks/pretrain_throug
 if [[ $DRY == 1 ]]; then epoch=(--workers 0); else epoch=(--workers 8 --channels-last); fi
 run_part epoch_cifar10 120 "$PYTHON" benchmarks/gpu_parts.py epoch "${dry[@]}" "${epoch[@]}" \
   --out "$WORK/epoch_cifar10.json"
+
+# data.decode="gpu" against CPU decoding in DataLoader workers (issue 13); needs the Imagenette archive.
+if [[ $DRY == 1 ]]; then dec=(--device cpu --smoke); else dec=(--device cuda --workers 8 --batch 256); fi
+run_part jpeg_decode 90 "$PYTHON" benchmarks/decode_speed.py device "${dec[@]}" \
+  --tar benchmarks/.cache/imagenette-subset.tar.gz --out "$WORK/jpeg_decode.json"
 
 # Each Python part below stops starting new measurements 25 s before its timeout (GPU_CHECK_PART_LIMIT)
 # and rewrites its JSON after each one, so a kill keeps what was measured.

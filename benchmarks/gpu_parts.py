@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
 SHARED = ROOT.parent / "shared" / "data"
 PARTS = ("probe", "cuda_tests", "throughput_resnet18_cifar_32px", "throughput_resnet50_224px_jpeg", "epoch_cifar10",
-         "settings", "grad_cache_max_batch")
+         "settings", "grad_cache_max_batch", "jpeg_decode")
 
 
 def _write(path: str, obj: dict) -> None:
