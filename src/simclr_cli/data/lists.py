@@ -26,7 +26,8 @@ SHOWN = 3  # missing files named in the message
 
 def _rows(path: Path) -> list[tuple[str, str]]:
     """(path text, label text or '') per entry of the list, in file order."""
-    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    # utf-8-sig: a list saved by Excel or Notepad starts with a byte-order mark, which is not part of the first path
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
     if path.suffix.lower() != ".csv":
         return [(ln.strip(), "") for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     rows = [[c.strip() for c in r] for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
@@ -53,7 +54,8 @@ def read_file_list(path: Path, *, allow_missing: bool = False, warn: Callable[[s
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        hint = " (a folder: for a folder of images use data.dataset=folder)" if path.is_dir() else ""
+        hint = (" (a folder: for a folder of images use data.dataset=folder)" if path.is_dir()
+                else "" if path.exists() else " (it does not exist)")
         raise DataError(f"filelist: {path} is not a list file{hint}; point data.root at a .txt (one image path "
                         "a line) or .csv (path[,label]) file", missing=True)
     base = path.parent
