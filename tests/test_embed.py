@@ -46,3 +46,30 @@ def test_embed_on_a_folder_run_refuses_a_split_it_does_not_have(tmp_path):
         assert r.exit_code == 2 and "not a split of the run's folder dataset" in r.output, r.output
     r = CliRunner().invoke(app, ["embed", "runs/f", "--data", "train"])
     assert r.exit_code == 0, r.output
+
+
+def test_embed_gives_an_unreadable_image_nan_not_the_next_images_h(tiny_recipe_file, tmp_path, capsys):
+    """Review (issue 13): an unreadable image got the h of the image after it under its own name. Its row is
+    NaN now, marked in the CSV, and the readable rows are what embedding them alone gives."""
+    import csv
+
+    from PIL import Image
+
+    run = tmp_path / "run"
+    pretrain.run(load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.max_steps=1"]), run,
+                 show_progress=False)
+    folder = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 20, 3), 40 * i + (90 if c == "b" else 0), np.uint8)).save(folder / c / f"{i}.png")
+    clean = embed(run, str(folder), out=tmp_path / "clean.npy")
+    (folder / "a" / "1.png").write_bytes(b"not a png")  # row 1
+    written = embed(run, str(folder), out=tmp_path / "broken.npy")
+    assert "1 unreadable image(s)" in capsys.readouterr().err
+    h, h_clean = np.load(written.path), np.load(clean.path)
+    assert np.isnan(h[1]).all() and not np.isnan(np.delete(h, 1, axis=0)).any()
+    np.testing.assert_allclose(np.delete(h, 1, axis=0), np.delete(h_clean, 1, axis=0), rtol=1e-5, atol=1e-6)
+    rows = list(csv.DictReader(written.table.open()))
+    assert [r["unreadable"] for r in rows] == ["0", "1", "0", "0", "0", "0"]
+    assert rows[1]["path"].endswith("1.png") and rows[1]["class"] == "a"

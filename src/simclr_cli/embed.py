@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -18,7 +19,7 @@ import torch
 from simclr_cli import plots
 from simclr_cli.data.builders import folder_source
 from simclr_cli.data.registry import DATASETS
-from simclr_cli.data.loaders import build_source
+from simclr_cli.data.loaders import UNREADABLE, build_source
 from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.errors import DataError, UsageError, from_os_error
 from simclr_cli.evaluation.linear import predict
@@ -30,7 +31,7 @@ class Embedding(NamedTuple):
     """What :func:`embed` wrote."""
 
     path: Path  # the .npy, float32 (N, D)
-    table: Path  # the .csv beside it: row, path, label, class
+    table: Path  # the .csv beside it: row, path, label, class, unreadable (1: the row of h is NaN)
     shape: tuple[int, ...]  # (N, D)
 
 
@@ -78,9 +79,16 @@ def embed(source: str | Path | None, data: str = "val", out: str | Path | None =
     accelerator = make_accelerator("no")
     encoder = common.load_encoder(src, recipe, "pretrained").backbone.to(accelerator.device)
     # split across processes under torchrun / accelerate launch; every process gets h, the main one writes it
-    feats, labels = predict(encoder, common.eval_loader(source_images, None, recipe, accelerator), accelerator.device)
+    feats, labels = predict(encoder, common.eval_loader(source_images, None, recipe, accelerator, mark_unreadable=True),
+                            accelerator.device)
     if not accelerator.is_main_process:
         return Embedding(target, table, tuple(feats.shape))
+    unreadable = labels == UNREADABLE
+    feats[unreadable] = float("nan")  # never another image's h under this image's name
+    if unreadable.any():
+        first = source_images.describe(int(unreadable.nonzero()[0]))
+        print(f"warning: {int(unreadable.sum())} unreadable image(s) (first: {first}): their rows are NaN in "
+              f"{target.name} and marked unreadable in {table.name}", file=sys.stderr)
     writing = target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -89,10 +97,11 @@ def embed(source: str | Path | None, data: str = "val", out: str | Path | None =
         # File names that are not valid UTF-8 are written back as the bytes they are (surrogateescape).
         with table.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             w = csv.writer(f)
-            w.writerow(["row", "path", "label", "class"])
-            for i, y in enumerate(labels.tolist()):
+            w.writerow(["row", "path", "label", "class", "unreadable"])
+            for i, bad in enumerate(unreadable.tolist()):
+                y = int(source_images.labels[i])
                 name = source_images.classes[y] if 0 <= y < len(source_images.classes) else ""
-                w.writerow([i, source_images.describe(i), y, name])
+                w.writerow([i, source_images.describe(i), y, name, int(bad)])
     except OSError as e:  # disk full, read-only: name the file
         err = from_os_error(e, writing)
         if err is None:

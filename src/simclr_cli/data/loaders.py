@@ -221,13 +221,21 @@ class ContrastiveViews(Dataset):
                 **self._label(used)}
 
 
+UNREADABLE = -2  # EvalImages(mark_unreadable=True): the label of a row whose own image could not be read
+
+
 class EvalImages(Dataset):
-    """Un-augmented images with labels, for feature extraction."""
+    """Un-augmented images with labels, for feature extraction.
+
+    An unreadable image is replaced by the next readable one (with its label), which suits evaluation;
+    ``mark_unreadable``: such a row's label is :data:`UNREADABLE` instead, for outputs that name every
+    image (``simclr embed``), where another image's features under this one's name would be wrong."""
 
     def __init__(self, source: ImageSource, transform: EvalTransform, decode_draft: bool = False,
-                 draft_margin: float = DRAFT_MARGIN) -> None:
+                 draft_margin: float = DRAFT_MARGIN, mark_unreadable: bool = False) -> None:
         self.source = source
         self.transform = transform
+        self.mark_unreadable = mark_unreadable
         # A large JPEG is decoded with its shorter side still >= draft_margin x the resize target.
         self.min_side = int(draft_margin * transform.resize_to) if decode_draft and hasattr(source, "raw") else None
 
@@ -239,7 +247,8 @@ class EvalImages(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         img, used, bad = load_with_fallback(self.source, index, self._load if self.min_side else None)
-        return {"image": self.transform(img), "label": self.source.labels[used], "index": index, "bad": bad,
+        label = UNREADABLE if self.mark_unreadable and used != index else self.source.labels[used]
+        return {"image": self.transform(img), "label": label, "index": index, "bad": bad,
                 "bad_run": bad_run(self.source, index, used, bad)}
 
 

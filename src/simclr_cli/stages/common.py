@@ -324,10 +324,11 @@ def head_layers(model: SimCLRModel) -> list[nn.Module]:
 
 
 def eval_loader(source: ImageSource, indices: list[int] | None, recipe: Recipe, accelerator, batch_size: int = 256,
-                size: int | None = None):
+                size: int | None = None, mark_unreadable: bool = False):
     """Un-augmented, labeled batches (resize + center crop for large images) of ``source`` or its ``indices``,
     at ``size`` (default ``data.image_size``): this process's share of them (:class:`ShardedBatches`), which
-    ``evaluation.knn.extract_features`` and ``evaluation.linear.predict`` run on every process and gather."""
+    ``evaluation.knn.extract_features`` and ``evaluation.linear.predict`` run on every process and gather.
+    ``mark_unreadable``: see :class:`~simclr_cli.data.loaders.EvalImages`."""
     from torch.utils.data import Subset
 
     from simclr_cli.data.augment import EvalTransform
@@ -335,7 +336,8 @@ def eval_loader(source: ImageSource, indices: list[int] | None, recipe: Recipe, 
     from simclr_cli.evaluation.sharded import ShardedBatches
 
     cfg = recipe.data
-    ds = EvalImages(source, EvalTransform(size or cfg.image_size, cfg.mean, cfg.std), decode_draft=cfg.decode_draft)
+    ds = EvalImages(source, EvalTransform(size or cfg.image_size, cfg.mean, cfg.std), decode_draft=cfg.decode_draft,
+                    mark_unreadable=mark_unreadable)
     if indices is not None and len(indices) < len(source):
         ds = Subset(ds, indices)
     shard = ShardedBatches(len(ds), batch_size, accelerator.process_index, accelerator.num_processes)
