@@ -77,7 +77,7 @@ def test_plot_and_embed_write_non_empty_files(tiny_recipe_file):
 
     feats = np.load("runs/tiny/embed/val.npy")
     rows = Path("runs/tiny/embed/val.csv").read_text().splitlines()
-    assert feats.shape == (32, 96) and len(rows) == 33 and rows[0] == "row,path,label,class"
+    assert feats.shape == (32, 96) and len(rows) == 33 and rows[0] == "row,path,label,class,unreadable"
 
 
 def test_info_takes_a_run_folder_and_a_bad_summary_hides_nothing(tiny_recipe_file):

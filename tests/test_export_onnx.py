@@ -140,3 +140,31 @@ def test_model_card_of_a_cifar_stem_run_without_evaluations(tmp_path):
     header = yaml.safe_load(card.split("---\n")[1])
     assert "model-index" not in header and "datasets" not in header  # nothing measured, synthetic data
     assert card.count("not measured") == 4 and "load_timm(\"exp\")" in card and "CIFAR stem" in card
+
+
+def test_model_card_leaves_out_numbers_of_another_encoder(tiny_recipe_file, tmp_path):
+    """Review: the card read RUN/knn/summary.json whatever encoder it measured: a kNN of the encoder that a
+    `pretrain --overwrite` has since replaced, or the pretrain encoder's kNN on a distilled student's card."""
+    import os
+
+    from simclr_cli.export import run_summaries
+
+    run = tmp_path / "run"
+    pretrain.run(load_recipe(tiny_recipe_file, ["pretrain.max_steps=1", "pretrain.knn_every=0"]), run,
+                 show_progress=False)
+    assert CliRunner().invoke(app, ["knn", str(run), "-q"]).exit_code == 0
+    ckpt = run / "pretrain" / "model.safetensors"
+    assert set(run_summaries(run, ckpt)) == {"pretrain", "knn"}
+    # the pretrain checkpoint replaced after the kNN was measured (as `pretrain --overwrite` does)
+    knn_time = (run / "knn" / "summary.json").stat().st_mtime
+    os.utime(ckpt, (knn_time + 5, knn_time + 5))
+    assert set(run_summaries(run, ckpt)) == {"pretrain"}
+    r = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "exp")])
+    assert r.exit_code == 0, r.output
+    assert "| kNN top-1 | not measured |" in (tmp_path / "exp" / "README.md").read_text()
+    # another stage's checkpoint (a distilled student): neither the pretrain nor its kNN numbers are its own
+    other = run / "distill" / "model.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(ckpt.read_bytes())
+    os.utime(other, (knn_time - 5, knn_time - 5))
+    assert run_summaries(run, other) == {}

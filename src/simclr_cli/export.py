@@ -90,7 +90,7 @@ def export_timm(checkpoint: Path, out_dir: Path, *, overwrite: bool = False, run
                                                   "simclr.cifar_stem": "true" if cifar else "false"})
     atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     run = Path(run_dir) if run_dir is not None else checkpoint.resolve().parent.parent
-    atomic_write_text(out_dir / "README.md", model_card(recipe, meta, config, run_summaries(run), out_dir))
+    atomic_write_text(out_dir / "README.md", model_card(recipe, meta, config, run_summaries(run, checkpoint), out_dir))
     return config
 
 
@@ -100,17 +100,33 @@ _LR_SCALING = {"linear": " x B/256", "sqrt": " x sqrt(B)", "none": " (not scaled
 _HUB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "stl10": "stl10"}  # known Hub names
 
 
-def run_summaries(run_dir: Path) -> dict[str, dict]:
+def run_summaries(run_dir: Path, checkpoint: Path | None = None) -> dict[str, dict]:
     """The ``summary.json`` of each stage of ``run_dir`` that measured the pretrained encoder (``--init random``
-    baselines are left out); missing or unreadable ones are absent."""
+    baselines are left out); missing or unreadable ones are absent.
+
+    With ``checkpoint`` (the file being exported), only numbers of that very encoder count: the pretrain
+    summary only for RUN/pretrain's checkpoint; a later stage's only when it read a checkpoint of the same
+    stage folder and was written after ``checkpoint`` (not a kNN of the encoder that a ``pretrain --overwrite``
+    has since replaced, nor the teacher's numbers on a distilled student's card)."""
     out: dict[str, dict] = {}
+    made = Path(checkpoint).stat().st_mtime if checkpoint is not None else None
     for stage in ("pretrain", "knn", "linear_eval", "finetune"):
+        path = Path(run_dir) / stage / "summary.json"
         try:
-            summary = json.loads((Path(run_dir) / stage / "summary.json").read_text())
+            summary = json.loads(path.read_text())
+            written = path.stat().st_mtime
         except (OSError, ValueError):
             continue
-        if isinstance(summary, dict) and summary.get("init", "pretrained") == "pretrained":
-            out[stage] = summary
+        if not isinstance(summary, dict) or summary.get("init", "pretrained") != "pretrained":
+            continue
+        if checkpoint is not None:
+            exported = Path(checkpoint).parent.name  # the stage folder the exported checkpoint is in
+            if stage == "pretrain":
+                if exported != "pretrain":
+                    continue
+            elif Path(str(summary.get("source", ""))).parent.name != exported or written < made:
+                continue
+        out[stage] = summary
     return out
 
 
