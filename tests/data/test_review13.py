@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -32,3 +34,38 @@ def test_a_list_that_does_not_exist_says_so(tmp_path):
     with pytest.raises(DataError, match="does not exist") as e:
         read_file_list(tmp_path / "nope.txt")
     assert e.value.exit_code == 2
+
+
+def test_data_index_on_an_interrupted_pack_refuses_and_names_the_pack_command(tmp_path, tiny_recipe_file):
+    """`simclr data index` on an interrupted pack used to index the shards it found; the pack then said
+    "already packed" for good and training used part of the images. Now both point to the pack command."""
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+    from simclr_cli.data.shards import PackSettings, pack
+    from tests.data.test_shards import _labeled
+
+    src, out = _labeled(tmp_path / "src"), tmp_path / "out"
+    settings = PackSettings(shorter_side=16, quality=90, shard_size=3)
+    pack(src, out, settings, say=lambda s: None)
+    full = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "shard-000002.tar").unlink()  # the state an interrupted pack leaves: no last shard, no index
+    (out / "index.json").unlink()
+    finish = f"simclr data pack {src} {out} --shorter-side 16 --quality 90 --shard-size 3"
+    runner = CliRunner()
+    r = runner.invoke(app, ["data", "index", str(out)])
+    assert r.exit_code == 2 and "the pack is incomplete (2 of 3 shards" in r.output and finish in r.output, r.output
+    assert not (out / "index.json").exists()
+    r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--set", "data.dataset=shards", "--set",
+                            f"data.root={out}", "--out", str(tmp_path / "run"), "--quiet"])
+    assert r.exit_code == 2 and finish in r.output, r.output
+    # a partial index.json left by the old `data index` does not pass for a finished pack
+    index = json.loads(full["index.json"])
+    index["shards"] = index["shards"][:2]
+    keep = [i for i, k in enumerate(index["samples"]["shard"]) if k < 2]
+    index["samples"] = {c: [v[i] for i in keep] for c, v in index["samples"].items()}
+    (out / "index.json").write_text(json.dumps(index))
+    r = runner.invoke(app, ["data", "pack", str(src), str(out), "--shorter-side", "16", "--quality", "90",
+                            "--shard-size", "3", "--quiet", "--workers", "0"])
+    assert r.exit_code == 0 and "already packed" not in r.output, r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == full

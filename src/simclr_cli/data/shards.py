@@ -324,8 +324,12 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
             index = read_index(out)
         except DataError:
             index = None
-        intact = index is not None and all((out / sh["name"]).is_file() and (out / sh["name"]).stat().st_size
-                                           == sh["bytes"] for sh in index["shards"])
+        # every shard of the manifest, not only those the index names: `simclr data index` run on an interrupted
+        # pack indexes the shards it finds, and that index must not pass for a finished pack
+        intact = (index is not None
+                  and [sh["name"] for sh in index["shards"]] == [shard_name(k) for k in range(manifest["shards"])]
+                  and all((out / sh["name"]).is_file() and (out / sh["name"]).stat().st_size == sh["bytes"]
+                          for sh in index["shards"]))
         if intact and index.get("source_hash") == manifest["source_hash"]:
             done = len(index["samples"]["key"])
             return PackResult(out, done, n - done, len(index["shards"]), len(index["shards"]), already=True)
@@ -442,6 +446,18 @@ def scan_shard(path: Path, warn: Callable[[str], None] | None = None) -> list[Sh
     return list(entries.values())
 
 
+def _unfinished(out: Path, manifest: dict, found: int) -> str:
+    """The error for a pack with fewer shards than its ``pack.json`` plans (an interrupted ``simclr data pack``,
+    or shards deleted since), with the command that finishes it; '' when none are missing."""
+    expected = manifest.get("shards")
+    if not isinstance(expected, int) or found >= expected:
+        return ""
+    options = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (manifest.get("settings") or {}).items())
+    return (f"{out}: the pack is incomplete ({found} of {expected} shards; an interrupted `simclr data pack`, "
+            f"or shards deleted since): finish it with `simclr data pack {manifest.get('source') or 'SRC'} {out}"
+            f"{options}` (the same source and options)")
+
+
 def write_index(out: Path, say: Callable[[str], None] = print) -> dict:
     """Build ``out/index.json`` from the shards themselves (and ``pack.json`` where present) and write it
     atomically; returns it. This is what ``simclr data index OUT`` runs."""
@@ -453,6 +469,9 @@ def write_index(out: Path, say: Callable[[str], None] = print) -> dict:
     manifest = {}
     if (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
+    unfinished = _unfinished(out, manifest, len(shards))
+    if unfinished:
+        raise DataError(unfinished, missing=True)
     cols: dict[str, list] = {"shard": [], "offset": [], "size": [], "label": [], "key": [], "path": []}
     names_by_label: dict[int, str] = {}
     for k, path in enumerate(shards):
@@ -486,7 +505,14 @@ def read_index(root: Path) -> dict:
         raise DataError(f"shards: {root} is not a folder; pack images into shards first "
                         f"(simclr data pack SRC {root}) and point data.root at that folder", missing=True)
     if not path.is_file():
-        has_shards = any(SHARD_RE.match(p.name) for p in root.iterdir())
+        found = sum(1 for p in root.iterdir() if SHARD_RE.match(p.name))
+        has_shards = found > 0
+        try:
+            unfinished = _unfinished(root, json.loads((root / MANIFEST).read_text()), found)
+        except (OSError, ValueError, AttributeError):
+            unfinished = ""
+        if unfinished:
+            raise DataError(f"shards: {unfinished}", missing=True)
         how = (f"rebuild it from the shards with `simclr data index {root}`, or finish an interrupted pack by "
                f"running `simclr data pack SRC {root}` again" if has_shards else
                f"it holds no shards either: pack images with `simclr data pack SRC {root}`")
