@@ -69,3 +69,18 @@ def test_data_index_on_an_interrupted_pack_refuses_and_names_the_pack_command(tm
                             "--shard-size", "3", "--quiet", "--workers", "0"])
     assert r.exit_code == 0 and "already packed" not in r.output, r.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == full
+
+
+def test_labeled_flat_folder_and_imagefolder_on_a_flat_folder_say_what_is_wrong(tmp_path):
+    from simclr_cli.data.sources import ImageFolderSource
+    from simclr_cli.stages.common import labeled_elsewhere
+
+    _png(tmp_path / "flat" / "a.png")
+    _png(tmp_path / "flat" / "b.png")
+    with pytest.raises(DataError) as e:  # it said "imagefolder:...: no images" of a folder of images
+        labeled_elsewhere(str(tmp_path / "flat"), 0)
+    assert e.value.exit_code == 2
+    assert str(e.value).startswith("data.labeled: ") and "no images in class folders" in str(e.value)
+    with pytest.raises(DataError) as e:
+        ImageFolderSource(tmp_path / "flat", "train")
+    assert f"--set data.dataset=folder --set data.root={tmp_path / 'flat'}" in str(e.value)

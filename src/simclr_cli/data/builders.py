@@ -132,7 +132,7 @@ def folder_layouts(name: str, hint: str, root: Path, *, download: bool, split: s
         return TransferSplits(parts[0], val, parts[1], "val/ folder" if val is not None else "")
     files, labels, classes = scan_class_folders(root)
     if not files:
-        raise DataError(f"{name}: no images; expected train/ and test/ folders, or class folders "
+        raise DataError(f"{name}: no images in class folders; expected train/ and test/ folders, or class folders "
                         f"({root}/<class>/<image>)", missing=True)
     everything = FileListSource(files, labels, classes, name)
     if (root / "train.txt").is_file() and (root / "test.txt").is_file():

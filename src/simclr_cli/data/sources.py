@@ -188,6 +188,15 @@ class FileListSource:
         return self.files[index]
 
 
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` has an image file (by extension) directly inside it; stops at the first one."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".") for e in entries)
+    except OSError:
+        return False
+
+
 class ImageFolderSource(FileListSource):
     """``root/<split>/<class>/<image>``: class folders sorted by name, any common extension in any case."""
 
@@ -196,9 +205,12 @@ class ImageFolderSource(FileListSource):
         root = Path(root).expanduser()
         folder = root / split
         if not folder.is_dir():
+            unlabeled = (f". {root} holds images itself: to pretrain on them unlabeled (any depth), "
+                         f"--set data.dataset=folder --set data.root={root}" if _holds_images(root) else "")
             raise DataError(
                 f"imagefolder: {folder} does not exist; expected images as {folder}/<class>/<image>. "
-                f"Point data.root at the dataset (e.g. --set data.root=/path/to/data) or fix data.{_split_key(split)}",
+                f"Point data.root at the dataset (e.g. --set data.root=/path/to/data) or fix data.{_split_key(split)}"
+                + unlabeled,
                 missing=True,
             )
         files, labels, classes = scan_class_folders(folder, sniff=False, cache=cache)

@@ -257,7 +257,10 @@ def labeled_elsewhere(path: str, seed: int) -> LabeledSplits:
     if not folder.is_dir():
         raise DataError(f"data.labeled: {folder} is not a folder; point it at a labeled image folder "
                         "(PATH/train/ and PATH/val/ of class folders, or PATH/<class>/<image>)", missing=True)
-    parts = folder_layouts("imagefolder", "", folder, download=False, split="0.5", seed=seed)
+    try:
+        parts = folder_layouts("imagefolder", "", folder, download=False, split="0.5", seed=seed)
+    except DataError as e:  # name the key the user set, not the transfer dataset syntax
+        raise DataError(f"data.labeled: {e}", missing=True) from None
     align_classes(parts.train, parts.test)
     labeled = [i for i, y in enumerate(parts.train.labels) if y >= 0]
     if len(parts.train.classes) < 2 or not labeled or not any(y >= 0 for y in parts.test.labels):
