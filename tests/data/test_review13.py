@@ -84,3 +84,12 @@ def test_labeled_flat_folder_and_imagefolder_on_a_flat_folder_say_what_is_wrong(
     with pytest.raises(DataError) as e:
         ImageFolderSource(tmp_path / "flat", "train")
     assert f"--set data.dataset=folder --set data.root={tmp_path / 'flat'}" in str(e.value)
+
+
+def test_an_unreadable_first_file_does_not_turn_in_memory_decoding_off(tmp_path):
+    from simclr_cli.data.sources import FileListSource, MemorySource, decode_in_memory
+
+    (tmp_path / "0_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    files = [str(tmp_path / "0_broken.jpg")] + [str(_png(tmp_path / f"{i}.png")) for i in range(1, 4)]
+    src = decode_in_memory(FileListSource(files, [-1] * 4, [], "folder:x"), "auto", 1.0, say=lambda s: None)
+    assert isinstance(src, MemorySource) and list(src.errors) == [0]  # known before training, counted

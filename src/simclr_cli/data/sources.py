@@ -331,11 +331,16 @@ def decode_in_memory(folder: FileListSource, mode: str, limit_gb: float, say=pri
     """
     if mode == "never" or not folder.files:
         return folder
-    try:
-        first = read_image(folder.files[0])
-        estimate = first.numel() * len(folder.files)
-    except Exception:  # noqa: BLE001 - the first file is unreadable: no estimate, stay on disk
+    first = None
+    for path in folder.files[:16]:  # an unreadable first file (sorted first, e.g. a stray "_broken.jpg") gives
+        try:  # no size: the estimate comes from the first readable one
+            first = read_image(path)
+            break
+        except Exception:  # noqa: BLE001 - any decoder error means "unreadable"
+            continue
+    if first is None:  # no estimate: stay on disk
         return folder
+    estimate = first.numel() * len(folder.files)
     if mode == "auto" and estimate > limit_gb * 1024**3:
         return folder
     n = len(folder.files)
