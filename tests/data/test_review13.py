@@ -93,3 +93,18 @@ def test_an_unreadable_first_file_does_not_turn_in_memory_decoding_off(tmp_path)
     files = [str(tmp_path / "0_broken.jpg")] + [str(_png(tmp_path / f"{i}.png")) for i in range(1, 4)]
     src = decode_in_memory(FileListSource(files, [-1] * 4, [], "folder:x"), "auto", 1.0, say=lambda s: None)
     assert isinstance(src, MemorySource) and list(src.errors) == [0]  # known before training, counted
+
+
+def test_pack_of_a_list_with_missing_files_names_its_own_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+
+    _png(tmp_path / "a.png")
+    (tmp_path / "l.txt").write_text("a.png\ngone.png\n")
+    runner = CliRunner()
+    r = runner.invoke(app, ["data", "pack", str(tmp_path / "l.txt"), str(tmp_path / "out"), "--quiet"])
+    assert r.exit_code == 2 and "pass --allow-missing" in r.output and "data.allow_missing" not in r.output
+    r = runner.invoke(app, ["data", "pack", str(tmp_path / "l.txt"), str(tmp_path / "out"), "--quiet",
+                            "--allow-missing", "--workers", "0"])
+    assert r.exit_code == 0 and "left out (--allow-missing)" in r.output, r.output

@@ -43,7 +43,8 @@ def _class_order(names: set[str]) -> list[str]:
         return sorted(names)
 
 
-def read_file_list(path: Path, *, allow_missing: bool = False, warn: Callable[[str], None] = print) -> FileListSource:
+def read_file_list(path: Path, *, allow_missing: bool = False, warn: Callable[[str], None] = print,
+                   allow_missing_option: str = "set data.allow_missing=true") -> FileListSource:
     """The images a list file names, with their labels (-1 where a row has none).
 
     Args:
@@ -51,6 +52,8 @@ def read_file_list(path: Path, *, allow_missing: bool = False, warn: Callable[[s
         allow_missing: leave out the files that do not exist, saying how many through ``warn``; otherwise
             they are a :class:`DataError` (exit 2) with the count and the first few names.
         warn: where the allow-missing warning goes.
+        allow_missing_option: how the error tells the user to allow missing files (``simclr data pack`` has its
+            own option, ``--allow-missing``).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -69,12 +72,12 @@ def read_file_list(path: Path, *, allow_missing: bool = False, warn: Callable[[s
         shown = ", ".join(p for p, _ in missing[:SHOWN]) + (f" and {more} more" if more > 0 else "")
         what = f"{path}: {len(missing)} of {len(rows)} listed files do not exist ({shown})"
         if not allow_missing:
-            rest = (f", or set data.allow_missing=true to use the {len(rows) - len(missing)} that exist"
+            rest = (f", or {allow_missing_option} to use the {len(rows) - len(missing)} that exist"
                     if len(missing) < len(rows) else "")
             raise DataError(f"{what}; paths are relative to {base} unless absolute. Fix the list{rest}", missing=True)
         if len(missing) == len(rows):
             raise DataError(f"{what}: none is left to use", missing=True)
-        warn(f"warning: {what}; left out (data.allow_missing=true)")
+        warn(f"warning: {what}; left out ({allow_missing_option.split()[-1]})")
         gone = {f for _, f in missing}
         entries = [(f, y) for f, y in entries if f not in gone]
     classes = _class_order({y for _, y in entries if y})
