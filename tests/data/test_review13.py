@@ -108,3 +108,25 @@ def test_pack_of_a_list_with_missing_files_names_its_own_option(tmp_path):
     r = runner.invoke(app, ["data", "pack", str(tmp_path / "l.txt"), str(tmp_path / "out"), "--quiet",
                             "--allow-missing", "--workers", "0"])
     assert r.exit_code == 0 and "left out (--allow-missing)" in r.output, r.output
+
+
+def test_pack_of_a_file_name_that_is_not_utf8(tmp_path):
+    """A Latin-1 file name (a lone surrogate in Python) made the index write fail (exit 1, UnicodeEncodeError)."""
+    import os
+
+    from simclr_cli.data.shards import PackSettings, ShardSource, pack, write_index
+
+    src = tmp_path / "src"
+    src.mkdir()
+    odd = os.fsdecode(os.fsencode(str(src)) + b"/caf\xe9.png")
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(odd, format="PNG")
+    _png(src / "b.png")
+    out = tmp_path / "out"
+    pack(src, out, PackSettings(shorter_side=16, quality=90, shard_size=3), say=lambda s: None)
+    index = (out / "index.json").read_bytes()
+    index.decode("utf-8")  # still UTF-8
+    ds = ShardSource(out)
+    assert len(ds) == 2 and "caf\udce9.png" in ds.describe(1) and ds.load(1).shape[0] == 3
+    (out / "index.json").unlink()
+    write_index(out, say=lambda s: None)
+    assert (out / "index.json").read_bytes() == index

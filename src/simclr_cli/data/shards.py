@@ -493,7 +493,12 @@ def write_index(out: Path, say: Callable[[str], None] = print) -> dict:
     index = {"format": FORMAT, "source": manifest.get("source"), "source_hash": manifest.get("source_hash"),
              "settings": manifest.get("settings"), "classes": classes,
              "shards": [{"name": p.name, "bytes": p.stat().st_size} for p in shards], "samples": cols}
-    atomic_write_text(out / INDEX, json.dumps(index, separators=(",", ":"), ensure_ascii=False) + "\n")
+    text = json.dumps(index, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8 (a lone surrogate): \u escapes keep the file UTF-8
+        text = json.dumps(index, separators=(",", ":"))
+    atomic_write_text(out / INDEX, text + "\n")
     return index
 
 
