@@ -130,3 +130,16 @@ def test_pack_of_a_file_name_that_is_not_utf8(tmp_path):
     (out / "index.json").unlink()
     write_index(out, say=lambda s: None)
     assert (out / "index.json").read_bytes() == index
+
+
+@pytest.mark.parametrize("dataset", ["folder", "filelist", "shards", "imagefolder"])
+def test_an_empty_data_root_is_refused_not_the_current_folder(tmp_path, monkeypatch, dataset):
+    """`--set data.root=$PHOTOS` with PHOTOS unset listed the current folder (a home folder) and trained on it."""
+    from simclr_cli.data.loaders import build_source
+    from simclr_cli.recipe import DataConfig
+
+    _png(tmp_path / "x.png")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="data.root is empty") as e:
+        build_source(DataConfig(dataset=dataset, root="", listing_cache="off"), "train", 0)
+    assert e.value.exit_code == 2

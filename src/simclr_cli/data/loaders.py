@@ -37,6 +37,10 @@ _MAX_FALLBACK = 64
 
 def build_source(cfg: DataConfig, split: str, seed: int) -> ImageSource:
     """The image source for ``split`` of the recipe's dataset (``data.dataset``, from the registry)."""
+    if cfg.dataset != "synthetic" and not str(cfg.root).strip():
+        # `--set data.root=$PHOTOS` with the variable unset: never train on whatever the current folder holds
+        raise DataError(f"data.root is empty; point it at the {cfg.dataset} data (e.g. --set data.root=/path/to/images"
+                        "; write data.root=. for the current folder)", missing=True)
     return pretraining_dataset(cfg.dataset).build_split(cfg, split, seed)
 
 
