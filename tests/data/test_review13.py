@@ -55,7 +55,10 @@ def test_data_index_on_an_interrupted_pack_refuses_and_names_the_pack_command(tm
     runner = CliRunner()
     r = runner.invoke(app, ["data", "index", str(out)])
     assert r.exit_code == 2 and "the pack is incomplete (2 of 3 shards" in r.output and finish in r.output, r.output
-    assert not (out / "index.json").exists()
+    assert f"`simclr data index {out} --partial`" in r.output and not (out / "index.json").exists()
+    r = runner.invoke(app, ["data", "index", str(out), "--partial"])  # the source is gone: use what is there
+    assert r.exit_code == 0 and "indexed 6 images in 2 shards" in r.output, r.output
+    (out / "index.json").unlink()
     r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--set", "data.dataset=shards", "--set",
                             f"data.root={out}", "--out", str(tmp_path / "run"), "--quiet"])
     assert r.exit_code == 2 and finish in r.output, r.output

@@ -83,12 +83,15 @@ def data_pack(
 @data_app.command("index")
 def data_index(
     out: Annotated[Path, typer.Argument(help="A pack folder (shard-NNNNNN.tar files).")],
+    partial: Annotated[bool, typer.Option("--partial", help="Index the shards that are there even when the pack "
+                                          "has fewer than its pack.json plans (interrupted, or shards lost); "
+                                          "it then holds fewer images.")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Rebuild a pack's index.json by reading its shards (after it was lost, or the shards were changed)."""
     with _handled(debug):
         from simclr_cli.data.shards import write_index
 
-        index = write_index(out, say=lambda text: typer.echo(text, err=text.startswith("warning:")))
+        index = write_index(out, say=lambda text: typer.echo(text, err=text.startswith("warning:")), partial=partial)
         print(f"indexed {len(index['samples']['key'])} images in {len(index['shards'])} shards: "
               f"{Path(out).expanduser().absolute() / 'index.json'}")

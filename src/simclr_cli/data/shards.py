@@ -455,12 +455,16 @@ def _unfinished(out: Path, manifest: dict, found: int) -> str:
     options = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (manifest.get("settings") or {}).items())
     return (f"{out}: the pack is incomplete ({found} of {expected} shards; an interrupted `simclr data pack`, "
             f"or shards deleted since): finish it with `simclr data pack {manifest.get('source') or 'SRC'} {out}"
-            f"{options}` (the same source and options)")
+            f"{options}` (the same source and options), or use only the shards that are there with "
+            f"`simclr data index {out} --partial`")
 
 
-def write_index(out: Path, say: Callable[[str], None] = print) -> dict:
+def write_index(out: Path, say: Callable[[str], None] = print, *, partial: bool = False) -> dict:
     """Build ``out/index.json`` from the shards themselves (and ``pack.json`` where present) and write it
-    atomically; returns it. This is what ``simclr data index OUT`` runs."""
+    atomically; returns it. This is what ``simclr data index OUT`` runs.
+
+    A pack with fewer shards than its ``pack.json`` plans (interrupted, or shards deleted) is a :class:`DataError`
+    naming the command that finishes it, unless ``partial`` (``--partial``): then the shards found are indexed."""
     out = Path(out).expanduser().absolute()
     shards = sorted(p for p in out.iterdir() if SHARD_RE.match(p.name)) if out.is_dir() else []
     if not shards:
@@ -470,7 +474,7 @@ def write_index(out: Path, say: Callable[[str], None] = print) -> dict:
     if (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
     unfinished = _unfinished(out, manifest, len(shards))
-    if unfinished:
+    if unfinished and not partial:
         raise DataError(unfinished, missing=True)
     cols: dict[str, list] = {"shard": [], "offset": [], "size": [], "label": [], "key": [], "path": []}
     names_by_label: dict[int, str] = {}
