@@ -146,3 +146,17 @@ def test_an_empty_data_root_is_refused_not_the_current_folder(tmp_path, monkeypa
     with pytest.raises(DataError, match="data.root is empty") as e:
         build_source(DataConfig(dataset=dataset, root="", listing_cache="off"), "train", 0)
     assert e.value.exit_code == 2
+
+
+def test_pack_quiet_still_warns_about_each_unreadable_image(tmp_path):
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+
+    _png(tmp_path / "src" / "a.png")
+    (tmp_path / "src" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    r = CliRunner().invoke(app, ["data", "pack", str(tmp_path / "src"), str(tmp_path / "out"), "--quiet",
+                                 "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert f"warning: skipping unreadable image {tmp_path / 'src' / 'b.jpg'}" in r.output
+    assert "1 unreadable images skipped (each named in a warning)" in r.output

@@ -56,7 +56,9 @@ def data_pack(
             bar["bar"].update(done, "", line)
 
         def say(text: str) -> None:
-            if "bar" in bar:
+            if quiet and text.startswith("warning:"):  # --quiet drops the bar and progress, never a warning
+                typer.echo(text, err=True)
+            elif "bar" in bar:
                 bar["bar"].message(text)
             elif text.startswith("warning:"):
                 typer.echo(text, err=True)
