@@ -160,3 +160,31 @@ def test_pack_quiet_still_warns_about_each_unreadable_image(tmp_path):
     assert r.exit_code == 0, r.output
     assert f"warning: skipping unreadable image {tmp_path / 'src' / 'b.jpg'}" in r.output
     assert "1 unreadable images skipped (each named in a warning)" in r.output
+
+
+def test_a_second_pack_into_the_same_out_is_refused_while_one_runs(tmp_path):
+    """Two packs into one OUT wrote the same .shard-K.tar.tmp files (one failed with a raw FileNotFoundError, exit 1)."""
+    import fcntl
+    import os
+
+    from simclr_cli.data.shards import PackSettings, pack
+    from simclr_cli.errors import UsageError
+
+    _png(tmp_path / "src" / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / ".pack.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what a running pack holds
+    try:
+        with pytest.raises(UsageError, match="being packed by another") as e:
+            pack(tmp_path / "src", out, PackSettings(16, 90, 3), say=lambda s: None)
+        assert e.value.exit_code == 2 and not (out / "pack.json").exists()
+    finally:
+        os.close(fd)
+    assert pack(tmp_path / "src", out, PackSettings(16, 90, 3), say=lambda s: None).images == 1
+    other = tmp_path / "other"  # a folder that is not a pack is left as it was
+    other.mkdir()
+    (other / "mine.txt").write_text("x")
+    with pytest.raises(UsageError, match="not a shard pack"):
+        pack(tmp_path / "src", other, PackSettings(16, 90, 3), say=lambda s: None)
+    assert [p.name for p in other.iterdir()] == ["mine.txt"]

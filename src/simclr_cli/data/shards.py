@@ -249,6 +249,34 @@ def _our_files(out: Path) -> list[Path]:
             or (p.name.startswith(".shard-") and p.name.endswith(".tar.tmp"))]
 
 
+LOCK = ".pack.lock"
+
+
+def _lock_pack(out: Path) -> int | None:
+    """An exclusive ``flock`` on ``out/.pack.lock`` (``out`` made when missing): a second pack into the same OUT is
+    refused (exit 2) instead of writing the same shards. None where there is no lock to take (``out`` is a file,
+    which :func:`_prepare_out` reports, or a file system without locks)."""
+    import errno
+    import fcntl
+
+    if out.exists() and not out.is_dir():
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise UsageError(f"{out} is being packed by another `simclr data pack`; wait for it to finish "
+                             "(then run this command again to check the pack), or choose another OUT") from None
+        return None
+    return fd
+
+
 def _prepare_out(out: Path, manifest: dict, overwrite: bool) -> bool:
     """Make ``out`` ready for ``manifest``; True when it already holds a pack of the same source and settings
     (completed shards are kept)."""
@@ -256,7 +284,7 @@ def _prepare_out(out: Path, manifest: dict, overwrite: bool) -> bool:
         raise UsageError(f"{out} is a file; OUT must be a folder (new, empty, or an earlier pack)")
     out.mkdir(parents=True, exist_ok=True)
     mine = _our_files(out)
-    others = [p for p in out.iterdir() if p not in mine]
+    others = [p for p in out.iterdir() if p not in mine and p.name != LOCK]
     old = out / MANIFEST
     if old.is_file():
         try:
@@ -318,80 +346,89 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
     manifest = {"format": FORMAT, "source": str(Path(src).expanduser().absolute()),
                 "source_hash": source_hash(source, settings), "settings": asdict(settings),
                 "classes": list(source.classes), "images": n, "shards": -(-n // size)}
-    resuming = _prepare_out(out, manifest, overwrite)
-    if resuming and (out / INDEX).is_file():
-        try:
-            index = read_index(out)
-        except DataError:
-            index = None
-        # every shard of the manifest, not only those the index names: `simclr data index` run on an interrupted
-        # pack indexes the shards it finds, and that index must not pass for a finished pack
-        intact = (index is not None
-                  and [sh["name"] for sh in index["shards"]] == [shard_name(k) for k in range(manifest["shards"])]
-                  and all((out / sh["name"]).is_file() and (out / sh["name"]).stat().st_size == sh["bytes"]
-                          for sh in index["shards"]))
-        if intact and index.get("source_hash") == manifest["source_hash"]:
-            done = len(index["samples"]["key"])
-            return PackResult(out, done, n - done, len(index["shards"]), len(index["shards"]), already=True)
-    if not resuming:
-        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    (out / INDEX).unlink(missing_ok=True)
-    keys = [key_of(i) for i in range(n)]
-    todo = []
-    for k in range(manifest["shards"]):
-        path = out / shard_name(k)
-        if resuming and path.is_file() and _complete_shard(path, keys[k * size:(k + 1) * size]):
-            continue
-        todo.append(k)
-    reused = manifest["shards"] - len(todo)
-    if reused:
-        say(f"{out}: resuming: {reused} of {manifest['shards']} shards are complete and kept")
-    positions = [range(k * size, min(n, (k + 1) * size)) for k in todo]
-    remaining = sum(len(r) for r in positions)
-    jobs = ((i, str(source.files[i]), settings.shorter_side, settings.quality) for r in positions for i in r)
-    done = n - remaining
-    if progress:
-        progress(done, n)
-    writer: _ShardWriter | None = None
-    pool = None
+    existed = out.exists()
+    lock = _lock_pack(out)  # one pack command at a time per OUT: they would write the same shard files
     try:
-        if workers > 0 and remaining > 1:
-            import multiprocessing
+        resuming = _prepare_out(out, manifest, overwrite)
+        if resuming and (out / INDEX).is_file():
+            try:
+                index = read_index(out)
+            except DataError:
+                index = None
+            # every shard of the manifest, not only those the index names: `simclr data index` run on an interrupted
+            # pack indexes the shards it finds, and that index must not pass for a finished pack
+            intact = (index is not None
+                      and [sh["name"] for sh in index["shards"]] == [shard_name(k) for k in range(manifest["shards"])]
+                      and all((out / sh["name"]).is_file() and (out / sh["name"]).stat().st_size == sh["bytes"]
+                              for sh in index["shards"]))
+            if intact and index.get("source_hash") == manifest["source_hash"]:
+                done = len(index["samples"]["key"])
+                return PackResult(out, done, n - done, len(index["shards"]), len(index["shards"]), already=True)
+        if not resuming:
+            atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        (out / INDEX).unlink(missing_ok=True)
+        keys = [key_of(i) for i in range(n)]
+        todo = []
+        for k in range(manifest["shards"]):
+            path = out / shard_name(k)
+            if resuming and path.is_file() and _complete_shard(path, keys[k * size:(k + 1) * size]):
+                continue
+            todo.append(k)
+        reused = manifest["shards"] - len(todo)
+        if reused:
+            say(f"{out}: resuming: {reused} of {manifest['shards']} shards are complete and kept")
+        positions = [range(k * size, min(n, (k + 1) * size)) for k in todo]
+        remaining = sum(len(r) for r in positions)
+        jobs = ((i, str(source.files[i]), settings.shorter_side, settings.quality) for r in positions for i in r)
+        done = n - remaining
+        if progress:
+            progress(done, n)
+        writer: _ShardWriter | None = None
+        pool = None
+        try:
+            if workers > 0 and remaining > 1:
+                import multiprocessing
 
-            pool = multiprocessing.get_context().Pool(workers, initializer=_worker_signals)
-            results: Iterator = pool.imap(_encode_job, jobs, chunksize=8)
-        else:
-            results = map(_encode_job, jobs)
-        current = -1
-        for position, jpeg, err in results:
-            k = position // size
-            if k != current:
-                if writer is not None:
-                    _write_shard(writer)
-                writer, current = _ShardWriter(out, k), k
-            if jpeg is None:
-                say(f"warning: skipping unreadable image {source.files[position]}: {err}")
+                pool = multiprocessing.get_context().Pool(workers, initializer=_worker_signals)
+                results: Iterator = pool.imap(_encode_job, jobs, chunksize=8)
             else:
-                writer.add(keys[position], jpeg, int(source.labels[position]), source.files[position], source.classes)
-            done += 1
-            if progress:
-                progress(done, n)
-        if writer is not None:
-            _write_shard(writer)
-            writer = None
-    except KeyboardInterrupt:
-        complete = sum(1 for k in range(manifest["shards"]) if (out / shard_name(k)).is_file())
-        raise Interrupted(f"packing stopped: {complete} of {manifest['shards']} shards are complete and kept in {out}; "
-                          "run the same command again to resume") from None
+                results = map(_encode_job, jobs)
+            current = -1
+            for position, jpeg, err in results:
+                k = position // size
+                if k != current:
+                    if writer is not None:
+                        _write_shard(writer)
+                    writer, current = _ShardWriter(out, k), k
+                if jpeg is None:
+                    say(f"warning: skipping unreadable image {source.files[position]}: {err}")
+                else:
+                    writer.add(keys[position], jpeg, int(source.labels[position]), source.files[position], source.classes)
+                done += 1
+                if progress:
+                    progress(done, n)
+            if writer is not None:
+                _write_shard(writer)
+                writer = None
+        except KeyboardInterrupt:
+            complete = sum(1 for k in range(manifest["shards"]) if (out / shard_name(k)).is_file())
+            raise Interrupted(f"packing stopped: {complete} of {manifest['shards']} shards are complete and kept in {out}; "
+                              "run the same command again to resume") from None
+        finally:
+            if writer is not None:
+                writer.discard()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        index = write_index(out, say=say)
+        packed = len(index["samples"]["key"])
+        return PackResult(out, packed, n - packed, len(index["shards"]), reused)
     finally:
-        if writer is not None:
-            writer.discard()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    index = write_index(out, say=say)
-    packed = len(index["samples"]["key"])
-    return PackResult(out, packed, n - packed, len(index["shards"]), reused)
+        if lock is not None:  # removed while held, once this command writes nothing more
+            (out / LOCK).unlink(missing_ok=True)
+            if not existed and not any(out.iterdir()):  # refused before packing: leave no empty folder behind
+                out.rmdir()
+            os.close(lock)
 
 
 def _write_shard(writer: _ShardWriter) -> None:
