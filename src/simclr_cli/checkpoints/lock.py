@@ -111,6 +111,9 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return False  # released in between: create it again
+        except OSError as e:  # a folder (or something else unopenable) where the lock file goes
+            raise RunLocked(f"{self.path}: cannot use it as the lock of {self.stage_dir} ({e.strerror}); "
+                            "move or delete it, or pass --out DIR to write elsewhere") from None
         try:
             info = _read_info(fd)
             free = _try_flock(fd) is True  # its holder's flock went with it
