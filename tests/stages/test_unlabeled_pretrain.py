@@ -132,7 +132,7 @@ def test_cli_pretrain_on_a_flat_unlabeled_folder_then_embed_and_export(tiny_reci
     assert r.exit_code == 0, r.output
     feats = np.load(tmp_path / "run" / "embed" / "train.npy")
     rows = (tmp_path / "run" / "embed" / "train.csv").read_text().splitlines()
-    assert feats.shape[0] == 16 and len(rows) == 17 and rows[1].endswith("img_000.png,-1,")
+    assert feats.shape[0] == 16 and len(rows) == 17 and rows[1].endswith("img_000.png,-1,,0")
     r = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "exp" / "config.json").read_text())["architecture"] == "test_resnet"
