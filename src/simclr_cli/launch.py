@@ -361,6 +361,23 @@ def build_plan(
     return LaunchPlan(argv=argv, env=extra)
 
 
+RELAUNCH_ENV = "SIMCLR_LAUNCH_PREFIX"  # set for the stage: how it was launched, so that its resume hint launches alike
+
+
+def relaunch_prefix(opts: LaunchOptions) -> str:
+    """``simclr launch`` with the launch options the user gave: the start of a resume command that runs the
+    stage under the same launch (a plain ``simclr STAGE ... --resume`` would run one process and be refused
+    for a state saved by several)."""
+    words = ["simclr", "launch"]
+    for flag, value in (("--gpus", opts.gpus), ("--processes", opts.processes), ("--nodes", opts.nodes),
+                        ("--node-rank", opts.node_rank), ("--main-address", opts.main_address),
+                        ("--main-port", opts.main_port), ("--max-restarts", opts.max_restarts),
+                        ("--config-file", opts.config_file)):
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
 def _first(*values):
     """The first value that is not None (or falsy-but-absent: a missing SLURM section gives None or False)."""
     return next((v for v in values if v is not None and v is not False), None)
@@ -392,7 +409,8 @@ def _check_stage(stage_args: Sequence[str]) -> None:
 
 # --- running it ------------------------------------------------------------------------------------------
 
-def run_plan(plan: LaunchPlan, say: Callable[[str], None] = lambda s: None) -> int:
+def run_plan(plan: LaunchPlan, say: Callable[[str], None] = lambda s: None,
+             extra_env: Optional[Mapping[str, str]] = None) -> int:
     """Run the plan and return its exit code: the launcher's own, or 130 after Ctrl-C or SIGTERM.
 
     The launcher runs in its own process group, so that a Ctrl-C on the terminal reaches the workers once,
@@ -405,7 +423,7 @@ def run_plan(plan: LaunchPlan, say: Callable[[str], None] = lambda s: None) -> i
     while a state is being written.
     """
     say(plan.shell())
-    env = {**os.environ, **plan.env}
+    env = {**os.environ, **plan.env, **(extra_env or {})}  # extra_env: for the stages, not shown in the command
     _become_subreaper()
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     got: list[int] = []

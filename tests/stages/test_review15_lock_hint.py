@@ -25,3 +25,34 @@ def test_a_folder_where_the_lock_goes_exits_2_from_the_command(tiny_recipe_file,
                                       "--set", "pretrain.epochs=1"])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "IsADirectoryError" not in result.output
+
+
+def test_resume_hint_under_simclr_launch_runs_the_same_launch(tmp_path, monkeypatch):
+    import sys
+
+    from simclr_cli import launch as lib
+    from simclr_cli.stages.scaffold import StageRun
+
+    opts = lib.LaunchOptions(processes=2, max_restarts=1)
+    assert lib.relaunch_prefix(opts) == "simclr launch --processes 2 --max-restarts 1"
+    assert lib.relaunch_prefix(lib.LaunchOptions()) == "simclr launch"
+
+    # simclr launch hands the prefix to the stages (not shown in the printed command)
+    seen = {}
+    monkeypatch.setattr(lib, "run_plan", lambda plan, say=None, extra_env=None: seen.update(extra_env or {}) or 0)
+    result = CliRunner().invoke(app, ["launch", "--processes", "2", "pretrain", "quickstart"])
+    assert result.exit_code == 0, result.output
+    assert seen == {lib.RELAUNCH_ENV: "simclr launch --processes 2"}
+    monkeypatch.undo()
+    check = f"import os, sys; sys.exit(os.environ.get({lib.RELAUNCH_ENV!r}) != 'simclr launch --processes 2')"
+    assert lib.run_plan(lib.LaunchPlan([sys.executable, "-c", check]),
+                        extra_env={lib.RELAUNCH_ENV: "simclr launch --processes 2"}) == 0
+
+    # a stage started that way prints a resume command that launches as many processes
+    cmd = "simclr pretrain runs/x/pretrain/recipe.toml --out runs/x --resume"
+    guard = StageRun()
+    guard.configure(tmp_path / "pretrain", "pretrain", resume_cmd=cmd)
+    assert guard.resume_cmd == cmd  # a plain command stays plain
+    monkeypatch.setenv(lib.RELAUNCH_ENV, "simclr launch --processes 2")
+    guard.configure(tmp_path / "pretrain", "pretrain", resume_cmd=cmd)
+    assert guard.resume_cmd == "simclr launch --processes 2 pretrain runs/x/pretrain/recipe.toml --out runs/x --resume"

@@ -74,5 +74,6 @@ def launch(
         if dry_run:
             print(plan.shell())
             return
-        code = lib.run_plan(plan, say=lambda line: print(f"simclr launch: {line}", file=sys.stderr, flush=True))
+        code = lib.run_plan(plan, say=lambda line: print(f"simclr launch: {line}", file=sys.stderr, flush=True),
+                            extra_env={lib.RELAUNCH_ENV: lib.relaunch_prefix(opts)})  # resume hints launch alike
     raise typer.Exit(code)

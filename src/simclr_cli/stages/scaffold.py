@@ -76,7 +76,7 @@ class StageRun:
         """Where the stage writes, whether it keeps resume state (``STAGE_DIR/state``), how to resume it."""
         self.stage_dir, self.stage = Path(stage_dir), stage
         self.state_dir = self.stage_dir / STATE_DIR if keeps_state else None
-        self.resume_cmd = resume_cmd
+        self.resume_cmd = relaunched(resume_cmd)
 
     def begin(self, *, overwrite: bool, resume: bool = False, accelerator=None) -> None:
         """Create the stage folder; with ``overwrite`` (and not ``resume``) move the previous run aside first.
@@ -291,6 +291,15 @@ class StageRun:
 ELASTIC_RESTARTS = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun / accelerate launch (the elastic agent)
 ELASTIC_RUN_ID = "TORCHELASTIC_RUN_ID"  # the same for every restart of one launch
 LAUNCH_FILE = ".launch.json"  # in the stage folder: the elastic launch that started the run
+
+
+def relaunched(command: str) -> str:
+    """A ``simclr STAGE ...`` resume command under the launch that started this process: ``simclr launch``
+    passes its options in ``SIMCLR_LAUNCH_PREFIX`` (launch.RELAUNCH_ENV), so the hint runs as many processes."""
+    prefix = os.environ.get("SIMCLR_LAUNCH_PREFIX", "").strip()
+    if prefix and command.startswith("simclr "):
+        return f"{prefix} {command[len('simclr '):]}"
+    return command
 
 
 def elastic_restart() -> int:
