@@ -56,3 +56,32 @@ def test_resume_hint_under_simclr_launch_runs_the_same_launch(tmp_path, monkeypa
     monkeypatch.setenv(lib.RELAUNCH_ENV, "simclr launch --processes 2")
     guard.configure(tmp_path / "pretrain", "pretrain", resume_cmd=cmd)
     assert guard.resume_cmd == "simclr launch --processes 2 pretrain runs/x/pretrain/recipe.toml --out runs/x --resume"
+
+
+def test_an_error_line_is_written_in_one_piece(monkeypatch):
+    """The processes of a launch share stderr: `error: ...` and its newline go out in one write, so two ranks'
+    lines cannot be glued into one."""
+    import typer
+
+    from simclr_cli.cli._app import _handled
+    from simclr_cli.errors import UsageError
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    for raised in (UsageError("bad thing"), RuntimeError("boom"), KeyboardInterrupt()):
+        rec = Recorder()
+        monkeypatch.setattr("sys.stderr", rec)
+        with pytest.raises(typer.Exit):
+            with _handled(False):
+                raise raised
+        monkeypatch.undo()
+        assert len(rec.writes) == 1 and rec.writes[0].startswith("error: ") and rec.writes[0].endswith("\n"), rec.writes

@@ -99,10 +99,10 @@ def _handled(debug: bool = False) -> Iterator[None]:
     except SimclrError as e:
         if debug:
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        _say_error(_one_line(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:  # outside a stage (they report their own stops, with what was kept)
-        print(f"error: stopped by {stop.signal_name or 'SIGINT'}", file=sys.stderr)
+        _say_error(f"stopped by {stop.signal_name or 'SIGINT'}")
         raise typer.Exit(130) from None
     except Exception as e:  # noqa: BLE001 - the last line of defence for the user
         if debug:
@@ -111,10 +111,17 @@ def _handled(debug: bool = False) -> Iterator[None]:
 
         known = from_os_error(e) if isinstance(e, OSError) else None  # disk full, read-only, a file in the way
         if known is not None:
-            print(f"error: {_one_line(known)}", file=sys.stderr)
+            _say_error(_one_line(known))
             raise typer.Exit(known.exit_code) from None
-        print(f"error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
+        _say_error(f"{type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)")
         raise typer.Exit(1) from None
+
+
+def _say_error(message: str) -> None:
+    """``error: MESSAGE`` and its newline in one write: the processes of a launch share stderr, and a line
+    written in two pieces (as ``print`` does) gets another process's line glued into it."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
 
 
 def _one_line(e: BaseException) -> str:
