@@ -90,6 +90,32 @@ def test_resume_refuses_another_world_size(tiny_recipe_file, tmp_path):
     assert pretrain.run(recipe, tmp_path / "r", show_progress=False, resume=True, force=True)["steps"] == 8
 
 
+def test_resume_refuses_changed_training_images(tmp_path):
+    """Review (issue 13): a resume after files were added, removed or renamed went on silently, with sample i
+    now another image: no longer the exact resume the state promises. It is refused (exit 2) unless forced."""
+    import shutil
+
+    from simclr_cli.recipe import load_recipe as load
+
+    _folder(tmp_path / "d")
+    recipe = load("quickstart", _imagefolder_args(tmp_path / "d", "pretrain.max_steps=4"))
+    with pytest.raises(Interrupted):
+        pretrain.run(recipe, tmp_path / "r", show_progress=False, interrupt_after=2)
+    pic = tmp_path / "d" / "train" / "a" / "00.png"
+    shutil.copy(pic, tmp_path / "d" / "train" / "a" / "zz.png")  # one more image
+    with pytest.raises(UsageError, match=r"images changed since .* \(40 images then, 41 now\).*--force"):
+        pretrain.run(recipe, tmp_path / "r", show_progress=False, resume=True)
+    (tmp_path / "d" / "train" / "a" / "zz.png").unlink()
+    pic.rename(tmp_path / "d" / "train" / "a" / "99.png")  # same count, another order
+    with pytest.raises(UsageError, match="same 40 images count, other names or order"):
+        pretrain.run(recipe, tmp_path / "r", show_progress=False, resume=True)
+    assert pretrain.run(recipe, tmp_path / "r", show_progress=False, resume=True, force=True)["steps"] == 4
+    (tmp_path / "d" / "train" / "a" / "99.png").rename(pic)  # back as it was: resumes without --force
+    with pytest.raises(Interrupted):
+        pretrain.run(recipe, tmp_path / "r2", show_progress=False, interrupt_after=2)
+    assert pretrain.run(recipe, tmp_path / "r2", show_progress=False, resume=True)["steps"] == 4
+
+
 def test_finished_run_is_never_overwritten_silently(tiny_recipe_file, tmp_path):
     recipe = load_recipe(tiny_recipe_file, ["pretrain.epochs=1", "pretrain.knn_every=0"])
     pretrain.run(recipe, tmp_path / "r", show_progress=False)

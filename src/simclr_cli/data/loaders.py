@@ -109,6 +109,19 @@ def check_known_unreadable(source: ImageSource | None, max_bad_fraction: float) 
     )
 
 
+def data_fingerprint(source: ImageSource | None) -> str:
+    """SHA-256 of the names of ``source``'s images in order (file paths, shard members, ``name[i]``): what a
+    resume compares, since sample ``i`` must be the same image for the resumed run to be exact."""
+    import hashlib
+
+    if source is None:
+        return ""
+    h = hashlib.sha256(f"{len(source)}\0".encode())
+    for i in range(len(source)):
+        h.update(source.describe(i).encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
+
+
 def require_labels(source: ImageSource, who: str) -> None:
     """Raise a DataError (exit 2) unless every image of ``source`` has a label; ``who`` names what needs them."""
     unlabeled = sum(1 for y in source.labels if y < 0)

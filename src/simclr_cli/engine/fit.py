@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from simclr_cli.checkpoints import load_state, read_trainer
-from simclr_cli.data.loaders import GlobalBatchSampler, check_known_unreadable, make_loader
+from simclr_cli.data.loaders import GlobalBatchSampler, check_known_unreadable, data_fingerprint, make_loader
 from simclr_cli.engine.loop import EpochHook, LoopResult, LoopSpec, restore_scaler, run_loop
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.signals import StopRequest
@@ -137,13 +137,23 @@ class Trainer:
                                     trust_coefficient=spec.trust_coefficient)
         self.task, self.optimizer = accelerator.prepare(task, optimizer)
         start_step, elapsed0 = 0, 0.0
+        fingerprint = data_fingerprint(getattr(dataset, "source", None)) if state_dir is not None else ""
         if resume and state_dir is not None:
-            saved_world = (read_trainer(state_dir) or {}).get("world_size", world)
+            saved = read_trainer(state_dir) or {}
+            saved_world = saved.get("world_size", world)
             if spec.check_world_size and saved_world != world and not force:
                 raise UsageError(
                     f"{state_dir} was saved by {saved_world} process(es), this launch has {world}. "
                     "Data order and views do not depend on it, but check the launch; pass --force to resume anyway"
                 )
+            if saved.get("data_fingerprint") and saved["data_fingerprint"] != fingerprint and not force:
+                then = saved.get("images", "?")
+                what = (f"{then} images then, {len(dataset)} now" if then != len(dataset) else
+                        f"the same {then} images count, other names or order")
+                raise UsageError(
+                    f"the training images changed since {state_dir} was saved ({what}): an exact resume needs the "
+                    "same images, since sample i must be the same image. Restore them, start again with "
+                    "--overwrite, or pass --force to resume anyway (the samples then map to other images)")
             counters = load_state(state_dir, self.model, self.optimizer)
             restore_scaler(accelerator, counters)
             start_step, elapsed0 = int(counters["step"]), float(counters.get("elapsed", 0.0))
@@ -161,6 +171,7 @@ class Trainer:
             schedule=partial(warmup_cosine, total_steps=total, warmup_steps=warmup), seed=spec.seed,
             log_every=spec.log_every, save_every=spec.save_every if state_dir is not None else 0,
             checkpoint_every=spec.checkpoint_every, keep_states=spec.keep_states, dataset_size=len(dataset),
+            data_fingerprint=fingerprint,
             max_bad_fraction=spec.max_bad_fraction, stage=stage, resume_hint=resume_hint,
             interrupt_after=interrupt_after, on_nonfinite=spec.on_nonfinite,
             max_nonfinite_skips=spec.max_nonfinite_skips,

@@ -38,6 +38,7 @@ class LoopSpec:
     checkpoint_every: int = 0  # steps; 0: only every save_every epochs
     keep_states: int = 2
     dataset_size: int = 0
+    data_fingerprint: str = ""  # of the training images' names, saved in the state (resume checks it)
     max_bad_fraction: float = 0.01
     stage: str = "train"
     resume_hint: str = ""
@@ -116,6 +117,7 @@ def run_loop(
                        {"step": at_step, "epoch": at_step // spe, "elapsed": time.perf_counter() - t0,
                         "train_seconds": prior_seconds + train_seconds + window,
                         "world_size": world, "global_batch": spec.global_batch, **scaler_counters(accelerator),
+                        "images": spec.dataset_size, "data_fingerprint": spec.data_fingerprint,
                         "bad_indices": sorted(bad)},
                        keep=spec.keep_states)
         accelerator.wait_for_everyone()
