@@ -148,6 +148,15 @@ def test_auto_resume_option_resumes_or_starts_fresh(interrupted, tiny_recipe_fil
     r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(fresh), *QUICK, "--auto-resume"])
     assert r.exit_code == 0 and "resuming" not in r.stderr, r.output
     assert json.loads((fresh / "pretrain" / "summary.json").read_text())["steps"] == 4
+    # Review: a requeued job whose run finished in its last allocation failed (exit 2, "already holds a finished
+    # run"); the same command again is done, with a note, and writes nothing.
+    model = (fresh / "pretrain" / "model.safetensors").read_bytes()
+    r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(fresh), *QUICK, "--auto-resume"])
+    assert r.exit_code == 0 and "already holds the finished run of this recipe; nothing to do" in r.stderr, r.output
+    assert (fresh / "pretrain" / "model.safetensors").read_bytes() == model
+    other = ["--set", "pretrain.lr=0.01"]  # a finished run of another recipe is still never replaced silently
+    r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(fresh), *QUICK, *other, "--auto-resume"])
+    assert r.exit_code == 2 and "already holds a finished pretrain run" in r.output, r.output
 
 
 def test_finetune_auto_resume_with_the_same_options(tiny_recipe_file, tmp_path, monkeypatch):

@@ -39,12 +39,19 @@ AutoResumeOpt = Annotated[bool, typer.Option(
 
 
 def _auto_resume(stage_dir: Path, recipe, explicit: bool, resumable_changes) -> bool:
-    """The auto-resume rule (stages.scaffold.auto_resume); says so on the main process when it resumes."""
+    """The auto-resume rule (stages.scaffold.auto_resume); says so on the main process when it resumes. With
+    ``--auto-resume``, a stage folder that holds the finished run of this recipe is done: exit 0 with a note (a
+    requeued job whose run finished in its last allocation must not fail)."""
     import sys
 
     from simclr_cli.checkpoints import read_trainer
-    from simclr_cli.stages.scaffold import auto_resume, elastic_restart
+    from simclr_cli.stages.scaffold import auto_resume, elastic_restart, finished_with
 
+    if explicit and recipe is not None and finished_with(stage_dir, recipe, resumable_changes):
+        if _is_main_process():
+            print(f"note: --auto-resume: {stage_dir} already holds the finished run of this recipe; nothing to do",
+                  file=sys.stderr)
+        raise typer.Exit(0)
     if not auto_resume(stage_dir, recipe, explicit=explicit, resumable_changes=resumable_changes):
         return False
     if _is_main_process():

@@ -362,7 +362,12 @@ def auto_resume(stage_dir: Path, recipe: Recipe | None, *, explicit: bool = Fals
             return False
         if owner != os.environ.get(ELASTIC_RUN_ID):
             return False
-    saved = stage_dir / "recipe.toml"
+    return same_recipe(stage_dir, recipe, resumable_changes)
+
+
+def same_recipe(stage_dir: Path, recipe: Recipe, resumable_changes: frozenset[str] = frozenset()) -> bool:
+    """Whether ``stage_dir/recipe.toml`` is ``recipe``, but for keys a resume may change."""
+    saved = Path(stage_dir) / "recipe.toml"
     if not saved.is_file():
         return False
     from simclr_cli.recipe import parse_toml, recipe_diff, recipe_from_dict
@@ -372,6 +377,13 @@ def auto_resume(stage_dir: Path, recipe: Recipe | None, *, explicit: bool = Fals
     except SimclrError:
         return False
     return not [k for k in recipe_diff(before, recipe) if k not in resumable_changes]
+
+
+def finished_with(stage_dir: Path, recipe: Recipe, resumable_changes: frozenset[str] = frozenset()) -> bool:
+    """Whether ``stage_dir`` holds a finished run of ``recipe`` (``--auto-resume`` then has nothing to do)."""
+    stage_dir = Path(stage_dir)
+    return ((stage_dir / MODEL_FILE).exists() and (stage_dir / "summary.json").exists()
+            and same_recipe(stage_dir, recipe, resumable_changes))
 
 
 def guarded(immediate: bool = False):
