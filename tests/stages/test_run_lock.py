@@ -155,3 +155,20 @@ def test_a_lock_held_on_another_host_is_refused_and_deleting_it_as_told_frees_it
             assert lock.held
     finally:
         os.close(fd)
+
+
+@pytest.mark.multiprocess
+def test_every_process_of_a_launch_refuses_a_busy_folder_for_that_reason(tiny_recipe_file, tmp_path, holder):
+    """Review: under a 2-process launch only rank 0 took the lock; rank 1 went on to look at the folder and said
+    "already holds a finished pretrain run; pass --overwrite", which is false while another command writes there.
+    Every process now learns rank 0's refusal first."""
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(out), *QUICK]).exit_code == 0
+    p = holder(out / "pretrain")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "simclr_cli", "pretrain", str(tiny_recipe_file), "--out", str(out), *QUICK],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0
+    assert f"is being written by another command: pid {p.pid}" in r.stderr, r.stderr[-3000:]
+    assert "(the main process names it)" in r.stderr and "already holds" not in r.stderr, r.stderr[-3000:]

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from simclr_cli.checkpoints import MODEL_FILE, STATE_DIR, StateWriteError, has_state, read_trainer, save_weights
-from simclr_cli.checkpoints.lock import RunLock
+from simclr_cli.checkpoints.lock import RunLock, RunLocked
 from simclr_cli.engine import trackers as tracking
 from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.engine.signals import StopRequest
@@ -115,9 +115,19 @@ class StageRun:
         init_restarted_group()
         self.accelerator = make_accelerator(value, key=key, log_with=self._trackers(), project_dir=self.stage_dir)
         self.main = self.accelerator.is_main_process
+        refused: RunLocked | None = None
         if self.main:  # one writer per stage folder; refused at once when another live command holds it
             self.lock = RunLock(self.stage_dir, stage)
-            self.lock.acquire()
+            try:
+                self.lock.acquire()
+            except RunLocked as e:
+                refused = e
+        if self.accelerator.num_processes > 1:  # every process learns it, before any of them looks at the folder
+            flag = torch.tensor([0 if refused is None else 1], device=self.accelerator.device)
+            if int(self.accelerator.reduce(flag, reduction="sum").item()) and refused is None:
+                raise RunLocked(f"{self.stage_dir} is being written by another command (the main process names it)")
+        if refused is not None:
+            raise refused
         self.show_progress = show_progress
         self.say: Callable[..., None] = print if show_progress and self.main else (lambda *a, **k: None)
         return self.accelerator
