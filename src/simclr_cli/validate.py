@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 from simclr_cli.data.registry import pretraining_dataset
+from simclr_cli.engine.trackers import require_trackers, tracker_names
+from simclr_cli.errors import RecipeError, SimclrError
 from simclr_cli.models.backbone import check_backbone
 from simclr_cli.objectives import build_objective
 from simclr_cli.recipe import Recipe, load_recipe, resolve_recipe_path
@@ -33,4 +35,8 @@ def validate_recipe(file: str | Path, overrides: Sequence[str] = ()) -> tuple[Pa
     check_backbone(r.model.backbone, where=f"{origin('model.backbone')}: model.backbone")
     pretraining_dataset(r.data.dataset, where=f"{origin('data.dataset')}: data.dataset")
     build_objective(r.pretrain)
+    try:
+        require_trackers(tracker_names(r))  # an unknown name, or a tracker whose extra is not installed
+    except SimclrError as e:
+        raise RecipeError(f"{origin('trackers')}: {e}") from None
     return resolve_recipe_path(file), r

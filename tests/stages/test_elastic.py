@@ -157,6 +157,24 @@ def test_auto_resume_option_resumes_or_starts_fresh(interrupted, tiny_recipe_fil
     other = ["--set", "pretrain.lr=0.01"]  # a finished run of another recipe is still never replaced silently
     r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(fresh), *QUICK, *other, "--auto-resume"])
     assert r.exit_code == 2 and "already holds a finished pretrain run" in r.output, r.output
+    r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(fresh), *QUICK, "--auto-resume",
+                            "--overwrite"])  # review 15: --overwrite was silently ignored
+    assert r.exit_code == 2 and "--overwrite replaces it: choose one" in r.output, r.output
+
+
+def test_auto_resume_of_another_recipes_unfinished_run_says_so(interrupted, tiny_recipe_file, monkeypatch):
+    """Review 15: it said "pass --resume to continue it", which then failed on the changed recipe."""
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    r = CliRunner().invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(interrupted), *QUICK,
+                                 "--set", "pretrain.lr=0.01", "--auto-resume"])
+    assert r.exit_code == 2, r.output
+    assert "holds an unfinished run of another recipe than this one" in r.output and "--resume (its own recipe)" in r.output
+    r = CliRunner().invoke(app, ["pretrain", str(tiny_recipe_file), "--out", str(interrupted), *QUICK, "--resume"])
+    assert r.exit_code == 0, r.output  # the hint, run: its own recipe continues
 
 
 def test_finetune_auto_resume_with_the_same_options(tiny_recipe_file, tmp_path, monkeypatch):
