@@ -72,3 +72,22 @@ def tiny_recipe_file(tmp_path):
 def _isolated_cwd(tmp_path, monkeypatch):
     """Runs default to ./runs; keep every test's runs in its own temp folder."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def without_module(monkeypatch):
+    """``without_module("mlflow")``: importing that package (or a sub-module) fails from now on in this test, as
+    when its optional extra is not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def block(package: str) -> None:
+        def guarded(name, *args, **kwargs):
+            if name == package or name.startswith(package + "."):
+                raise ImportError(f"No module named '{package}'")
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", guarded)
+
+    return block

@@ -18,19 +18,10 @@ def test_validate_recipe_returns_the_path_and_blames_the_origin(tiny_recipe_file
     assert str(e.value).startswith("--set model.backbone=resnet5O: model.backbone:")
 
 
-def test_validate_checks_the_trackers_extras(tiny_recipe_file, monkeypatch):
+def test_validate_checks_the_trackers_extras(tiny_recipe_file, without_module):
     """Review 15: `recipes validate` accepted trackers=wandb without the wandb extra; the stage then refused."""
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_wandb(name, *args, **kwargs):
-        if name == "wandb" or name.startswith("wandb."):
-            raise ImportError("No module named 'wandb'")
-        return real_import(name, *args, **kwargs)
-
     validate_recipe(tiny_recipe_file, ["trackers=wandb"])
-    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    without_module("wandb")
     with pytest.raises(SimclrError) as e:
         validate_recipe(tiny_recipe_file, ["trackers=wandb"])
     assert str(e.value).startswith("--set trackers=wandb: trackers: 'wandb' needs the wandb extra")

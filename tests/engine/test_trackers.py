@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 from pathlib import Path
 
@@ -107,15 +106,8 @@ def test_wandb_offline_run_is_written_with_the_logged_keys(tiny_recipe_file, tmp
         assert key in raw
 
 
-def test_a_missing_extra_is_a_clear_error_before_any_work(tiny_recipe_file, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_mlflow(name, *args, **kwargs):
-        if name == "mlflow" or name.startswith("mlflow."):
-            raise ImportError("No module named 'mlflow'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+def test_a_missing_extra_is_a_clear_error_before_any_work(tiny_recipe_file, without_module):
+    without_module("mlflow")
     r = CliRunner().invoke(app, ["pretrain", str(tiny_recipe_file), "--set", "trackers=tensorboard,mlflow"])
     assert r.exit_code == 2, r.output
     assert "pip install 'simclr-cli[mlflow]'" in r.output and "Traceback" not in r.output
