@@ -188,3 +188,35 @@ def test_a_second_pack_into_the_same_out_is_refused_while_one_runs(tmp_path):
     with pytest.raises(UsageError, match="not a shard pack"):
         pack(tmp_path / "src", other, PackSettings(16, 90, 3), say=lambda s: None)
     assert [p.name for p in other.iterdir()] == ["mine.txt"]
+
+
+def test_a_pack_of_no_readable_image_is_an_error(tmp_path):
+    """Review: every image unreadable gave exit 0 and "packed 0 images", a pack training then refuses; also on a
+    re-run, which found the empty pack "already packed". Exit 1, like unreadable images beyond the limit."""
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+
+    (tmp_path / "src").mkdir()
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / "src" / name).write_bytes(b"\xff\xd8\xff\xe0 not an image")
+    args = ["data", "pack", str(tmp_path / "src"), str(tmp_path / "out"), "--quiet", "--workers", "0"]
+    for _ in range(2):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 1, r.output
+        assert "none of its 2 images could be read" in r.output and "Traceback" not in r.output
+
+
+def test_pack_labels_folders_on_a_flat_folder_is_an_error(tmp_path):
+    """Review: `--labels folders` on a folder without class folders silently packed everything unlabeled."""
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+
+    _png(tmp_path / "src" / "a.png")
+    r = CliRunner().invoke(app, ["data", "pack", str(tmp_path / "src"), str(tmp_path / "out"), "--labels", "folders",
+                                 "--quiet", "--workers", "0"])
+    assert r.exit_code == 2 and "--labels folders" in r.output and "has no class folders" in r.output, r.output
+    r = CliRunner().invoke(app, ["data", "pack", str(tmp_path / "src"), str(tmp_path / "out"), "--quiet",
+                                 "--workers", "0"])
+    assert r.exit_code == 0, r.output  # auto: unlabeled

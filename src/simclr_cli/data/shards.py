@@ -115,6 +115,9 @@ def list_source(src: Path, labels: Labels = "auto", *, allow_missing: bool = Fal
         raise DataError(f"{src}: no such folder or list file; SRC is a folder of images or a .txt/.csv list of "
                         "image paths", missing=True)
     subdirs = [p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if labels == "folders" and not subdirs:
+        raise DataError(f"--labels folders: {src} has no class folders (expected {src}/<class>/<image>); pack it "
+                        "unlabeled with --labels none (or auto)", missing=True)
     if labels == "auto":
         loose = any(is_image_file(p) for p in src.iterdir())
         labels = "folders" if len(subdirs) >= 2 and not loose else "none"
@@ -363,6 +366,7 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
                               for sh in index["shards"]))
             if intact and index.get("source_hash") == manifest["source_hash"]:
                 done = len(index["samples"]["key"])
+                _require_some(done, n, src, out)
                 return PackResult(out, done, n - done, len(index["shards"]), len(index["shards"]), already=True)
         if not resuming:
             atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -422,6 +426,7 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
                 pool.join()
         index = write_index(out, say=say)
         packed = len(index["samples"]["key"])
+        _require_some(packed, n, src, out)
         return PackResult(out, packed, n - packed, len(index["shards"]), reused)
     finally:
         if lock is not None:  # removed while held, once this command writes nothing more
@@ -429,6 +434,13 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
             if not existed and not any(out.iterdir()):  # refused before packing: leave no empty folder behind
                 out.rmdir()
             os.close(lock)
+
+
+def _require_some(packed: int, total: int, src: Path, out: Path) -> None:
+    """A pack of no image is no dataset: an error (exit 2), not a success that training then refuses."""
+    if packed == 0:
+        raise DataError(f"{src}: none of its {total} images could be read (each is named in a warning above), so the "
+                        f"pack in {out} holds no image; fix the images, then run the command again with --overwrite")
 
 
 def _write_shard(writer: _ShardWriter) -> None:
