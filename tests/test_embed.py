@@ -73,3 +73,27 @@ def test_embed_gives_an_unreadable_image_nan_not_the_next_images_h(tiny_recipe_f
     rows = list(csv.DictReader(written.table.open()))
     assert [r["unreadable"] for r in rows] == ["0", "1", "0", "0", "0", "0"]
     assert rows[1]["path"].endswith("1.png") and rows[1]["class"] == "a"
+
+
+def test_embed_reads_a_list_file_and_a_pack(tiny_recipe_file, tmp_path):
+    """Review (issue 13): `--data` took folders and splits only; a list file was "no such folder"."""
+    from PIL import Image
+
+    from simclr_cli.data.shards import pack
+
+    run = tmp_path / "run"
+    pretrain.run(load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.max_steps=1"]), run,
+                 show_progress=False)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "some.txt").write_text("imgs/3.png\nimgs/1.png\n")
+    listed = embed(run, str(tmp_path / "some.txt"), out=tmp_path / "listed.npy")
+    whole = np.load(embed(run, str(folder), out=tmp_path / "whole.npy").path)
+    np.testing.assert_allclose(np.load(listed.path), whole[[3, 1]], rtol=1e-5, atol=1e-6)
+    pack(folder, tmp_path / "packed", workers=0, say=lambda *a: None)
+    packed = embed(run, str(tmp_path / "packed"), out=tmp_path / "packed.npy")
+    assert packed.shape == (5, whole.shape[1]) and not np.isnan(np.load(packed.path)).any()
+    with pytest.raises(DataError, match="a .txt/.csv list of image paths, or a pack folder"):
+        embed(run, str(tmp_path / "nope.txt"))

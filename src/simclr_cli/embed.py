@@ -18,6 +18,8 @@ import torch
 
 from simclr_cli import plots
 from simclr_cli.data.builders import folder_source
+from simclr_cli.data.lists import read_file_list
+from simclr_cli.data.shards import INDEX as SHARD_INDEX, MANIFEST as SHARD_MANIFEST, ShardSource
 from simclr_cli.data.registry import DATASETS
 from simclr_cli.data.loaders import UNREADABLE, build_source
 from simclr_cli.engine.setup import make_accelerator
@@ -41,7 +43,8 @@ def embed(source: str | Path | None, data: str = "val", out: str | Path | None =
 
     Args:
         source: a run directory, run name or checkpoint (pretrain, finetune or distill); None: the newest run.
-        data: a split of the run's dataset (``val``, ``train``), or a folder of images (class folders or flat).
+        data: a split of the run's dataset (``val``, ``train``), a folder of images (class folders or flat), a
+            ``.txt``/``.csv`` list of image paths, or a pack folder of ``simclr data pack``.
         out: the ``.npy`` to write, or a folder for ``<data>.npy``; default ``RUN/embed/<data>.npy``.
         overwrite: replace an existing ``.npy`` and ``.csv``.
         say: where to report the run picked when ``source`` is None.
@@ -53,9 +56,15 @@ def embed(source: str | Path | None, data: str = "val", out: str | Path | None =
     src = common.find_source(source, ("pretrain", "finetune", "distill"), say=say)
     recipe = common.inherit_recipe(src, None, [])
     folder = Path(data).expanduser()
-    if folder.is_dir():
+    if folder.is_dir() and ((folder / SHARD_INDEX).is_file() or (folder / SHARD_MANIFEST).is_file()):
+        tag = folder.resolve().name or "root"
+        build = lambda: ShardSource(folder)  # noqa: E731
+    elif folder.is_dir():
         tag = folder.resolve().name or "root"
         build = lambda: folder_source(folder)  # noqa: E731
+    elif folder.is_file() and folder.suffix.lower() in (".txt", ".csv"):
+        tag = folder.stem
+        build = lambda: read_file_list(folder)  # noqa: E731
     else:
         cfg = recipe.data
         entry = DATASETS.get(cfg.dataset)
@@ -66,7 +75,8 @@ def embed(source: str | Path | None, data: str = "val", out: str | Path | None =
         fixed = cfg.dataset == "synthetic" or (entry is not None and (entry.one_set or bool(entry.splits)))
         if _looks_like_path(data) or (fixed and data not in splits):
             raise DataError(f"--data {data}: no such folder, and not a split of the run's {cfg.dataset} dataset; "
-                            f"pass a split (e.g. {', '.join(splits)}) or an existing folder of images", missing=True)
+                            f"pass a split (e.g. {', '.join(splits)}), an existing folder of images, a .txt/.csv list of "
+                            "image paths, or a pack folder (simclr data pack)", missing=True)
         tag = data
         build = lambda: build_source(cfg, data, recipe.seed)  # noqa: E731
     target = _embed_target(out, src.run_dir, tag)

@@ -122,8 +122,9 @@ def plot(
 @app.command(rich_help_panel=RUNS_PANEL)
 def embed(
     source: SourceArg = None,
-    data: Annotated[str, typer.Option("--data", help="A split of the recipe's dataset (e.g. val, train), or a folder "
-                                                     "of images (class folders or flat).")] = "val",
+    data: Annotated[str, typer.Option("--data", help="A split of the recipe's dataset (e.g. val, train), a folder "
+                                                     "of images (class folders or flat, any depth), a .txt/.csv list "
+                                                     "of image paths, or a pack folder (simclr data pack).")] = "val",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .npy, or a folder for <data>.npy "
                                                                     "(default RUN/embed/<data>.npy); a .csv with "
                                                                     "paths and labels goes beside it.")] = None,
