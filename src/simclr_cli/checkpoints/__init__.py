@@ -47,13 +47,18 @@ def prefixed_state(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tens
     return {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically. Metadata values must be strings."""
+def weights_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """``tensors`` serialized as a safetensors file (own copies on CPU, so shared storage is fine). Metadata
+    values must be strings."""
     bad = [k for k, v in metadata.items() if not isinstance(v, str)]
     if bad:
         raise TypeError(f"safetensors metadata must be strings: {bad}")
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
+    return st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, metadata=metadata)
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically. Metadata values must be strings."""
+    atomic_write_bytes(Path(path), weights_bytes(tensors, metadata))
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -90,8 +95,7 @@ def save_state(
     final = root / f"step-{int(trainer['step']):09d}"
     tmp = final.with_name(final.name + ".tmp")
     # Serialized first, so a refused write can say how much space the state needs.
-    weights = st_save({k: v.clone() for k, v in prefixed_state("model", model).items()},
-                      metadata={"simclr.kind": "state"})
+    weights = weights_bytes(prefixed_state("model", model), {"simclr.kind": "state"})
     opt = _torch_bytes(optimizer.state_dict())
     counters = json.dumps(trainer, indent=2)
     writing = tmp

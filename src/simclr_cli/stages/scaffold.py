@@ -278,7 +278,7 @@ class StageRun:
             if self.state_dir is not None and self.resume_cmd and has_state(self.state_dir):
                 raise StateWriteError(f"{exc}; then resume with: {self.resume_cmd}") from None
             raise StateWriteError(f"{exc}; then run the command again") from None
-        kept = ""f" ({self.stage_dir} still holds the previous run)" if self._restored else ""
+        kept = f" ({self.stage_dir} still holds the previous run)" if self._restored else ""
         if exc is None:
             if self.stop.requested:  # the signal came while the results were being written
                 raise Interrupted(f"stopped by {self.stop.signal_name} as the {self.stage} run finished; its results "
