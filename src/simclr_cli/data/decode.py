@@ -40,12 +40,17 @@ def header_size(raw: bytes) -> tuple[int, int, int]:
     from PIL import Image
 
     with Image.open(io.BytesIO(raw)) as img:
-        w, h = img.size
-        orientation = img.getexif().get(_ORIENTATION, 1)
-        orientation = orientation if orientation in range(1, 9) else 1
-        if orientation in (5, 6, 7, 8):
-            w, h = h, w
-        return h, w, orientation
+        return _upright_size(img)
+
+
+def _upright_size(img) -> tuple[int, int, int]:
+    """(height, width, EXIF orientation) of an opened PIL image as it will be decoded, upright."""
+    w, h = img.size
+    orientation = img.getexif().get(_ORIENTATION, 1)
+    orientation = orientation if orientation in range(1, 9) else 1
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return h, w, orientation
 
 
 def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -105,10 +110,7 @@ def decode_views(raw: bytes, draw: Callable[[int, int], Any], crops_of: Callable
     from PIL import Image
 
     with Image.open(io.BytesIO(raw)) as img:
-        w, h = img.size
-        orientation = img.getexif().get(_ORIENTATION, 1)
-        if orientation in (5, 6, 7, 8):
-            w, h = h, w
+        h, w, orientation = _upright_size(img)
         drawn = draw(h, w)
         crops = list(crops_of(drawn))
         s = pick_reduction(crops, out, margin) if img.format == "JPEG" else 1

@@ -20,11 +20,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from torchvision.transforms.v2 import functional as TF
 
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import pack
-from simclr_cli.data.decode import DRAFT_MARGIN, decode_bytes, decode_views, header_size
+from simclr_cli.data.decode import DRAFT_MARGIN, crop_views, decode_bytes, decode_views, header_size
 from simclr_cli.data.registry import pretraining_dataset
 from simclr_cli.data.sources import ImageSource, MemorySource, SubsetSource, TensorSource
 from simclr_cli.errors import DataError, UsageError
@@ -195,9 +194,7 @@ class ContrastiveViews(Dataset):
         if self.crop_on_device:
             item["image"] = img
         else:
-            size = [self.augment.size, self.augment.size]
-            item["view1"] = TF.resized_crop(img, *p1.crop, size, antialias=True)
-            item["view2"] = TF.resized_crop(img, *p2.crop, size, antialias=True)
+            item["view1"], item["view2"] = crop_views(img, [p1.crop, p2.crop], self.augment.size)
         return item
 
     def _drafted(self, epoch: int, index: int) -> dict[str, torch.Tensor | int]:
