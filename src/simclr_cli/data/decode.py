@@ -24,13 +24,12 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from simclr_cli.data.sources import _ORIENTATION, decode_opened
+from simclr_cli.data.sources import _ORIENTATION, decode_opened, draft_factor
 
 # A crop box must stay at least this many times the output side (in both dimensions) on the reduced image.
 # Below that the DCT-scaled pixels show through the final resize: 2 keeps training views within resampling
 # noise of a full decode (measured in benchmarks/decode_speed.py; tests/data/test_decode.py checks it).
 DRAFT_MARGIN = 2.0
-_REDUCTIONS = (8, 4, 2)
 
 
 def header_size(raw: bytes) -> tuple[int, int, int]:
@@ -85,11 +84,7 @@ def decode_bytes(raw: bytes, min_side: int | None = None) -> torch.Tensor:
 def pick_reduction(crops: Sequence[tuple[int, int, int, int]], out: int, margin: float = DRAFT_MARGIN) -> int:
     """The largest reduction s in (8, 4, 2) such that every crop box ``(top, left, h, w)`` keeps
     ``h / s >= margin * out`` and ``w / s >= margin * out``; 1 when none does."""
-    shortest = min(min(c[2], c[3]) for c in crops)
-    for s in _REDUCTIONS:
-        if shortest / s >= margin * out:
-            return s
-    return 1
+    return draft_factor(min(min(c[2], c[3]) for c in crops), margin * out)
 
 
 def decode_views(raw: bytes, draw: Callable[[int, int], Any], crops_of: Callable[[Any], Sequence[tuple]],

@@ -114,12 +114,12 @@ def decode_opened(img, *, min_side: int | None = None, channels_last: bool = Fal
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), scale
 
 
-def draft_factor(short_side: int, min_side: int | None) -> int:
+def draft_factor(short_side: int, min_side: float | None) -> int:
     """The largest DCT reduction (8, 4, 2 or 1) that keeps ``short_side / s >= min_side``."""
     if not min_side or min_side <= 0:
         return 1
     for s in (8, 4, 2):
-        if short_side // s >= min_side:
+        if short_side / s >= min_side:
             return s
     return 1
 
