@@ -1,7 +1,6 @@
 """The benchmark harness runs end to end (tiny sizes; the numbers are not checked, the shape is)."""
 
-import importlib.util
-from pathlib import Path
+from tests.benchmarks import load_benchmark
 
 
 def test_pretrain_throughput_harness_smoke(tmp_path):
@@ -16,11 +15,7 @@ def test_pretrain_throughput_harness_smoke(tmp_path):
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pretrain_throughput.py"
-    spec = importlib.util.spec_from_file_location("pretrain_throughput", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("pretrain_throughput")
 
 
 def test_pretrain_throughput_full_loop_from_jpegs_smoke(tmp_path):

@@ -1,15 +1,10 @@
 """benchmarks/decode_speed.py runs end to end on the CPU (tiny sizes; the shape of the result is checked)."""
 
-import importlib.util
-from pathlib import Path
+from tests.benchmarks import load_benchmark
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_speed.py"
-    spec = importlib.util.spec_from_file_location("decode_speed", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("decode_speed")
 
 
 def test_device_decode_benchmark_dry_run_on_cpu(tmp_path):

@@ -6,7 +6,6 @@ syntax-checked, their Python parts unit-tested, and run in their CPU dry mode (`
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -16,15 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [ROOT / "benchmarks" / "gpu_check.sh", ROOT / "benchmarks" / "gpu_cifar100.sh"]
 
 
 def _parts():
-    spec = importlib.util.spec_from_file_location("gpu_parts", ROOT / "benchmarks" / "gpu_parts.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("gpu_parts")
 
 
 def _env(tmp_path: Path, **extra: str) -> dict:

@@ -1,15 +1,10 @@
 """benchmarks/knn_memory.py runs end to end (tiny sizes; the numbers are not checked, the shape is)."""
 
-import importlib.util
-from pathlib import Path
+from tests.benchmarks import load_benchmark
 
 
 def test_knn_memory_benchmark_smoke():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "knn_memory.py"
-    spec = importlib.util.spec_from_file_location("knn_memory", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rows = bench.main(["--bank", "300", "--dim", "8", "--queries", "20", "--classes", "3", "--k", "10",
+    rows = load_benchmark("knn_memory").main(["--bank", "300", "--dim", "8", "--queries", "20", "--classes", "3", "--k", "10",
                        "--configs", "before,after"])
     assert [r["config"] for r in rows] == ["before", "after"]
     assert rows[0]["predictions_sha1"] == rows[1]["predictions_sha1"]  # the chunked search predicts the same

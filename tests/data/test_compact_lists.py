@@ -138,12 +138,7 @@ def test_default_decode_threads_follow_the_cores(monkeypatch):
 
 
 def test_in_memory_decode_benchmark_smoke():
-    import importlib.util
-    from pathlib import Path
+    from tests.benchmarks import load_benchmark
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "in_memory_decode.py"
-    spec = importlib.util.spec_from_file_location("in_memory_decode", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--images", "6", "--threads", "1,2", "--repeats", "1"])
+    result = load_benchmark("in_memory_decode").main(["--images", "6", "--threads", "1,2", "--repeats", "1"])
     assert [r["threads"] for r in result["rows"]] == [1, 2] and all(r["images_per_s"] > 0 for r in result["rows"])

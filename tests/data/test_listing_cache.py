@@ -278,13 +278,9 @@ def test_embed_folder_reads_images_at_any_depth(tmp_path, cache):
 
 
 def _benchmark(name: str):
-    import importlib.util
+    from tests.benchmarks import load_benchmark
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(name)
 
 
 def test_listing_benchmark_smoke(tmp_path):

@@ -306,8 +306,7 @@ def test_views_from_shards_equal_views_of_the_packed_images_read_as_files(tmp_pa
 
 def test_shard_throughput_benchmark_smoke(tmp_path):
     """benchmarks/shard_throughput.py end to end on a tiny archive in the Imagenette layout (numbers not checked)."""
-    import importlib.util
-    from pathlib import Path
+    from tests.benchmarks import load_benchmark
 
     rng = np.random.default_rng(2)
     (tmp_path / "imagenette" / "train" / "n01").mkdir(parents=True)
@@ -315,11 +314,7 @@ def test_shard_throughput_benchmark_smoke(tmp_path):
         _image(rng, 40, 40).save(tmp_path / "imagenette" / "train" / "n01" / f"{i}.JPEG")
     with tarfile.open(tmp_path / "subset.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "imagenette", arcname="imagenette")
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "shard_throughput.py"
-    spec = importlib.util.spec_from_file_location("shard_throughput", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--smoke", "--archive", str(tmp_path / "subset.tar.gz"), "--work", str(tmp_path / "work"),
+    result = load_benchmark("shard_throughput").main(["--smoke", "--archive", str(tmp_path / "subset.tar.gz"), "--work", str(tmp_path / "work"),
                          "--width", "50", "--height", "40", "--shorter-side", "32", "--size", "16"])
     assert result["images"] == 6 and result["speedup_cpu"]["loader"] > 0
     assert result["shards"]["loader_views_per_sec"]["cpu"] > 0 and result["jpeg_folder"]["loader_views_per_sec"]["wall"] > 0
