@@ -19,7 +19,12 @@ Exit codes: 0 ok, 1 runtime failure, 2 usage or recipe error, 130 interrupted
 
 from __future__ import annotations
 
-from simclr_cli.cli._app import app
+# The thread budget first: OMP_WAIT_POLICY and OMP_NUM_THREADS act only when set before torch is imported.
+from simclr_cli import threads as _threads
+
+_threads.prepare_process()
+
+from simclr_cli.cli._app import app  # noqa: E402
 
 # Importing a command module registers its commands, in this order in --help: stages, runs, recipes.
 from simclr_cli.cli import stage_commands, run_commands, recipe_commands, data_commands, launch_commands  # noqa: E402, F401, I001

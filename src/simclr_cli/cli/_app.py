@@ -75,9 +75,13 @@ def _root(
 def _show_recipe(r) -> None:
     """With --verbose: the resolved recipe, as the stage will record it."""
     if _debug.get("verbose") and _is_main_process():
+        import torch
+
+        from simclr_cli import threads
         from simclr_cli.recipe import recipe_to_toml
 
         print("# resolved recipe\n" + recipe_to_toml(r), end="")
+        print("# " + threads.current().describe(r.data.num_workers, gpu=torch.cuda.is_available()))
 
 
 @contextmanager

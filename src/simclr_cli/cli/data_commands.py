@@ -3,12 +3,12 @@ work is in :mod:`simclr_cli.data.shards`)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from simclr_cli import threads
 from simclr_cli.cli._app import DebugOpt, QuietOpt, _handled, data_app
 
 
@@ -24,7 +24,7 @@ def data_pack(
     labels: Annotated[str, typer.Option("--labels", help="auto: from class folders when SRC holds only "
                                                         "sub-folders | folders | none.")] = "auto",
     workers: Annotated[Optional[int], typer.Option("--workers", help="Processes that decode and encode "
-                                                                    "(default: the CPU count; 0: this one).")] = None,
+                                                                    "(default: the CPUs this process may use, its thread budget; 0: this one).")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="A list naming missing files: pack the "
                                                                        "rest (warns).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a pack of another source or other "
@@ -67,7 +67,7 @@ def data_pack(
 
         try:
             result = pack(src, out, PackSettings(shorter_side, quality, shard_size), labels=labels,  # type: ignore[arg-type]
-                          overwrite=overwrite, workers=(os.cpu_count() or 1) if workers is None else workers,
+                          overwrite=overwrite, workers=threads.prepare_process().decode_threads() if workers is None else workers,
                           allow_missing=allow_missing, say=say, progress=progress)
         finally:
             if "bar" in bar:

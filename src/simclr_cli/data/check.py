@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from simclr_cli import threads
 from simclr_cli.data.loaders import build_source
 from simclr_cli.data.registry import pretraining_dataset
 from simclr_cli.data.sources import ImageSource
@@ -56,7 +56,7 @@ def scan_split(source: ImageSource, split: str, workers: int = 0) -> SplitReport
         except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
             return i, 0, 0, f"{type(e).__name__}: {e}"
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=workers or threads.current().decode_threads()) as pool:
         for i, h, w, err in pool.map(load, range(len(source)), chunksize=64):
             if err is not None:
                 report.unreadable.append((source.describe(i), err))
@@ -72,7 +72,7 @@ def check_recipe_data(recipe: Recipe) -> list[SplitReport]:
     cfg = recipe.data
     one_set = pretraining_dataset(cfg.dataset).one_set
     splits = [cfg.train_split] + ([cfg.val_split] if cfg.val_split and not one_set else [])
-    return [scan_split(build_source(replace(cfg, in_memory="never"), split, recipe.seed), split, workers=cfg.num_workers) for split in splits]
+    return [scan_split(build_source(replace(cfg, in_memory="never"), split, recipe.seed), split, workers=threads.resolve_workers(cfg.num_workers)) for split in splits]
 
 
 def would_abort(report: SplitReport, max_bad_fraction: float) -> bool:

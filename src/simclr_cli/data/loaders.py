@@ -389,15 +389,22 @@ def batches_per_epoch(num_samples: int, global_batch: int, drop_last: bool) -> i
 def make_loader(
     dataset: Dataset,
     *,
-    num_workers: int,
+    num_workers: int | str,
     pin_memory: bool,
     batch_sampler: Sampler | None = None,
     batch_size: int | None = None,
     collate_fn: Callable | None = None,
 ) -> DataLoader:
-    """A DataLoader with the settings we want everywhere (persistent workers, prefetch)."""
+    """A DataLoader with the settings we want everywhere (persistent workers, prefetch).
+
+    ``num_workers``: a count, or ``"auto"`` for one from the process's thread budget
+    (:mod:`simclr_cli.threads`); with workers, the main process's intra-op threads leave them their CPUs."""
+    from simclr_cli import threads
+
+    num_workers = threads.resolve_workers(num_workers, gpu=pin_memory)
     kwargs: dict = {}
     if num_workers > 0:
+        threads.leave_room_for_workers(num_workers)
         kwargs.update(persistent_workers=True, prefetch_factor=4)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,

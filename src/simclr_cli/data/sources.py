@@ -312,13 +312,11 @@ class MemorySource:
 
 
 def decode_threads() -> int:
-    """Threads for :func:`decode_in_memory`: the cores this process may use (its CPU affinity), shared
-    among the processes of this machine (``LOCAL_WORLD_SIZE`` under torchrun), at least 1."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    """Threads for :func:`decode_in_memory`: the process's thread budget (:mod:`simclr_cli.threads`: its CPU
+    affinity and cgroup quota, shared among the processes of this machine), at least 1."""
+    from simclr_cli import threads
+
+    return threads.current().decode_threads()
 
 
 def decode_in_memory(folder: FileListSource, mode: str, limit_gb: float, say=print, *, threads: int | None = None):

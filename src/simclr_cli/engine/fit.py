@@ -38,7 +38,7 @@ class FitSpec:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | str = 0  # or "auto": from the thread budget (simclr_cli.threads)
     log_every: int = 10
     save_every: int = 1  # epochs; 0 with state_dir=None keeps no state
     keep_states: int = 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
 from importlib import resources
@@ -201,6 +202,15 @@ def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # e.g. int | Literal["auto"]: the first type the value fits
+        arms = get_args(hint)
+        for arm in arms:
+            try:
+                return _coerce(value, arm, key, source)
+            except RecipeError:
+                continue
+        raise RecipeError(f"{source}: '{key}' must be {' or '.join(_hint_name(a) for a in arms)}, "
+                          f"got {_type_name(value)} {value!r}")
     if origin is Literal:
         choices = get_args(hint)
         if value not in choices:
@@ -230,6 +240,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise RecipeError(f"{source}: '{key}' must be a string, got {_type_name(value)} {value!r}")
         return value
     raise TypeError(f"unsupported schema type {hint!r} for {key}")  # a bug in the schema, not the user's
+
+
+def _hint_name(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return " | ".join(repr(c) for c in get_args(hint))
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 def _type_name(value: Any) -> str:

@@ -6,12 +6,15 @@ Regenerate with ``python -m simclr_cli.recipe.reference > docs/recipes.md``; a t
 from __future__ import annotations
 
 from dataclasses import MISSING, fields, is_dataclass
-from typing import Literal, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 from simclr_cli.recipe.schema import Recipe
 
 
 def _type_text(hint) -> str:
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(_type_text(a) for a in get_args(hint))
     if get_origin(hint) is Literal:
         return "string: " + " \\| ".join(f"`{a}`" for a in get_args(hint))
     if get_origin(hint) is tuple:

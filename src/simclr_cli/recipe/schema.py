@@ -32,7 +32,9 @@ class DataConfig:
     train_split: str = _f("train", "split used for training (stl10: 'train+unlabeled' for pretraining)")
     val_split: str = _f("val", "labeled split for the kNN monitor and evaluation; '' for none")
     image_size: int = _f(32, "training resolution in pixels (square)")
-    num_workers: int = _f(2, "DataLoader worker processes per training process")
+    num_workers: int | Literal["auto"] = _f("auto", "DataLoader worker processes per training process; auto: from the "
+                                                    "process's thread budget (the CPUs it may use: none on 1 CPU, "
+                                                    "half of them on a CPU run, all but one with a GPU; docs/performance.md)")
     labeled: str = _f("", "a labeled image folder elsewhere for the kNN monitor and the stages that need labels "
                           "(linear-eval, finetune, knn, distill), used instead of train_split/val_split: "
                           "PATH/train/ and PATH/val/ (or test/) of class folders, or PATH/<class>/<image> (half of "
@@ -291,7 +293,7 @@ RANGES = {
                  lambda v: all(t.strip().lower() in ("tensorboard", "mlflow", "wandb") for t in v.split(",") if t.strip())),
     "tracker_project": ("a non-empty name", lambda v: bool(v.strip())),
     "data.image_size": ("an integer >= 8", lambda v: v >= 8),
-    "data.num_workers": ("an integer >= 0", lambda v: v >= 0),
+    "data.num_workers": ("an integer >= 0 or 'auto'", lambda v: v == "auto" or v >= 0),
     "data.max_bad_fraction": ("a number in [0, 1]", _prob),
     "data.memory_limit_gb": ("a number >= 0", lambda v: v >= 0),
     "data.synthetic_train_size": ("an integer >= 1", lambda v: v >= 1),

@@ -1,0 +1,284 @@
+"""The thread budget of a process: how many cores it may use, and how they are split (issue 21).
+
+A machine is rarely ours alone: a laptop with a browser open, a workstation shared with other jobs,
+a CI runner, the 8 ranks of a GPU node with their DataLoader workers. The libraries' defaults assume
+the opposite: torch starts one intra-op thread per core of the machine, and OpenMP threads that wait
+for work spin on a core for a while before they sleep. Beside other work, every parallel region then
+waits for its slowest thread, which the kernel has just given to someone else, and the spinning
+threads burn what the other jobs would have used: measured on 2 cores, a 120-step quickstart beside
+other jobs took 289 s with the defaults and 54 s with one thread.
+
+The budget is decided once, when the process starts (:func:`prepare_process`, before torch is
+imported), from what the process may actually use:
+
+* its CPU affinity (``os.sched_getaffinity``: taskset, cpusets, SLURM's binding);
+* a cgroup CPU quota (``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` in v1: containers, SLURM jobs),
+  rounded to the nearest whole CPU;
+* ``SLURM_CPUS_PER_TASK`` where it is set;
+
+the smallest of these, shared among the processes a launcher started on this machine
+(``LOCAL_WORLD_SIZE``), at least 1. ``SIMCLR_THREADS=N`` sets N CPUs for each process instead;
+``SIMCLR_THREADS=off`` leaves every setting to the libraries, as before the budget existed.
+
+The CPUs are split between the main process's intra-op threads and the DataLoader workers (one
+thread each, as torch sets them): ``data.num_workers = "auto"`` takes a count from the budget
+(:meth:`ThreadBudget.auto_workers`), and the intra-op threads get the CPUs the workers leave
+(:func:`leave_room_for_workers`). Decoding a folder into memory, which runs before training, uses the
+whole budget (:meth:`ThreadBudget.decode_threads`).
+
+The user's settings win: an ``OMP_NUM_THREADS`` in the environment, a ``torch.set_num_threads`` made
+before a stage runs, an explicit ``data.num_workers`` and an ``OMP_WAIT_POLICY`` are left as they are.
+Where the user set no wait policy, OpenMP threads wait passively (they sleep instead of spinning).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, MutableMapping, Optional
+
+ENV = "SIMCLR_THREADS"
+MARK = "SIMCLR_THREADS_SET"  # the OMP_NUM_THREADS a budget set: a child process with the same value decides its own
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    """How many CPUs this process may use and how they are spent.
+
+    Attributes:
+        cpus: CPUs for this process (at least 1).
+        why: how ``cpus`` was found, for ``--verbose`` (e.g. ``affinity 8, cgroup quota 4, 2 local processes``).
+        user_threads: the intra-op thread count the user fixed (``OMP_NUM_THREADS``), else None.
+        wait_policy: the OpenMP wait policy in force, and who chose it.
+        enabled: False under ``SIMCLR_THREADS=off`` (nothing is changed).
+    """
+
+    cpus: int
+    why: str
+    user_threads: Optional[int] = None
+    wait_policy: str = ""
+    enabled: bool = True
+    notes: tuple[str, ...] = field(default=())
+
+    def auto_workers(self, gpu: bool = False) -> int:
+        """``data.num_workers = "auto"``: DataLoader workers from the budget.
+
+        One CPU: none (a worker would only compete with the training thread). Training on a GPU, the
+        main process mostly launches kernels: every CPU but one decodes. On a CPU the model needs the
+        cores too: half of them decode, the rest run the model."""
+        if self.cpus <= 1:
+            return 0
+        return self.cpus - 1 if gpu else self.cpus // 2
+
+    def intra_op(self, workers: int = 0) -> int:
+        """The main process's intra-op threads beside ``workers`` DataLoader workers (the user's count if set)."""
+        if self.user_threads is not None:
+            return self.user_threads
+        return max(1, self.cpus - max(0, workers))
+
+    def decode_threads(self) -> int:
+        """Threads that decode a folder into memory (before training: the whole budget, or the user's
+        ``OMP_NUM_THREADS`` where it is smaller: a user who asked for fewer threads gets no more)."""
+        return min(self.cpus, self.user_threads) if self.user_threads is not None else self.cpus
+
+    def describe(self, workers_setting: object = None, gpu: bool = False) -> str:
+        """One line for ``--verbose``."""
+        if not self.enabled:
+            return f"threads: budget off ({ENV}=off): library defaults"
+        parts = [f"threads: {self.cpus} CPU(s) for this process ({self.why})"]
+        workers = resolve_workers(workers_setting, gpu, self) if workers_setting is not None else 0
+        if workers_setting is not None:
+            parts.append(f"data.num_workers={workers_setting!s} -> {workers} worker(s)")
+        threads = self.intra_op(workers)
+        parts.append(f"{threads} intra-op thread(s)" + (" (OMP_NUM_THREADS)" if self.user_threads is not None else ""))
+        parts.append(f"{self.decode_threads()} decode thread(s)")
+        if self.wait_policy:
+            parts.append(f"OpenMP wait policy {self.wait_policy}")
+        return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- what the process may use
+
+
+def cgroup_cpu_quota(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> Optional[float]:
+    """The CPU quota (in CPUs, e.g. 1.5) of this process's cgroup and its ancestors, the smallest; None: no quota.
+
+    cgroup v2: ``cpu.max`` (``"max 100000"`` or ``"150000 100000"``). cgroup v1: ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us`` (-1: none). Inside a container the process's cgroup is often shown as ``/``
+    while the container's own limits sit at the mount's root, which the walk up reads too."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas: list[float] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2
+            quotas += _walk_quotas(root, path, _v2_quota)
+        elif "cpu" in controllers.split(","):
+            for mount in (root / controllers, root / "cpu", root / "cpu,cpuacct"):
+                if mount.is_dir():
+                    quotas += _walk_quotas(mount, path, _v1_quota)
+                    break
+    return min(quotas) if quotas else None
+
+
+def _walk_quotas(mount: Path, path: str, read: Callable[[Path], Optional[float]]) -> list[float]:
+    found: list[float] = []
+    folder = mount / path.lstrip("/")
+    while True:
+        q = read(folder)
+        if q is not None:
+            found.append(q)
+        if folder == mount or mount not in folder.parents:
+            return found
+        folder = folder.parent
+
+
+def _v2_quota(folder: Path) -> Optional[float]:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(folder: Path) -> Optional[float]:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def _affinity() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _positive_int(value: Optional[str]) -> Optional[int]:
+    try:
+        n = int(str(value).strip().split("(")[0])  # SLURM writes "8(x2)" in some variables
+    except (TypeError, ValueError):
+        return None
+    return n if n >= 1 else None
+
+
+def usable_cpus(environ: Mapping[str, str], *, affinity: Optional[int] = None,
+                quota: Optional[float] = -1.0) -> tuple[int, str]:
+    """CPUs this process may use, and how that was found.
+
+    Args:
+        environ: the environment (``SIMCLR_THREADS``, ``SLURM_CPUS_PER_TASK``, ``LOCAL_WORLD_SIZE``).
+        affinity: the CPUs of the affinity mask (default: this process's).
+        quota: the cgroup quota in CPUs, None for none (default: this process's cgroups).
+    """
+    local = _positive_int(environ.get("LOCAL_WORLD_SIZE")) or 1
+    fixed = _positive_int(environ.get(ENV))
+    if fixed is not None:
+        return fixed, f"{ENV}={fixed}"
+    n_aff = _affinity() if affinity is None else affinity
+    limits = [(n_aff, f"affinity {n_aff}")]
+    q = cgroup_cpu_quota() if quota == -1.0 else quota
+    if q is not None:
+        limits.append((max(1, math.floor(q + 0.5)), f"cgroup quota {q:g}"))
+    slurm = _positive_int(environ.get("SLURM_CPUS_PER_TASK"))
+    if slurm is not None:
+        limits.append((slurm, f"SLURM_CPUS_PER_TASK {slurm}"))
+    node = min(n for n, _ in limits)
+    why = ", ".join(text for _, text in limits)
+    if local > 1:
+        why += f", shared by {local} local processes"
+    return max(1, node // local), why
+
+
+def plan(environ: Mapping[str, str], *, affinity: Optional[int] = None, quota: Optional[float] = -1.0) -> ThreadBudget:
+    """The budget for a process with this environment (pure but for reading the affinity and cgroups,
+    which ``affinity`` and ``quota`` replace in tests)."""
+    if environ.get(ENV, "").strip().lower() == "off":
+        return ThreadBudget(cpus=_positive_int(environ.get("OMP_NUM_THREADS")) or _affinity(), why=f"{ENV}=off",
+                            enabled=False)
+    cpus, why = usable_cpus(environ, affinity=affinity, quota=quota)
+    user = _positive_int(environ.get("OMP_NUM_THREADS"))
+    if user is not None and environ.get(MARK) == environ.get("OMP_NUM_THREADS"):
+        user = None  # set by a parent's budget (simclr launch, the test suite), not by the user: decide again here
+    policy = environ.get("OMP_WAIT_POLICY", "")
+    return ThreadBudget(cpus=cpus, why=why, user_threads=user,
+                        wait_policy=f"{policy} (OMP_WAIT_POLICY)" if policy else "PASSIVE")
+
+
+# ----------------------------------------------------------------------------- applying it
+
+_state: dict = {"budget": None, "set_threads": None}
+
+
+def prepare_process(environ: MutableMapping[str, str] = os.environ) -> ThreadBudget:
+    """Decide this process's budget and set what must be set before torch is imported.
+
+    Sets ``OMP_WAIT_POLICY=PASSIVE`` and ``OMP_NUM_THREADS`` (the budget) where the user set neither,
+    so that torch's thread pool starts at the budget's size. Call it first thing in the command-line
+    entry point; a later call returns the same budget."""
+    if _state["budget"] is not None:
+        return _state["budget"]
+    budget = plan(environ)
+    _state["budget"] = budget
+    if budget.enabled:
+        environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if budget.user_threads is None:
+            environ["OMP_NUM_THREADS"] = environ[MARK] = str(budget.cpus)
+            _state["set_threads"] = budget.cpus
+    return budget
+
+
+def current() -> ThreadBudget:
+    """This process's budget (decided on the first call when :func:`prepare_process` was not called,
+    e.g. a stage run from Python: then the caller's own thread settings are left alone)."""
+    if _state["budget"] is None:
+        budget = plan(os.environ)
+        if budget.user_threads is None and budget.enabled:
+            import torch
+
+            # Not set up by the CLI: whatever torch runs with now is the user's (or the library default's) choice.
+            budget = ThreadBudget(cpus=budget.cpus, why=budget.why, user_threads=torch.get_num_threads(),
+                                  wait_policy=budget.wait_policy, notes=("not started by the CLI",))
+        _state["budget"] = budget
+    return _state["budget"]
+
+
+def resolve_workers(setting: object, gpu: bool = False, budget: Optional[ThreadBudget] = None) -> int:
+    """``data.num_workers`` as a count: an integer as given, ``"auto"`` from the budget."""
+    if setting == "auto":
+        return (budget or current()).auto_workers(gpu)
+    return int(setting)  # type: ignore[arg-type]
+
+
+def leave_room_for_workers(workers: int) -> None:
+    """Give the main process's intra-op threads the CPUs that ``workers`` DataLoader workers leave.
+
+    Only where the budget set the thread count and nobody changed it since (a user's
+    ``torch.set_num_threads`` or ``OMP_NUM_THREADS`` wins)."""
+    budget = current()
+    if not budget.enabled or budget.user_threads is not None or _state["set_threads"] is None:
+        return
+    import torch
+
+    if torch.get_num_threads() != _state["set_threads"]:
+        return  # changed by someone else since: theirs
+    want = budget.intra_op(workers)
+    if want != _state["set_threads"]:
+        torch.set_num_threads(want)
+        _state["set_threads"] = want
+
+
+def _reset_for_tests() -> None:
+    _state.update(budget=None, set_threads=None)
