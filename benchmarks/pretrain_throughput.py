@@ -35,7 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from simclr_cli import threads
+
+threads.prepare_process()  # the thread budget, as the `simclr` command sets it (before torch is imported)
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -130,11 +130,22 @@ def test_parallel_decode_gives_the_serial_result_with_errors_in_place(tmp_path, 
 
 
 def test_default_decode_threads_follow_the_cores(monkeypatch):
+    """In-memory decoding uses the process's thread budget (simclr_cli/threads.py), decided at start-up."""
+    from simclr_cli import threads
+
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert sources.decode_threads() == 4
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes on this machine share them
-    assert sources.decode_threads() == 2
+    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda *a, **k: None)
+    saved = dict(threads._state)
+    try:
+        threads._reset_for_tests()
+        threads.prepare_process({})
+        assert sources.decode_threads() == 4
+        threads._reset_for_tests()
+        threads.prepare_process({"LOCAL_WORLD_SIZE": "2"})  # two torchrun processes on this machine share them
+        assert sources.decode_threads() == 2
+    finally:
+        threads._state.clear()
+        threads._state.update(saved)
 
 
 def test_in_memory_decode_benchmark_smoke():
