@@ -280,7 +280,8 @@ def load_encoder(src: Source | None, recipe: Recipe, init: str) -> SimCLRModel:
     if init not in ("pretrained", "random"):
         raise UsageError(f"--init must be 'pretrained' or 'random', got '{init}'")
     torch.manual_seed(recipe.seed)
-    model = build_simclr_model(replace(recipe.model, pretrained=False), head=build_objective(recipe.pretrain).head)
+    model = build_simclr_model(replace(recipe.model, pretrained=False), head=build_objective(recipe.pretrain).head,
+                               image_size=recipe.data.image_size)
     if init == "random":
         return model
     if src is None or src.checkpoint is None:
@@ -391,7 +392,7 @@ def load_classifier(src: Source, recipe: Recipe):
     classes = json.loads(meta.get("simclr.classes", "[]"))
     torch.manual_seed(recipe.seed)
     encoder = build_simclr_model(replace(recipe.model, pretrained=False),  # every weight comes from the checkpoint
-                                 head=build_objective(recipe.pretrain).head)
+                                 head=build_objective(recipe.pretrain).head, image_size=recipe.data.image_size)
     model = Classifier(encoder.backbone, head_layers(encoder)[:k], num_classes)
     tensors, _ = load_weights(src.checkpoint)
     _load_strict(model.backbone, sub_state(tensors, "backbone"), src.checkpoint, "backbone")

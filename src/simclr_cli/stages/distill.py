@@ -182,7 +182,8 @@ def _build_student(recipe: Recipe, src: common.Source, num_classes: int) -> tupl
     use_pretrained = same and pretrain_ckpt.is_file() and cfg.student_init in ("auto", "pretrained")
     torch.manual_seed(recipe.seed + 1)
     try:
-        backbone = create_backbone(name, cifar_stem=recipe.model.cifar_stem, pretrained=False)
+        backbone = create_backbone(name, cifar_stem=recipe.model.cifar_stem, pretrained=False,
+                                   image_size=recipe.data.image_size, where=f"--student {name}")
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - timm raises RuntimeError for unknown names

@@ -94,7 +94,7 @@ def run(
                              decode_draft=cfg.decode_draft, decode=decode)
 
     # Model and task.
-    model = build_simclr_model(recipe.model, head=objective.head)
+    model = build_simclr_model(recipe.model, head=objective.head, image_size=cfg.image_size)
     model, bn_mode = convert_sync_bn(model, accelerator, pcfg.sync_bn)
     local_batch = pcfg.batch_size // accelerator.num_processes
     grad_cache = 0 < pcfg.micro_batch_size < local_batch
