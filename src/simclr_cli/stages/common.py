@@ -374,6 +374,16 @@ def assert_unchanged(module: nn.Module, snapshot: dict[str, torch.Tensor], what:
         raise RuntimeError(f"bug: the frozen {what} changed during training ({len(changed)} tensors, e.g. {changed[0]})")
 
 
+def source_identity(src: Source | None, init: str) -> dict[str, str]:
+    """What a summary records of the checkpoint it measured: its resolved path and SHA-256 (``source_path``,
+    ``source_sha256``); empty for ``--init random``. The model card matches summaries to a checkpoint by both."""
+    if init == "random" or src is None or src.checkpoint is None:
+        return {}
+    from simclr_cli.utils import file_sha256
+
+    return {"source_path": str(Path(src.checkpoint).resolve()), "source_sha256": file_sha256(src.checkpoint)}
+
+
 def source_label(src: Source | None, init: str) -> str:
     if init == "random":
         return "random init"

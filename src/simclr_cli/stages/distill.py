@@ -44,7 +44,7 @@ from simclr_cli.models.classifier import Classifier
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
 from simclr_cli.stages.scaffold import StageRun, guarded
-from simclr_cli.utils import atomic_write_text
+from simclr_cli.utils import atomic_write_text, file_sha256
 
 STAGE = "distill"
 LOGITS_FILE = "teacher_logits.safetensors"
@@ -80,7 +80,7 @@ def run(
     if cfg.hard and not cfg.cache_teacher:
         raise UsageError("distill.hard needs the cached teacher logits (distill.cache_teacher=true) to pick examples")
     main, say, stage_dir = guard.main, guard.say, guard.stage_dir
-    teacher_record = {"checkpoint": str(Path(src.checkpoint).resolve()), "sha256": _file_sha256(src.checkpoint)}
+    teacher_record = {"checkpoint": str(Path(src.checkpoint).resolve()), "sha256": file_sha256(src.checkpoint)}
     if resume:
         _check_same_teacher(stage_dir, teacher_record, force=force, say=say)
 
@@ -242,14 +242,6 @@ def _teacher_logits(teacher: Classifier, teacher_path: Path, unlabeled, recipe: 
     return logits
 
 
-def _file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def _check_same_teacher(stage_dir: Path, now: dict[str, str], *, force: bool, say) -> None:
     """A resume goes on with the teacher the run started with: another one (other bytes, wherever it lies) would
     mix two teachers' targets in one student, so it is refused (exit 2) unless ``force``. The record is
@@ -280,7 +272,7 @@ def _check_same_teacher(stage_dir: Path, now: dict[str, str], *, force: bool, sa
 
 def _logits_key(teacher_path: Path, unlabeled, recipe: Recipe) -> dict[str, str]:
     """What the cached logits depend on: the teacher's bytes, the images (in order) and the transform."""
-    digest = _file_sha256(teacher_path)
+    digest = file_sha256(teacher_path)
     names = hashlib.sha256("\n".join(unlabeled.describe(i) for i in range(len(unlabeled))).encode(
         "utf-8", "surrogateescape")).hexdigest()
     d = recipe.data

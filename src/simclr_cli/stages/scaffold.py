@@ -38,7 +38,7 @@ from simclr_cli.engine.signals import StopRequest
 from simclr_cli.errors import Interrupted, SimclrError, UsageError
 from simclr_cli.recipe import Recipe, recipe_to_dict, recipe_to_toml
 from simclr_cli.stages.common import check_output, write_json
-from simclr_cli.utils import atomic_write_text
+from simclr_cli.utils import atomic_write_text, file_sha256
 
 
 class StageRun:
@@ -171,10 +171,13 @@ class StageRun:
     def finish(self, summary: dict[str, Any], *, tensors: dict[str, torch.Tensor] | None = None,
                metadata: dict[str, str] | None = None) -> dict[str, Any]:
         """Write ``model.safetensors`` (when ``tensors``) and ``summary.json`` on the main process, wait for every
-        process, and return ``summary``."""
+        process, and return ``summary``. The summary records the checkpoint's SHA-256 (``model_sha256``), so that
+        its numbers are told apart from those of another checkpoint written to the same place later
+        (:func:`simclr_cli.export.run_summaries`)."""
         if self.main:
             if tensors is not None:
                 save_weights(self.stage_dir / MODEL_FILE, tensors, metadata or {})
+                summary["model_sha256"] = file_sha256(self.stage_dir / MODEL_FILE)
             write_json(self.stage_dir / "summary.json", summary)
             self.track({f"summary/{k}": v for k, v in tracking.scalars(summary).items()}, self._last_step)
         self.accelerator.wait_for_everyone()
