@@ -25,7 +25,7 @@ from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import pack
 from simclr_cli.data.decode import DRAFT_MARGIN, crop_views, decode_bytes, decode_views, header_size
 from simclr_cli.data.registry import pretraining_dataset
-from simclr_cli.data.sources import ImageSource, MemorySource, SubsetSource, TensorSource
+from simclr_cli.data.sources import ImageSource, MemorySource, SubsetSource, TensorSource, unreadable_reason
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.recipe.schema import DataConfig
 from simclr_cli.utils import mix_seed
@@ -66,7 +66,8 @@ def load_with_fallback(source: ImageSource, index: int, load: Callable[[int], An
                 bad = i
             if name not in _WARNED:
                 _WARNED.add(name)
-                print(f"warning: skipping unreadable image {name}: {e}", file=sys.stderr, flush=True)
+                print(f"warning: skipping unreadable image {name}: {unreadable_reason(e, name)}", file=sys.stderr,
+                      flush=True)
     raise DataError(f"{source.name}: {tries} unreadable images in a row from {source.describe(index)}; check the dataset")
 
 

@@ -298,12 +298,20 @@ def _prepare_out(out: Path, manifest: dict, overwrite: bool) -> bool:
         if same and not overwrite:
             return True
         if not overwrite:
-            what = ("with other settings" if previous.get("settings") != manifest["settings"] else
-                    "of another source (or one whose files changed)")
-            raise UsageError(
-                f"{out} holds a pack {what} (source {previous.get('source')}, settings "
-                f"{previous.get('settings')}; now {manifest['source']}, {manifest['settings']}): pass --overwrite "
-                "to replace it, or choose another OUT")
+            if previous.get("settings") != manifest["settings"]:
+                raise UsageError(
+                    f"{out} holds a pack with other settings (source {previous.get('source')}, settings "
+                    f"{previous.get('settings')}; now {manifest['source']}, {manifest['settings']}): pass --overwrite "
+                    "to replace it, or choose another OUT")
+            if previous.get("source") != manifest["source"]:
+                raise UsageError(f"{out} holds a pack of another source ({previous.get('source')}; now "
+                                 f"{manifest['source']}): pass --overwrite to replace it, or choose another OUT")
+            then, now = previous.get("images"), manifest["images"]
+            how = (f"{then} images when packed, {now} now" if then != now else
+                   f"{now} images then and now: files were modified, renamed or replaced")
+            raise UsageError(f"{out} holds a pack of {manifest['source']} whose files changed since it was packed ({how}; "
+                             "its list of files, their sizes and modification times differ): pass --overwrite to pack "
+                             "it again, or choose another OUT")
     elif mine and not overwrite:
         raise UsageError(f"{out} holds shards but no {MANIFEST}, so they cannot be checked against this source: "
                          "pass --overwrite to pack again, or `simclr data index OUT` to index them as they are")
