@@ -29,3 +29,13 @@ def test_a_size_the_backbone_cannot_take_is_a_recipe_error_before_any_folder(tin
     assert f"model.backbone: '{VIT}' takes images of a fixed size and cannot take data.image_size=8" in r.output
     assert "Traceback" not in r.output and "AssertionError" not in r.output
     assert not (tmp_path / "run" / "pretrain").exists()
+
+
+def test_recipes_validate_checks_the_size_too(tiny_recipe_file):
+    r = CliRunner().invoke(app, ["recipes", "validate", str(tiny_recipe_file), "--set", f"model.backbone={VIT}",
+                                 "--set", "data.image_size=8"])
+    assert r.exit_code == 2, r.output
+    assert "--set data.image_size=8: model.backbone" in r.output and "cannot take data.image_size=8" in r.output
+    r = CliRunner().invoke(app, ["recipes", "validate", str(tiny_recipe_file), "--set", f"model.backbone={VIT}",
+                                 "--set", "data.image_size=32"])
+    assert r.exit_code == 0, r.output

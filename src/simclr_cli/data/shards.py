@@ -642,7 +642,8 @@ def write_index(out: Path, say: Callable[[str], None] = print, *, partial: bool 
     cols: dict[str, list] = {"shard": [], "offset": [], "size": [], "label": [], "key": [], "path": []}
     names_by_label: dict[int, str] = {}
     for k, path in enumerate(shards):
-        entries = [e for e in scan_shard(path, warn=lambda text: None) if e.jpg is not None]
+        quiet = path.name in damaged  # said below, with what is lost
+        entries = [e for e in scan_shard(path, warn=(lambda text: None) if quiet else say) if e.jpg is not None]
         if path.name in damaged:
             expected = records.get(path.name, {}).get("images")
             lost = (f"{expected - len(entries)} of its {expected} images are lost" if isinstance(expected, int)

@@ -25,7 +25,7 @@ def create_backbone(name: str, *, cifar_stem: bool = False, pretrained: bool = F
         where: the recipe key (or option) that named the model, for the error.
     """
     check_backbone(name)
-    fixed = bool(getattr(timm.models.get_pretrained_cfg(name), "fixed_input_size", False))
+    fixed = fixed_input_size(name)
     model = None
     if image_size and fixed:
         try:
@@ -41,6 +41,11 @@ def create_backbone(name: str, *, cifar_stem: bool = False, pretrained: bool = F
     if image_size and fixed:
         check_input_size(model, name, image_size, where)
     return guard_padded_convs(model)
+
+
+def fixed_input_size(name: str) -> bool:
+    """Whether timm builds ``name`` for one input size (``pretrained_cfg.fixed_input_size``: ViT, Swin, ...)."""
+    return bool(getattr(timm.models.get_pretrained_cfg(name), "fixed_input_size", False))
 
 
 def _size_error(name: str, image_size: int, where: str, e: BaseException):
