@@ -308,7 +308,7 @@ class StageRun:
             if len(exc.args) == 1 and isinstance(exc.args[0], str) and not isinstance(exc, OSError):
                 exc.args = (f"{exc.args[0]}{kept}",)
             else:  # an exception whose text is not its one argument: the note on a line of its own
-                print(f"note:{kept[:-1].replace('(', ' ', 1)}", file=sys.stderr)
+                print(f"note: {self.stage_dir} still holds the previous run", file=sys.stderr)
         return False
 
 
