@@ -18,14 +18,22 @@ from simclr_cli.recipe import load_recipe
 from simclr_cli.stages import pretrain
 
 
-@pytest.mark.parametrize("argv, option", [(["knn", "runs/x", "--k", "abc"], "--k"),
-                                          (["launch", "--gpus", "0", "pretrain", "quickstart"], "--gpus")])
-def test_a_bad_option_value_is_one_error_line_not_a_panel(argv, option):
+@pytest.mark.parametrize("argv, start", [(["knn", "runs/x", "--k", "abc"], "error: Invalid value for '--k'"),
+                                         (["launch", "--gpus", "0", "pretrain", "quickstart"],
+                                          "error: Invalid value for '--gpus'"),
+                                         (["--bogus", "knn"], "error: No such option: --bogus"),
+                                         (["knnn"], "error: No such command 'knnn'")])
+def test_a_bad_option_value_is_one_error_line_not_a_panel(argv, start):
     r = CliRunner().invoke(app, argv)
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: Invalid value for '{option}'"), r.output
-    assert "╭" not in r.output and f"--help`)" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(start), r.output
+    assert "╭" not in r.output and "--help`)" in lines[0]
+
+
+def test_no_arguments_still_show_the_help():
+    r = CliRunner().invoke(app, ["data"])
+    assert "Usage" in r.output and "pack" in r.output and "error:" not in r.output
 
 
 def test_an_undecodable_image_is_named_by_its_path_not_an_in_memory_file(tmp_path, capsys):

@@ -22,15 +22,26 @@ class _OneLineErrors(typer.core.TyperGroup):
     _usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
     _no_args = getattr(sys.modules[_usage_error.__module__], "NoArgsIsHelpError", ())
 
-    def invoke(self, ctx):
+    def _one_line(self, e) -> typer.Exit:
+        where = e.ctx.command_path if e.ctx is not None else "simclr"
+        _say_error(f"{' '.join(e.format_message().splitlines())} (see `{where} --help`)")
+        return typer.Exit(e.exit_code)
+
+    def make_context(self, *args, **kwargs):  # the options of `simclr` itself (`simclr --bogus`)
+        try:
+            return super().make_context(*args, **kwargs)
+        except self._usage_error as e:
+            if isinstance(e, self._no_args):
+                raise  # `simclr` alone: the help, as no_args_is_help asks
+            raise self._one_line(e) from None
+
+    def invoke(self, ctx):  # a command's arguments and options, and the command name
         try:
             return super().invoke(ctx)
         except self._usage_error as e:
             if isinstance(e, self._no_args):
                 raise  # `simclr data` alone: the help, as no_args_is_help asks
-            where = e.ctx.command_path if e.ctx is not None else "simclr"
-            _say_error(f"{' '.join(e.format_message().splitlines())} (see `{where} --help`)")
-            raise typer.Exit(e.exit_code) from None
+            raise self._one_line(e) from None
 
 
 app = typer.Typer(
