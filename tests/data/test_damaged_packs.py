@@ -102,8 +102,10 @@ def test_a_truncated_shard_is_never_indexed_short_silently_and_a_repack_restores
     assert _pack_cli(src, out).exit_code == 0
     whole = _files(out)
     shard = out / "shard-000001.tar"
-    with open(shard, "r+b") as f:
-        f.truncate(len(whole["shard-000001.tar"]) // 2)
+    with tarfile.open(shard) as tar:
+        last_jpg = [m for m in tar.getmembers() if m.name.endswith(".jpg")][-1]
+    with open(shard, "r+b") as f:  # cut inside the last image: it is lost, the two before it are whole
+        f.truncate(last_jpg.offset_data + 10)
     again = f"simclr data pack {src} {out} --shorter-side 16 --quality 90 --shard-size 3"
     # training names the pack command while the source exists
     try:
@@ -118,7 +120,9 @@ def test_a_truncated_shard_is_never_indexed_short_silently_and_a_repack_restores
     # forced with --partial: it names what is lost
     r = _index_cli(out, "--partial")
     assert r.exit_code == 0, r.output
-    assert f"warning: --partial: {shard} has" in r.output and "of its 3 images are lost" in r.output, r.output
+    assert f"warning: --partial: {shard} has" in r.output and "1 of its 3 images are lost" in r.output, r.output
+    kept = len(json.loads((out / "index.json").read_text())["samples"]["key"])
+    assert kept == 6 and "now holds 6 of the 7 images the pack held: 1 image(s) left out" in r.output
     # a pack run again notices the damage (the index now matches the short shard) and writes the shard again
     r = _pack_cli(src, out)
     assert r.exit_code == 0 and "already packed" not in r.output, r.output

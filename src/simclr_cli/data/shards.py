@@ -660,6 +660,12 @@ def write_index(out: Path, say: Callable[[str], None] = print, *, partial: bool 
             cols["path"].append(e.path)
             if e.label >= 0 and e.cls is not None:
                 names_by_label[e.label] = e.cls
+    if partial and (unfinished or damaged):  # what the pack loses, in one number
+        total = (sum(int(r.get("images", 0)) for r in records.values()) if records else manifest.get("images"))
+        if isinstance(total, int) and total > len(cols["key"]):
+            what = "the pack held" if records else "its source listed"
+            say(f"warning: --partial: {out} now holds {len(cols['key'])} of the {total} images {what}: "
+                f"{total - len(cols['key'])} image(s) left out of the index")
     classes = manifest.get("classes")
     if classes is None:
         top = max(cols["label"], default=-1)
