@@ -35,7 +35,8 @@ def _rows(path: Path) -> list[tuple[str, str]]:
     if path.suffix.lower() != ".csv":
         return [(ln.strip(), "") for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     # the csv module over the whole text: a quoted path may hold a newline (splitting lines first would cut it)
-    rows = [[c.strip() for c in r] for r in csv.reader(io.StringIO(text, newline="")) if r and any(c.strip() for c in r)]
+    rows = [[c.strip() for c in r] for r in csv.reader(io.StringIO(text, newline=""))
+            if r and any(c.strip() for c in r)]
     at, label_at = 0, 1
     if rows:
         names = [c.lower() for c in rows[0]]
@@ -78,7 +79,12 @@ def read_file_list(path: Path, *, allow_missing: bool = False, warn: Callable[[s
         raise DataError(f"filelist: {path} names no images", missing=True)
     entries = [(os.path.join(base, os.path.expanduser(p)), y) for p, y in rows]  # join keeps absolute paths
     seen: set[str] = set()
-    twice = [p for p, (f, _) in zip(rows, entries) if os.path.normpath(f) in seen or seen.add(os.path.normpath(f))]  # type: ignore[func-returns-value]
+    twice = []
+    for (p, _), (f, _) in zip(rows, entries):
+        key = os.path.normpath(f)
+        if key in seen:
+            twice.append((p, f))
+        seen.add(key)
     if twice:
         more = f" and {len(twice) - 1} more" if len(twice) > 1 else ""
         warn(f"warning: {path}: {len(twice)} path(s) listed more than once ({twice[0][0]!r}{more}); each listing "
