@@ -155,10 +155,17 @@ def test_model_card_leaves_out_numbers_of_another_encoder(tiny_recipe_file, tmp_
     assert CliRunner().invoke(app, ["knn", str(run), "-q"]).exit_code == 0
     ckpt = run / "pretrain" / "model.safetensors"
     assert set(run_summaries(run, ckpt)) == {"pretrain", "knn"}
-    # the pretrain checkpoint replaced after the kNN was measured (as `pretrain --overwrite` does)
+    # the pretrain checkpoint replaced after the kNN was measured (as `pretrain --overwrite` does): other bytes
+    from safetensors.torch import load_file, save_file
+
+    from simclr_cli.checkpoints import read_metadata
+
+    tensors = load_file(ckpt)
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1
+    save_file(tensors, str(ckpt), metadata=read_metadata(ckpt))
+    assert set(run_summaries(run, ckpt)) == set()  # neither the kNN nor the pretrain summary measured these bytes
     knn_time = (run / "knn" / "summary.json").stat().st_mtime
-    os.utime(ckpt, (knn_time + 5, knn_time + 5))
-    assert set(run_summaries(run, ckpt)) == {"pretrain"}
     r = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "exp")])
     assert r.exit_code == 0, r.output
     assert "| kNN top-1 | not measured |" in (tmp_path / "exp" / "README.md").read_text()
@@ -168,3 +175,45 @@ def test_model_card_leaves_out_numbers_of_another_encoder(tiny_recipe_file, tmp_
     other.write_bytes(ckpt.read_bytes())
     os.utime(other, (knn_time - 5, knn_time - 5))
     assert run_summaries(run, other) == {}
+
+
+def test_model_card_matches_summaries_by_checkpoint_identity_not_folder_name(tiny_recipe_file, tmp_path):
+    """Issue 19 item 11: `simclr knn runs/A --out runs/B` wrote A's kNN into B/knn, and B's card showed it: summaries
+    were matched by the parent folder's name. They are matched by the resolved path and a digest of the bytes."""
+    from simclr_cli.export import run_summaries
+
+    for name, seed in (("A", 0), ("B", 1)):
+        pretrain.run(load_recipe(tiny_recipe_file, ["pretrain.max_steps=1", "pretrain.knn_every=0", f"seed={seed}"]),
+                     tmp_path / name, show_progress=False)
+    r = CliRunner().invoke(app, ["knn", str(tmp_path / "A"), "--out", str(tmp_path / "B"), "-q"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "B"), "--out", str(tmp_path / "exp")])
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "exp" / "README.md").read_text()
+    assert "| kNN top-1 | not measured |" in card and "kNN top-1 (%)" not in card
+    assert set(run_summaries(tmp_path / "B", tmp_path / "B" / "pretrain" / "model.safetensors")) == {"pretrain"}
+    knn = json.loads((tmp_path / "B" / "knn" / "summary.json").read_text())
+    assert knn["source_path"] == str((tmp_path / "A" / "pretrain" / "model.safetensors").resolve())
+    # A's own card does show it: the summary is matched to A's checkpoint wherever it was written
+    assert set(run_summaries(tmp_path / "B", tmp_path / "A" / "pretrain" / "model.safetensors")) == {"knn"}
+
+
+def test_model_card_does_not_pass_a_probe_on_head_features_for_the_encoders(tiny_recipe_file, tmp_path):
+    """Issue 19 item 10: after `linear-eval --on head:1` the card said "linear classifier on the frozen encoder" with
+    that top-1, in the Hub model-index too, although the export holds the backbone only."""
+    run = tmp_path / "run"
+    pretrain.run(load_recipe(tiny_recipe_file, ["pretrain.max_steps=1", "pretrain.knn_every=0"]), run,
+                 show_progress=False)
+    r = CliRunner().invoke(app, ["linear-eval", str(run), "--on", "head:1", "-q", "--set", "linear_eval.epochs=1"])
+    assert r.exit_code == 0, r.output
+    lin = json.loads((run / "linear_eval" / "summary.json").read_text())
+    assert lin["on"] == "head:1"
+    r = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "exp")])
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "exp" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    names = [m["name"] for res in header.get("model-index", [{"results": []}])[0]["results"] for m in res["metrics"]]
+    assert not any("linear" in n for n in names)
+    assert "on the frozen encoder" not in card
+    assert f"| linear eval top-1 on head:1 (projection head) | {lin['top1']:.2f} |" in card
+    assert "| linear eval top-1 | " not in card

@@ -104,44 +104,56 @@ def run_summaries(run_dir: Path, checkpoint: Path | None = None) -> dict[str, di
     """The ``summary.json`` of each stage of ``run_dir`` that measured the pretrained encoder (``--init random``
     baselines are left out); missing or unreadable ones are absent.
 
-    With ``checkpoint`` (the file being exported), only numbers of that very encoder count: the pretrain
-    summary only for RUN/pretrain's checkpoint; a later stage's only when it read a checkpoint of the same
-    stage folder and was written after ``checkpoint`` (not a kNN of the encoder that a ``pretrain --overwrite``
-    has since replaced, nor the teacher's numbers on a distilled student's card)."""
+    With ``checkpoint`` (the file being exported), only numbers of that very checkpoint count, matched by its
+    identity: its resolved path and the SHA-256 of its bytes. The pretrain summary counts when it is the summary
+    of ``checkpoint`` itself (``RUN/pretrain/model.safetensors``, ``model_sha256``); a later stage's when it
+    measured ``checkpoint`` (``source_path`` and ``source_sha256``). So neither a kNN of the encoder that a
+    ``pretrain --overwrite`` has since replaced, nor a ``simclr knn runs/A --out runs/B`` in B's card, nor the
+    teacher's numbers on a distilled student's card. A summary that records no digest is left out."""
     out: dict[str, dict] = {}
-    made = Path(checkpoint).stat().st_mtime if checkpoint is not None else None
+    if checkpoint is not None:
+        from simclr_cli.utils import file_sha256
+
+        path, digest = str(Path(checkpoint).resolve()), file_sha256(checkpoint)
     for stage in ("pretrain", "knn", "linear_eval", "finetune"):
-        path = Path(run_dir) / stage / "summary.json"
+        folder = Path(run_dir) / stage
         try:
-            summary = json.loads(path.read_text())
-            written = path.stat().st_mtime
+            summary = json.loads((folder / "summary.json").read_text())
         except (OSError, ValueError):
             continue
         if not isinstance(summary, dict) or summary.get("init", "pretrained") != "pretrained":
             continue
         if checkpoint is not None:
-            exported = Path(checkpoint).parent.name  # the stage folder the exported checkpoint is in
             if stage == "pretrain":
-                if exported != "pretrain":
-                    continue
-            elif Path(str(summary.get("source", ""))).parent.name != exported or written < made:
+                own = (str((folder / MODEL_FILE).resolve()) == path and summary.get("model_sha256") == digest)
+            else:
+                own = summary.get("source_path") == path and summary.get("source_sha256") == digest
+            if not own:
                 continue
         out[stage] = summary
     return out
 
 
-def _measures(summaries: dict[str, dict]) -> list[tuple[str, Any, str]]:
-    """(name, value or None, how it was measured) for the card's evaluation table."""
+def _measures(summaries: dict[str, dict]) -> list[tuple[str, Any, str, bool]]:
+    """(name, value or None, how it was measured, whether it measures the exported backbone's own features) for
+    the card's evaluation table; only the last kind goes into the Hub model-index. A linear probe on projection-head
+    features (``linear-eval --on head:K``) is named for what it is: the export holds the backbone only."""
     knn, lin, ft, pre = (summaries.get(k, {}) for k in ("knn", "linear_eval", "finetune", "pretrain"))
+    on = str(lin.get("on", "h"))
+    probe = (("linear eval top-1", "linear classifier on the frozen encoder's features h") if on == "h" else
+             (f"linear eval top-1 on {on} (projection head)",
+              f"linear classifier on the features after the first {on.partition(':')[2]} projection-head layer(s), "
+              "which this export does not hold: not a number of the exported encoder's own features"))
     return [
         ("kNN top-1", knn.get("knn_top1"), f"weighted kNN on L2-normalized h, k={knn.get('k', '?')}, "
                                             f"T={knn.get('temperature', '?')}, {knn.get('test_images', '?')} test "
-                                            "images (`simclr knn`)"),
-        ("linear eval top-1", lin.get("top1"), f"linear classifier on the frozen encoder, {lin.get('mode', '?')} mode, "
-                                               f"{lin.get('test_images', '?')} test images (`simclr linear-eval`)"),
-        ("fine-tune top-1", ft.get("top1"), f"encoder fine-tuned on {ft.get('labels', '?')} of the labels "
-                                            f"(`simclr finetune`), {ft.get('test_images', '?')} test images"),
-        ("kNN top-1, pretrain monitor (end)", pre.get("knn_top1"), "the monitor at the end of pretraining"),
+                                            "images (`simclr knn`)", True),
+        (probe[0], lin.get("top1"), f"{probe[1]}, {lin.get('mode', '?')} mode, "
+                                    f"{lin.get('test_images', '?')} test images (`simclr linear-eval`)", on == "h"),
+        ("fine-tune top-1", ft.get("top1"), f"the encoder fine-tuned with a classifier on {ft.get('labels', '?')} of "
+                                            f"the labels (`simclr finetune`), {ft.get('test_images', '?')} test images: "
+                                            "a number of the fine-tuned model, not of this export's features", False),
+        ("kNN top-1, pretrain monitor (end)", pre.get("knn_top1"), "the monitor at the end of pretraining", True),
     ]
 
 
@@ -166,7 +178,7 @@ def model_card(recipe, meta: dict[str, str], config: dict, summaries: dict[str, 
     }
     if d.dataset in _HUB_DATASETS:
         header["datasets"] = [_HUB_DATASETS[d.dataset]]
-    measured = [(n, v) for n, v, _ in measures if isinstance(v, (int, float))]
+    measured = [(n, v) for n, v, _, own in measures if own and isinstance(v, (int, float))]
     if measured:
         dataset = {"name": d.dataset, "type": _HUB_DATASETS.get(d.dataset, d.dataset)}
         header["model-index"] = [{"name": recipe.name, "results": [
@@ -221,7 +233,7 @@ def model_card(recipe, meta: dict[str, str], config: dict, summaries: dict[str, 
         "",
         "| measure | top-1 (%) | how |", "|---|---|---|",
         *[f"| {name} | {f'{value:.2f}' if isinstance(value, (int, float)) else 'not measured'} | "
-          f"{how if isinstance(value, (int, float)) else '-'} |" for name, value, how in measures],
+          f"{how if isinstance(value, (int, float)) else '-'} |" for name, value, how, _ in measures],
         "",
         f"Numbers read from the run's `summary.json` files (top-1 in percent, on the labeled split "
         f"`{d.val_split or '-'}`).",

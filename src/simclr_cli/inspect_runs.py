@@ -35,6 +35,22 @@ def resolve_checkpoint(path: Path, runs_root: Path = RUNS_ROOT) -> Path:
     return path
 
 
+def set_aside_runs(path: Path, runs_root: Path = RUNS_ROOT) -> list[str]:
+    """Warnings for the previous runs that a killed ``--overwrite`` left set aside (``RUN/.STAGE.old-PID``) in the
+    run that ``path`` (a checkpoint, a stage folder, a run folder or name) belongs to."""
+    path = Path(path).expanduser()
+    if not path.exists() and len(path.parts) == 1 and (runs_root / path).is_dir():
+        path = runs_root / path
+    if path.is_file():
+        path = path.parent
+    run = path.parent if path.name in STAGE_DIRS else path
+    if not run.is_dir():
+        return []
+    return [f"warning: {old} holds a previous {old.name[1:].split('.old-')[0]} run set aside by an --overwrite that "
+            f"was killed; move it back to {run / old.name[1:].split('.old-')[0]} to keep it, or delete it"
+            for old in sorted(run.glob(".*.old-*")) if old.is_dir() and old.name[1:].split(".old-")[0] in STAGE_DIRS]
+
+
 def read_summary(path: Path) -> dict | None:
     """A stage's summary.json, or None when it cannot be read or is not a JSON object (a torn or edited file)."""
     try:

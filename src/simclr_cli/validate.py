@@ -13,7 +13,7 @@ from typing import Sequence
 from simclr_cli.data.registry import pretraining_dataset
 from simclr_cli.engine.trackers import require_trackers, tracker_names
 from simclr_cli.errors import RecipeError, SimclrError
-from simclr_cli.models.backbone import check_backbone
+from simclr_cli.models.backbone import check_backbone, create_backbone, fixed_input_size
 from simclr_cli.objectives import build_objective
 from simclr_cli.recipe import Recipe, load_recipe, resolve_recipe_path
 from simclr_cli.recipe.loader import parse_override
@@ -33,6 +33,9 @@ def validate_recipe(file: str | Path, overrides: Sequence[str] = ()) -> tuple[Pa
                     str(resolve_recipe_path(file)))
 
     check_backbone(r.model.backbone, where=f"{origin('model.backbone')}: model.backbone")
+    if fixed_input_size(r.model.backbone):  # built for one size (ViT): does it take data.image_size?
+        create_backbone(r.model.backbone, image_size=r.data.image_size,
+                        where=f"{origin('data.image_size')}: model.backbone")
     pretraining_dataset(r.data.dataset, where=f"{origin('data.dataset')}: data.dataset")
     build_objective(r.pretrain)
     try:

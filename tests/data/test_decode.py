@@ -271,3 +271,19 @@ def test_pretrain_with_device_decoding_runs_through_the_loop(tiny_recipe_file, t
                                             "pretrain.epochs=1", "pretrain.batch_size=8"])
     pretrain.run(recipe, tmp_path / "run", show_progress=False)
     assert calls == [8, 8]
+
+
+def test_device_decoder_fallback_is_the_cpu_path_with_decode_draft(large):
+    """Issue 19 item 14: the device decoder's per-image CPU fallback decoded at full size while data.decode="cpu"
+    with decode_draft decodes at a reduced size, so the fallback was not "exactly as with cpu" (docs/data.md)."""
+    gpu = ContrastiveViews(large, _aug(), seed=5, batched=True, decode_draft=True, decode="gpu")
+    cpu = ContrastiveViews(large, _aug(), seed=5, batched=True, decode_draft=True, decode="cpu")
+    assert gpu.device_decode and gpu.decode_draft and not cpu.device_decode
+    idx = list(range(len(large)))
+    decoder = DeviceDecoder(gpu, "cpu")
+    decoder._decode_all = lambda data: [None] * len(data)  # the device decoder rejects every image
+    out = decoder(_gpu_batch(gpu, 2, idx))
+    ref = default_collate([cpu[(2, i)] for i in idx])
+    assert decoder.fallbacks == len(idx)
+    for k in ("view1", "view2", "params1", "params2", "bad", "bad_run", "index"):
+        assert torch.equal(out[k], ref[k]), k

@@ -304,3 +304,22 @@ def test_a_link_between_class_folders_keeps_each_class_whole(tmp_path, cache):
     found = scan_class_folders(root, sniff=False)
     assert _rel(found.files, root) == ["a/2.png", "a/shared/1.png", "b/sub/1.png"]
     assert list(found.labels) == [0, 0, 1] and found.classes == ["a", "b"]
+
+
+def test_a_damaged_cache_file_is_not_called_a_change_of_the_folder(tmp_path, cache, capsys):
+    """Issue 19 item 18: a corrupt listing-cache file was reported as "the folder changed since it was cached"."""
+    root = _backdate_tree(tmp_path / "imgs")
+    want = list(scan_images(root))
+    (entry,) = cache.glob("images-*.listing")
+    entry.write_bytes(entry.read_bytes()[:40])
+    capsys.readouterr()
+    assert list(scan_images(root)) == want
+    out = capsys.readouterr().out
+    assert "the cache file was damaged (truncated or corrupt); listing cached in" in out, out
+    assert "the folder changed" not in out
+    _touch(root / "d" / "new.png")  # a real change is still called one
+    _backdate(root)
+    os.utime(root / "d", ns=(OLD + 10**9, OLD + 10**9))
+    capsys.readouterr()
+    assert len(scan_images(root)) == len(want) + 1
+    assert "the folder changed since it was cached" in capsys.readouterr().out

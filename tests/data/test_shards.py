@@ -205,10 +205,10 @@ def test_unreadable_sources_and_damaged_members_are_skipped_and_named(tmp_path, 
     (out / "index.json").write_text(json.dumps(index))
     with pytest.raises(OSError, match="the index does not match the shard"):
         ShardSource(out).load(4)
-    # a truncated shard: the index no longer fits it, so it says how to rebuild
+    # a truncated shard: the index no longer fits it; while the source exists, the advice is to pack again
     with open(out / "shard-000002.tar", "r+b") as f:
         f.truncate(700)
-    with pytest.raises(DataError, match=r"shard-000002.tar has 700 bytes, the index says \d+.*simclr data index"):
+    with pytest.raises(DataError, match=r"shard-000002.tar has 700 bytes, the index says \d+.*simclr data pack"):
         ShardSource(out)
 
 

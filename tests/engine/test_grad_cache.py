@@ -136,3 +136,32 @@ def test_grad_cache_moves_bn_running_stats_once_per_step():
     chunk_means = torch.stack([x.mean(dim=(0, 2, 3)) for x in second_pass]).mean(0)
     expected = (1 - bn.momentum) * before_mean + bn.momentum * chunk_means
     torch.testing.assert_close(bn.running_mean, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_loss_scaling_with_micro_batches_trains_through_the_real_loop(tiny_recipe_file, tmp_path, monkeypatch):
+    """Issue 19 item 12: fp16 + micro_batch_size crashed at step 1 (`Attempted step but _scale is None`): the cached
+    gradients were scaled by hand and scaler.scale() was never called. A CPU GradScaler stands in for the fp16 one
+    (same scale / unscale / step / update, on the real pretrain loop); a scale that is a power of two is undone
+    exactly, so the weights equal bit for bit those of the same run without loss scaling."""
+    from safetensors.torch import load_file
+
+    from simclr_cli.stages import scaffold
+
+    real = scaffold.make_accelerator
+    scalers = []
+
+    def with_scaler(*args, **kwargs):
+        accelerator = real(*args, **kwargs)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+        scalers.append(accelerator.scaler)
+        return accelerator
+
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.micro_batch_size=4", "pretrain.epochs=1", "pretrain.knn_every=0"])
+    plain = pretrain.run(recipe, tmp_path / "plain", show_progress=False)
+    monkeypatch.setattr(scaffold, "make_accelerator", with_scaler)
+    scaled = pretrain.run(recipe, tmp_path / "scaled", show_progress=False)
+    assert scaled["steps"] == plain["steps"] == 4
+    assert scalers and scalers[0].get_scale() == 2.0 ** 14  # it scaled, stepped and grew every 2 finite steps
+    a = load_file(tmp_path / "plain" / "pretrain" / "model.safetensors")
+    b = load_file(tmp_path / "scaled" / "pretrain" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -9,14 +9,15 @@ from simclr_cli.evaluation.sharded import ShardedBatches
 
 
 def _reference(bank, labels, queries, num_classes, k, t):
-    """The whole (M, N) matrix, a stable sort (equal similarities: lower bank index first), a loop over neighbours."""
+    """The whole (M, N) matrix, a stable sort (equal similarities: lower bank index first), a loop over neighbours;
+    the weights relative to the row's best neighbour (exp((s - s_best) / t), issue 19 item 13)."""
     sim = queries @ bank.T
     s, i = sim.sort(dim=1, descending=True, stable=True)
     s, i = s[:, :k], i[:, :k]
     scores = torch.zeros(len(queries), num_classes)
     for row in range(len(queries)):
         for j in range(k):
-            scores[row, labels[i[row, j]]] += torch.exp(s[row, j] / t)
+            scores[row, labels[i[row, j]]] += torch.exp((s[row, j] - s[row, 0]) / t)
     return s, i, scores
 
 
@@ -69,3 +70,19 @@ def test_sharded_batches_cover_the_dataset_once_in_whole_batches(n, bs, world):
     one = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
     assert sorted(real) == one  # each one-process batch exactly once, unchanged
     assert sum(s.real for s in shards) == len(one)
+
+
+def test_small_temperature_does_not_overflow_and_the_nearest_class_wins():
+    """Issue 19 item 13: exp(sim / T) overflowed float32 below T ~0.011; ties of inf voted for the lowest class."""
+    t = 0.005
+    near = F.normalize(torch.tensor([[1.0, 0.05, 0.0]]), dim=1)  # cos ~0.9988 to the query: class 1
+    far = F.normalize(torch.tensor([[1.0, 0.3, 0.0]] * 5), dim=1)  # cos ~0.958: five votes for class 0
+    bank = torch.cat([far, near])
+    labels = torch.tensor([0, 0, 0, 0, 0, 1])
+    query = torch.tensor([[1.0, 0.0, 0.0]])
+    assert torch.exp(torch.tensor(0.9) / t).isinf()  # the old weights overflow here
+    scores = knn_scores(bank, labels, query, 2, 6, t)
+    assert torch.isfinite(scores).all()
+    # each far neighbour weighs exp(-(0.9988 - 0.958) / 0.005) ~ 3e-4 of the nearest one
+    assert scores[0, 1] > scores[0, 0] > 0
+    assert knn_top1(bank, labels, query, torch.tensor([1]), 2, 6, t) == 100.0

@@ -136,3 +136,36 @@ def test_teacher_logits_cache_made_by_another_teacher_is_recomputed(teacher, tmp
     distill.run(recipe_b, src_b, tmp_path / "c", show_progress=True)
     out = capsys.readouterr().out
     assert "recomputing" not in out and "teacher logits for" not in out
+
+
+def test_resume_with_a_changed_teacher_is_refused_without_force(teacher, tmp_path, monkeypatch, capsys):
+    """Issue 19 item 19: `distill --resume` after the teacher checkpoint changed recomputed the logits with a note
+    and went on, training one student on two teachers' targets. Now exit 2 unless --force, like any changed input."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from simclr_cli.errors import Interrupted
+
+    shutil.copytree(teacher / "finetune", tmp_path / "t" / "finetune")  # the module's teacher stays as it is
+    src, recipe = _inputs(tmp_path / "t")
+    with pytest.raises(Interrupted):
+        distill.run(recipe, src, tmp_path / "s", show_progress=False, interrupt_after=1)
+    tensors = load_file(src.checkpoint)  # the teacher is fine-tuned again in place: other weights, same path
+    bias = next(k for k in tensors if k.startswith("head.") and k.endswith("bias"))
+    tensors[bias] = tensors[bias] + 1
+    save_file(tensors, str(src.checkpoint), metadata=read_metadata(src.checkpoint))
+    logits = (tmp_path / "s" / "distill" / distill.LOGITS_FILE).read_bytes()
+    with pytest.raises(UsageError, match="--resume: the teacher changed since .* pass --force") as e:
+        distill.run(recipe, src, tmp_path / "s", resume=True, show_progress=False)
+    assert e.value.exit_code == 2
+    assert (tmp_path / "s" / "distill" / distill.LOGITS_FILE).read_bytes() == logits  # nothing was recomputed
+    capsys.readouterr()
+    summary = distill.run(recipe, src, tmp_path / "s", resume=True, force=True, show_progress=True)
+    assert "--force: going on with the new teacher" in capsys.readouterr().out
+    assert summary["epochs"] == 2
+    record = json.loads((tmp_path / "s" / "distill" / "teacher.json").read_text())  # now the new teacher's
+    import hashlib
+
+    assert record == {"checkpoint": str(src.checkpoint.resolve()),
+                      "sha256": hashlib.sha256(src.checkpoint.read_bytes()).hexdigest()}

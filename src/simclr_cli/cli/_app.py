@@ -14,7 +14,38 @@ import simclr_cli
 from simclr_cli.errors import SimclrError
 from simclr_cli.utils import check_out_folder
 
+class _OneLineErrors(typer.core.TyperGroup):
+    """A bad command line (an option value of the wrong type or out of range, an unknown option or command) is the
+    project's one-line ``error: ...`` on stderr with exit 2, not Typer's multi-line boxed panel."""
+
+    # click's UsageError, wherever this Typer takes click from (recent Typers bundle their own copy)
+    _usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    _no_args = getattr(sys.modules[_usage_error.__module__], "NoArgsIsHelpError", ())
+
+    def _one_line(self, e) -> typer.Exit:
+        where = e.ctx.command_path if e.ctx is not None else "simclr"
+        _say_error(f"{' '.join(e.format_message().splitlines())} (see `{where} --help`)")
+        return typer.Exit(e.exit_code)
+
+    def make_context(self, *args, **kwargs):  # the options of `simclr` itself (`simclr --bogus`)
+        try:
+            return super().make_context(*args, **kwargs)
+        except self._usage_error as e:
+            if isinstance(e, self._no_args):
+                raise  # `simclr` alone: the help, as no_args_is_help asks
+            raise self._one_line(e) from None
+
+    def invoke(self, ctx):  # a command's arguments and options, and the command name
+        try:
+            return super().invoke(ctx)
+        except self._usage_error as e:
+            if isinstance(e, self._no_args):
+                raise  # `simclr data` alone: the help, as no_args_is_help asks
+            raise self._one_line(e) from None
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="simclr",
     help="SimCLR end to end: contrastive pretraining, evaluation, semi-supervised fine-tuning, distillation, transfer.",
     no_args_is_help=True,

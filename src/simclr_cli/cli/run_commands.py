@@ -28,8 +28,10 @@ def info(
 ) -> None:
     """Show a checkpoint's metadata, key recipe values and final metrics."""
     with _handled(debug):
-        from simclr_cli.inspect_runs import checkpoint_info
+        from simclr_cli.inspect_runs import checkpoint_info, set_aside_runs
 
+        for line in set_aside_runs(path):  # first: said even when the run holds no checkpoint now
+            typer.echo(line, err=True)
         render.show_info(path, checkpoint_info(path))
 
 

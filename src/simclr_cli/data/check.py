@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from simclr_cli import threads
 from simclr_cli.data.loaders import build_source
 from simclr_cli.data.registry import pretraining_dataset
-from simclr_cli.data.sources import ImageSource
+from simclr_cli.data.sources import ImageSource, unreadable_reason
 from simclr_cli.recipe.schema import Recipe
 
 
@@ -54,7 +54,7 @@ def scan_split(source: ImageSource, split: str, workers: int = 0) -> SplitReport
             img = source.load(i)
             return i, img.shape[-2], img.shape[-1], None
         except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
-            return i, 0, 0, f"{type(e).__name__}: {e}"
+            return i, 0, 0, f"{type(e).__name__}: {unreadable_reason(e, source.describe(i))}"
 
     with ThreadPoolExecutor(max_workers=workers or threads.current().decode_threads()) as pool:
         for i, h, w, err in pool.map(load, range(len(source)), chunksize=64):

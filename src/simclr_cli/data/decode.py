@@ -160,8 +160,9 @@ class DeviceDecoder:
     ``torchvision.io.decode_jpeg(..., device=device)`` and each image is turned upright here
     (:func:`apply_orientation`); if the batch call fails the images are tried one by one, and an image that
     still fails (or decodes to another size than its header said) is made by the CPU path
-    (``views.cpu_views``: :func:`read_image`, which reads PNG, CMYK, ..., and skips an unreadable file to
-    the next readable one, counted in ``bad``/``bad_run`` like on the CPU path).
+    (``views.cpu_item``: exactly the item ``data.decode="cpu"`` gives, reduced-size with ``decode_draft``;
+    :func:`read_image` reads PNG, CMYK, ..., and an unreadable file is skipped to the next readable one,
+    counted in ``bad``/``bad_run`` like on the CPU path).
 
     Args:
         views: the dataset, for its output size and the per-image CPU path.
@@ -220,7 +221,7 @@ class DeviceDecoder:
                 a, b = crop_views(img, crops, size)
             else:  # the CPU path for this image: same views as data.decode="cpu" would give
                 self.fallbacks += 1
-                item = self.views.cpu_views(epochs[k], indices[k])
+                item = self.views.cpu_item(epochs[k], indices[k])
                 a, b = item["view1"].to(self.device), item["view2"].to(self.device)
                 batch["params1"][k], batch["params2"][k] = item["params1"], item["params2"]
                 for key in ("bad", "bad_run", "label"):

@@ -383,24 +383,27 @@ def _map(path: Path):
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def _load(path: Path, folder: str, key: str) -> Listing | None:
-    """The cached listing at ``path`` when it is readable, of this key and version, and the tree is unchanged."""
+def _load(path: Path, folder: str, key: str) -> Listing | str:
+    """The cached listing at ``path`` when it is readable, of this key and version, and the tree is unchanged;
+    otherwise why not, in words ('' when there is no cache file), for the line that says it was listed again."""
+    if not path.exists():
+        return ""
     try:
         meta, data = _unpack(_map(path))
         if meta.get("v") != VERSION or meta.get("key") != key:
-            return None
+            return "the cache was written by another version; "
         settled: list[int] = []
         if not _unchanged(folder, data, settled):
-            return None
+            return "the folder changed since it was cached; "
         if settled:
             _settle(path, meta, data, settled)
         names = Strings(data["name_buf"], data["name_off"], _prefix(folder))
         labels = Ints(data["labels"])
         if len(labels) != len(names) or (len(names) and int(data["name_off"][-1]) != len(data["name_buf"])):
-            return None
+            return "the cache file was damaged (truncated or corrupt); "
         return Listing(names, labels, list(meta["classes"]))
-    except Exception:  # noqa: BLE001 - missing, truncated, corrupt or stale: list the folder again
-        return None
+    except Exception:  # noqa: BLE001 - truncated or corrupt: list the folder again
+        return "the cache file was damaged (truncated or corrupt); "
 
 
 def _settle(path: Path, meta: dict, data: dict[str, np.ndarray], settled: list[int]) -> None:
@@ -476,7 +479,7 @@ def cached_listing(folder: str, kind: str, options: dict, scan: Scan, *, setting
     key = _key(folder, kind, options)
     path = where / f"{key}.listing"
     hit = _load(path, folder, key)
-    if hit is not None:
+    if isinstance(hit, Listing):
         return hit
     lock = None
     try:
@@ -486,7 +489,7 @@ def cached_listing(folder: str, kind: str, options: dict, scan: Scan, *, setting
 
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # the first process scans; the others wait, then read
         hit = _load(path, folder, key)
-        if hit is not None:
+        if isinstance(hit, Listing):
             return hit
     except Exception as e:  # noqa: BLE001 - no cache here (read-only, no locks): list without it
         if str(where) not in _UNAVAILABLE_SAID:
@@ -498,12 +501,11 @@ def cached_listing(folder: str, kind: str, options: dict, scan: Scan, *, setting
         names, labels, classes, _ = fresh(TreeRecord())
         return Listing(Strings(names._buf, names._off, prefix), labels, classes)
     try:
-        changed = path.exists()
+        why = hit  # why the cache was not used ('' when there was none)
         record = TreeRecord()
         names, labels, classes, seconds = fresh(record)
         try:
             _save(path, key, names, labels, classes, record)
-            why = "the folder changed since it was cached; " if changed else ""
             _note(f"{what or folder}: listed {len(names):,} images in {seconds:.1f} s; {why}listing cached in "
                   f"{path} (reused until a folder in the tree changes; data.listing_cache=off or "
                   f"{ENV}=off turns it off)", any_rank=True)  # whichever process got the lock built it

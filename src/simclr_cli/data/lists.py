@@ -2,9 +2,12 @@
 
 Paths are relative to the list's own folder, or absolute (``~`` expanded). In a text list, blank lines and
 lines starting with ``#`` are skipped. In a CSV (a ``.csv`` file), the first column is the path and the optional
-second column the label (a class name or number; empty: unlabeled); a first row whose first cell is a column
-name (``path``, ``file``, ``filename``, ``image``, ``filepath``, ``image_path``) is a header. Classes are the
-distinct labels, sorted (numerically when every label is an integer).
+second column the label (a class name or number; empty: unlabeled); a first row that has a column name (``path``,
+``file``, ``filename``, ``image``, ``filepath``, ``image_path``) is a header, and then that column holds the paths
+and a ``class`` (or else ``label``) column the labels: the CSV that ``simclr embed`` writes reads back as a list.
+A quoted cell may hold a newline (the file is read by the csv module, not line by line). Classes are the
+distinct labels, sorted (numerically when every label is an integer). A path listed twice is used twice, with a
+warning.
 
 A list that names files that do not exist is refused (exit 2) with their count and the first few names, so that
 nothing trains on a partial list by accident; ``data.allow_missing = true`` leaves them out with a warning.
@@ -13,6 +16,7 @@ nothing trains on a partial list by accident; ``data.allow_missing = true`` leav
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Callable
@@ -30,10 +34,18 @@ def _rows(path: Path) -> list[tuple[str, str]]:
     text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
     if path.suffix.lower() != ".csv":
         return [(ln.strip(), "") for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    rows = [[c.strip() for c in r] for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
-    if rows and rows[0][0].lower() in _HEADER_NAMES:
-        rows = rows[1:]
-    return [(r[0], r[1] if len(r) > 1 else "") for r in rows if r[0]]
+    # the csv module over the whole text: a quoted path may hold a newline (splitting lines first would cut it)
+    rows = [[c.strip() for c in r] for r in csv.reader(io.StringIO(text, newline=""))
+            if r and any(c.strip() for c in r)]
+    at, label_at = 0, 1
+    if rows:
+        names = [c.lower() for c in rows[0]]
+        if any(c in _HEADER_NAMES for c in names):
+            at = next(i for i, c in enumerate(names) if c in _HEADER_NAMES)
+            label_at = next((names.index(c) for c in ("class", "label") if c in names), 1 if at == 0 else -1)
+            rows = rows[1:]
+    return [(r[at], r[label_at] if 0 <= label_at < len(r) and label_at != at else "")
+            for r in rows if len(r) > at and r[at]]
 
 
 def _class_order(names: set[str]) -> list[str]:
@@ -66,6 +78,17 @@ def read_file_list(path: Path, *, allow_missing: bool = False, warn: Callable[[s
     if not rows:
         raise DataError(f"filelist: {path} names no images", missing=True)
     entries = [(os.path.join(base, os.path.expanduser(p)), y) for p, y in rows]  # join keeps absolute paths
+    seen: set[str] = set()
+    twice = []
+    for (p, _), (f, _) in zip(rows, entries):
+        key = os.path.normpath(f)
+        if key in seen:
+            twice.append((p, f))
+        seen.add(key)
+    if twice:
+        more = f" and {len(twice) - 1} more" if len(twice) > 1 else ""
+        warn(f"warning: {path}: {len(twice)} path(s) listed more than once ({twice[0][0]!r}{more}); each listing "
+             "counts as an image of its own (delete the repeats to use each image once)")
     missing = [(p, f) for (p, _), (f, _) in zip(rows, entries) if not os.path.isfile(f)]
     if missing:
         more = len(missing) - SHOWN

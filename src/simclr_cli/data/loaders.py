@@ -25,7 +25,7 @@ from simclr_cli.data.augment import EvalTransform, SimCLRAugment
 from simclr_cli.data.batched import pack
 from simclr_cli.data.decode import DRAFT_MARGIN, crop_views, decode_bytes, decode_views, header_size
 from simclr_cli.data.registry import pretraining_dataset
-from simclr_cli.data.sources import ImageSource, MemorySource, SubsetSource, TensorSource
+from simclr_cli.data.sources import ImageSource, MemorySource, SubsetSource, TensorSource, unreadable_reason
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.recipe.schema import DataConfig
 from simclr_cli.utils import mix_seed
@@ -66,7 +66,8 @@ def load_with_fallback(source: ImageSource, index: int, load: Callable[[int], An
                 bad = i
             if name not in _WARNED:
                 _WARNED.add(name)
-                print(f"warning: skipping unreadable image {name}: {e}", file=sys.stderr, flush=True)
+                print(f"warning: skipping unreadable image {name}: {unreadable_reason(e, name)}", file=sys.stderr,
+                      flush=True)
     raise DataError(f"{source.name}: {tries} unreadable images in a row from {source.describe(index)}; check the dataset")
 
 
@@ -169,10 +170,10 @@ class ContrastiveViews(Dataset):
         epoch, index = key
         if self.device_decode:
             return self._encoded(epoch, index)
+        if self.batched:
+            return self.cpu_item(epoch, index)
         if self.decode_draft:
             return self._drafted(epoch, index)
-        if self.batched:
-            return self.cpu_views(epoch, index)
         img, used, bad = load_with_fallback(self.source, index)
         g = self._generator(epoch, index)
         return {"view1": self.augment(img, g), "view2": self.augment(img, g), "index": index, "bad": bad,
@@ -180,6 +181,12 @@ class ContrastiveViews(Dataset):
 
     def _label(self, used: int) -> dict[str, int]:
         return {"label": int(self.source.labels[used])} if self.labels else {}
+
+    def cpu_item(self, epoch: int, index: int) -> dict[str, torch.Tensor | int]:
+        """The batched backend's item as ``data.decode = "cpu"`` makes it: decoded at a reduced size where the
+        crops allow with ``decode_draft`` (:meth:`_drafted`), else at full size (:meth:`cpu_views`). The device
+        decoder's per-image fallback is this, so a fallback image gets exactly the CPU path's views."""
+        return self._drafted(epoch, index) if self.decode_draft else self.cpu_views(epoch, index)
 
     def cpu_views(self, epoch: int, index: int) -> dict[str, torch.Tensor | int]:
         """The batched backend's item, decoded at full size on the CPU: the same parameter draws as the

@@ -298,12 +298,20 @@ def _prepare_out(out: Path, manifest: dict, overwrite: bool) -> bool:
         if same and not overwrite:
             return True
         if not overwrite:
-            what = ("with other settings" if previous.get("settings") != manifest["settings"] else
-                    "of another source (or one whose files changed)")
-            raise UsageError(
-                f"{out} holds a pack {what} (source {previous.get('source')}, settings "
-                f"{previous.get('settings')}; now {manifest['source']}, {manifest['settings']}): pass --overwrite "
-                "to replace it, or choose another OUT")
+            if previous.get("settings") != manifest["settings"]:
+                raise UsageError(
+                    f"{out} holds a pack with other settings (source {previous.get('source')}, settings "
+                    f"{previous.get('settings')}; now {manifest['source']}, {manifest['settings']}): pass --overwrite "
+                    "to replace it, or choose another OUT")
+            if previous.get("source") != manifest["source"]:
+                raise UsageError(f"{out} holds a pack of another source ({previous.get('source')}; now "
+                                 f"{manifest['source']}): pass --overwrite to replace it, or choose another OUT")
+            then, now = previous.get("images"), manifest["images"]
+            how = (f"{then} images when packed, {now} now" if then != now else
+                   f"{now} images then and now: files were modified, renamed or replaced")
+            raise UsageError(f"{out} holds a pack of {manifest['source']} whose files changed since it was packed ({how}; "
+                             "its list of files, their sizes and modification times differ): pass --overwrite to pack "
+                             "it again, or choose another OUT")
     elif mine and not overwrite:
         raise UsageError(f"{out} holds shards but no {MANIFEST}, so they cannot be checked against this source: "
                          "pass --overwrite to pack again, or `simclr data index OUT` to index them as they are")
@@ -315,15 +323,90 @@ def _prepare_out(out: Path, manifest: dict, overwrite: bool) -> bool:
     return False
 
 
-def _complete_shard(path: Path, keys: list[str]) -> bool:
-    """A shard from an earlier run is kept when it reads as a tar whose .jpg members are a subset of ``keys``
-    in order (unreadable images are missing from it)."""
+def _complete_shard(path: Path, keys: list[str], record: dict | None = None) -> bool:
+    """A shard from an earlier run is kept when it reads as a tar to its end whose .jpg members are a subset of
+    ``keys`` in order (unreadable images are missing from it), and matches ``record`` (its size and member count
+    as the finished pack recorded them in ``pack.json``) where there is one."""
+    if shard_problem(path, record):
+        return False
     try:
         got = [e.key for e in scan_shard(path) if e.jpg is not None]
     except (OSError, tarfile.TarError, ValueError):
         return False
     it = iter(keys)
     return all(k in it for k in got)
+
+
+def count_members(path: Path) -> int:
+    """The members of a tar, read to its end: a damaged header, or data that runs past the end of the file, raises
+    :class:`tarfile.ReadError` (tarfile itself stops silently at a damaged header after the first member, as if the
+    archive ended there; here what follows must be the zero blocks that end a tar)."""
+    end = path.stat().st_size
+    members = 0
+    with tarfile.open(path, "r:") as tar:
+        for m in tar:
+            if m.offset_data + m.size > end:
+                raise tarfile.ReadError(f"member {m.name} runs past the end of the file")
+            members += 1
+        stop = tar.offset
+    with open(path, "rb") as f:
+        f.seek(stop)
+        while chunk := f.read(1 << 16):
+            if chunk.count(0) != len(chunk):
+                raise tarfile.ReadError(f"a damaged tar header at byte {stop}: {members} members read before it")
+    return members
+
+
+def shard_problem(path: Path, record: dict | None = None) -> str:
+    """What is wrong with one shard: '' when it reads as a tar to its end and, given ``record`` (``{"bytes",
+    "members"}`` from ``pack.json``), has that size and that many members; otherwise a short description."""
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if record is not None and size != record.get("bytes"):
+        return f"has {size} bytes, the pack wrote {record.get('bytes')}"
+    try:
+        members = count_members(path)
+    except (OSError, tarfile.TarError, ValueError) as e:
+        return f"does not read as a tar ({e})"
+    if record is not None and members != record.get("members"):
+        return f"holds {members} tar members, the pack wrote {record.get('members')}"
+    return ""
+
+
+def _shard_records(manifest: dict) -> dict[str, dict]:
+    """``pack.json``'s record of each shard of the finished pack: name -> {"bytes", "members", "images"}."""
+    records = manifest.get("shard_files")
+    return {r["name"]: r for r in records if isinstance(r, dict) and "name" in r} if isinstance(records, list) else {}
+
+
+def _record_shards(out: Path, manifest: dict, index: dict) -> None:
+    """Write into ``pack.json`` the size, tar member count and image count of each shard of a finished pack, so that
+    a shard damaged later (truncated, a header overwritten) is told apart from one the pack wrote
+    (:func:`shard_problem`)."""
+    images = np.bincount(np.asarray(index["samples"]["shard"], dtype=np.int64), minlength=len(index["shards"]))
+    manifest = dict(manifest)
+    manifest["shard_files"] = [{"name": sh["name"], "bytes": sh["bytes"], "members": count_members(out / sh["name"]),
+                                "images": int(images[k])} for k, sh in enumerate(index["shards"])]
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def repair_advice(root: Path) -> str:
+    """How to repair a damaged pack: pack it again while its source exists (only the damaged shards are written
+    again, byte for byte the original ones), else ``simclr data index ROOT --partial``, which names the images lost."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    source = manifest.get("source") if isinstance(manifest, dict) else None
+    partial = (f"`simclr data index {root} --partial` keeps the images that are left (the pack then holds fewer "
+               "images; it names those lost)")
+    if source and Path(source).exists():
+        options = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (manifest.get("settings") or {}).items())
+        return (f"pack it again with `simclr data pack {source} {root}{options}` (the same source and options: it "
+                f"writes only the damaged shards again, identical to the original ones)")
+    gone = f"its source {source} is gone, so " if source else "no source is recorded (pack.json), so "
+    return gone + partial
 
 
 def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, labels: Labels = "auto",
@@ -360,10 +443,14 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
                 index = None
             # every shard of the manifest, not only those the index names: `simclr data index` run on an interrupted
             # pack indexes the shards it finds, and that index must not pass for a finished pack
+            # and every shard checked against pack.json's record of it: its size, its member count, and that it reads
+            # as a tar to its end (an index rebuilt from a damaged shard matches the damage, not the pack)
+            records = _shard_records(previous_manifest(out))
             intact = (index is not None
                       and [sh["name"] for sh in index["shards"]] == [shard_name(k) for k in range(manifest["shards"])]
                       and all((out / sh["name"]).is_file() and (out / sh["name"]).stat().st_size == sh["bytes"]
-                              for sh in index["shards"]))
+                              for sh in index["shards"])
+                      and all(not shard_problem(out / sh["name"], records.get(sh["name"])) for sh in index["shards"]))
             if intact and index.get("source_hash") == manifest["source_hash"]:
                 done = len(index["samples"]["key"])
                 _require_some(done, n, src, out)
@@ -372,11 +459,16 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
             atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         (out / INDEX).unlink(missing_ok=True)
         keys = [key_of(i) for i in range(n)]
+        records = _shard_records(previous_manifest(out)) if resuming else {}
         todo = []
         for k in range(manifest["shards"]):
             path = out / shard_name(k)
-            if resuming and path.is_file() and _complete_shard(path, keys[k * size:(k + 1) * size]):
+            if resuming and path.is_file() and _complete_shard(path, keys[k * size:(k + 1) * size],
+                                                               records.get(shard_name(k))):
                 continue
+            if resuming and path.is_file():
+                say(f"{path} {shard_problem(path, records.get(shard_name(k))) or 'does not hold the expected images'}; "
+                    "writing it again")
             todo.append(k)
         reused = manifest["shards"] - len(todo)
         if reused:
@@ -425,6 +517,7 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
                 pool.terminate()
                 pool.join()
         index = write_index(out, say=say)
+        _record_shards(out, manifest, index)
         packed = len(index["samples"]["key"])
         _require_some(packed, n, src, out)
         return PackResult(out, packed, n - packed, len(index["shards"]), reused)
@@ -434,6 +527,15 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
             if not existed and not any(out.iterdir()):  # refused before packing: leave no empty folder behind
                 out.rmdir()
             os.close(lock)
+
+
+def previous_manifest(out: Path) -> dict:
+    """``out/pack.json`` as it is on disk ({} when missing or unreadable)."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def _require_some(packed: int, total: int, src: Path, out: Path) -> None:
@@ -513,7 +615,10 @@ def write_index(out: Path, say: Callable[[str], None] = print, *, partial: bool 
     atomically; returns it. This is what ``simclr data index OUT`` runs.
 
     A pack with fewer shards than its ``pack.json`` plans (interrupted, or shards deleted) is a :class:`DataError`
-    naming the command that finishes it, unless ``partial`` (``--partial``): then the shards found are indexed."""
+    naming the command that finishes it, unless ``partial`` (``--partial``): then the shards found are indexed.
+    So is a damaged shard (one that does not read as a tar to its end, or whose size or member count differs from
+    what the pack recorded in ``pack.json``): the index never holds fewer images than the pack without
+    ``partial``, and with it a warning names each shard and the images lost."""
     out = Path(out).expanduser().absolute()
     shards = sorted(p for p in out.iterdir() if SHARD_RE.match(p.name)) if out.is_dir() else []
     if not shards:
@@ -525,12 +630,28 @@ def write_index(out: Path, say: Callable[[str], None] = print, *, partial: bool 
     unfinished = _unfinished(out, manifest, len(shards))
     if unfinished and not partial:
         raise DataError(unfinished, missing=True)
+    records = _shard_records(manifest)
+    damaged = {p.name: problem for p in shards if (problem := shard_problem(p, records.get(p.name)))}
+    if damaged and not partial:
+        first = next(iter(damaged))
+        more = f" (and {len(damaged) - 1} more damaged shards)" if len(damaged) > 1 else ""
+        raise DataError(f"{out / first} {damaged[first]}{more}: indexing it would leave images out of the pack; "
+                        f"{repair_advice(out)}", missing=True)
+    if partial and unfinished:
+        say(f"warning: --partial: {unfinished.split(': finish it', 1)[0]}; the missing shards' images are not indexed")
     cols: dict[str, list] = {"shard": [], "offset": [], "size": [], "label": [], "key": [], "path": []}
     names_by_label: dict[int, str] = {}
     for k, path in enumerate(shards):
-        for e in scan_shard(path, warn=say):
-            if e.jpg is None:
-                continue
+        quiet = path.name in damaged  # said below, with what is lost
+        entries = [e for e in scan_shard(path, warn=(lambda text: None) if quiet else say) if e.jpg is not None]
+        if path.name in damaged:
+            expected = records.get(path.name, {}).get("images")
+            lost = (f"{expected - len(entries)} of its {expected} images are lost" if isinstance(expected, int)
+                    else "the images after the damage are lost")
+            last = f", those after {entries[-1].key}" if entries else ", all of them"
+            say(f"warning: --partial: {path} {damaged[path.name]}: {lost}{last if isinstance(expected, int) else ''}; "
+                f"{len(entries)} indexed")
+        for e in entries:
             cols["shard"].append(k)
             cols["offset"].append(e.jpg[0])
             cols["size"].append(e.jpg[1])
@@ -539,6 +660,12 @@ def write_index(out: Path, say: Callable[[str], None] = print, *, partial: bool 
             cols["path"].append(e.path)
             if e.label >= 0 and e.cls is not None:
                 names_by_label[e.label] = e.cls
+    if partial and (unfinished or damaged):  # what the pack loses, in one number
+        total = (sum(int(r.get("images", 0)) for r in records.values()) if records else manifest.get("images"))
+        if isinstance(total, int) and total > len(cols["key"]):
+            what = "the pack held" if records else "its source listed"
+            say(f"warning: --partial: {out} now holds {len(cols['key'])} of the {total} images {what}: "
+                f"{total - len(cols['key'])} image(s) left out of the index")
     classes = manifest.get("classes")
     if classes is None:
         top = max(cols["label"], default=-1)
@@ -623,6 +750,21 @@ class _Strings:
         return self.data[start:int(self.ends[i])].tobytes().decode("utf-8", "surrogateescape")
 
 
+def _header_names(header: bytes, name: bytes) -> bool:
+    """Whether a tar header names a member that starts with ``name`` (``KEY.``), its name read as tarfile reads
+    it: a USTAR header splits a long path into ``prefix`` (offset 345) + "/" + ``name`` (offset 0). A ``name`` of
+    100 bytes or more is not checked: it may be a pax or GNU long name, held in a header of its own before this one."""
+    field = header[:100].split(b"\0", 1)[0]
+    full = field
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            full = prefix + b"/" + field
+    if full.startswith(name):
+        return True
+    return len(name) >= 100
+
+
 class ShardSource:
     """A pack folder (``data.dataset = "shards"``, ``data.root`` = the folder) as an image source.
 
@@ -651,8 +793,8 @@ class ShardSource:
             size = p.stat().st_size if p.is_file() else None
             if size != sh["bytes"]:
                 what = "is missing" if size is None else f"has {size} bytes, the index says {sh['bytes']}"
-                raise DataError(f"shards: {p} {what}; the index does not match the shards: rebuild it with "
-                                f"`simclr data index {root}` (or pack again)", missing=True)
+                raise DataError(f"shards: {p} {what}; the index does not match the shards: {repair_advice(root)}",
+                                missing=True)
         if not len(self._keys):
             raise DataError(f"shards: {root} holds no images", missing=True)
         self._fds: OrderedDict[int, int] = OrderedDict()
@@ -672,9 +814,14 @@ class ShardSource:
         self._lock = threading.Lock()
         self._pid = -1
 
-    def _fd(self, k: int) -> int:
-        if self._pid != os.getpid():  # a forked worker: its own descriptors and lock (one held at the fork stays held)
+    def _after_fork(self) -> None:
+        """A forked worker: its own descriptors and lock (one held at the fork stays held). Called before the lock
+        is taken: taking the inherited one first would wait forever on a lock another thread held at the fork."""
+        if self._pid != os.getpid():
             self._fds, self._pid, self._lock = OrderedDict(), os.getpid(), threading.Lock()
+
+    def _fd(self, k: int) -> int:
+        """The descriptor of shard ``k`` (the lock held, :meth:`_after_fork` called first)."""
         fd = self._fds.get(k)
         if fd is not None:
             self._fds.move_to_end(k)
@@ -697,20 +844,21 @@ class ShardSource:
         """The JPEG bytes of sample ``index``; raises OSError when the shard no longer holds them there."""
         k, offset, size = int(self._shard[index]), int(self._offset[index]), int(self._size[index])
         name = f"{self._keys[index]}.".encode("utf-8", "surrogateescape")  # KEY.jpg (KEY.jpeg in a foreign tar)
+        self._after_fork()
         with self._lock:  # the LRU of descriptors; the read itself is positional (no shared file offset)
             fd = self._fd(k)
             data = os.pread(fd, size + 512, offset - 512) if offset >= 512 else b""
         if len(data) != size + 512:
             raise OSError(f"truncated member: {len(data) - 512 if data else 0} of {size} bytes at offset {offset}")
-        if len(name) < 100 and data[:len(name)] != name:  # longer: a pax or GNU name, not in this header
-            raise OSError(f"the index does not match the shard at offset {offset} (rebuild it with "
-                          f"`simclr data index {self.root}`)")
+        if not _header_names(data[:512], name):
+            raise OSError(f"the index does not match the shard at offset {offset} ({repair_advice(self.root)})")
         return data[512:]
 
     def load(self, index: int) -> torch.Tensor:
         return decode_packed(self.raw(index))
 
     def close(self) -> None:
+        self._after_fork()
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)

@@ -8,6 +8,7 @@ folders are read from disk on demand.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import BinaryIO, Protocol, Sequence
 
@@ -59,6 +60,15 @@ class TensorSource:
 
     def describe(self, index: int) -> str:
         return self.files[index] if self.files is not None else f"{self.name}[{index}]"
+
+
+_IN_MEMORY_FILE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def unreadable_reason(e: BaseException, name: str) -> str:
+    """Why an image is unreadable, in words, naming ``name`` (the file, or the shard member) where the decoder
+    named the in-memory copy it was given (PIL: ``cannot identify image file <_io.BytesIO object at 0x...>``)."""
+    return _IN_MEMORY_FILE.sub(lambda _: str(name), str(e))
 
 
 def read_image(src: str | Path | BinaryIO, *, min_side: int | None = None) -> torch.Tensor:

@@ -146,8 +146,10 @@ class GradCacheContrastiveTask(ContrastiveTask):
         z1 = torch.cat(z1).requires_grad_()
         z2 = torch.cat(z2).requires_grad_()
         loss = self.objective.loss(z1, z2, batch.get("label"))
-        loss.backward()
-        scale = accelerator.scaler.get_scale() if getattr(accelerator, "scaler", None) is not None else 1.0
+        # fp16: the loss goes through the GradScaler like any loss (scaler.scale() also starts its scale, which
+        # the optimizer step's unscale needs), so the cached gradients of z are already scaled
+        scaler = getattr(accelerator, "scaler", None)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         try:
             for k, (((a1, b1), (a2, b2)), state) in enumerate(zip(chunks, states)):
                 for bn in bns:  # running stats become the plain mean of the chunks' statistics
@@ -156,7 +158,7 @@ class GradCacheContrastiveTask(ContrastiveTask):
                 with accelerator.autocast():
                     _, z = self.model(torch.cat([x1[a1:b1], x2[a2:b2]]))
                 z = z.to(torch.promote_types(z.dtype, torch.float32))
-                torch.autograd.backward([z[: b1 - a1], z[b1 - a1:]], [z1.grad[a1:b1] * scale, z2.grad[a2:b2] * scale])
+                torch.autograd.backward([z[: b1 - a1], z[b1 - a1:]], [z1.grad[a1:b1], z2.grad[a2:b2]])
         finally:
             with torch.no_grad():
                 for bn, (mean, var, count, momentum) in zip(bns, saved):

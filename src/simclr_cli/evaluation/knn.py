@@ -105,14 +105,18 @@ def knn_scores(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Class scores (M, C): for each test feature, sum over its k nearest train features
-    (cosine similarity) of exp(sim / temperature), per class. Features must be L2-normalized.
+    (cosine similarity) of exp((sim - best) / temperature), per class, where ``best`` is the row's highest
+    similarity. Features must be L2-normalized. Taking out the row's factor exp(best / temperature) changes
+    no ranking and keeps every weight in (0, 1]: exp(sim / temperature) itself overflows float32 below
+    temperature ~0.011, and ties of inf would vote for the lowest class.
 
     The search runs in chunks (:func:`knn_neighbors`, on ``device`` if given): a 1.28M x 2048 bank never
     needs an (M, N) matrix. Each score is summed over the neighbours in order, most similar first, so it is
     the same number for any chunk sizes.
     """
     sim, idx = knn_neighbors(train_features, test_features, k, query_chunk, bank_chunk, device)
-    weights = (sim / temperature).exp()
+    best = sim[:, :1] if sim.shape[1] else sim.new_zeros(sim.shape[0], 1)  # most similar first
+    weights = ((sim - best) / temperature).exp()
     labels = train_labels.to(idx.device)[idx]
     scores = torch.zeros(len(test_features), num_classes, dtype=weights.dtype, device=weights.device)
     for j in range(idx.shape[1]):  # one add per row and step: the same order on every device and chunking

@@ -25,10 +25,14 @@ class SimCLRModel(nn.Module):
         return h, self.head(h)
 
 
-def build_simclr_model(cfg: ModelConfig, head: Callable[[int, ModelConfig], nn.Module] | None = None) -> SimCLRModel:
+def build_simclr_model(cfg: ModelConfig, head: Callable[[int, ModelConfig], nn.Module] | None = None, *,
+                       image_size: int | None = None) -> SimCLRModel:
     """The encoder the ``[model]`` section describes, with the projection head ``head(h width, cfg)``
-    builds (an objective's :meth:`~simclr_cli.objectives.Objective.head`; default: ``model.proj_*``)."""
-    backbone = create_backbone(cfg.backbone, cifar_stem=cfg.cifar_stem, pretrained=cfg.pretrained)
+    builds (an objective's :meth:`~simclr_cli.objectives.Objective.head`; default: ``model.proj_*``).
+    ``image_size`` (``data.image_size``): a fixed-input-size backbone is built for it, or refused (exit 2)
+    (:func:`~simclr_cli.models.backbone.create_backbone`)."""
+    backbone = create_backbone(cfg.backbone, cifar_stem=cfg.cifar_stem, pretrained=cfg.pretrained,
+                               image_size=image_size)
     if cfg.proj_layers not in (0, 1, 2, 3):
         from simclr_cli.errors import UsageError
 

@@ -9,19 +9,67 @@ from torch import nn
 from simclr_cli.errors import UsageError
 
 
-def create_backbone(name: str, *, cifar_stem: bool = False, pretrained: bool = False) -> nn.Module:
+def create_backbone(name: str, *, cifar_stem: bool = False, pretrained: bool = False,
+                    image_size: int | None = None, where: str = "model.backbone") -> nn.Module:
     """``timm.create_model(name, num_classes=0)``; h = model(x) is the pooled feature, ``model.num_features`` wide.
 
     Args:
         name: any timm model name.
         cifar_stem: apply :func:`apply_cifar_stem` (App. B.9).
         pretrained: load timm's pretrained weights (downloads); off by default.
+        image_size: the side of the square images it will see. A model built for one input size (timm's
+            ``pretrained_cfg.fixed_input_size``: ViT, Swin, ...) is built for this size where it takes an
+            ``img_size`` argument (position embeddings sized for it), and tried on one image of that size: one
+            that cannot take it is a :class:`RecipeError` (exit 2) now, before any run folder is written, not
+            an ``AssertionError`` at the first step.
+        where: the recipe key (or option) that named the model, for the error.
     """
     check_backbone(name)
-    model = timm.create_model(name, num_classes=0, pretrained=pretrained)
+    fixed = fixed_input_size(name)
+    model = None
+    if image_size and fixed:
+        try:
+            model = timm.create_model(name, num_classes=0, pretrained=pretrained, img_size=image_size)
+        except TypeError:  # no img_size argument: built for its one size, checked below
+            model = None
+        except Exception as e:  # noqa: BLE001 - timm asserts or raises on a size it cannot build for
+            raise _size_error(name, image_size, where, e) from None
+    if model is None:
+        model = timm.create_model(name, num_classes=0, pretrained=pretrained)
     if cifar_stem:
         apply_cifar_stem(model, name)
+    if image_size and fixed:
+        check_input_size(model, name, image_size, where)
     return guard_padded_convs(model)
+
+
+def fixed_input_size(name: str) -> bool:
+    """Whether timm builds ``name`` for one input size (``pretrained_cfg.fixed_input_size``: ViT, Swin, ...)."""
+    return bool(getattr(timm.models.get_pretrained_cfg(name), "fixed_input_size", False))
+
+
+def _size_error(name: str, image_size: int, where: str, e: BaseException):
+    from simclr_cli.errors import RecipeError
+
+    native = getattr(timm.models.get_pretrained_cfg(name), "input_size", None)
+    size = f"{native[-1]} px (its native size)" if native else "the size it was built for"
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return RecipeError(f"{where}: '{name}' takes images of a fixed size and cannot take data.image_size={image_size} "
+                       f"({detail}); set data.image_size to a size it takes, e.g. {size}, or choose another backbone")
+
+
+@torch.no_grad()
+def check_input_size(model: nn.Module, name: str, image_size: int, where: str = "model.backbone") -> None:
+    """Run ``model`` once on a (1, 3, S, S) zero image (eval mode, restored after); a :class:`RecipeError` naming
+    the size when it cannot take it."""
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, image_size, image_size))
+    except Exception as e:  # noqa: BLE001 - AssertionError, RuntimeError: shapes the model cannot take
+        raise _size_error(name, image_size, where, e) from None
+    finally:
+        model.train(was_training)
 
 
 class PaddedSafeConv2d(nn.Conv2d):

@@ -27,8 +27,10 @@ class DataConfig:
                                    "images, any depth, no labels) | filelist (a .txt or .csv list of image paths) | "
                                    "shards (a pack folder written by `simclr data pack`); see docs/extending.md to add one")
     root: str = _f("data", "dataset root; imagefolder: the folder holding the split folders; folder: the image "
-                           "folder itself; filelist: the list file (paths relative to its folder, or absolute); shards: the "
-                           "pack folder (local or mounted)")
+                           "folder itself; filelist: the list file (paths relative to its folder, or absolute; a `.csv` is "
+                           "`path[,label]` rows, or any columns under a header naming a `path` column and a `class` or "
+                           "`label` column, like the CSV `simclr embed` writes; quoted paths may hold commas and "
+                           "newlines; a path listed twice is warned about); shards: the pack folder (local or mounted)")
     train_split: str = _f("train", "split used for training (stl10: 'train+unlabeled' for pretraining)")
     val_split: str = _f("val", "labeled split for the kNN monitor and evaluation; '' for none")
     image_size: int = _f(32, "training resolution in pixels (square)")
@@ -87,7 +89,9 @@ class AugmentConfig:
 class ModelConfig:
     """``[model]``: encoder f (any timm model) and projection head g."""
 
-    backbone: str = _f("resnet50", "timm model name; created with num_classes=0")
+    backbone: str = _f("resnet50", "timm model name; created with num_classes=0 (a fixed-input-size model such as "
+                                   "a ViT is built for `data.image_size`, or refused with exit 2 when it cannot take "
+                                   "that size)")
     cifar_stem: bool = _f(False, "ResNets: 3x3 stride-1 first conv and no max-pool (App. B.9)")
     pretrained: bool = _f(False, "start from timm's pretrained weights (downloads; off by default)")
     proj_layers: int = _f(2, "projection head: 0 identity, 1 linear, 2 MLP (v1), 3 MLP with BN (v2)")

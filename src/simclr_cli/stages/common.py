@@ -280,7 +280,8 @@ def load_encoder(src: Source | None, recipe: Recipe, init: str) -> SimCLRModel:
     if init not in ("pretrained", "random"):
         raise UsageError(f"--init must be 'pretrained' or 'random', got '{init}'")
     torch.manual_seed(recipe.seed)
-    model = build_simclr_model(replace(recipe.model, pretrained=False), head=build_objective(recipe.pretrain).head)
+    model = build_simclr_model(replace(recipe.model, pretrained=False), head=build_objective(recipe.pretrain).head,
+                               image_size=recipe.data.image_size)
     if init == "random":
         return model
     if src is None or src.checkpoint is None:
@@ -373,6 +374,16 @@ def assert_unchanged(module: nn.Module, snapshot: dict[str, torch.Tensor], what:
         raise RuntimeError(f"bug: the frozen {what} changed during training ({len(changed)} tensors, e.g. {changed[0]})")
 
 
+def source_identity(src: Source | None, init: str) -> dict[str, str]:
+    """What a summary records of the checkpoint it measured: its resolved path and SHA-256 (``source_path``,
+    ``source_sha256``); empty for ``--init random``. The model card matches summaries to a checkpoint by both."""
+    if init == "random" or src is None or src.checkpoint is None:
+        return {}
+    from simclr_cli.utils import file_sha256
+
+    return {"source_path": str(Path(src.checkpoint).resolve()), "source_sha256": file_sha256(src.checkpoint)}
+
+
 def source_label(src: Source | None, init: str) -> str:
     if init == "random":
         return "random init"
@@ -391,7 +402,7 @@ def load_classifier(src: Source, recipe: Recipe):
     classes = json.loads(meta.get("simclr.classes", "[]"))
     torch.manual_seed(recipe.seed)
     encoder = build_simclr_model(replace(recipe.model, pretrained=False),  # every weight comes from the checkpoint
-                                 head=build_objective(recipe.pretrain).head)
+                                 head=build_objective(recipe.pretrain).head, image_size=recipe.data.image_size)
     model = Classifier(encoder.backbone, head_layers(encoder)[:k], num_classes)
     tensors, _ = load_weights(src.checkpoint)
     _load_strict(model.backbone, sub_state(tensors, "backbone"), src.checkpoint, "backbone")

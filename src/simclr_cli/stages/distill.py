@@ -44,9 +44,11 @@ from simclr_cli.models.classifier import Classifier
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
 from simclr_cli.stages.scaffold import StageRun, guarded
+from simclr_cli.utils import atomic_write_text, file_sha256
 
 STAGE = "distill"
 LOGITS_FILE = "teacher_logits.safetensors"
+TEACHER_FILE = "teacher.json"  # the teacher checkpoint a run started with: its path and sha256
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "distill.log_every"})
 
 
@@ -78,6 +80,9 @@ def run(
     if cfg.hard and not cfg.cache_teacher:
         raise UsageError("distill.hard needs the cached teacher logits (distill.cache_teacher=true) to pick examples")
     main, say, stage_dir = guard.main, guard.say, guard.stage_dir
+    teacher_record = {"checkpoint": str(Path(src.checkpoint).resolve()), "sha256": file_sha256(src.checkpoint)}
+    if resume:
+        _check_same_teacher(stage_dir, teacher_record, force=force, say=say)
 
     teacher, classes = common.load_classifier(src, recipe)
     student, student_recipe, init_note = _build_student(recipe, src, len(classes) or teacher.num_classes)
@@ -87,7 +92,8 @@ def run(
     train_all = build_source(data, data.train_split, recipe.seed)
     unlabeled = SubsetSource(train_all, list(range(len(train_all))))
     unlabeled.labels = [-1] * len(unlabeled)
-    guard.start(overwrite=overwrite, resume=resume)
+    guard.start(overwrite=overwrite, resume=resume,
+                files={TEACHER_FILE: lambda path: atomic_write_text(path, json.dumps(teacher_record, indent=1) + "\n")})
     say(f"distill {src.checkpoint} ({recipe.model.backbone}, {common.count_parameters(teacher):,} params) -> "
         f"student {student_recipe.model.backbone} ({common.count_parameters(student):,} params, {init_note}) "
         f"on {len(unlabeled)} unlabeled images of {train_all.name} -> {stage_dir}")
@@ -182,7 +188,8 @@ def _build_student(recipe: Recipe, src: common.Source, num_classes: int) -> tupl
     use_pretrained = same and pretrain_ckpt.is_file() and cfg.student_init in ("auto", "pretrained")
     torch.manual_seed(recipe.seed + 1)
     try:
-        backbone = create_backbone(name, cifar_stem=recipe.model.cifar_stem, pretrained=False)
+        backbone = create_backbone(name, cifar_stem=recipe.model.cifar_stem, pretrained=False,
+                                   image_size=recipe.data.image_size, where=f"--student {name}")
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - timm raises RuntimeError for unknown names
@@ -235,12 +242,37 @@ def _teacher_logits(teacher: Classifier, teacher_path: Path, unlabeled, recipe: 
     return logits
 
 
+def _check_same_teacher(stage_dir: Path, now: dict[str, str], *, force: bool, say) -> None:
+    """A resume goes on with the teacher the run started with: another one (other bytes, wherever it lies) would
+    mix two teachers' targets in one student, so it is refused (exit 2) unless ``force``. The record is
+    ``STAGE_DIR/teacher.json``; a run from before it was written is checked against its cached logits' hash."""
+    before = ""
+    try:
+        record = json.loads((stage_dir / TEACHER_FILE).read_text())
+        if record.get("sha256") != now["sha256"]:
+            before = f"{record.get('checkpoint')} (sha256 {str(record.get('sha256'))[:12]}...)"
+    except (OSError, ValueError, AttributeError):
+        try:
+            old = read_metadata(stage_dir / LOGITS_FILE).get("simclr.teacher_sha256")
+        except Exception:  # noqa: BLE001 - no cache either: nothing to compare with
+            old = None
+        if old and old != now["sha256"]:
+            before = f"a teacher with sha256 {old[:12]}..."
+    if not before:
+        return
+    what = (f"the teacher changed since {stage_dir} was started: it was {before}, now {now['checkpoint']} (sha256 "
+            f"{now['sha256'][:12]}...)")
+    if force:
+        say(f"warning: {what}; --force: going on with the new teacher (its logits are computed again)")
+        return
+    raise UsageError(f"--resume: {what}. Resuming would train one student on two teachers' targets: resume with the "
+                     "teacher checkpoint the run started with, start again with --overwrite, or pass --force to go on "
+                     "with the new teacher")
+
+
 def _logits_key(teacher_path: Path, unlabeled, recipe: Recipe) -> dict[str, str]:
     """What the cached logits depend on: the teacher's bytes, the images (in order) and the transform."""
-    sha = hashlib.sha256()
-    with open(teacher_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
+    digest = file_sha256(teacher_path)
     names = hashlib.sha256("\n".join(unlabeled.describe(i) for i in range(len(unlabeled))).encode(
         "utf-8", "surrogateescape")).hexdigest()
     d = recipe.data
@@ -248,7 +280,7 @@ def _logits_key(teacher_path: Path, unlabeled, recipe: Recipe) -> dict[str, str]
             "split": d.train_split, "images": len(unlabeled), "names_sha256": names}
     transform = {"eval": "resize+center_crop", "image_size": d.image_size, "mean": list(d.mean), "std": list(d.std),
                  "mixed_precision": recipe.distill.mixed_precision}
-    return {"teacher_sha256": sha.hexdigest(), "data": json.dumps(data, sort_keys=True),
+    return {"teacher_sha256": digest, "data": json.dumps(data, sort_keys=True),
             "transform": json.dumps(transform, sort_keys=True)}
 
 

@@ -113,6 +113,7 @@ def run(
     summary = guard.summary(
         init=init,
         source=common.source_label(src, init),
+        **common.source_identity(src, init),
         backbone=recipe.model.backbone,
         labels=cfg.labels,
         label_fraction=round(fraction, 6),

@@ -50,6 +50,7 @@ def run(
     summary = guard.summary(
         init=init,
         source=common.source_label(src, init),
+        **common.source_identity(src, init),
         backbone=recipe.model.backbone,
         k=k,
         temperature=t,

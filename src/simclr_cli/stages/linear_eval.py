@@ -78,6 +78,7 @@ def run(
         on=cfg.on,
         init=init,
         source=common.source_label(src, init),
+        **common.source_identity(src, init),
         backbone=recipe.model.backbone,
         top1=round(acc[1], 4),
         top5=round(acc[5], 4),

@@ -81,7 +81,9 @@ def run(
 
     objective = build_objective(pcfg)
 
-    # Data.
+    # Data. A data.labeled folder (the kNN monitor's) is checked first: its errors must not wait for the training
+    # images to be decoded into memory.
+    labeled = _KnnMonitor.splits(recipe) if pcfg.knn_every and cfg.labeled else None
     train_source = build_source(cfg, cfg.train_split, recipe.seed)
     if objective.needs_labels:
         require_labels(train_source, f"pretrain.objective='{pcfg.objective}'")
@@ -94,7 +96,7 @@ def run(
                              decode_draft=cfg.decode_draft, decode=decode)
 
     # Model and task.
-    model = build_simclr_model(recipe.model, head=objective.head)
+    model = build_simclr_model(recipe.model, head=objective.head, image_size=cfg.image_size)
     model, bn_mode = convert_sync_bn(model, accelerator, pcfg.sync_bn)
     local_batch = pcfg.batch_size // accelerator.num_processes
     grad_cache = 0 < pcfg.micro_batch_size < local_batch
@@ -128,7 +130,7 @@ def run(
     spe, total, start_step, elapsed0 = plan.steps_per_epoch, plan.total_steps, plan.start_step, plan.elapsed
 
     # kNN monitor on h against the labeled val split.
-    knn = _KnnMonitor.build(recipe, accelerator, train_source) if pcfg.knn_every else None
+    knn = _KnnMonitor.build(recipe, accelerator, train_source, splits=labeled) if pcfg.knn_every else None
     progress.message(
         f"pretrain {recipe.name}: {len(views)} images, {spe} steps/epoch, {total} steps, global batch "
         f"{pcfg.batch_size} on {accelerator.num_processes} process(es) ({accelerator.device.type}), "
@@ -215,16 +217,22 @@ class _KnnMonitor:
         self.k, self.t = k, t
         self.enabled = enabled
 
-    @classmethod
-    def build(cls, recipe: Recipe, accelerator, train_source=None) -> "_KnnMonitor":
-        """The labeled splits as the evaluation stages build them (``data.labeled``, or the dataset's own
-        splits with ``train_source`` reused as the bank when it is the same split); off, with ``off_reason``,
-        when there is no labeled val split."""
+    @staticmethod
+    def splits(recipe: Recipe, train_source=None):
+        """:func:`common.labeled_splits` for the monitor (None: no labeled val split), its errors saying so."""
         try:
-            splits = common.labeled_splits(recipe, train_source=train_source, required=False)
+            return common.labeled_splits(recipe, train_source=train_source, required=False)
         except DataError as e:  # e.g. an image folder without the val/ the recipe names
             raise DataError(f"{e} (the kNN monitor reads it: pretrain.knn_every=0 pretrains without the monitor)",
                             missing=True) from None
+
+    @classmethod
+    def build(cls, recipe: Recipe, accelerator, train_source=None, splits=None) -> "_KnnMonitor":
+        """The labeled splits as the evaluation stages build them (``data.labeled``, or the dataset's own
+        splits with ``train_source`` reused as the bank when it is the same split; ``splits``: already built);
+        off, with ``off_reason``, when there is no labeled val split."""
+        if splits is None:
+            splits = cls.splits(recipe, train_source)
         if splits is None:
             cfg = recipe.data
             why = "data.val_split is empty" if not cfg.val_split else f"data.dataset={cfg.dataset} has no labeled val split"

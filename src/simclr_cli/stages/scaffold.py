@@ -38,7 +38,7 @@ from simclr_cli.engine.signals import StopRequest
 from simclr_cli.errors import Interrupted, SimclrError, UsageError
 from simclr_cli.recipe import Recipe, recipe_to_dict, recipe_to_toml
 from simclr_cli.stages.common import check_output, write_json
-from simclr_cli.utils import atomic_write_text
+from simclr_cli.utils import atomic_write_text, file_sha256
 
 
 class StageRun:
@@ -71,6 +71,7 @@ class StageRun:
         self.say: Callable[..., None] = lambda *a, **k: None
         self._last_step = 0  # the last step given to the trackers (the summary is logged at it)
         self.lock: RunLock | None = None
+        self._leftovers_said = False
 
     def configure(self, stage_dir: Path, stage: str, *, resume_cmd: str = "", keeps_state: bool = True) -> None:
         """Where the stage writes, whether it keeps resume state (``STAGE_DIR/state``), how to resume it."""
@@ -136,6 +137,8 @@ class StageRun:
               resumable_changes: frozenset[str] = frozenset()) -> None:
         """Refuse to replace finished or interrupted work without ``--overwrite``; on resume, check the recipe."""
         assert self.stage_dir is not None, "open() first"
+        if self.main:  # before any refusal: `--resume` after a killed --overwrite must say where the old run is
+            self._warn_leftovers()
         check_output(self.stage_dir, self.stage, overwrite=overwrite, resume=resume, recipe=self.recipe, force=force,
                      resume_cmd=self.resume_cmd, resumable_changes=resumable_changes)
 
@@ -171,10 +174,13 @@ class StageRun:
     def finish(self, summary: dict[str, Any], *, tensors: dict[str, torch.Tensor] | None = None,
                metadata: dict[str, str] | None = None) -> dict[str, Any]:
         """Write ``model.safetensors`` (when ``tensors``) and ``summary.json`` on the main process, wait for every
-        process, and return ``summary``."""
+        process, and return ``summary``. The summary records the checkpoint's SHA-256 (``model_sha256``), so that
+        its numbers are told apart from those of another checkpoint written to the same place later
+        (:func:`simclr_cli.export.run_summaries`)."""
         if self.main:
             if tensors is not None:
                 save_weights(self.stage_dir / MODEL_FILE, tensors, metadata or {})
+                summary["model_sha256"] = file_sha256(self.stage_dir / MODEL_FILE)
             write_json(self.stage_dir / "summary.json", summary)
             self.track({f"summary/{k}": v for k, v in tracking.scalars(summary).items()}, self._last_step)
         self.accelerator.wait_for_everyone()
@@ -235,6 +241,9 @@ class StageRun:
 
     def _warn_leftovers(self) -> None:
         assert self.stage_dir is not None
+        if self._leftovers_said:
+            return
+        self._leftovers_said = True
         for old in sorted(self.stage_dir.parent.glob(f".{self.stage_dir.name}.old-*")):
             print(f"warning: {old} holds a previous {self.stage} run set aside by an --overwrite that was killed; "
                   f"move it back to {self.stage_dir} to keep it, or delete it", file=sys.stderr)
@@ -295,6 +304,11 @@ class StageRun:
             raise Interrupted(f"stopped by {how} before the new {self.stage} run replaced the previous one: "
                               f"{self.stage_dir} still holds the previous run, and the new run was discarded; "
                               "run the command again to replace it") from None
+        if kept and not isinstance(exc, Interrupted):  # any other failure: its one line says the old run is back
+            if len(exc.args) == 1 and isinstance(exc.args[0], str) and not isinstance(exc, OSError):
+                exc.args = (f"{exc.args[0]}{kept}",)
+            else:  # an exception whose text is not its one argument: the note on a line of its own
+                print(f"note: {self.stage_dir} still holds the previous run", file=sys.stderr)
         return False
 
 
