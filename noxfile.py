@@ -16,6 +16,16 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def quick(session: nox.Session) -> None:
+    """The edit-test loop: the default suite less the tests that start processes (stage commands, torchrun,
+    benchmarks; marked `subprocess` by tests/conftest.py), the multi-process ones and the whole-quickstart test;
+    under 3 minutes on 2 cores."""
+    session.install(".[test]")
+    session.run("pytest", "-m", "not slow and not subprocess and not multiprocess and not end_to_end", *session.posargs,
+                env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
 def slow(session: nox.Session) -> None:
     """Slow tests (longer end-to-end runs)."""
     session.install(".[test]")

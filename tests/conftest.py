@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
+import sys
 import tempfile
 
 import pytest
@@ -51,8 +54,49 @@ log_every = 2
 """
 
 
+# What makes a test start other processes (stage subprocesses, torchrun, a pty, a benchmark script).
+_SPAWNS = re.compile(r"\b(subprocess|Popen|torchrun|sys\.executable|load_benchmark|pty\.|multiprocessing)\b|num_workers=[1-9]")
+
+
+def _spawning_names(module) -> set[str]:
+    """Functions (and fixtures) of ``module`` whose code starts processes, directly or through another such function."""
+    funcs = {}
+    for name, obj in vars(module).items():
+        fn = getattr(obj, "__wrapped__", obj)  # fixtures wrap their function
+        if inspect.isfunction(fn) and getattr(fn, "__module__", None) == module.__name__:
+            try:
+                funcs[name] = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+    spawning = {n for n, src in funcs.items() if _SPAWNS.search(src)}
+    grew = True
+    while grew:  # helpers that call helpers
+        new = {n for n, src in funcs.items() if n not in spawning and any(re.search(rf"\b{h}\b", src) for h in spawning)}
+        spawning |= new
+        grew = bool(new)
+    return spawning
+
+
+def _mark_subprocess_tests(items) -> None:
+    """Mark ``subprocess`` the tests that start other processes, themselves, through a helper of their module or
+    through a fixture of their module or of this file, so that ``nox -s quick`` can leave them out."""
+    here = _spawning_names(sys.modules[__name__])
+    cache: dict = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is None:
+            continue
+        if module not in cache:
+            cache[module] = _spawning_names(module) | here
+        names = cache[module]
+        if item.originalname in names or any(f in names for f in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.subprocess)
+
+
 def pytest_collection_modifyitems(config, items):
-    """``cuda``-marked tests are skipped, with the reason shown, where no CUDA device is visible."""
+    """Tests that start processes are marked ``subprocess``; ``cuda``-marked tests are skipped, with the reason
+    shown, where no CUDA device is visible."""
+    _mark_subprocess_tests(items)
     marked = [item for item in items if item.get_closest_marker("cuda") is not None]
     if not marked:
         return

@@ -174,3 +174,30 @@ def test_the_cli_sets_the_budget_before_torch_starts_its_threads():
     # the user's settings win
     assert _probe(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE") == ["1", "ACTIVE", "None"]
     assert _probe(SIMCLR_THREADS="off", OMP_WAIT_POLICY="ACTIVE")[1:] == ["ACTIVE", "None"]
+
+
+def _summary_threads(out: Path) -> dict:
+    import json
+
+    return json.loads((out / "pretrain" / "summary.json").read_text())["threads"]
+
+
+@pytest.mark.multiprocess
+def test_a_launch_shares_the_cpus_among_its_processes(tiny_recipe_file, tmp_path):
+    """`simclr pretrain` takes the process's CPUs; `simclr launch --processes 2` gives each rank its share (the
+    launcher's budget travels as OMP_NUM_THREADS and each rank decides again); summary.json records it."""
+    cores = len(os.sched_getaffinity(0))
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", MARK,
+                                                               "SIMCLR_THREADS", "LOCAL_WORLD_SIZE")}
+    args = ["pretrain", str(tiny_recipe_file), "-q", "--set", "pretrain.epochs=1", "--set", "pretrain.knn_every=0"]
+    one = subprocess.run([sys.executable, "-m", "simclr_cli", *args, "--out", str(tmp_path / "one")], env=clean,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert _summary_threads(tmp_path / "one") == {"cpus": cores, "intra_op": cores,
+                                                  "workers": 0}
+    two = subprocess.run([sys.executable, "-m", "simclr_cli", "launch", "--processes", "2", *args,
+                          "--out", str(tmp_path / "two")], env={**clean, "CUDA_VISIBLE_DEVICES": ""},
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    share = max(1, cores // 2)
+    assert _summary_threads(tmp_path / "two") == {"cpus": share, "intra_op": share, "workers": 0}

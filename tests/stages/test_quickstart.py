@@ -1,3 +1,4 @@
+import pytest
 """The bundled quickstart, end to end through the CLI: SimCLR must visibly learn, and the
 evaluation stages must show it against the random-init baseline."""
 
@@ -12,6 +13,7 @@ def _summary(path):
     return json.loads(path.read_text())
 
 
+@pytest.mark.end_to_end
 def test_quickstart_learns_and_beats_random_init_downstream(tmp_path):
     runner = CliRunner()
     q = tmp_path / "q"

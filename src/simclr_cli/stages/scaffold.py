@@ -166,9 +166,18 @@ class StageRun:
                 "track": self.track, "stop": self.stop, "on_save": self.commit}
 
     def summary(self, **fields: Any) -> dict[str, Any]:
-        """``{"stage", "name", **fields, "wall_seconds"}`` (``fields`` may set its own ``wall_seconds``)."""
+        """``{"stage", "name", **fields, "wall_seconds", "threads"}`` (``fields`` may set its own ``wall_seconds``).
+
+        ``threads``: what this process ran with (the CPUs of its thread budget, its intra-op threads, the
+        DataLoader workers of ``data.num_workers``): float results can depend on the thread count."""
+        from simclr_cli import threads
+
         out = {"stage": self.stage, "name": self.recipe.name, **fields}
         out.setdefault("wall_seconds", round(time.perf_counter() - self.t_start, 2))
+        budget = threads.current()
+        out["threads"] = {"cpus": budget.cpus, "intra_op": torch.get_num_threads(),
+                          "workers": threads.resolve_workers(self.recipe.data.num_workers,
+                                                             gpu=torch.cuda.is_available(), budget=budget)}
         return out
 
     def finish(self, summary: dict[str, Any], *, tensors: dict[str, torch.Tensor] | None = None,
