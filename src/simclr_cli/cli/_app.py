@@ -145,6 +145,16 @@ def _check_out(folder: Path) -> None:
     check_out_folder(folder)
 
 
+def _precheck(recipe: str | None, set_: list[str] | None) -> None:
+    """Refuse a misspelt recipe name or ``--set`` key (exit 2, with its "did you mean") before a command
+    imports torch, timm or accelerate: seconds, not the half-minute those imports take on a busy machine."""
+    from simclr_cli.recipe import check_overrides, resolve_recipe_path
+
+    if recipe:
+        resolve_recipe_path(recipe)
+    check_overrides(set_ or [])
+
+
 def _typed(*options: tuple[str, str, Any]) -> dict[str, Any]:
     """The typed recipe overrides of a command's own options, from (option, recipe key, value) triples:
     ``_typed(("--k", "knn.k", k))`` gives ``{"knn.k": FromOption("--k", k)}``, which the recipe loader checks
