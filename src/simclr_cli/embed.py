@@ -37,14 +37,16 @@ class Embedding(NamedTuple):
     shape: tuple[int, ...]  # (N, D)
 
 
-def embed(source: str | Path | None, data: str = "val", out: str | Path | None = None, overwrite: bool = False, *,
-          say: Callable[..., None] = print) -> Embedding:
+def embed(source: str | Path | None, data: str | None = None, out: str | Path | None = None,
+          overwrite: bool = False, *, say: Callable[..., None] = print) -> Embedding:
     """Write h of every image of ``data`` to a ``.npy`` (float32, N x D), and a ``.csv`` beside it.
 
     Args:
-        source: a run directory, run name or checkpoint (pretrain, finetune or distill); None: the newest run.
+        source: a run directory or run name (its pretrain encoder), or a checkpoint (pretrain, finetune or
+            distill); None: the newest run's pretrain encoder, like every command that reads an encoder.
         data: a split of the run's dataset (``val``, ``train``), a folder of images (class folders or flat), a
-            ``.txt``/``.csv`` list of image paths, or a pack folder of ``simclr data pack``.
+            ``.txt``/``.csv`` list of image paths, or a pack folder of ``simclr data pack``; None: the recipe's
+            training split (the images the encoder learnt from), said through ``say``.
         out: the ``.npy`` to write, or a folder for ``<data>.npy``; default ``RUN/embed/<data>.npy``.
         overwrite: replace an existing ``.npy`` and ``.csv``.
         say: where to report the run picked when ``source`` is None.
@@ -53,8 +55,13 @@ def embed(source: str | Path | None, data: str = "val", out: str | Path | None =
         DataError: ``data`` is neither a folder nor a split of the run's dataset.
         UsageError: the output exists (without ``overwrite``) or cannot be written.
     """
-    src = common.find_source(source, ("pretrain", "finetune", "distill"), say=say)
+    src = common.find_source(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
+                             say=say)
     recipe = common.inherit_recipe(src, None, [])
+    if data is None:
+        data = recipe.data.train_split
+        say(f"embedding the '{data}' split (data.train_split, the images the encoder was trained on); "
+            f"pass --data {recipe.data.val_split or 'val'} for the held-out split, or --data FOLDER for your own images")
     folder = Path(data).expanduser()
     if folder.is_dir() and ((folder / SHARD_INDEX).is_file() or (folder / SHARD_MANIFEST).is_file()):
         tag = folder.resolve().name or "root"

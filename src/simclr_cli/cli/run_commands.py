@@ -122,16 +122,18 @@ def plot(
 @app.command(rich_help_panel=RUNS_PANEL)
 def embed(
     source: SourceArg = None,
-    data: Annotated[str, typer.Option("--data", help="A split of the recipe's dataset (e.g. val, train), a folder "
-                                                     "of images (class folders or flat, any depth), a .txt/.csv list "
-                                                     "of image paths, or a pack folder (simclr data pack).")] = "val",
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="A split of the recipe's dataset (e.g. val, train), a folder of images (class folders or "
+                       "flat, any depth), a .txt/.csv list of image paths, or a pack folder (simclr data pack); "
+                       "default: the recipe's training split.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .npy, or a folder for <data>.npy "
                                                                     "(default RUN/embed/<data>.npy); a .csv with "
                                                                     "paths and labels goes beside it.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output .npy and .csv.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Export h (the encoder's features) for a dataset to .npy, with a CSV of file paths and labels."""
+    """Export h (the encoder's features) for a dataset to .npy, with a CSV of file paths and labels.
+    Without RUN: the newest run's pretrain encoder."""
     with _handled(debug):
         from simclr_cli.embed import embed as embed_features
 
