@@ -105,6 +105,16 @@ def test_info_takes_a_run_folder_and_a_bad_summary_hides_nothing(tiny_recipe_fil
     assert r.exit_code == 0 and "unreadable" in r.output and "test_resnet" in r.output
 
 
+def test_runs_shows_the_final_loss_of_a_pretrain_without_knn(tiny_recipe_file):
+    """Issue 22 item 6: a run without the kNN monitor had an empty metric cell; it shows its final loss."""
+    runner = CliRunner()
+    args = ["pretrain", str(tiny_recipe_file), "-q", "--set", "pretrain.epochs=1", "--set", "pretrain.knn_every=0"]
+    assert runner.invoke(app, args).exit_code == 0
+    loss = json.loads(open("runs/tiny/pretrain/summary.json").read())["final_loss"]
+    r = runner.invoke(app, ["runs"])
+    assert r.exit_code == 0 and f"pretrain final loss {loss:.2f}" in r.output, r.output
+
+
 def test_runs_lists_a_run_whose_only_stage_is_an_interrupted_pretrain(tiny_recipe_file):
     """Review: a run with nothing finished yet was hidden, so the user could not find what to --resume."""
     import pytest as _pytest
