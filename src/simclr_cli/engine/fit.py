@@ -214,5 +214,4 @@ def fit(accelerator, task: nn.Module, dataset: Dataset, spec: FitSpec, **kwargs)
     with Trainer(accelerator, task, dataset, spec, **kwargs) as trainer:
         trainer.progress.message(trainer.banner())
         result = trainer.run()
-    result.train_seconds += trainer.plan.elapsed
     return trainer.model, result, trainer.plan.batch

@@ -160,6 +160,8 @@ def run(
         test_images=test_images,
         final_loss=result.last.get("loss"),
         images_per_sec=round(result.images_per_sec, 2),
+        train_seconds=round(result.train_seconds, 2),
+        wall_seconds=round(time.perf_counter() - guard.t_start + result.wall_before, 2),
     )
     metadata = {**checkpoint_metadata(student_recipe, trained, STAGE),
                 **classifier_metadata(classes, trained.num_classes, 0, init_note)}

@@ -11,6 +11,7 @@ weight decay, crop+flip only, through the shared loop (resumable). Writes
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,8 @@ def run(
         num_classes=splits.num_classes,
         final_loss=result.last.get("loss"),
         images_per_sec=round(result.images_per_sec, 2),
+        train_seconds=round(result.train_seconds, 2),
+        wall_seconds=round(time.perf_counter() - guard.t_start + result.wall_before, 2),
     )
     metadata = {**checkpoint_metadata(recipe, encoder, STAGE),
                 **classifier_metadata(splits.classes, splits.num_classes, cfg.from_head_layer, init),
