@@ -60,7 +60,7 @@ def test_plot_and_embed_write_non_empty_files(tiny_recipe_file):
     for args in (["linear-eval", "-q", "--set", "linear_eval.epochs=1"],
                  ["linear-eval", "-q", "--init", "random", "--set", "linear_eval.epochs=1"]):
         assert runner.invoke(app, args).exit_code == 0
-    r = runner.invoke(app, ["plot", "--embedding"])
+    r = runner.invoke(app, ["plot", "--embedding", "--method", "pca"])
     assert r.exit_code == 0, r.output
     r2 = runner.invoke(app, ["plot", "runs/tiny", "--embedding", "--method", "tsne", "--max-points", "20"])
     assert r2.exit_code == 0, r2.output

@@ -127,25 +127,28 @@ def embed(source: str | Path | None, data: str | None = None, out: str | Path | 
     return Embedding(target, table, tuple(feats.shape))
 
 
-def embedding_map(src: common.Source, method: str = "pca", max_points: int = 2000) -> Path:
+def embedding_map(src: common.Source, method: str = "auto", max_points: int = 2000) -> Path:
     """``RUN/plots/embedding_<method>.png``: h of a seeded sample of the labeled val split, projected to 2-D
-    (:func:`simclr_cli.plots.project_2d`) and coloured by label (paper Fig. B.4).
+    (:func:`simclr_cli.plots.projection`, with its axis labels) and coloured by label (paper Fig. B.4).
 
     Args:
         src: the run's pretrain checkpoint (:func:`simclr_cli.stages.common.find_source`).
-        method: ``pca`` or ``tsne``.
+        method: ``pca``, ``tsne``, or ``auto``: t-SNE up to ``plots.TSNE_AUTO_MAX`` images, PCA above.
         max_points: images in the sample (seeded by the recipe's seed).
     """
     recipe = common.inherit_recipe(src, None, [])
     splits = common.labeled_splits(recipe)
     g = torch.Generator().manual_seed(recipe.seed)
     idx = sorted(torch.randperm(len(splits.test), generator=g)[:max_points].tolist())
+    if method == "auto":
+        method = "tsne" if len(idx) <= plots.TSNE_AUTO_MAX else "pca"
     accelerator = make_accelerator("no")
     encoder = common.load_encoder(src, recipe, "pretrained").backbone.to(accelerator.device)
     feats, labels = predict(encoder, common.eval_loader(splits.test, idx, recipe, accelerator), accelerator.device)
-    coords = plots.project_2d(feats, method, recipe.seed)
+    coords, axis_labels = plots.projection(feats, method, recipe.seed)
     return plots.plot_embedding(coords, labels, splits.classes, src.run_dir / "plots" / f"embedding_{method}.png",
-                                f"{src.run_dir.name}: h on {recipe.data.val_split} ({method}, {len(idx)} images)")
+                                f"{src.run_dir.name}: h on {recipe.data.val_split} ({method}, {len(idx)} images)",
+                                axis_labels)
 
 
 def _looks_like_path(text: str) -> bool:

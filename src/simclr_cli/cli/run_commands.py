@@ -96,7 +96,8 @@ def plot(
     source: SourceArg = None,
     embedding: Annotated[bool, typer.Option("--embedding", help="Also draw a 2-D map of h on the labeled val split, "
                                                                 "coloured by label (paper Fig. B.4).")] = False,
-    method: Annotated[str, typer.Option("--method", help="pca or tsne (for --embedding).")] = "pca",
+    method: Annotated[str, typer.Option("--method", help="auto, pca or tsne (for --embedding); auto: t-SNE up "
+                                                         "to 1000 points (seconds), PCA above.")] = "auto",
     max_points: Annotated[int, typer.Option("--max-points", help="Points in the embedding map (a seeded sample).")] = 2000,
     debug: DebugOpt = False,
 ) -> None:

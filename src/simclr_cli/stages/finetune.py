@@ -103,14 +103,17 @@ def run(
                    weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
                    log_every=cfg.log_every, save_every=cfg.save_every, keep_states=cfg.keep_states,
                    max_bad_fraction=data.max_bad_fraction)
-    task, result, batch = fit(accelerator, ClassificationTask(model), views, spec,
-                              **guard.training(resume=resume, interrupt_after=interrupt_after))
+    evaluate, every = common.test_top1_during(splits, recipe, accelerator, epochs)
+    task, result, batch = fit(accelerator, ClassificationTask(model), views, spec, evaluate=evaluate,
+                              evaluate_every=every, **guard.training(resume=resume, interrupt_after=interrupt_after))
     trained: Classifier = task.model
     with guard.stop.immediately():  # the final state is saved: a resume runs only this test
         test = common.test_topk(trained, splits, recipe, accelerator)
     if test is None:
         return guard.finish({})
     acc, test_images = test
+    common.log_final(guard.stage_dir / "metrics.jsonl", guard.main,
+                     {"step": result.step, "epoch": result.epoch, "test_top1": round(acc[1], 4)})
     summary = guard.summary(
         init=init,
         source=common.source_label(src, init),
