@@ -14,6 +14,24 @@ import simclr_cli
 from simclr_cli.errors import SimclrError
 from simclr_cli.utils import check_out_folder
 
+def _hide_flag_types() -> None:
+    """``--help`` shows a value type (``<int>``, ``<path>``) only for options that take a value: recent Typer
+    versions print ``<bool>`` after flags such as ``--resume``, which reads as if the flag wanted a value."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_simclr_flags_hidden", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._simclr_flags_hidden = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
 app = typer.Typer(
     name="simclr",
     help="SimCLR end to end: contrastive pretraining, evaluation, semi-supervised fine-tuning, distillation, transfer.",
