@@ -138,5 +138,7 @@ def embed(
     with _handled(debug):
         from simclr_cli.embed import embed as embed_features
 
-        written = embed_features(source, data, out, overwrite, say=print)
-        print(f"wrote {written.path} {written.shape} and {written.table}")
+        main = _is_main_process()  # under launch: one process says which run and split it embeds
+        written = embed_features(source, data, out, overwrite, say=print if main else (lambda *a: None))
+        if main:
+            print(f"wrote {written.path} {written.shape} and {written.table}")
