@@ -26,6 +26,16 @@ def test_embed_is_a_plain_function(tiny_recipe_file, tmp_path):
     assert png == run / "plots" / "embedding_pca.png" and png.stat().st_size > 0
 
 
+def test_embed_without_data_embeds_the_training_split_and_says_so(tiny_recipe_file, tmp_path):
+    """Issue 22 item 3: the default was the val split, silently; now the training split, named."""
+    run = tmp_path / "run"
+    pretrain.run(load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.epochs=1"]), run, show_progress=False)
+    said = []
+    written = embed(run, say=said.append)
+    assert written.path == run / "embed" / "train.npy" and written.shape[0] == 64  # synthetic_train_size
+    assert len(said) == 1 and "'train' split" in said[0] and "--data val" in said[0]
+
+
 def test_embed_on_a_folder_run_refuses_a_split_it_does_not_have(tmp_path):
     """Review: on a data.dataset=folder run, `--data nosuch` (and the default `val`) silently embedded the
     training images under that name."""

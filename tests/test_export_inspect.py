@@ -60,7 +60,7 @@ def test_plot_and_embed_write_non_empty_files(tiny_recipe_file):
     for args in (["linear-eval", "-q", "--set", "linear_eval.epochs=1"],
                  ["linear-eval", "-q", "--init", "random", "--set", "linear_eval.epochs=1"]):
         assert runner.invoke(app, args).exit_code == 0
-    r = runner.invoke(app, ["plot", "--embedding"])
+    r = runner.invoke(app, ["plot", "--embedding", "--method", "pca"])
     assert r.exit_code == 0, r.output
     r2 = runner.invoke(app, ["plot", "runs/tiny", "--embedding", "--method", "tsne", "--max-points", "20"])
     assert r2.exit_code == 0, r2.output
@@ -103,6 +103,16 @@ def test_info_takes_a_run_folder_and_a_bad_summary_hides_nothing(tiny_recipe_fil
     assert r.output.count("unreadable summary.json") == 2 and "knn 50.00" in r.output
     r = runner.invoke(app, ["info", "runs/tiny"])
     assert r.exit_code == 0 and "unreadable" in r.output and "test_resnet" in r.output
+
+
+def test_runs_shows_the_final_loss_of_a_pretrain_without_knn(tiny_recipe_file):
+    """Issue 22 item 6: a run without the kNN monitor had an empty metric cell; it shows its final loss."""
+    runner = CliRunner()
+    args = ["pretrain", str(tiny_recipe_file), "-q", "--set", "pretrain.epochs=1", "--set", "pretrain.knn_every=0"]
+    assert runner.invoke(app, args).exit_code == 0
+    loss = json.loads(open("runs/tiny/pretrain/summary.json").read())["final_loss"]
+    r = runner.invoke(app, ["runs"])
+    assert r.exit_code == 0 and f"pretrain final loss {loss:.2f}" in r.output, r.output
 
 
 def test_runs_lists_a_run_whose_only_stage_is_an_interrupted_pretrain(tiny_recipe_file):

@@ -95,6 +95,16 @@ def test_cpu_processes(tmp_path):
     assert result.stdout.startswith("CUDA_VISIBLE_DEVICES='' ")
 
 
+def test_dry_run_says_why_multi_gpu_is_there_for_cpu_processes(tmp_path):
+    """Issue 22: --multi_gpu for CPU processes puzzles a reader; one note on stderr says why, not for GPUs."""
+    result, argv = _dry(tmp_path, "--processes", "2", *STAGE[2:], CUDA_VISIBLE_DEVICES="")
+    assert "--multi_gpu" in argv
+    notes = [ln for ln in result.stderr.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "--multi_gpu" in notes[0] and "2 CPU processes" in notes[0]
+    result, argv = _dry(tmp_path, "--gpus", "2", *STAGE[2:], CUDA_VISIBLE_DEVICES="0,1")
+    assert "--multi_gpu" in argv and "note:" not in result.stderr
+
+
 def test_max_restarts_gets_a_rendezvous_that_survives_a_restart(tmp_path):
     """torchrun's static rendezvous (Accelerate's default) shares its store with the workers, and a restarted
     group cannot connect: one node gets --standalone (PET_STANDALONE), several nodes c10d; each group its own

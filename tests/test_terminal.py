@@ -1,6 +1,7 @@
 """Under a real pseudo-terminal the progress bar renders; written to a file, the output has no control codes."""
 
 import os
+import re
 import select
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 ARGS = ["-m", "simclr_cli", "pretrain", "quickstart", "--set", "pretrain.epochs=1", "--set", "pretrain.knn_every=0",
-        "--set", "data.synthetic_train_size=512"]
+        "--set", "data.synthetic_train_size=512", "--set", "pretrain.log_every=4"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
@@ -39,6 +40,9 @@ def test_progress_bar_renders_in_a_pty(tmp_path):
     assert "\x1b[" in out  # rich drew and redrew the bar
     assert "━" in out and "pretrain quickstart" in out
     assert "pretrain step 16/16" not in out  # the plain log lines are for files, not terminals
+    # issue 22: the bar shows the percent and the remaining time with the finish time, as the plain lines do
+    assert re.search(r"\d+%", out) and re.search(r"eta \d+(s|m\d\ds) \(finish ~\d\d:\d\d\)", out), out[-2000:]
+    assert "expected to finish at" in out
 
 
 def test_output_to_a_file_has_no_control_codes(tmp_path):
@@ -50,3 +54,6 @@ def test_output_to_a_file_has_no_control_codes(tmp_path):
     assert r.returncode == 0, text[-2000:]
     assert "\x1b" not in text and "\r" not in text
     assert "pretrain step 16/16" in text and "done: 16 steps" in text
+    # issue 22: percent and ETA on the plain lines, and one up-front estimate of the time left
+    assert re.search(r"pretrain step 4/16 .* \| 25% eta \S+ \(finish ~\d\d:\d\d\)", text), text
+    assert re.search(r"pretrain step 16/16 .* \| 100%$", text, re.M) and text.count("expected to finish at") == 1

@@ -37,14 +37,16 @@ class Embedding(NamedTuple):
     shape: tuple[int, ...]  # (N, D)
 
 
-def embed(source: str | Path | None, data: str = "val", out: str | Path | None = None, overwrite: bool = False, *,
-          say: Callable[..., None] = print) -> Embedding:
+def embed(source: str | Path | None, data: str | None = None, out: str | Path | None = None,
+          overwrite: bool = False, *, say: Callable[..., None] = print) -> Embedding:
     """Write h of every image of ``data`` to a ``.npy`` (float32, N x D), and a ``.csv`` beside it.
 
     Args:
-        source: a run directory, run name or checkpoint (pretrain, finetune or distill); None: the newest run.
+        source: a run directory or run name (its pretrain encoder), or a checkpoint (pretrain, finetune or
+            distill); None: the newest run's pretrain encoder, like every command that reads an encoder.
         data: a split of the run's dataset (``val``, ``train``), a folder of images (class folders or flat), a
-            ``.txt``/``.csv`` list of image paths, or a pack folder of ``simclr data pack``.
+            ``.txt``/``.csv`` list of image paths, or a pack folder of ``simclr data pack``; None: the recipe's
+            training split (the images the encoder learnt from), said through ``say``.
         out: the ``.npy`` to write, or a folder for ``<data>.npy``; default ``RUN/embed/<data>.npy``.
         overwrite: replace an existing ``.npy`` and ``.csv``.
         say: where to report the run picked when ``source`` is None.
@@ -53,8 +55,13 @@ def embed(source: str | Path | None, data: str = "val", out: str | Path | None =
         DataError: ``data`` is neither a folder nor a split of the run's dataset.
         UsageError: the output exists (without ``overwrite``) or cannot be written.
     """
-    src = common.find_source(source, ("pretrain", "finetune", "distill"), say=say)
+    src = common.find_source(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
+                             say=say)
     recipe = common.inherit_recipe(src, None, [])
+    if data is None:
+        data = recipe.data.train_split
+        say(f"embedding the '{data}' split (data.train_split, the images the encoder was trained on); "
+            f"pass --data {recipe.data.val_split or 'val'} for the held-out split, or --data FOLDER for your own images")
     folder = Path(data).expanduser()
     if folder.is_dir() and ((folder / SHARD_INDEX).is_file() or (folder / SHARD_MANIFEST).is_file()):
         tag = folder.resolve().name or "root"
@@ -120,25 +127,28 @@ def embed(source: str | Path | None, data: str = "val", out: str | Path | None =
     return Embedding(target, table, tuple(feats.shape))
 
 
-def embedding_map(src: common.Source, method: str = "pca", max_points: int = 2000) -> Path:
+def embedding_map(src: common.Source, method: str = "auto", max_points: int = 2000) -> Path:
     """``RUN/plots/embedding_<method>.png``: h of a seeded sample of the labeled val split, projected to 2-D
-    (:func:`simclr_cli.plots.project_2d`) and coloured by label (paper Fig. B.4).
+    (:func:`simclr_cli.plots.projection`, with its axis labels) and coloured by label (paper Fig. B.4).
 
     Args:
         src: the run's pretrain checkpoint (:func:`simclr_cli.stages.common.find_source`).
-        method: ``pca`` or ``tsne``.
+        method: ``pca``, ``tsne``, or ``auto``: t-SNE up to ``plots.TSNE_AUTO_MAX`` images, PCA above.
         max_points: images in the sample (seeded by the recipe's seed).
     """
     recipe = common.inherit_recipe(src, None, [])
     splits = common.labeled_splits(recipe)
     g = torch.Generator().manual_seed(recipe.seed)
     idx = sorted(torch.randperm(len(splits.test), generator=g)[:max_points].tolist())
+    if method == "auto":
+        method = "tsne" if len(idx) <= plots.TSNE_AUTO_MAX else "pca"
     accelerator = make_accelerator("no")
     encoder = common.load_encoder(src, recipe, "pretrained").backbone.to(accelerator.device)
     feats, labels = predict(encoder, common.eval_loader(splits.test, idx, recipe, accelerator), accelerator.device)
-    coords = plots.project_2d(feats, method, recipe.seed)
+    coords, axis_labels = plots.projection(feats, method, recipe.seed)
     return plots.plot_embedding(coords, labels, splits.classes, src.run_dir / "plots" / f"embedding_{method}.png",
-                                f"{src.run_dir.name}: h on {recipe.data.val_split} ({method}, {len(idx)} images)")
+                                f"{src.run_dir.name}: h on {recipe.data.val_split} ({method}, {len(idx)} images)",
+                                axis_labels)
 
 
 def _looks_like_path(text: str) -> bool:

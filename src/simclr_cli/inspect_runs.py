@@ -95,8 +95,18 @@ def checkpoint_info(path: Path) -> list[tuple[str, str]]:
             rows.append(("summary.json", f"unreadable ({summary}): not a JSON object; the checkpoint itself is fine"))
         for k, v in (data or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
-                rows.append((k, f"{v:g}" if isinstance(v, float) else str(v)))
+                text = f"{v:g}" if isinstance(v, float) else str(v)
+                rows.append((k, text + (f"  ({TIME_FIELDS[k]})" if k in TIME_FIELDS else "")))
     return rows
+
+
+# What the times of a summary.json count (the same for every stage; engine/loop.py LoopResult).
+TIME_FIELDS = {
+    "train_seconds": "seconds in training steps, over every invocation of a resumed run; "
+                     "setup, kNN monitor and evaluation excluded",
+    "wall_seconds": "wall-clock seconds of the stage, over every invocation: setup, training, kNN, evaluation",
+    "images_per_sec": "images trained / train_seconds",
+}
 
 
 def list_runs(root: Path = Path("runs")) -> list[dict]:
@@ -119,7 +129,15 @@ def list_runs(root: Path = Path("runs")) -> list[dict]:
             interrupted = [s for s in STAGE_DIRS if (d / s / "state").is_dir() and s not in stages]
             if not stages and not interrupted:
                 continue
-            metrics = {s: stages[s].get(KEY_METRIC[s]) for s in stages if s in KEY_METRIC}
+            metrics = {}
+            for s in stages:
+                if s not in KEY_METRIC:
+                    continue
+                value = stages[s].get(KEY_METRIC[s])
+                if value is None and stages[s].get("final_loss") is not None:  # no kNN monitor: the final loss
+                    metrics[f"{s} final loss"] = stages[s]["final_loss"]
+                else:
+                    metrics[s] = value
             if "transfer" in stages:
                 res = stages["transfer"].get("results", {})
                 n = sum(len(v) for v in res.values() if isinstance(v, (dict, list))) if isinstance(res, dict) else 0

@@ -62,6 +62,7 @@ class LaunchPlan:
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # one line each, why a flag is there (shown on stderr)
 
     def shell(self) -> str:
         """The command as one copy-pastable shell line."""
@@ -306,6 +307,7 @@ def build_plan(
         per_node, cpu = (gpus_here, False) if gpus_here > 0 else (1, True)
 
     argv = [python, "-m", "accelerate.commands.launch"]
+    notes: list[str] = []
     if config is not None:
         argv += ["--config_file", str(config)]
     total = nodes * per_node if per_node is not None else None
@@ -315,6 +317,9 @@ def build_plan(
         config_multi = kind not in (None, False) and str(kind).upper() not in ("NO", "MULTI_CPU")
         if total > 1 and (cpu or config is None or not config_multi):
             argv.append("--multi_gpu")  # Accelerate's torchrun launcher; gloo processes on a CPU-only machine
+            if cpu:
+                notes.append(f"note: --multi_gpu is Accelerate's flag for its torchrun launcher; here it starts "
+                             f"{total} CPU processes (gloo), no GPU is used")
         elif total == 1 and cpu:
             argv.append("--cpu")
     if config is None or multi_node_given:
@@ -358,7 +363,7 @@ def build_plan(
             gpus_here = visible_gpus(env, cuda_count)
         if gpus_here > 0:  # the stages use a GPU whenever torch sees one: hide them for CPU processes
             extra["CUDA_VISIBLE_DEVICES"] = ""
-    return LaunchPlan(argv=argv, env=extra)
+    return LaunchPlan(argv=argv, env=extra, notes=notes)
 
 
 RELAUNCH_ENV = "SIMCLR_LAUNCH_PREFIX"  # set for the stage: how it was launched, so that its resume hint launches alike

@@ -44,6 +44,24 @@ class _OneLineErrors(typer.core.TyperGroup):
             raise self._one_line(e) from None
 
 
+def _hide_flag_types() -> None:
+    """``--help`` shows a value type (``<int>``, ``<path>``) only for options that take a value: recent Typer
+    versions print ``<bool>`` after flags such as ``--resume``, which reads as if the flag wanted a value."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_simclr_flags_hidden", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._simclr_flags_hidden = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
 app = typer.Typer(
     cls=_OneLineErrors,
     name="simclr",
@@ -178,6 +196,16 @@ def _check_out(folder: Path) -> None:
     """Refuse an output folder that cannot be one before any work (exit 2); see
     :func:`simclr_cli.utils.check_out_folder`, which ``embed`` shares."""
     check_out_folder(folder)
+
+
+def _precheck(recipe: str | None, set_: list[str] | None) -> None:
+    """Refuse a misspelt recipe name or ``--set`` key (exit 2, with its "did you mean") before a command
+    imports torch, timm or accelerate: seconds, not the half-minute those imports take on a busy machine."""
+    from simclr_cli.recipe import check_overrides, resolve_recipe_path
+
+    if recipe:
+        resolve_recipe_path(recipe)
+    check_overrides(set_ or [])
 
 
 def _typed(*options: tuple[str, str, Any]) -> dict[str, Any]:

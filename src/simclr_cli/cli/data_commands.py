@@ -50,7 +50,7 @@ def data_pack(
 
         def progress(done: int, total: int) -> None:
             if "bar" not in bar:
-                bar["bar"] = ProgressDisplay(total, done, enabled=not quiet, description="pack")
+                bar["bar"] = ProgressDisplay(total, done, enabled=not quiet, description="pack", unit="images")
                 bar["every"] = max(1, total // 10)
             line = f"packed {done}/{total} images" if done % bar["every"] == 0 or done == total else None
             bar["bar"].update(done, "", line)

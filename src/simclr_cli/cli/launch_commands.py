@@ -71,6 +71,8 @@ def launch(
                                  main_address=main_address, main_port=main_port, max_restarts=max_restarts,
                                  config_file=config_file)
         plan = lib.build_plan(opts, [stage, *(args or [])], os.environ, check_gpus=not dry_run)
+        for note in plan.notes:
+            print(note, file=sys.stderr)
         if dry_run:
             print(plan.shell())
             return

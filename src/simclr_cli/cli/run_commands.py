@@ -98,7 +98,8 @@ def plot(
     source: SourceArg = None,
     embedding: Annotated[bool, typer.Option("--embedding", help="Also draw a 2-D map of h on the labeled val split, "
                                                                 "coloured by label (paper Fig. B.4).")] = False,
-    method: Annotated[str, typer.Option("--method", help="pca or tsne (for --embedding).")] = "pca",
+    method: Annotated[str, typer.Option("--method", help="auto, pca or tsne (for --embedding); auto: t-SNE up "
+                                                         "to 1000 points (seconds), PCA above.")] = "auto",
     max_points: Annotated[int, typer.Option("--max-points", help="Points in the embedding map (a seeded sample).")] = 2000,
     debug: DebugOpt = False,
 ) -> None:
@@ -124,18 +125,22 @@ def plot(
 @app.command(rich_help_panel=RUNS_PANEL)
 def embed(
     source: SourceArg = None,
-    data: Annotated[str, typer.Option("--data", help="A split of the recipe's dataset (e.g. val, train), a folder "
-                                                     "of images (class folders or flat, any depth), a .txt/.csv list "
-                                                     "of image paths, or a pack folder (simclr data pack).")] = "val",
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="A split of the recipe's dataset (e.g. val, train), a folder of images (class folders or "
+                       "flat, any depth), a .txt/.csv list of image paths, or a pack folder (simclr data pack); "
+                       "default: the recipe's training split.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .npy, or a folder for <data>.npy "
                                                                     "(default RUN/embed/<data>.npy); a .csv with "
                                                                     "paths and labels goes beside it.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output .npy and .csv.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Export h (the encoder's features) for a dataset to .npy, with a CSV of file paths and labels."""
+    """Export h (the encoder's features) for a dataset to .npy, with a CSV of file paths and labels.
+    Without RUN: the newest run's pretrain encoder."""
     with _handled(debug):
         from simclr_cli.embed import embed as embed_features
 
-        written = embed_features(source, data, out, overwrite, say=print)
-        print(f"wrote {written.path} {written.shape} and {written.table}")
+        main = _is_main_process()  # under launch: one process says which run and split it embeds
+        written = embed_features(source, data, out, overwrite, say=print if main else (lambda *a: None))
+        if main:
+            print(f"wrote {written.path} {written.shape} and {written.table}")

@@ -26,6 +26,7 @@ from simclr_cli.cli._app import (
     _check_out,
     _handled,
     _is_main_process,
+    _precheck,
     _show_recipe,
     _typed,
     app,
@@ -85,9 +86,10 @@ def pretrain(
     """Contrastive pretraining on unlabeled images; writes OUT/pretrain/model.safetensors."""
     with _handled(debug):
         from simclr_cli.recipe import load_recipe
+
+        r = load_recipe(recipe, set_ or [])  # a misspelt name or key fails here, before torch is imported
         from simclr_cli.stages import pretrain as stage
 
-        r = load_recipe(recipe, set_ or [])
         _show_recipe(r)
         _check_out(out if out is not None else Path("runs") / r.name)
         resume = resume or _auto_resume(Path(out if out is not None else Path("runs") / r.name) / stage.STAGE, r,
@@ -114,6 +116,7 @@ def linear_eval(
 ) -> None:
     """Linear probe on the frozen encoder; writes OUT/linear_eval/ with top-1 and top-5."""
     with _handled(debug):
+        _precheck(recipe, set_)
         from simclr_cli.stages import linear_eval as stage
 
         values = _typed(("--mode", "linear_eval.mode", mode), ("--on", "linear_eval.on", on))
@@ -140,6 +143,7 @@ def knn(
 ) -> None:
     """Weighted kNN on L2-normalized h of the frozen encoder; writes OUT/knn/summary.json."""
     with _handled(debug):
+        _precheck(recipe, set_)
         from simclr_cli.stages import knn as stage
 
         values = _typed(("--k", "knn.k", k), ("--temperature", "knn.temperature", temperature))
@@ -171,6 +175,7 @@ def finetune(
 ) -> None:
     """Semi-supervised fine-tuning on a labeled subset; writes OUT/finetune/model.safetensors."""
     with _handled(debug):
+        _precheck(recipe, set_)
         from simclr_cli.stages import finetune as stage
 
         values = _typed(("--labels", "finetune.labels", labels),
@@ -216,6 +221,7 @@ def distill(
 ) -> None:
     """Teacher -> student self-training on unlabeled images; writes OUT/distill/model.safetensors."""
     with _handled(debug):
+        _precheck(recipe, set_)
         from simclr_cli.stages import distill as stage
 
         values = _typed(
@@ -262,6 +268,7 @@ def transfer(
 ) -> None:
     """Transfer to other datasets (linear or fine-tuned); writes OUT/transfer/summary.json."""
     with _handled(debug):
+        _precheck(recipe, set_)
         from simclr_cli.errors import UsageError
         from simclr_cli.stages import transfer as stage
 

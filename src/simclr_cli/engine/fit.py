@@ -208,11 +208,15 @@ class Trainer:
             self.stop.__exit__(None, None, None)
 
 
-def fit(accelerator, task: nn.Module, dataset: Dataset, spec: FitSpec, **kwargs) -> tuple[nn.Module, LoopResult, int]:
+def fit(accelerator, task: nn.Module, dataset: Dataset, spec: FitSpec, *,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None, evaluate_every: int = 0,
+        **kwargs) -> tuple[nn.Module, LoopResult, int]:
     """Train ``task`` on ``dataset`` through a :class:`Trainer` (keyword arguments as there), printing the
-    standard banner; returns (the unwrapped task, the loop result, the global batch)."""
+    standard banner; returns (the unwrapped task, the loop result, the global batch). ``evaluate``: called on
+    every process with the unwrapped task every ``evaluate_every`` epochs (not after the last one, which the
+    stage evaluates itself); the metrics it returns are logged (e.g. ``test_top1``, for the curves)."""
     with Trainer(accelerator, task, dataset, spec, **kwargs) as trainer:
         trainer.progress.message(trainer.banner())
-        result = trainer.run()
-    result.train_seconds += trainer.plan.elapsed
+        hook = (lambda epoch, step: evaluate(trainer.model)) if evaluate is not None else None  # noqa: E731
+        result = trainer.run(epoch_hook=hook, hook_every=evaluate_every if hook is not None else 0)
     return trainer.model, result, trainer.plan.batch

@@ -52,9 +52,14 @@ class LoopResult:
     step: int
     epoch: int
     last: dict[str, float] = field(default_factory=dict)
+    # The three numbers every summary.json reports, one definition for all stages (a resumed run included):
+    # train_seconds, the time spent in training steps over every invocation of the run (hooks such as the kNN
+    # monitor, setup and evaluation excluded); images_per_sec, the images of every step trained / train_seconds;
+    # wall_before, the loop's wall time in the invocations before this one (a stage adds its own wall time).
     train_seconds: float = 0.0
     images_per_sec: float = 0.0
     bad_images: int = 0
+    wall_before: float = 0.0
 
 
 EpochHook = Callable[[int, int], dict[str, float]]  # (epoch finished, step) -> metrics to log
@@ -252,12 +257,17 @@ def run_loop(
                 epoch = step // spe
         save(step)
     result.step, result.epoch = step, epoch
-    result.train_seconds = train_seconds
     # Over every step trained, before an interruption too: a resume at the last step trains none itself.
-    seconds = prior_seconds + train_seconds
+    result.train_seconds = prior_seconds + train_seconds
     trained = step - start_step if not prior_seconds else step
-    result.images_per_sec = trained * spec.global_batch / seconds if seconds > 0 else 0.0
+    result.images_per_sec = images_per_sec(trained * spec.global_batch, result.train_seconds)
+    result.wall_before = start_time_offset
     return result
+
+
+def images_per_sec(images: int, train_seconds: float) -> float:
+    """The throughput every summary reports: images trained / seconds spent training them."""
+    return images / train_seconds if train_seconds > 0 else 0.0
 
 
 def _stopped_early(why: str, state_dir: Path | None, resume_hint: str) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 
 class MetricsLog:
@@ -57,11 +59,55 @@ def _step_of(line: str, default: int | None = 0) -> int | None:
         return default
 
 
-class ProgressDisplay:
-    """One rich progress bar on a terminal; plain log lines when stdout is not a terminal."""
+def format_duration(seconds: float) -> str:
+    """``45s``, ``3m12s``, ``2h05m``: a remaining time at the precision a person plans with."""
+    seconds = max(int(round(seconds)), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
-    def __init__(self, total: int, done: int, enabled: bool, description: str) -> None:
+
+def finish_time(remaining: float, now: datetime | None = None) -> str:
+    """The clock time ``remaining`` seconds from now: ``14:32``, with the day when it is not today."""
+    now = now or datetime.now()
+    end = now + timedelta(seconds=max(remaining, 0.0))
+    return end.strftime("%H:%M") if end.date() == now.date() else end.strftime("%a %d %b %H:%M")
+
+
+class Eta:
+    """The remaining time of a stage from its pace so far: wall time per step (the kNN monitor and other hooks
+    included, since the user waits for them too), measured from the first step reported, so that setup and the
+    first batches' warm-up do not count, except for the first estimate, which has nothing else to go on."""
+
+    def __init__(self, total: int, done: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.clock = total, clock
+        self.start = (clock(), done)
+        self.ref: tuple[float, int] | None = None
+
+    def remaining(self, step: int) -> float | None:
+        """Seconds still to go after ``step``; None before any step was measured."""
+        now = self.clock()
+        t_ref, s_ref = self.ref if self.ref is not None else self.start
+        if step <= s_ref or now <= t_ref:
+            return None
+        if self.ref is None:
+            self.ref = (now, step)
+        return (self.total - step) * (now - t_ref) / (step - s_ref)
+
+
+class ProgressDisplay:
+    """One rich progress bar on a terminal; plain log lines when stdout is not a terminal. Both show the
+    percent done and the remaining time with the expected finish time (:class:`Eta`); the first estimate is
+    also said once, as a line of its own, so that a newcomer knows how long to wait."""
+
+    def __init__(self, total: int, done: int, enabled: bool, description: str, unit: str = "steps",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.enabled = enabled
+        self.total, self.description, self.unit = max(total, 1), description, unit
+        self.eta = Eta(total, done, clock)
+        self.estimated = False
         self._stderr = sys.stderr  # before the bar starts (a live bar redirects sys.stderr into itself)
         self.console = Console(file=sys.stdout)
         self.rich = enabled and self.console.is_terminal
@@ -70,22 +116,33 @@ class ProgressDisplay:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
+                TaskProgressColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"),
                 TimeElapsedColumn(),
-                TimeRemainingColumn(),
+                TextColumn("{task.fields[eta]}"),
                 console=self.console,
             )
-            self.task = self.progress.add_task(description, total=total, completed=done, info="")
+            self.task = self.progress.add_task(description, total=total, completed=done, info="", eta="")
             self.progress.start()
 
     def update(self, step: int, info: str, line: str | None = None) -> None:
+        """Step ``step`` is done: the bar moves, or ``line`` is printed with the percent and the ETA after it."""
         if not self.enabled:
             return
+        remaining = self.eta.remaining(step)
+        eta = ""
+        if remaining is not None and step < self.total:
+            eta = f"eta {format_duration(remaining)} (finish ~{finish_time(remaining)})"
+            if not self.estimated:
+                self.estimated = True
+                self.message(f"{self.description}: about {format_duration(remaining)} to go for the remaining "
+                             f"{self.total - step} of {self.total} {self.unit} at the pace so far; expected to finish at "
+                             f"{finish_time(remaining)}")
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, info=info)
+            self.progress.update(self.task, completed=step, info=info, eta=eta)
         elif line:
-            print(line, flush=True)
+            print(f"{line} | {100 * step / self.total:.0f}%" + (f" {eta}" if eta else ""), flush=True)
 
     def message(self, text: str) -> None:
         """A line above the bar (or a plain line). Warnings go to stderr, like the unreadable-image ones;

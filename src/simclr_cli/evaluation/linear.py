@@ -40,7 +40,8 @@ def fit_linear(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     seed: int = 0,
-    on_epoch: Callable[[int, float, float], None] | None = None,
+    on_epoch: Callable[..., None] | None = None,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> nn.Linear:
     """Fit a linear classifier on fixed features: Nesterov SGD, cosine decay per step, lr scaled by B/256.
 
@@ -48,7 +49,8 @@ def fit_linear(
     is folded into the returned layer, so it applies to raw features.
 
     Args:
-        on_epoch: called with (epoch, mean loss, lr) after each epoch.
+        on_epoch: called with (epoch, mean loss, lr) after each epoch, and the top-1 (%) on ``test`` as a
+            fourth argument when ``test`` (features, labels) is given.
     """
     x = features.float()
     mean = x.mean(0)
@@ -79,7 +81,11 @@ def fit_linear(
             opt.step()
             loss_sum += loss.item() * len(idx)
             step += 1
-        if on_epoch is not None:
+        if on_epoch is not None and test is not None:
+            with torch.no_grad():
+                top1 = 100.0 * float((layer((test[0].float() - mean) / std).argmax(1) == test[1]).float().mean())
+            on_epoch(epoch + 1, loss_sum / n, opt.param_groups[0]["lr"], top1)
+        elif on_epoch is not None:
             on_epoch(epoch + 1, loss_sum / n, opt.param_groups[0]["lr"])
     folded = nn.Linear(d, num_classes)
     with torch.no_grad():

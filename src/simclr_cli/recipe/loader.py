@@ -131,6 +131,15 @@ def recipe_from_dict(
     return _build(Recipe, merged, prefix="", source=source, origins=origins)
 
 
+def check_overrides(overrides: typing.Sequence[str]) -> None:
+    """Check ``--set`` strings' syntax and key names against the schema, without a recipe: what a command can
+    refuse (with its "did you mean") before importing torch. Values are checked later, with the recipe."""
+    scratch: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply_override(scratch, key, value, f"--set {text}", "<--set>")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``section.key=value``; the value is a TOML literal when it parses as one, else a string."""
     if "=" not in text:

@@ -363,6 +363,28 @@ def test_topk(model: nn.Module, splits: LabeledSplits, recipe: Recipe, accelerat
     return topk_accuracy(logits, labels, (1, 5)), len(labels)
 
 
+def test_top1_during(splits: LabeledSplits, recipe: Recipe, accelerator, epochs: int, pick=lambda task: task.model,
+                     points: int = 10):
+    """``(evaluate, every)`` for :func:`~simclr_cli.engine.fit.fit`: the test top-1 of the classifier
+    (``pick(task)``) about ``points`` times over ``epochs``, logged as ``test_top1`` for the curves."""
+    def evaluate(task: nn.Module) -> dict[str, float]:
+        was_training = task.training
+        try:
+            out = test_topk(pick(task), splits, recipe, accelerator)
+        finally:  # the task's own train(): a frozen probe's encoder (and a teacher) stay in eval mode
+            task.train(was_training)
+        return {"test_top1": round(out[0][1], 4)} if out is not None else {}
+
+    return evaluate, max(1, -(-epochs // points))
+
+
+def log_final(path: Path, main: bool, record: dict) -> None:
+    """Append the stage's final numbers (e.g. the test top-1 after the last step) to its metrics.jsonl."""
+    if main:
+        with Path(path).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def frozen_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of every parameter and buffer, to prove afterwards that a frozen module did not change."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

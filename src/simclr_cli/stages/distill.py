@@ -135,7 +135,8 @@ def run(
                    weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
                    log_every=cfg.log_every, save_every=cfg.save_every, keep_states=cfg.keep_states,
                    max_bad_fraction=data.max_bad_fraction)
-    task, result, batch = fit(accelerator, task, views, spec,
+    evaluate, every = common.test_top1_during(splits, recipe, accelerator, cfg.epochs, pick=lambda t: t.student)
+    task, result, batch = fit(accelerator, task, views, spec, evaluate=evaluate, evaluate_every=every,
                               **guard.training(resume=resume, interrupt_after=interrupt_after))
     trained: Classifier = task.student
     with guard.stop.immediately():  # the final state is saved: a resume runs only this test
@@ -144,6 +145,8 @@ def run(
     if not main:
         return guard.finish({})
     (t_acc, test_images), (s_acc, _) = t_test, s_test
+    common.log_final(guard.stage_dir / "metrics.jsonl", main,
+                     {"step": result.step, "epoch": result.epoch, "test_top1": round(s_acc[1], 4)})
     summary = guard.summary(
         teacher=str(src.checkpoint),
         teacher_backbone=recipe.model.backbone,
@@ -166,6 +169,8 @@ def run(
         test_images=test_images,
         final_loss=result.last.get("loss"),
         images_per_sec=round(result.images_per_sec, 2),
+        train_seconds=round(result.train_seconds, 2),
+        wall_seconds=round(time.perf_counter() - guard.t_start + result.wall_before, 2),
     )
     metadata = {**checkpoint_metadata(student_recipe, trained, STAGE),
                 **classifier_metadata(classes, trained.num_classes, 0, init_note)}

@@ -11,6 +11,7 @@ weight decay, crop+flip only, through the shared loop (resumable). Writes
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +103,17 @@ def run(
                    weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
                    log_every=cfg.log_every, save_every=cfg.save_every, keep_states=cfg.keep_states,
                    max_bad_fraction=data.max_bad_fraction)
-    task, result, batch = fit(accelerator, ClassificationTask(model), views, spec,
-                              **guard.training(resume=resume, interrupt_after=interrupt_after))
+    evaluate, every = common.test_top1_during(splits, recipe, accelerator, epochs)
+    task, result, batch = fit(accelerator, ClassificationTask(model), views, spec, evaluate=evaluate,
+                              evaluate_every=every, **guard.training(resume=resume, interrupt_after=interrupt_after))
     trained: Classifier = task.model
     with guard.stop.immediately():  # the final state is saved: a resume runs only this test
         test = common.test_topk(trained, splits, recipe, accelerator)
     if test is None:
         return guard.finish({})
     acc, test_images = test
+    common.log_final(guard.stage_dir / "metrics.jsonl", guard.main,
+                     {"step": result.step, "epoch": result.epoch, "test_top1": round(acc[1], 4)})
     summary = guard.summary(
         init=init,
         source=common.source_label(src, init),
@@ -128,6 +132,8 @@ def run(
         num_classes=splits.num_classes,
         final_loss=result.last.get("loss"),
         images_per_sec=round(result.images_per_sec, 2),
+        train_seconds=round(result.train_seconds, 2),
+        wall_seconds=round(time.perf_counter() - guard.t_start + result.wall_before, 2),
     )
     metadata = {**checkpoint_metadata(recipe, encoder, STAGE),
                 **classifier_metadata(splits.classes, splits.num_classes, cfg.from_head_layer, init),

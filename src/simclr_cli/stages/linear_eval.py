@@ -63,16 +63,20 @@ def run(
               f"({model.num_features} features): {len(splits.train_indices)} train / {len(splits.test)} test images, "
               f"{splits.num_classes} classes -> {guard.stage_dir}")
 
+    last_step = None
     if cfg.mode == "cached":
         _fit_cached(model, splits, recipe, accelerator, metrics, guard.say)
     else:
-        _fit_paper(model, splits, recipe, accelerator, guard)
+        last_step = _fit_paper(model, splits, recipe, accelerator, guard)
     common.assert_unchanged(frozen, snapshot, "encoder")
 
     test = common.test_topk(model, splits, recipe, accelerator)
     if test is None:
         return guard.finish({})
     acc, test_images = test
+    if last_step is not None:  # paper mode: the last point of the test top-1 curve (cached logs every epoch)
+        common.log_final(guard.stage_dir / "metrics.jsonl", guard.main,
+                         {"step": last_step, "epoch": cfg.epochs, "test_top1": round(acc[1], 4)})
     summary = guard.summary(
         mode=cfg.mode,
         on=cfg.on,
@@ -102,16 +106,20 @@ def _fit_cached(model: Classifier, splits: common.LabeledSplits, recipe: Recipe,
     loader = common.eval_loader(splits.train, splits.train_indices, recipe, accelerator)
     t0 = time.perf_counter()
     train = predict(frozen, loader, device, accelerator.autocast, everywhere=False)
+    # the test split's features too (once), for the test top-1 curve of the fit
+    test = predict(frozen, common.eval_loader(splits.test, None, recipe, accelerator), device, accelerator.autocast,
+                   everywhere=False)
     if accelerator.is_main_process:
         feats, labels = train
         say(f"features: {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s; fitting {cfg.epochs} epochs")
 
-        def log(epoch: int, loss: float, lr: float) -> None:
-            metrics.write({"epoch": epoch, "step": epoch, "loss": round(loss, 6), "lr": lr})
+        def log(epoch: int, loss: float, lr: float, top1: float) -> None:
+            metrics.write({"epoch": epoch, "step": epoch, "loss": round(loss, 6), "lr": lr,
+                           "test_top1": round(top1, 4)})
 
         linear = fit_linear(feats, labels, splits.num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size,
                             lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=recipe.seed,
-                            on_epoch=log)
+                            on_epoch=log, test=test)
         model.linear.load_state_dict(linear.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:  # every process returns the same classifier
@@ -121,9 +129,9 @@ def _fit_cached(model: Classifier, splits: common.LabeledSplits, recipe: Recipe,
             p.data = broadcast(p.data.to(accelerator.device)).cpu()
 
 
-def _fit_paper(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, accelerator, guard: StageRun) -> None:
+def _fit_paper(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, accelerator, guard: StageRun) -> int:
     """App. B.6: crop+flip views every epoch through the shared loop, Nesterov SGD, lr 0.1 x B/256, cosine.
-    A probe is cheap to rerun: no resume state is kept."""
+    A probe is cheap to rerun: no resume state is kept. Returns the steps trained."""
     cfg, data = recipe.linear_eval, recipe.data
     train = SubsetSource(splits.train, splits.train_indices)
     augment = crop_flip_augment(recipe.augment, cfg.crop_scale, data.image_size, data.mean, data.std)
@@ -131,5 +139,8 @@ def _fit_paper(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, 
                    weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
                    log_every=cfg.log_every, max_bad_fraction=data.max_bad_fraction)
     # its own stop request: a signal stops the probe at a step boundary (the stage's stops at once)
-    fit(accelerator, ClassificationTask(model, frozen=True), LabeledViews(train, augment, recipe.seed), spec,
-        **{**guard.training(), "stop": None})
+    evaluate, every = common.test_top1_during(splits, recipe, accelerator, cfg.epochs)
+    _, result, _ = fit(accelerator, ClassificationTask(model, frozen=True), LabeledViews(train, augment, recipe.seed),
+                       spec, evaluate=evaluate, evaluate_every=every, **{**guard.training(), "stop": None})
+    return result.step
+

@@ -163,7 +163,7 @@ def run(
             with trainer.stop.immediately():  # a resume at the final step runs only this pass and writes the outputs
                 final_knn = knn(trainer.model.model)
             metrics.write({"step": result.step, "epoch": round(result.step / spe, 4), "knn_top1": final_knn,
-                           "time": round(elapsed0 + result.train_seconds, 3)})
+                           "time": round(result.wall_before + time.perf_counter() - guard.t_start, 3)})
 
     unwrapped: SimCLRModel = trainer.model.model
     summary = guard.summary(

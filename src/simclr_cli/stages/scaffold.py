@@ -191,9 +191,19 @@ class StageRun:
                 save_weights(self.stage_dir / MODEL_FILE, tensors, metadata or {})
                 summary["model_sha256"] = file_sha256(self.stage_dir / MODEL_FILE)
             write_json(self.stage_dir / "summary.json", summary)
+            self._refresh_plots()
             self.track({f"summary/{k}": v for k, v in tracking.scalars(summary).items()}, self._last_step)
         self.accelerator.wait_for_everyone()
         return summary
+
+    def _refresh_plots(self) -> None:
+        """Redraw this stage's curves (RUN/plots/STAGE_curves.png) when the plot extra is installed, so that a
+        finished stage needs no ``simclr plot``; never fails the stage."""
+        from simclr_cli.plots import refresh_curves
+
+        png = refresh_curves(self.stage_dir.parent, self.stage)
+        if png is not None:
+            self.say(f"curves: {png}")
 
     # -- experiment trackers (engine/trackers.py) ------------------------------------------------------------
 
