@@ -13,8 +13,9 @@ Every case runs in fresh processes (``python -m simclr_cli pretrain quickstart``
 Variants: ``single`` (one process), ``torchrun`` (``torchrun --standalone --nproc_per_node 2``, gloo, the same
 global batch) and ``workers`` (an image folder of JPEGs read from disk with ``data.num_workers=2``,
 ``data.in_memory=never``). Modes: ``before`` runs with ``SIMCLR_THREADS=off`` (the libraries' defaults, as
-before the budget existed), ``after`` with the budget (simclr_cli/threads.py); each case runs both modes
-back to back, so that they see the same machine.
+before the budget existed), ``after`` with the budget (simclr_cli/threads.py); each case runs the modes
+back to back, so that they see the same machine. ``--modes passive`` (an ablation) keeps the libraries'
+thread counts and sets only ``OMP_WAIT_POLICY=PASSIVE``: what the wait policy alone buys.
 
 Reported per case: the wall time of each process (start to exit, imports included) and the stage's own
 ``train_seconds``; the ratios B/A and C/A use the mean wall time. Targets (issue 21): B <= 2.3 x A and
@@ -41,10 +42,13 @@ BUSY = "while True: pass"
 
 def _env(mode: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "SIMCLR_THREADS", "SIMCLR_THREADS_SET", "MKL_NUM_THREADS")}
+           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "SIMCLR_THREADS", "SIMCLR_THREADS_SET", "SIMCLR_WAIT_SET", "MKL_NUM_THREADS",
+                     "GOMP_SPINCOUNT")}
     env["HF_HUB_OFFLINE"] = "1"
-    if mode == "before":
+    if mode in ("before", "passive"):
         env["SIMCLR_THREADS"] = "off"
+    if mode == "passive":  # an ablation: the libraries' thread counts, with only the passive wait policy
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
 
 

@@ -42,3 +42,16 @@ def test_pretrain_throughput_refuses_cuda_without_a_gpu():
         pytest.skip("a GPU is visible")
     with pytest.raises(SystemExit):
         _bench().main(["--device", "cuda", "--smoke"])
+
+
+def test_contention_benchmark_smoke(tmp_path):
+    """benchmarks/contention.py: a case in fresh processes, both modes, and the ratios it reports."""
+    out = tmp_path / "c.json"
+    result = load_benchmark("contention").main(["--smoke", "--variants", "single", "--cases", "A,C",
+                                                "--out", str(out)])
+    assert out.is_file()
+    single = result["variants"]["single"]
+    for mode in ("before", "after"):
+        assert single[mode]["A"]["mean_wall_s"] > 0 and single[mode]["C"]["train_s"][0] > 0
+        assert single[mode]["C_over_A"] > 0
+    assert single["A_after_over_before"] > 0

@@ -86,7 +86,7 @@ def test_usable_cpus_is_the_smallest_limit_shared_by_the_local_processes():
 
 def test_split_between_intra_op_threads_and_workers():
     b = plan({}, affinity=8, quota=None)
-    assert (b.cpus, b.user_threads, b.wait_policy) == (8, None, "PASSIVE")
+    assert (b.cpus, b.user_threads) == (8, None) and b.wait_policy.startswith("the library default")
     assert b.auto_workers(gpu=False) == 4 and b.auto_workers(gpu=True) == 7
     assert b.intra_op(0) == 8 and b.intra_op(4) == 4 and b.intra_op(10) == 1
     assert b.decode_threads() == 8
@@ -111,10 +111,12 @@ def test_the_users_settings_win():
     assert not off.enabled and "off" in off.describe()
 
 
-def test_prepare_process_sets_only_what_the_user_did_not(fresh_state):
+def test_prepare_process_sets_only_what_the_user_did_not(fresh_state, monkeypatch):
+    monkeypatch.setattr(threads, "busy_cpus", lambda *a, **k: 1.5)  # other processes keep 1.5 CPUs busy
     env: dict[str, str] = {"SIMCLR_THREADS": "3"}
     b = prepare_process(env)
     assert env["OMP_NUM_THREADS"] == env[MARK] == "3" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "1.5 CPUs busy" in b.wait_policy
     assert prepare_process({}) is b  # decided once
     threads._reset_for_tests()
     env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}
@@ -124,6 +126,42 @@ def test_prepare_process_sets_only_what_the_user_did_not(fresh_state):
     env = {"SIMCLR_THREADS": "off"}
     prepare_process(env)
     assert env == {"SIMCLR_THREADS": "off"}
+
+
+def test_waiting_threads_spin_on_idle_cpus_and_sleep_on_busy_ones(fresh_state, monkeypatch):
+    """The wait policy follows the load at start (it does not change results); the thread count never does."""
+    monkeypatch.setattr(threads, "busy_cpus", lambda *a, **k: 0.1)
+    env = {"SIMCLR_THREADS": "2"}
+    b = prepare_process(env)
+    assert "OMP_WAIT_POLICY" not in env and b.wait_policy.startswith("the library default") and b.intra_op() == 2
+    # a child of a process that chose PASSIVE decides again for itself: here the CPUs are idle, so it spins
+    threads._reset_for_tests()
+    env = {"SIMCLR_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "SIMCLR_WAIT_SET": "PASSIVE"}
+    prepare_process(env)
+    assert "OMP_WAIT_POLICY" not in env and env["OMP_NUM_THREADS"] == "2"
+    threads._reset_for_tests()
+    monkeypatch.setattr(threads, "busy_cpus", lambda *a, **k: 2.0)
+    env = {"SIMCLR_THREADS": "2"}
+    assert prepare_process(env).intra_op() == 2 and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    # one thread has no team to wait for: the machine is not even looked at
+    threads._reset_for_tests()
+    monkeypatch.setattr(threads, "busy_cpus", lambda *a, **k: pytest.fail("sampled the load for one thread"))
+    env = {"SIMCLR_THREADS": "1"}
+    prepare_process(env)
+    assert "OMP_WAIT_POLICY" not in env
+
+
+def test_busy_cpus_reads_the_affinity_cpus_of_proc_stat(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    samples = iter([
+        "cpu  0 0 0 0 0 0 0 0\ncpu0 100 0 100 800 0 0 0 0\ncpu1 0 0 0 1000 0 0 0 0\ncpu2 0 0 0 0 0 0 0 0\n",
+        "cpu  0 0 0 0 0 0 0 0\ncpu0 150 0 150 900 0 0 0 0\ncpu1 0 0 0 1200 0 0 0 0\ncpu2 999 0 0 0 0 0 0 0\n",
+    ])
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: next(samples) if self == stat else real_read(self, *a, **k))
+    # cpu0: 100 busy of 200 jiffies, cpu1: 0 of 200; cpu2 is not ours
+    assert threads.busy_cpus({0, 1}, window=0, stat=stat) == pytest.approx(2 * 100 / 400)
+    assert threads.busy_cpus({0}, window=0, stat=tmp_path / "missing") is None
 
 
 def test_leave_room_for_workers_unless_someone_else_set_the_threads(fresh_state):
@@ -151,12 +189,12 @@ def test_current_without_the_cli_keeps_the_callers_threads(fresh_state):
 
 
 _PROBE = ("import os, simclr_cli.cli, torch; "
-          "print(torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'], os.environ.get('SIMCLR_THREADS_SET'))")
+          "print(torch.get_num_threads(), os.environ.get('OMP_WAIT_POLICY'), os.environ.get('SIMCLR_THREADS_SET'))")
 
 
 def _probe(**env: str) -> list[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", MARK,
-                                                               "SIMCLR_THREADS", "LOCAL_WORLD_SIZE")}
+                                                               "SIMCLR_THREADS", "LOCAL_WORLD_SIZE", "SIMCLR_WAIT_SET")}
     r = subprocess.run([sys.executable, "-c", _PROBE], env={**clean, **env}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return r.stdout.split()
@@ -164,10 +202,11 @@ def _probe(**env: str) -> list[str]:
 
 def test_the_cli_sets_the_budget_before_torch_starts_its_threads():
     """Importing the command line sizes torch's pool: through OMP_NUM_THREADS, which acts only before torch loads."""
-    assert _probe(SIMCLR_THREADS="1") == ["1", "PASSIVE", "1"]
+    assert _probe(SIMCLR_THREADS="1") == ["1", "None", "1"]  # one thread: no wait policy to choose
     cores = len(os.sched_getaffinity(0))
     # SIMCLR_THREADS is per process (torch itself caps its pool at the machine's cores)
-    assert _probe(SIMCLR_THREADS="2", LOCAL_WORLD_SIZE="2") == [str(min(2, cores)), "PASSIVE", "2"]
+    two = _probe(SIMCLR_THREADS="2", LOCAL_WORLD_SIZE="2")  # the wait policy depends on the machine's load now
+    assert two[0] == str(min(2, cores)) and two[1] in ("PASSIVE", "None") and two[2] == "2"
     # a torchrun rank whose launcher's budget set 4 threads: it takes its share
     assert _probe(OMP_NUM_THREADS="4", SIMCLR_THREADS_SET="4", SIMCLR_THREADS="", LOCAL_WORLD_SIZE="2")[0] == str(
         max(1, cores // 2))

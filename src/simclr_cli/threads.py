@@ -27,20 +27,27 @@ thread each, as torch sets them): ``data.num_workers = "auto"`` takes a count fr
 whole budget (:meth:`ThreadBudget.decode_threads`).
 
 The user's settings win: an ``OMP_NUM_THREADS`` in the environment, a ``torch.set_num_threads`` made
-before a stage runs, an explicit ``data.num_workers`` and an ``OMP_WAIT_POLICY`` are left as they are.
-Where the user set no wait policy, OpenMP threads wait passively (they sleep instead of spinning).
+before a stage runs, an explicit ``data.num_workers``, an ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` are
+left as they are. The thread count never depends on the machine's load, since float results depend on
+it (a run and its resume, or two runs of one recipe, must compute the same); the OpenMP wait policy does
+not change results, so it follows the load: where other processes keep the CPUs busy when a process
+with several threads starts (:func:`busy_cpus`, 0.1 s of ``/proc/stat``), its waiting threads sleep at
+once (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning a core away from them; on idle CPUs they keep the
+library's default (spin a while, then sleep), which alone is fastest (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, MutableMapping, Optional
 
 ENV = "SIMCLR_THREADS"
 MARK = "SIMCLR_THREADS_SET"  # the OMP_NUM_THREADS a budget set: a child process with the same value decides its own
+WAIT_MARK = "SIMCLR_WAIT_SET"  # likewise for OMP_WAIT_POLICY
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
@@ -202,9 +209,50 @@ def usable_cpus(environ: Mapping[str, str], *, affinity: Optional[int] = None,
     return max(1, node // local), why
 
 
-def plan(environ: Mapping[str, str], *, affinity: Optional[int] = None, quota: Optional[float] = -1.0) -> ThreadBudget:
+def busy_cpus(cpus: Optional[set[int]] = None, window: float = 0.1, stat: Path = Path("/proc/stat")) -> Optional[float]:
+    """How many of ``cpus`` (default: this process's affinity) other processes keep busy, measured over
+    ``window`` seconds from ``/proc/stat`` while this process sleeps (so its own work is not counted);
+    None where it cannot be read (not Linux)."""
+    if cpus is None:
+        try:
+            cpus = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            return None
+
+    def sample() -> Optional[tuple[int, int]]:
+        busy = total = 0
+        try:
+            lines = stat.read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            name, *values = line.split()
+            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+                continue
+            v = [int(x) for x in values[:8]] + [0] * max(0, 8 - len(values))
+            idle = v[3] + v[4]  # idle, iowait
+            busy += sum(v[:8]) - idle
+            total += sum(v[:8])
+        return (busy, total) if total else None
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(window)
+    second = sample()
+    if second is None or second[1] <= first[1]:
+        return None
+    return len(cpus) * (second[0] - first[0]) / (second[1] - first[1])
+
+
+BUSY_THRESHOLD = 0.5  # CPUs kept busy by others at start-up above which waiting OpenMP threads sleep at once
+
+
+def plan(environ: Mapping[str, str], *, affinity: Optional[int] = None, quota: Optional[float] = -1.0,
+         busy: Optional[float] = None) -> ThreadBudget:
     """The budget for a process with this environment (pure but for reading the affinity and cgroups,
-    which ``affinity`` and ``quota`` replace in tests)."""
+    which ``affinity`` and ``quota`` replace in tests). ``busy``: the CPUs other processes kept busy at
+    start-up (:func:`busy_cpus`; None: not measured), which chooses the OpenMP wait policy."""
     if environ.get(ENV, "").strip().lower() == "off":
         return ThreadBudget(cpus=_positive_int(environ.get("OMP_NUM_THREADS")) or _affinity(), why=f"{ENV}=off",
                             enabled=False)
@@ -212,9 +260,21 @@ def plan(environ: Mapping[str, str], *, affinity: Optional[int] = None, quota: O
     user = _positive_int(environ.get("OMP_NUM_THREADS"))
     if user is not None and environ.get(MARK) == environ.get("OMP_NUM_THREADS"):
         user = None  # set by a parent's budget (simclr launch, the test suite), not by the user: decide again here
+    return ThreadBudget(cpus=cpus, why=why, user_threads=user, wait_policy=_wait_policy(environ, busy))
+
+
+def _wait_policy(environ: Mapping[str, str], busy: Optional[float]) -> str:
+    """The OpenMP wait policy: the user's; else PASSIVE (sleep at once) when other processes kept the CPUs busy at
+    start-up; else the library's default (spin a while, then sleep), the fastest alone."""
     policy = environ.get("OMP_WAIT_POLICY", "")
-    return ThreadBudget(cpus=cpus, why=why, user_threads=user,
-                        wait_policy=f"{policy} (OMP_WAIT_POLICY)" if policy else "PASSIVE")
+    if policy and policy != environ.get(WAIT_MARK):
+        return f"{policy} (OMP_WAIT_POLICY)"
+    if environ.get("GOMP_SPINCOUNT"):
+        return f"spin {environ['GOMP_SPINCOUNT']} (GOMP_SPINCOUNT)"
+    if busy is not None and busy >= BUSY_THRESHOLD:
+        return f"PASSIVE (other processes kept {busy:.1f} CPUs busy at start)"
+    return "the library default (spin, then sleep)" + (f": the CPUs were idle at start ({busy:.1f} busy)"
+                                                       if busy is not None else "")
 
 
 # ----------------------------------------------------------------------------- applying it
@@ -225,15 +285,25 @@ _state: dict = {"budget": None, "set_threads": None}
 def prepare_process(environ: MutableMapping[str, str] = os.environ) -> ThreadBudget:
     """Decide this process's budget and set what must be set before torch is imported.
 
-    Sets ``OMP_WAIT_POLICY=PASSIVE`` and ``OMP_NUM_THREADS`` (the budget) where the user set neither,
-    so that torch's thread pool starts at the budget's size. Call it first thing in the command-line
+    Sets ``OMP_NUM_THREADS`` (the budget) so that torch's thread pool starts at the budget's size, and
+    ``OMP_WAIT_POLICY=PASSIVE`` when other processes keep the CPUs busy (measured for 0.1 s, only where the
+    pool has several threads), where the user set neither. Call it first thing in the command-line
     entry point; a later call returns the same budget."""
     if _state["budget"] is not None:
         return _state["budget"]
     budget = plan(environ)
+    threads = budget.intra_op()
+    if budget.enabled and threads > 1 and not budget.wait_policy.endswith("(OMP_WAIT_POLICY)") \
+            and "GOMP_SPINCOUNT" not in budget.wait_policy:
+        # one thread has no team to wait for: only a pool of several needs the (short) look at the machine
+        budget = plan(environ, busy=busy_cpus())
     _state["budget"] = budget
     if budget.enabled:
-        environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if budget.wait_policy.startswith("PASSIVE"):
+            environ["OMP_WAIT_POLICY"] = environ[WAIT_MARK] = "PASSIVE"
+        elif environ.get(WAIT_MARK) and environ.get("OMP_WAIT_POLICY") == environ.get(WAIT_MARK):
+            del environ["OMP_WAIT_POLICY"]  # a parent's choice for its machine state, not the user's: ours is to spin
+            del environ[WAIT_MARK]
         if budget.user_threads is None:
             environ["OMP_NUM_THREADS"] = environ[MARK] = str(budget.cpus)
             _state["set_threads"] = budget.cpus
