@@ -4,9 +4,9 @@ still stop at the next step with its state saved, exit 130, and the printed resu
 bit-identical to an uninterrupted run.
 
 Each test starts the real command in its own process group (``data.num_workers=2``, ``data.in_memory='never'``:
-the workers decode the images), waits for its first metrics line and signals the group. The command runs under
-tests/stages/preempt_worker.py, which only holds the main process after that line until the signal has arrived,
-so the signal lands mid-run on a machine of any speed.
+the workers decode the images), waits for its first metrics line and signals the group. A test-only gate
+(tests/stages/preempt_site/sitecustomize.py) only holds the main process after that line until the signal has
+arrived, so the signal lands mid-run on a machine of any speed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from simclr_cli.stages import common, distill, finetune, pretrain
 from tests.conftest import TINY_RECIPE
 
 ROOT = Path(__file__).parents[2]
-WORKER = str(Path(__file__).with_name("preempt_worker.py"))
+GATE = str(Path(__file__).with_name("preempt_site"))
 LOADING = ["data.num_workers=2"]  # the reference runs load in the main process (the results do not depend on it)
 BASE = ["data.dataset='imagefolder'", "data.in_memory='never'", "data.val_split='val'", "pretrain.knn_every=0", "pretrain.batch_size=8",
         "pretrain.epochs=1", "pretrain.log_every=1", 'finetune.labels="50%"', "finetune.epochs=3",
@@ -38,9 +38,12 @@ BASE = ["data.dataset='imagefolder'", "data.in_memory='never'", "data.val_split=
         "distill.log_every=1"]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def _env(gate: bool = False) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if gate:
+        env.update(SIMCLR_TEST_GATE="1", PYTHONPATH=os.pathsep.join([GATE, env["PYTHONPATH"]]))
+    return env
 
 
 def _images(root: Path) -> None:
@@ -71,7 +74,7 @@ def data(tmp_path_factory):
 
 def _group_sigterm(args: list[str], metrics: Path) -> subprocess.CompletedProcess:
     """Run ``simclr ARGS`` in a process group of its own, SIGTERM the group after the first metrics line."""
-    proc = subprocess.Popen([sys.executable, WORKER, *args], start_new_session=True, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "simclr_cli", *args], start_new_session=True, env=_env(gate=True),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         while not (metrics.is_file() and metrics.read_text().strip()):
@@ -122,3 +125,24 @@ def test_sigterm_to_the_process_group_saves_and_the_resume_is_bit_identical(data
     r = _resume(r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     _identical(tmp / "ref" / stage / "model.safetensors", out / stage / "model.safetensors")
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_the_group_of_simclr_launch_with_2_processes(data, tmp_path):
+    """The same under ``simclr launch --processes 2`` (torchrun, gloo): each process's workers get the signal."""
+    tmp, sets = data
+    launch = ["launch", "--processes", "2"]
+    ref = subprocess.run([sys.executable, "-m", "simclr_cli", *launch, "pretrain", str(tmp / "tiny.toml"), "--out",
+                          str(tmp_path / "ref"), "-q", *sets], capture_output=True, text=True, timeout=600, env=_env())
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "run"
+    args = [*launch, "pretrain", str(tmp / "tiny.toml"), "--out", str(out), "-q", *sets,
+            *[x for s in LOADING for x in ("--set", s)]]
+    r = _group_sigterm(args, out / "pretrain" / "metrics.jsonl")
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "is killed by signal" not in r.stderr
+    assert f"stopped by SIGTERM at step 2; state saved in {out / 'pretrain' / 'state'}" in r.stderr, r.stderr[-3000:]
+    assert "Resume with: simclr launch --processes 2 pretrain " in r.stderr
+    r = _resume(r.stderr)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _identical(tmp_path / "ref" / "pretrain" / "model.safetensors", out / "pretrain" / "model.safetensors")
