@@ -441,15 +441,21 @@ def join_group(stop: StopRequest | None = None) -> None:
     limit = join_timeout()
     deadline = time.monotonic() + limit
     where = f"the store at {host}:{port}"
+    started, told = time.monotonic(), []
 
     def waiting(what: str) -> None:
-        """Between two polls: stop on a signal, fail at the deadline."""
+        """Between two polls: stop on a signal, say once what it waits for after 5 s, fail at the deadline."""
+        if not told and time.monotonic() - started > 5:
+            told.append(what)
+            sys.stderr.write(f"note: rank {rank} of {world} waits for {what} to join the process group ({where}); it "
+                             f"gives up after {limit:g} s (${JOIN_TIMEOUT})\n")
+            sys.stderr.flush()
         if stop is not None and stop.requested:
             raise Interrupted(f"stopped by {stop.signal_name} while joining the process group ({what}); nothing "
                               "was written, run the command again")
         if time.monotonic() > deadline:
-            raise SimclrError(f"joining the process group: rank {rank} of {world} waited {limit:g} s for {what} "
-                              f"({where}); a process of another node may have failed to start or be stuck: check "
+            raise SimclrError(f"joining the process group: rank {rank} of {world} waited {limit:g} s for {what} to "
+                              f"join ({where}); a process of another node may have failed to start or be stuck: check "
                               f"its log (${JOIN_TIMEOUT}=SECONDS waits longer)")
         time.sleep(0.02)
 
@@ -461,7 +467,7 @@ def join_group(stop: StopRequest | None = None) -> None:
         except (RuntimeError, OSError):
             if rank == 0 and not shared:
                 raise
-            waiting(f"{where} to accept connections")
+            waiting("rank 0's store")
     store.set_timeout(timedelta(seconds=max(limit, 30)))
     round_ = _agree_round(store, rank, world, waiting)
     timeout = timedelta(hours=3)  # as engine.setup.make_accelerator
@@ -473,8 +479,9 @@ def join_group(stop: StopRequest | None = None) -> None:
 def _agree_round(store, rank: int, world: int, waiting: Callable[[str], None]) -> int:
     """A number all ranks of this group agree on and no earlier group of the launch used, through ``store``
     (which may hold the keys of dead groups). Rank 0 takes the next number; every other rank asks for it under a
-    token of its own and acknowledges it, and rank 0 answers every token it sees until each rank has acknowledged:
-    a dead group's token is answered but never acknowledged, so stale keys are never taken for current ones."""
+    token of its own and acknowledges the number it got; rank 0 answers every token it sees until each rank has
+    acknowledged this number: a dead group's token is answered but never acknowledged with it, so stale keys are
+    never taken for current ones."""
     import uuid
 
     key = "simclr/join"
@@ -490,17 +497,17 @@ def _agree_round(store, rank: int, world: int, waiting: Callable[[str], None]) -
                 if answered.get(k) != token:
                     store.set(f"{key}/answer/{k}/{token}", str(number))
                     answered[k] = token
-                if store.check([f"{key}/ack/{k}/{token}"]):
+                if store.check([f"{key}/ack/{k}/{token}/{number}"]):
                     pending.discard(k)
             if pending:
-                waiting(f"rank(s) {', '.join(map(str, sorted(pending)))} to join")
+                waiting(f"rank(s) {', '.join(map(str, sorted(pending)))}")
         return number
     token = uuid.uuid4().hex
     store.set(f"{key}/ask/{rank}", token)
     while not store.check([f"{key}/answer/{rank}/{token}"]):
-        waiting("rank 0 to answer")
+        waiting("rank 0")
     number = int(store.get(f"{key}/answer/{rank}/{token}").decode())
-    store.set(f"{key}/ack/{rank}/{token}", "1")
+    store.set(f"{key}/ack/{rank}/{token}/{number}", "1")
     return number
 
 

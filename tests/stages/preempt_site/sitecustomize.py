@@ -1,7 +1,11 @@
-"""A test-only gate for the group-SIGTERM tests (tests/stages/test_preemption.py), loaded by every Python process
-that has this folder on PYTHONPATH (the command, ``accelerate launch``, torchrun and its workers) and active where
-``SIMCLR_TEST_GATE=1``.
+"""Test-only faults for the preemption and several-node tests (tests/stages/test_preemption.py,
+tests/stages/test_elastic.py), loaded by every Python process that has this folder on PYTHONPATH (the command,
+``accelerate launch``, torchrun and its workers).
 
+``SIMCLR_TEST_HOLD_RANK=R``: the worker of rank R never starts its command (it sleeps, as a process stuck before
+joining the process group would), so the other ranks wait for it.
+
+``SIMCLR_TEST_GATE=1``:
 After the first metrics line is written, the main process waits (polling, at most 10 minutes) until it has received
 SIGTERM or SIGINT, so the test's signal always lands in the middle of the run, whatever the speed of the machine.
 Nothing else is changed: the signal handlers, the DataLoader workers and the loop are the real ones.
@@ -68,3 +72,6 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 if os.environ.get("SIMCLR_TEST_GATE") == "1":
     sys.meta_path.insert(0, _Finder())
+if os.environ.get("SIMCLR_TEST_HOLD_RANK") and os.environ.get("RANK") == os.environ["SIMCLR_TEST_HOLD_RANK"]:
+    while True:
+        time.sleep(1)
