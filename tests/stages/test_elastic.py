@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from simclr_cli.stages.scaffold import JOIN_TIMEOUT
 from tests.conftest import TINY_RECIPE
 
 WORKER = str(Path(__file__).with_name("elastic_worker.py"))
@@ -113,39 +112,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_nodes(mode: str, recipe: Path, out: Path, *extra: str, env: dict | None = None,
-               timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Two torchrun agents on this machine as two nodes (c10d rendezvous, one gloo process each)."""
+SITE = str(Path(__file__).with_name("preempt_site"))
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen) -> None:
+    import socket
+    import time
+
+    while proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+
+
+def _two_nodes(recipe: Path, out: Path, launch: bool = False) -> list[subprocess.CompletedProcess]:
+    """Two agents on this machine as two nodes (c10d rendezvous, one gloo process each): torchrun, or ``simclr
+    launch --nodes 2``. The worker of rank 1 SIGKILLs itself after its second saved state, once
+    (tests/stages/preempt_site/sitecustomize.py)."""
     port = _free_port()
+    env = _env(SIMCLR_TEST_KILL_RANK1_AT_SAVE="2", SIMCLR_TEST_KILL_MARK=str(out.parent / "killed"))
+    env["PYTHONPATH"] = os.pathsep.join([SITE, env["PYTHONPATH"]])
+    stage = ["pretrain", str(recipe), "--out", str(out), "-q", *SETS]
     procs = []
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test-{port}",
-               "--max-restarts", "1", "--monitor-interval", "0.1",
-               WORKER, mode, "pretrain", str(recipe), "--out", str(out), "-q", *SETS, *extra]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=env or _env()))
+        if launch:
+            cmd = [sys.executable, "-m", "simclr_cli", "launch", "--processes", "1", "--nodes", "2", "--node-rank",
+                   str(node), "--main-address", "127.0.0.1", "--main-port", str(port), "--max-restarts", "1",
+                   "--job-id", f"test-{port}", *stage]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test-{port}",
+                   "--max-restarts", "1", "--monitor-interval", "0.1", "-m", "simclr_cli", *stage]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        if node == 0:  # node 0 serves the rendezvous store (accelerate launch refuses a port already taken)
+            _wait_for_port(port, procs[0])
     results = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=timeout)
-        finally:
-            for q in procs:
-                if q.poll() is None and p.returncode is None:
-                    q.kill()
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=600)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return results
 
 
 @pytest.mark.multiprocess
-def test_two_nodes_worker_sigkilled_restart_on_both_and_finish_bit_identical(reference, tiny_recipe_file, tmp_path):
+@pytest.mark.parametrize("launch", [False, True], ids=["torchrun", "simclr-launch"])
+def test_two_nodes_worker_sigkilled_restart_on_both_and_finish_bit_identical(reference, tiny_recipe_file, tmp_path,
+                                                                             launch):
     """Issue 19, B.4 and B.6: only the failed worker's node raises TORCHELASTIC_RESTART_COUNT; the restarted workers
     joined through different store prefixes and hung. Now both nodes restart, resume from step 4 and finish with
     the weights of an uninterrupted 2-process run."""
     out = tmp_path / "run"
-    nodes = _two_nodes("kill-after-save", tiny_recipe_file, out)
+    nodes = _two_nodes(tiny_recipe_file, out, launch=launch)
     for r in nodes:
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    assert (tmp_path / "killed").exists()  # the fault happened
     said = "".join(r.stderr for r in nodes)
     assert "elastic restart" in said and "resuming" in said and "(step 4)" in said, said[-3000:]
     _identical(reference, out / "pretrain" / "model.safetensors")
@@ -160,9 +186,8 @@ def test_a_rank_that_never_joins_is_a_clear_error_and_sigterm_stops_the_wait(tin
     import signal
     import time
 
-    site = str(Path(__file__).with_name("preempt_site"))
     env = _env(SIMCLR_TEST_HOLD_RANK="1", SIMCLR_JOIN_TIMEOUT="8")
-    env["PYTHONPATH"] = os.pathsep.join([site, env["PYTHONPATH"]])
+    env["PYTHONPATH"] = os.pathsep.join([SITE, env["PYTHONPATH"]])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "--monitor-interval", "0.1", "-m", "simclr_cli", "pretrain", str(tiny_recipe_file), "--out",
            str(tmp_path / "run"), "-q", *SETS]
@@ -170,7 +195,7 @@ def test_a_rank_that_never_joins_is_a_clear_error_and_sigterm_stops_the_wait(tin
     assert r.returncode != 0
     assert "error: joining the process group: rank 0 of 2 waited 8 s for rank(s) 1 to join" in r.stderr, r.stderr[-3000:]
     # Without the timeout: SIGTERM to the launch's process group, once rank 0 says it is waiting.
-    env[JOIN_TIMEOUT] = "600"
+    env["SIMCLR_JOIN_TIMEOUT"] = "600"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     lines = []

@@ -5,6 +5,9 @@ tests/stages/test_elastic.py), loaded by every Python process that has this fold
 ``SIMCLR_TEST_HOLD_RANK=R``: the worker of rank R never starts its command (it sleeps, as a process stuck before
 joining the process group would), so the other ranks wait for it.
 
+``SIMCLR_TEST_KILL_RANK1_AT_SAVE=N``: the worker of rank 1 SIGKILLs itself right after its N-th saved state, once
+per launch (a file ``SIMCLR_TEST_KILL_MARK`` records it; the restarted group runs unharmed).
+
 ``SIMCLR_TEST_GATE=1``:
 After the first metrics line is written, the main process waits (polling, at most 10 minutes) until it has received
 SIGTERM or SIGINT, so the test's signal always lands in the middle of the run, whatever the speed of the machine.
@@ -17,12 +20,32 @@ import os
 import sys
 import time
 
-TARGETS = ("simclr_cli.engine.signals", "simclr_cli.engine.reporting")
+TARGETS = ("simclr_cli.engine.signals", "simclr_cli.engine.reporting", "simclr_cli.stages.scaffold")
 got: list[int] = []
 
 
 def _patch(module) -> None:
-    if module.__name__ == "simclr_cli.engine.signals":
+    if module.__name__ == "simclr_cli.stages.scaffold":
+        at = int(os.environ.get("SIMCLR_TEST_KILL_RANK1_AT_SAVE", "0") or 0)
+        mark = os.environ.get("SIMCLR_TEST_KILL_MARK", "")
+        if not at or os.environ.get("RANK") != "1" or not mark or os.path.exists(mark):
+            return
+        import signal
+
+        commit = module.StageRun.commit
+        saves = []
+
+        def commit_then_die(self):
+            commit(self)
+            saves.append(1)
+            if len(saves) == at:
+                open(mark, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        module.StageRun.commit = commit_then_die
+    elif os.environ.get("SIMCLR_TEST_GATE") != "1":
+        return
+    elif module.__name__ == "simclr_cli.engine.signals":
         handle = module.StopRequest._handle
 
         def noting_handle(self, signum, frame):
@@ -70,7 +93,7 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
-if os.environ.get("SIMCLR_TEST_GATE") == "1":
+if os.environ.get("SIMCLR_TEST_GATE") == "1" or os.environ.get("SIMCLR_TEST_KILL_RANK1_AT_SAVE"):
     sys.meta_path.insert(0, _Finder())
 if os.environ.get("SIMCLR_TEST_HOLD_RANK") and os.environ.get("RANK") == os.environ["SIMCLR_TEST_HOLD_RANK"]:
     while True:
