@@ -366,3 +366,44 @@ def test_the_join_round_ignores_a_dead_groups_keys():
         second.start()
         first.join(), second.join()
         assert got == {0: expected, 1: expected}
+
+
+@pytest.mark.multiprocess
+def test_a_node_that_does_not_see_the_state_rank_0_resumes_from_is_an_error(tiny_recipe_file, tmp_path):
+    """Issue 19, B.5: each rank read the shared folder itself, so a node whose file system view lagged (NFS) resumed
+    from an older state than rank 0. Two nodes on this machine, each in a folder of its own: node 1's copy of the
+    run lacks the newest state (step 4)."""
+    import shutil
+
+    from simclr_cli.recipe import load_recipe
+    from simclr_cli.stages import pretrain
+
+    views = [tmp_path / "node0", tmp_path / "node1"]
+    recipe = load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.checkpoint_every=2"])
+    with pytest.raises(Exception):
+        pretrain.run(recipe, views[0] / "run", show_progress=False, interrupt_after=4)
+    shutil.copytree(views[0], views[1])
+    shutil.rmtree(views[1] / "run" / "pretrain" / "state" / "step-000000004")
+    port = _free_port()
+    procs = []
+    for node, cwd in enumerate(views):
+        cmd = [sys.executable, "-m", "simclr_cli", "launch", "--processes", "1", "--nodes", "2", "--node-rank",
+               str(node), "--main-address", "127.0.0.1", "--main-port", str(port), "pretrain",
+               str(views[0] / "run" / "pretrain" / "recipe.toml"), "--out", "run", "--resume", "--force", "-q"]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=_env()))
+        if node == 0:
+            _wait_for_port(port, procs[0])
+    said = ""
+    try:
+        for p in procs:
+            said += p.communicate(timeout=300)[1]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode != 0 for p in procs)
+    assert ("error: process(es) 1 of 2 do not see run/pretrain/state/step-000000004, the state the main process "
+            "resumes from") in said, said[-3000:]
+    assert not (views[0] / "run" / "pretrain" / "model.safetensors").exists()
