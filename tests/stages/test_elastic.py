@@ -115,6 +115,22 @@ def _free_port() -> int:
 SITE = str(Path(__file__).with_name("preempt_site"))
 
 
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """End what is left of the processes (after a failure): ``simclr launch`` passes a third signal on as SIGKILL
+    to its launcher's process group."""
+    import signal
+
+    for p in procs:
+        if p.poll() is None:
+            for _ in range(3):
+                p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 def _wait_for_port(port: int, proc: subprocess.Popen) -> None:
     import socket
     import time
@@ -153,10 +169,7 @@ def _two_nodes(recipe: Path, out: Path, launch: bool = False) -> list[subprocess
             stdout, stderr = p.communicate(timeout=600)
             results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _stop(procs)
     return results
 
 
@@ -399,10 +412,7 @@ def test_a_node_that_does_not_see_the_state_rank_0_resumes_from_is_an_error(tiny
         for p in procs:
             said += p.communicate(timeout=300)[1]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _stop(procs)
     assert all(p.returncode != 0 for p in procs)
     assert ("error: process(es) 1 of 2 do not see run/pretrain/state/step-000000004, the state the main process "
             "resumes from") in said, said[-3000:]
