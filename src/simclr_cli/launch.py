@@ -385,7 +385,8 @@ def rendezvous_id(opts: LaunchOptions, env: Mapping[str, str], nodes: int) -> st
     if job:
         step = env.get("SLURM_STEP_ID", "").strip()
         requeue = env.get("SLURM_RESTART_COUNT", "").strip()
-        return f"slurm-{job}" + (f".{step}" if step else "") + (f"-requeue{requeue}" if requeue not in ("", "0") else "")
+        requeued = f"-requeue{requeue}" if requeue not in ("", "0") else ""
+        return f"slurm-{job}" + (f".{step}" if step else "") + requeued
     raise UsageError(f"--nodes {nodes} with --max-restarts needs a rendezvous id, the same on every node and new for "
                      "each launch (so that a restart resumes only the run this launch started): pass --job-id ID on "
                      "every node, e.g. a date chosen once (--job-id 20261207-0312); under SLURM the job id is used")

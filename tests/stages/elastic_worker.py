@@ -3,8 +3,8 @@
     python elastic_worker.py MODE SIMCLR-ARGS...
 
 MODE ``kill-after-save``: rank 1 SIGKILLs itself right after the second saved state (step 4 with
-checkpoint_every=2). MODE ``kill-after-last-save``: rank 1 SIGKILLs itself after the last state (step 8), once rank 0
-has written the finished run's summary.json. MODE ``kill-while-saving``: rank 0, the writer, writes half of the second state's
+checkpoint_every=2). MODE ``kill-after-last-save``: rank 1 SIGKILLs itself after the last state (step 8), once
+rank 0 has written the finished run's summary.json. MODE ``kill-while-saving``: rank 0, the writer, writes half of the second state's
 optimizer.pt temp file, then SIGKILLs itself. MODE ``none``: no fault. The restarted group runs the same command
 unpatched.
 """

@@ -32,10 +32,10 @@ from tests.conftest import TINY_RECIPE
 ROOT = Path(__file__).parents[2]
 GATE = str(Path(__file__).with_name("preempt_site"))
 LOADING = ["data.num_workers=2"]  # the reference runs load in the main process (the results do not depend on it)
-BASE = ["data.dataset='imagefolder'", "data.in_memory='never'", "data.val_split='val'", "pretrain.knn_every=0", "pretrain.batch_size=8",
-        "pretrain.epochs=1", "pretrain.log_every=1", 'finetune.labels="50%"', "finetune.epochs=3",
-        "finetune.batch_size=8", "finetune.log_every=1", "distill.epochs=1", "distill.batch_size=8",
-        "distill.log_every=1"]
+BASE = ["data.dataset='imagefolder'", "data.in_memory='never'", "data.val_split='val'", "pretrain.knn_every=0",
+        "pretrain.batch_size=8", "pretrain.epochs=1", "pretrain.log_every=1", 'finetune.labels="50%"',
+        "finetune.epochs=3", "finetune.batch_size=8", "finetune.log_every=1", "distill.epochs=1",
+        "distill.batch_size=8", "distill.log_every=1"]
 
 
 def _env(gate: bool = False) -> dict[str, str]:
