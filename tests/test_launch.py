@@ -113,11 +113,29 @@ def test_max_restarts_gets_a_rendezvous_that_survives_a_restart(tmp_path):
     assert result.stdout.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 PET_STANDALONE=1 ")
     assert _flags(argv)[-2:] == ["--max_restarts", "3"]
     result, argv = _dry(tmp_path, "--gpus", "8", "--nodes", "2", "--node-rank", "1", "--main-address", "h",
-                        "--max-restarts", "1", *STAGE[2:])
-    assert result.stdout.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 /")
+                        "--max-restarts", "1", "--job-id", "j1", *STAGE[2:])
+    assert result.stdout.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 PET_RDZV_ID=j1 /")
     assert _flags(argv)[-4:] == ["--max_restarts", "1", "--rdzv_backend", "c10d"]
     result, _ = _dry(tmp_path, "--gpus", "2", "--main-port", "1234", "--max-restarts", "1", *STAGE[2:])
     assert result.exit_code == 2 and "leave --main-port out" in result.output
+
+
+def test_several_nodes_with_restarts_get_a_rendezvous_id_of_their_own(tmp_path):
+    """Issue 19, B.3: every multi-node launch shared torchrun's default rendezvous id "none", so the "resume only
+    what this launch started" rule could not tell launches apart."""
+    nodes = ["--gpus", "8", "--nodes", "2", "--node-rank", "0", "--main-address", "h", "--max-restarts", "1"]
+    result, _ = _dry(tmp_path, *nodes, *STAGE[2:])
+    assert result.exit_code == 2 and "pass --job-id ID on every node" in result.output, result.output
+    result, _ = _dry(tmp_path, *nodes, "--job-id", "x1", *STAGE[2:])
+    assert result.exit_code == 0 and " PET_RDZV_ID=x1 " in result.stdout, result.output
+    slurm = {"SLURM_JOB_ID": "777", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "n[1-2]",
+             "SLURM_GPUS_ON_NODE": "8"}
+    result, _ = _dry(tmp_path, "--max-restarts", "1", *STAGE[2:], **slurm)
+    assert result.exit_code == 0 and " PET_RDZV_ID=slurm-777 " in result.stdout, result.output
+    result, _ = _dry(tmp_path, "--max-restarts", "1", *STAGE[2:], SLURM_RESTART_COUNT="2", SLURM_STEP_ID="0", **slurm)
+    assert " PET_RDZV_ID=slurm-777.0-requeue2 " in result.stdout, result.output  # a requeued job is a new launch
+    result, _ = _dry(tmp_path, "--processes", "2", "--job-id", "x1", *STAGE[2:])
+    assert result.exit_code == 2 and "--job-id names the rendezvous" in result.output
 
 
 def test_several_nodes_explicit(tmp_path):

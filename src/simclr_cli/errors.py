@@ -40,6 +40,13 @@ class Interrupted(SimclrError):
     exit_code = 130
 
 
+class NothingToDo(SimclrError):
+    """The work is already done (e.g. an elastic restart finds the run its launch started finished): the CLI says
+    so in a note and exits 0."""
+
+    exit_code = 0
+
+
 class DiskFull(SimclrError):
     """A write failed for lack of space: a runtime failure (exit 1); what was saved before is intact."""
 

@@ -16,7 +16,8 @@ it and returns the exit code. The rules:
 * Mixed precision is never passed: the recipe's ``mixed_precision`` is what the Accelerator is built with.
 * Under SLURM (``SLURM_JOB_ID`` set) the node count, this node's rank and the main address come from the
   environment; explicit options win.
-* ``--max-restarts``: a rendezvous that a restarted group can join (see :func:`build_plan`'s comments).
+* ``--max-restarts``: a rendezvous that a restarted group can join (see :func:`build_plan`'s comments), with an
+  id of this launch (:func:`rendezvous_id`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ DEFAULT_PORT = 29500
 # The commands that make sense under a launcher: the stages and embed (their work is split over processes).
 STAGES = ("pretrain", "linear-eval", "knn", "finetune", "distill", "transfer", "embed")
 LAUNCH_OPTIONS = ("--gpus", "--processes", "--nodes", "--node-rank", "--main-address", "--main-port",
-                  "--max-restarts", "--config-file", "--dry-run")
+                  "--max-restarts", "--job-id", "--config-file", "--dry-run")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class LaunchOptions:
     main_port: Optional[int] = None
     max_restarts: Optional[int] = None
     config_file: Optional[Path] = None
+    job_id: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,9 @@ def build_plan(
             argv += ["--main_process_ip", opts.main_address]
         if opts.main_port is not None:
             argv += ["--main_process_port", str(opts.main_port)]
+    if opts.job_id is not None and not (opts.max_restarts is not None and nodes > 1):
+        raise UsageError("--job-id names the rendezvous of a restartable launch on several nodes: use it with "
+                         "--nodes N --max-restarts K, or leave it out")
     if opts.max_restarts is not None:
         if nodes == 1 and opts.main_port is not None:
             raise UsageError("--main-port with --max-restarts on one node: the restartable rendezvous picks a free "
@@ -357,13 +362,39 @@ def build_plan(
         # rendezvous (c10d on a free port; PET_* variables set torchrun's options, which Accelerate leaves alone).
         extra["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
         if nodes == 1:
-            extra["PET_STANDALONE"] = "1"
+            extra["PET_STANDALONE"] = "1"  # its rendezvous id is a new uuid for each launch
+        else:
+            extra["PET_RDZV_ID"] = rendezvous_id(opts, env, nodes)
     if cpu and total is not None:
         if gpus_here is None:
             gpus_here = visible_gpus(env, cuda_count)
         if gpus_here > 0:  # the stages use a GPU whenever torch sees one: hide them for CPU processes
             extra["CUDA_VISIBLE_DEVICES"] = ""
     return LaunchPlan(argv=argv, env=extra, notes=notes)
+
+
+def rendezvous_id(opts: LaunchOptions, env: Mapping[str, str], nodes: int) -> str:
+    """The rendezvous id of a restartable launch on several nodes (torchrun's ``--rdzv_id``, passed as
+    ``PET_RDZV_ID``; the stages see it as ``TORCHELASTIC_RUN_ID``): the same on every node of one launch, new for
+    each launch, so that an elastic restart resumes only the run its own launch started. ``--job-id``, else the
+    SLURM job (``slurm-JOB[.STEP][-requeueN]``: a requeued job is a new launch).
+
+    Raises:
+        UsageError: neither is there (every node would share torchrun's default id, "none").
+    """
+    if opts.job_id is not None:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", opts.job_id):
+            raise UsageError(f"--job-id {opts.job_id!r}: use letters, digits, '.', '_' and '-' only")
+        return opts.job_id
+    job = env.get("SLURM_JOB_ID", "").strip()
+    if job:
+        step = env.get("SLURM_STEP_ID", "").strip()
+        requeue = env.get("SLURM_RESTART_COUNT", "").strip()
+        requeued = f"-requeue{requeue}" if requeue not in ("", "0") else ""
+        return f"slurm-{job}" + (f".{step}" if step else "") + requeued
+    raise UsageError(f"--nodes {nodes} with --max-restarts needs a rendezvous id, the same on every node and new for "
+                     "each launch (so that a restart resumes only the run this launch started): pass --job-id ID on "
+                     "every node, e.g. a date chosen once (--job-id 20261207-0312); under SLURM the job id is used")
 
 
 RELAUNCH_ENV = "SIMCLR_LAUNCH_PREFIX"  # set for the stage: how it was launched, so that its resume hint launches alike
@@ -377,7 +408,7 @@ def relaunch_prefix(opts: LaunchOptions) -> str:
     for flag, value in (("--gpus", opts.gpus), ("--processes", opts.processes), ("--nodes", opts.nodes),
                         ("--node-rank", opts.node_rank), ("--main-address", opts.main_address),
                         ("--main-port", opts.main_port), ("--max-restarts", opts.max_restarts),
-                        ("--config-file", opts.config_file)):
+                        ("--job-id", opts.job_id), ("--config-file", opts.config_file)):
         if value is not None:
             words += [flag, str(value)]
     return shlex.join(words)

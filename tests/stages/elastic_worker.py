@@ -3,7 +3,8 @@
     python elastic_worker.py MODE SIMCLR-ARGS...
 
 MODE ``kill-after-save``: rank 1 SIGKILLs itself right after the second saved state (step 4 with
-checkpoint_every=2). MODE ``kill-while-saving``: rank 0, the writer, writes half of the second state's
+checkpoint_every=2). MODE ``kill-after-last-save``: rank 1 SIGKILLs itself after the last state (step 8), once
+rank 0 has written the finished run's summary.json. MODE ``kill-while-saving``: rank 0, the writer, writes half of the second state's
 optimizer.pt temp file, then SIGKILLs itself. MODE ``none``: no fault. The restarted group runs the same command
 unpatched.
 """
@@ -30,6 +31,24 @@ if first_attempt and mode == "kill-after-save" and rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)
 
     scaffold.StageRun.commit = commit_then_die
+
+if first_attempt and mode == "kill-after-last-save" and rank == 1:
+    import time
+
+    from simclr_cli.checkpoints import read_trainer
+    from simclr_cli.stages import scaffold
+
+    commit = scaffold.StageRun.commit
+
+    def commit_last_then_die(self):
+        commit(self)
+        if (read_trainer(self.state_dir) or {}).get("step") == 8:
+            deadline = time.monotonic() + 600
+            while not (self.stage_dir / "summary.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    scaffold.StageRun.commit = commit_last_then_die
 
 if first_attempt and mode == "kill-while-saving" and rank == 0:
     import simclr_cli.checkpoints as checkpoints

@@ -92,7 +92,7 @@ def save_state(
     only after the new one is in place.
     """
     root = Path(root)
-    final = root / f"step-{int(trainer['step']):09d}"
+    final = state_folder(root, trainer["step"])
     tmp = final.with_name(final.name + ".tmp")
     # Serialized first, so a refused write can say how much space the state needs.
     weights = weights_bytes(prefixed_state("model", model), {"simclr.kind": "state"})
@@ -154,17 +154,25 @@ def latest_state(root: Path) -> Path | None:
     return states[-1] if states else None
 
 
-def read_trainer(root: Path) -> dict[str, Any] | None:
-    """Counters of the newest complete state (step, epoch, world size, ...), or None."""
-    latest = latest_state(root)
-    return json.loads((latest / "trainer.json").read_text()) if latest else None
+def state_folder(root: Path, step: int) -> Path:
+    """Where the state of ``step`` is (complete when it holds ``trainer.json``)."""
+    return Path(root) / f"step-{int(step):09d}"
 
 
-def load_state(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights and optimizer from the newest complete state; returns its counters."""
-    folder = latest_state(root)
-    if folder is None:
-        raise SimclrError(f"{root}: no complete resume state")
+def read_trainer(root: Path, step: int | None = None) -> dict[str, Any] | None:
+    """Counters of the newest complete state, or of the state of ``step`` (step, epoch, world size, ...), or None."""
+    folder = latest_state(root) if step is None else state_folder(root, step)
+    if folder is None or not (folder / "trainer.json").is_file():
+        return None
+    return json.loads((folder / "trainer.json").read_text())
+
+
+def load_state(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               step: int | None = None) -> dict[str, Any]:
+    """Restore weights and optimizer from the newest complete state (or that of ``step``); returns its counters."""
+    folder = latest_state(root) if step is None else state_folder(root, step)
+    if folder is None or not (folder / "trainer.json").is_file():
+        raise SimclrError(f"{root}: no complete resume state" + (f" of step {step}" if step is not None else ""))
     tensors, _ = load_weights(folder / MODEL_FILE)
     model.load_state_dict(sub_state(tensors, "model"), strict=True)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))

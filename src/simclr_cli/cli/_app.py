@@ -11,7 +11,7 @@ from typing import Annotated, Any, Iterator, Optional
 import typer
 
 import simclr_cli
-from simclr_cli.errors import SimclrError
+from simclr_cli.errors import NothingToDo, SimclrError
 from simclr_cli.utils import check_out_folder
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -149,6 +149,11 @@ def _handled(debug: bool = False) -> Iterator[None]:
             yield
     except typer.Exit:
         raise
+    except NothingToDo as e:
+        if _is_main_process():
+            sys.stderr.write(f"note: {e}\n")
+            sys.stderr.flush()
+        raise typer.Exit(0) from None
     except SimclrError as e:
         if debug:
             raise

@@ -48,6 +48,9 @@ def launch(
         "--max-restarts", min=0, help="Restart the process group up to K times when a process dies (torchrun "
                                       "elastic); the restarted run resumes from its last state.",
         show_default=False)] = None,
+    job_id: Annotated[Optional[str], typer.Option(
+        "--job-id", metavar="ID", help="With --nodes N --max-restarts K: the rendezvous id, the same on every node and "
+                                       "new for each launch (under SLURM: the job id).", show_default=False)] = None,
     config_file: Annotated[Optional[Path], typer.Option(
         "--config-file", help="Accelerate config (default: $ACCELERATE_CONFIG_FILE, else `accelerate config`'s "
                               "default file when there is one).", show_default=False)] = None,
@@ -69,7 +72,7 @@ def launch(
     with _handled(debug):
         opts = lib.LaunchOptions(gpus=gpus, processes=processes, nodes=nodes, node_rank=node_rank,
                                  main_address=main_address, main_port=main_port, max_restarts=max_restarts,
-                                 config_file=config_file)
+                                 config_file=config_file, job_id=job_id)
         plan = lib.build_plan(opts, [stage, *(args or [])], os.environ, check_gpus=not dry_run)
         for note in plan.notes:
             print(note, file=sys.stderr)

@@ -39,36 +39,14 @@ AutoResumeOpt = Annotated[bool, typer.Option(
                           "started.")]
 
 
-def _auto_resume(stage_dir: Path, recipe, explicit: bool, resumable_changes, overwrite: bool = False) -> bool:
-    """The auto-resume rule (stages.scaffold.auto_resume); says so on the main process when it resumes. With
-    ``--auto-resume``, a stage folder that holds the finished run of this recipe is done: exit 0 with a note (a
-    requeued job whose run finished in its last allocation must not fail)."""
-    import sys
-
-    from simclr_cli.checkpoints import has_state, read_trainer
+def _auto_resume(explicit: bool, overwrite: bool) -> None:
+    """``--auto-resume`` with ``--overwrite`` is contradictory. The rule itself (stages.scaffold.auto_resume, also
+    under an elastic restart) is applied by the stage's main process once the processes have met, and its decision
+    holds for all of them (StageRun.check)."""
     from simclr_cli.errors import UsageError
-    from simclr_cli.stages.scaffold import auto_resume, elastic_restart, finished_with, same_recipe
 
     if explicit and overwrite:
         raise UsageError("--auto-resume continues the run in the stage folder, --overwrite replaces it: choose one")
-    if explicit and recipe is not None and finished_with(stage_dir, recipe, resumable_changes):
-        if _is_main_process():
-            print(f"note: --auto-resume: {stage_dir} already holds the finished run of this recipe; nothing to do",
-                  file=sys.stderr)
-        raise typer.Exit(0)
-    if not auto_resume(stage_dir, recipe, explicit=explicit, resumable_changes=resumable_changes):
-        if (explicit and recipe is not None and has_state(Path(stage_dir) / "state")
-                and not (Path(stage_dir) / "summary.json").exists()
-                and not same_recipe(stage_dir, recipe, resumable_changes)):
-            raise UsageError(f"--auto-resume: {stage_dir} holds an unfinished run of another recipe than this one "
-                             f"(see {Path(stage_dir) / 'recipe.toml'}); continue it with --resume (its own recipe), "
-                             "replace it with --overwrite, or pass --out DIR to write elsewhere")
-        return False
-    if _is_main_process():
-        step = (read_trainer(stage_dir / "state") or {}).get("step", "?")
-        why = f"elastic restart {elastic_restart()}" if elastic_restart() and not explicit else "--auto-resume"
-        print(f"note: {why}: resuming {stage_dir} from its last complete state (step {step})", file=sys.stderr)
-    return True
 
 
 @app.command(rich_help_panel=STAGES_PANEL)
@@ -92,9 +70,9 @@ def pretrain(
 
         _show_recipe(r)
         _check_out(out if out is not None else Path("runs") / r.name)
-        resume = resume or _auto_resume(Path(out if out is not None else Path("runs") / r.name) / stage.STAGE, r,
-                                        auto_resume, stage.RESUMABLE_CHANGES, overwrite)
-        summary = stage.run(r, out, resume=resume, overwrite=overwrite, force=force, show_progress=not quiet)
+        _auto_resume(auto_resume, overwrite)
+        summary = stage.run(r, out, resume=resume, auto_resume=auto_resume, overwrite=overwrite, force=force,
+                            show_progress=not quiet)
         if not quiet and summary is not None and _is_main_process():
             print(render.pretrain_done(summary))
 
@@ -182,9 +160,9 @@ def finetune(
                         ("--from-head-layer", "finetune.from_head_layer", from_head_layer))
         src, r, out_dir = _chain_inputs(source, recipe, set_ or [], init, ("pretrain",), out, quiet,
                                         resume_stage=stage.STAGE if resume else None, values=values)
-        resume = resume or _auto_resume(out_dir / stage.STAGE, r, auto_resume, stage.RESUMABLE_CHANGES, overwrite)
-        summary = stage.run(r, src, out_dir, init=init, resume=resume, overwrite=overwrite, force=force,
-                            show_progress=not quiet)
+        _auto_resume(auto_resume, overwrite)
+        summary = stage.run(r, src, out_dir, init=init, resume=resume, auto_resume=auto_resume, overwrite=overwrite,
+                            force=force, show_progress=not quiet)
         render.show_result(f"finetune ({summary.get('labels')}, {init})",
                            render.pick(summary, "top1", "top5", "labeled_images", "test_images"),
                            not quiet and _is_main_process())
@@ -235,8 +213,9 @@ def distill(
         )
         src, r, out_dir = _chain_inputs(source, recipe, set_ or [], "pretrained", ("finetune",), out, quiet,
                                         resume_stage=stage.STAGE if resume else None, values=values)
-        resume = resume or _auto_resume(out_dir / stage.STAGE, r, auto_resume, stage.RESUMABLE_CHANGES, overwrite)
-        summary = stage.run(r, src, out_dir, resume=resume, overwrite=overwrite, force=force, show_progress=not quiet)
+        _auto_resume(auto_resume, overwrite)
+        summary = stage.run(r, src, out_dir, resume=resume, auto_resume=auto_resume, overwrite=overwrite, force=force,
+                            show_progress=not quiet)
         render.show_result(f"distill ({summary.get('loss')})",
                            render.pick(summary, "teacher_top1", "student_top1", "teacher_top5", "student_top5",
                                        "teacher_params", "student_params", "kept_images"),

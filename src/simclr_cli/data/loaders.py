@@ -393,6 +393,29 @@ def batches_per_epoch(num_samples: int, global_batch: int, drop_last: bool) -> i
     return num_samples // global_batch if drop_last else -(-num_samples // global_batch)
 
 
+def worker_ignores_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's start: ignore SIGINT and SIGTERM, die with the main process.
+
+    Schedulers signal every process of a job (SLURM's ``scancel``, preemption and time limit, ``timeout``,
+    ``docker stop``, ``kill -- -PGID``), DataLoader workers included. A worker that died of it would make the main
+    process fail at its next batch (``DataLoader worker (pid N) is killed by signal: Terminated``) before it could
+    save its state; ignoring the signal leaves the stop to the main process (state saved at the next step, exit
+    130), which then shuts its workers down as usual. A worker whose main process is gone (SIGKILL, OOM) is killed
+    by the kernel (Linux ``PR_SET_PDEATHSIG``), besides torch's own check of its parent.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def make_loader(
     dataset: Dataset,
     *,
@@ -402,7 +425,8 @@ def make_loader(
     batch_size: int | None = None,
     collate_fn: Callable | None = None,
 ) -> DataLoader:
-    """A DataLoader with the settings we want everywhere (persistent workers, prefetch).
+    """A DataLoader with the settings we want everywhere (persistent workers, prefetch, and workers that leave
+    SIGINT and SIGTERM to the main process: :func:`worker_ignores_stop_signals`).
 
     ``num_workers``: a count, or ``"auto"`` for one from the process's thread budget
     (:mod:`simclr_cli.threads`); with workers, the main process's intra-op threads leave them their CPUs."""
@@ -412,7 +436,7 @@ def make_loader(
     kwargs: dict = {}
     if num_workers > 0:
         threads.leave_room_for_workers(num_workers)
-        kwargs.update(persistent_workers=True, prefetch_factor=4)
+        kwargs.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=worker_ignores_stop_signals)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
                           collate_fn=collate_fn, **kwargs)

@@ -109,6 +109,8 @@ class Trainer:
         resume, force: continue from ``state_dir``; ``force`` accepts another process count.
         track: gives each metrics record's numbers to the experiment trackers (``StageRun.track``).
         stop, on_save, resume_hint, interrupt_after: as for :func:`run_loop`.
+        resume_step: the state to resume from, as the main process decided for every process (default: the
+            newest complete state this process sees).
     """
 
     def __init__(self, accelerator, task: nn.Module, dataset: Dataset, spec: FitSpec, *, stage: str,
@@ -116,7 +118,7 @@ class Trainer:
                  force: bool = False, resume_hint: str = "", interrupt_after: int | None = None,
                  description: str = "", track: Callable[[dict, int], None] | None = None,
                  stop: StopRequest | None = None,
-                 on_save: Callable[[], None] | None = None) -> None:
+                 on_save: Callable[[], None] | None = None, resume_step: int | None = None) -> None:
         # Images decoded into memory: too many unreadable ones stop the stage before training.
         check_known_unreadable(getattr(dataset, "source", None), spec.max_bad_fraction)
         self.accelerator, self.spec, self.stage = accelerator, spec, stage
@@ -139,7 +141,7 @@ class Trainer:
         start_step, elapsed0 = 0, 0.0
         fingerprint = data_fingerprint(getattr(dataset, "source", None)) if state_dir is not None else ""
         if resume and state_dir is not None:
-            saved = read_trainer(state_dir) or {}
+            saved = read_trainer(state_dir, resume_step) or {}
             saved_world = saved.get("world_size", world)
             if spec.check_world_size and saved_world != world and not force:
                 raise UsageError(
@@ -154,7 +156,7 @@ class Trainer:
                     f"the training images changed since {state_dir} was saved ({what}): an exact resume needs the "
                     "same images, since sample i must be the same image. Restore them, start again with "
                     "--overwrite, or pass --force to resume anyway (the samples then map to other images)")
-            counters = load_state(state_dir, self.model, self.optimizer)
+            counters = load_state(state_dir, self.model, self.optimizer, resume_step)
             restore_scaler(accelerator, counters)
             start_step, elapsed0 = int(counters["step"]), float(counters.get("elapsed", 0.0))
         self.plan = FitPlan(images=len(dataset), steps_per_epoch=spe, total_steps=total, warmup_steps=warmup,

@@ -100,7 +100,7 @@ def run_loop(
     # Unreadable samples: ``bad`` is what every process knows (restored on resume), ``new_bad`` what this
     # process saw since the last sync; each distinct index counts once, however it was met.
     # The saved counters of the state a resume starts from (read once): unreadable indices, training time.
-    prior = (read_trainer(state_dir) or {}) if state_dir is not None and start_step else {}
+    prior = (read_trainer(state_dir, start_step) or {}) if state_dir is not None and start_step else {}
     bad: set[int] = {int(i) for i in prior.get("bad_indices", [])}
     new_bad: set[int] = set()
     result = LoopResult(step=step, epoch=epoch, bad_images=len(bad))

@@ -59,6 +59,7 @@ def run(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    auto_resume: bool = False,
     overwrite: bool = False,
     force: bool = False,
     show_progress: bool = True,
@@ -76,7 +77,8 @@ def run(
     resume_cmd = f"simclr distill {shlex.quote(str(src.checkpoint))} --out {shlex.quote(str(out))} --resume"
     accelerator = guard.open(recipe, out, STAGE, precision=(cfg.mixed_precision, "distill.mixed_precision"),
                              resume_cmd=resume_cmd, show_progress=show_progress)
-    guard.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES)
+    resume = guard.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES,
+                         auto_resume=auto_resume)
     if cfg.hard and not cfg.cache_teacher:
         raise UsageError("distill.hard needs the cached teacher logits (distill.cache_teacher=true) to pick examples")
     main, say, stage_dir = guard.main, guard.say, guard.stage_dir

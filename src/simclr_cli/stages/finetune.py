@@ -48,6 +48,7 @@ def run(
     *,
     init: str = "pretrained",
     resume: bool = False,
+    auto_resume: bool = False,
     overwrite: bool = False,
     force: bool = False,
     show_progress: bool = True,
@@ -73,7 +74,8 @@ def run(
                   "--resume")
     accelerator = guard.open(recipe, out, STAGE, precision=(cfg.mixed_precision, "finetune.mixed_precision"),
                              resume_cmd=resume_cmd, show_progress=show_progress)
-    guard.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES)
+    resume = guard.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES,
+                         auto_resume=auto_resume)
 
     # The labeled subset.
     splits = common.labeled_splits(recipe)

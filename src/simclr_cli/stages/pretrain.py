@@ -52,6 +52,7 @@ def run(
     out_dir: str | Path | None = None,
     *,
     resume: bool = False,
+    auto_resume: bool = False,
     overwrite: bool = False,
     force: bool = False,
     show_progress: bool = True,
@@ -76,7 +77,8 @@ def run(
     cfg, pcfg = recipe.data, recipe.pretrain
     accelerator = guard.open(recipe, out, STAGE, precision=(pcfg.mixed_precision, "pretrain.mixed_precision"),
                              resume_cmd=resume_cmd, show_progress=show_progress)
-    guard.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES)
+    resume = guard.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES,
+                         auto_resume=auto_resume)
     torch.manual_seed(recipe.seed)
 
     objective = build_objective(pcfg)

@@ -35,7 +35,7 @@ from simclr_cli.checkpoints.lock import RunLock, RunLocked
 from simclr_cli.engine import trackers as tracking
 from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.engine.signals import StopRequest
-from simclr_cli.errors import Interrupted, SimclrError, UsageError
+from simclr_cli.errors import Interrupted, NothingToDo, SimclrError, UsageError
 from simclr_cli.recipe import Recipe, recipe_to_dict, recipe_to_toml
 from simclr_cli.stages.common import check_output, write_json
 from simclr_cli.utils import atomic_write_text, file_sha256
@@ -72,6 +72,7 @@ class StageRun:
         self._last_step = 0  # the last step given to the trackers (the summary is logged at it)
         self.lock: RunLock | None = None
         self._leftovers_said = False
+        self.resume_step: int | None = None  # the state to resume from, as the main process decided (check())
 
     def configure(self, stage_dir: Path, stage: str, *, resume_cmd: str = "", keeps_state: bool = True) -> None:
         """Where the stage writes, whether it keeps resume state (``STAGE_DIR/state``), how to resume it."""
@@ -113,7 +114,7 @@ class StageRun:
         tracking.require_trackers(tracking.tracker_names(recipe))  # a missing extra: before any work
         self.configure(Path(out_dir) / stage, stage, resume_cmd=resume_cmd, keeps_state=keeps_state)
         value, key = precision or ("no", f"{stage}.mixed_precision")
-        init_restarted_group()
+        join_group(self.stop)
         self.accelerator = make_accelerator(value, key=key, log_with=self._trackers(), project_dir=self.stage_dir)
         self.main = self.accelerator.is_main_process
         refused: RunLocked | None = None
@@ -134,13 +135,92 @@ class StageRun:
         return self.accelerator
 
     def check(self, *, overwrite: bool, resume: bool = False, force: bool = False,
-              resumable_changes: frozenset[str] = frozenset()) -> None:
-        """Refuse to replace finished or interrupted work without ``--overwrite``; on resume, check the recipe."""
+              resumable_changes: frozenset[str] = frozenset(), auto_resume: bool = False) -> bool:
+        """Whether the stage resumes, decided by the main process for every process (issue 19, B.5), and the
+        checks that never replace finished or interrupted work by accident (on resume: the recipe).
+
+        ``resume``: ``--resume`` was given. Otherwise the stage resumes by :func:`auto_resume` (``auto_resume``:
+        ``--auto-resume`` was given). A stage folder that already holds the finished run (of this recipe with
+        ``--auto-resume``; of this launch under an elastic restart) is done: :class:`NothingToDo` (a note, exit 0).
+        The main process reads the folder, decides and says so; every process gets the decision and the step to
+        resume from, and checks that it sees that state (a shared file system out of sync is an error, exit 1,
+        rather than processes resuming from different states). Returns whether the stage resumes;
+        :attr:`resume_step` is the step.
+        """
         assert self.stage_dir is not None, "open() first"
         if self.main:  # before any refusal: `--resume` after a killed --overwrite must say where the old run is
             self._warn_leftovers()
-        check_output(self.stage_dir, self.stage, overwrite=overwrite, resume=resume, recipe=self.recipe, force=force,
-                     resume_cmd=self.resume_cmd, resumable_changes=resumable_changes)
+        decision: list[Any] = ["", None, ""]  # kind ("resume", "fresh", "done", "error"), step, message
+        if self.main:
+            decision = self._decide(overwrite=overwrite, resume=resume, force=force, explicit=auto_resume,
+                                    resumable_changes=resumable_changes)
+        accelerator = self.accelerator
+        several = accelerator is not None and accelerator.num_processes > 1
+        if several:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(decision, src=0)
+        kind, step, message = decision
+        if kind == "error":
+            raise UsageError(message)
+        if kind == "done":
+            raise NothingToDo(message)
+        self.resume_step = step if kind == "resume" else None
+        if several:  # every process must see the state the main process resumes from
+            import torch.distributed as dist
+
+            sees = [None] * accelerator.num_processes
+            dist.all_gather_object(sees, self.resume_step is None
+                                   or read_trainer(self.state_dir, self.resume_step) is not None)
+            blind = [str(rank) for rank, ok in enumerate(sees) if not ok]
+            if blind:
+                state = self.state_dir / f"step-{self.resume_step:09d}"
+                raise SimclrError(
+                    f"process(es) {', '.join(blind)} of {accelerator.num_processes} do not see {state}, the state the "
+                    f"main process resumes from: the nodes see {self.state_dir} differently (a shared file system "
+                    "that caches listings, e.g. NFS: mount it with lookupcache=positive or noac, or put the run on a "
+                    "file system every node sees alike), then run the command again")
+        if message and self.main:
+            print(f"note: {message}", file=sys.stderr, flush=True)
+        return kind == "resume"
+
+    def _decide(self, *, overwrite: bool, resume: bool, force: bool, explicit: bool,
+                resumable_changes: frozenset[str]) -> list[Any]:
+        """The main process's decision for :meth:`check`: ``[kind, step, message]``."""
+        from simclr_cli.checkpoints import latest_state
+
+        stage_dir = self.stage_dir
+        try:
+            note = ""
+            if not resume:
+                recipe = self.recipe
+                restart = own_launch(stage_dir)
+                if recipe is not None and (explicit or restart) and finished_with(stage_dir, recipe,
+                                                                                       resumable_changes):
+                    if explicit:
+                        return ["done", None, f"--auto-resume: {stage_dir} already holds the finished run of this "
+                                              "recipe; nothing to do"]
+                    return ["done", None, f"elastic restart: {stage_dir} already holds the finished run that this "
+                                          f"launch ({os.environ.get(ELASTIC_RUN_ID)}) started; nothing to do"]
+                resume = auto_resume(stage_dir, recipe, explicit=explicit, resumable_changes=resumable_changes)
+                if not resume and explicit and recipe is not None and has_state(self.state_dir) and \
+                        not (stage_dir / "summary.json").exists() and not same_recipe(stage_dir, recipe,
+                                                                                     resumable_changes):
+                    raise UsageError(f"--auto-resume: {stage_dir} holds an unfinished run of another recipe than "
+                                     f"this one (see {stage_dir / 'recipe.toml'}); continue it with --resume (its "
+                                     "own recipe), replace it with --overwrite, or pass --out DIR to write elsewhere")
+                if resume:
+                    count = elastic_restart()
+                    why = "--auto-resume" if explicit else f"elastic restart{f' {count}' if count else ''}"
+                    step = (read_trainer(self.state_dir) or {}).get("step", "?")
+                    note = f"{why}: resuming {stage_dir} from its last complete state (step {step})"
+            check_output(stage_dir, self.stage, overwrite=overwrite, resume=resume, recipe=self.recipe, force=force,
+                         resume_cmd=self.resume_cmd, resumable_changes=resumable_changes)
+        except UsageError as e:
+            return ["error", None, str(e)]
+        latest = latest_state(self.state_dir) if resume and self.state_dir is not None else None
+        step = int(json.loads((latest / "trainer.json").read_text())["step"]) if latest is not None else None
+        return ["resume" if resume else "fresh", step, note]
 
     def start(self, *, overwrite: bool, resume: bool = False,
               files: dict[str, Callable[[Path], None]] | None = None) -> None:
@@ -161,6 +241,7 @@ class StageRun:
         take from the stage: where metrics and states go, the resume hint, signals, and the overwrite commit."""
         return {"stage": self.stage, "metrics_path": self.stage_dir / "metrics.jsonl",
                 "show_progress": self.show_progress, "state_dir": self.state_dir, "resume": resume, "force": force,
+                "resume_step": self.resume_step if resume else None,
                 "resume_hint": f"Resume with: {self.resume_cmd}" if self.resume_cmd else "",
                 "interrupt_after": interrupt_after, "description": self.recipe.name,
                 "track": self.track, "stop": self.stop, "on_save": self.commit}
@@ -215,7 +296,7 @@ class StageRun:
         """Start the trackers (their files go into the new stage folder, so after :meth:`begin`) with the
         resolved recipe as the run's config; every process calls it, Accelerate starts them on the main one."""
         if self.accelerator is not None and self.accelerator.log_with and not self.accelerator.trackers:
-            saved = read_trainer(self.state_dir) if resume and self.state_dir is not None else None
+            saved = read_trainer(self.state_dir, self.resume_step) if resume and self.state_dir is not None else None
             ids_file = self.stage_dir / tracking.TRACKER_FILE
             if saved is not None:
                 tracking.resume_trackers(self.accelerator.log_with, saved["step"], tracking.read_ids(ids_file))
@@ -353,14 +434,33 @@ def elastic_restart() -> int:
         return 0
 
 
-def init_restarted_group() -> None:
-    """After an elastic restart under a launcher that shares its rendezvous store with the workers (torch >= 2.4:
-    torchrun's default, and ``accelerate launch``'s static rendezvous), join the process group through a store
-    prefix of this restart. Accelerate's own ``init_process_group`` would reuse the keys of the dead group and
-    connect to its addresses (``Gloo connectFullMesh failed ... Connection refused``; pytorch/pytorch#135712).
-    Accelerate then finds the group initialized and uses it. A no-op on a first attempt and without a launcher."""
-    restart = elastic_restart()
-    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+JOIN_TIMEOUT = "SIMCLR_JOIN_TIMEOUT"  # seconds a process waits for the others to join the process group
+
+
+def join_timeout() -> float:
+    """How long joining the process group may take (``$SIMCLR_JOIN_TIMEOUT`` seconds, default 600)."""
+    try:
+        return max(1.0, float(os.environ.get(JOIN_TIMEOUT, "") or 600))
+    except ValueError:
+        raise UsageError(f"${JOIN_TIMEOUT}={os.environ[JOIN_TIMEOUT]!r} is not a number of seconds") from None
+
+
+def join_group(stop: StopRequest | None = None) -> None:
+    """Join the process group of a torchrun / ``accelerate launch`` process (Accelerate then uses it); a no-op
+    without a launcher or when the group exists.
+
+    Every attempt of every node joins the same way, so nothing depends on ``TORCHELASTIC_RESTART_COUNT``, which
+    torchelastic raises only on the node whose worker failed (issue 19, B.4):
+
+    * The ranks meet in the launcher's store (the agent's, which torch >= 2.4 shares with the workers and keeps
+      across restarts; else one that rank 0 serves) and agree on a round number, :func:`_agree_round`. The group is
+      then initialized through a store prefix of that round, so a restarted group never reads the keys of the dead
+      one (``Gloo connectFullMesh failed``, pytorch/pytorch#135712).
+    * Waiting for the others polls, so SIGINT/SIGTERM (``stop``) stop it within a fraction of a second, and a rank
+      that does not come within :func:`join_timeout` is a clear error, not a hang.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world < 2 or "MASTER_ADDR" not in os.environ or "RANK" not in os.environ:
         return
     import torch.distributed as dist
 
@@ -368,11 +468,97 @@ def init_restarted_group() -> None:
         return
     from datetime import timedelta
 
+    rank = int(os.environ["RANK"])
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    limit = join_timeout()
+    deadline = time.monotonic() + limit
+    where = f"the store at {host}:{port}"
+    started, told = time.monotonic(), []
+
+    def waiting(what: str) -> None:
+        """Between two polls: stop on a signal, say once what it waits for after 5 s, fail at the deadline."""
+        if not told and time.monotonic() - started > 5:
+            told.append(what)
+            sys.stderr.write(f"note: rank {rank} of {world} waits for {what} to join the process group ({where}); it "
+                             f"gives up after {limit:g} s (${JOIN_TIMEOUT})\n")
+            sys.stderr.flush()
+        if stop is not None and stop.requested:
+            raise Interrupted(f"stopped by {stop.signal_name} while joining the process group ({what}); nothing "
+                              "was written, run the command again")
+        if time.monotonic() > deadline:
+            raise SimclrError(f"joining the process group: rank {rank} of {world} waited {limit:g} s for {what} to "
+                              f"join ({where}); a process of another node may have failed to start or be stuck: check "
+                              f"its log (${JOIN_TIMEOUT}=SECONDS waits longer)")
+        time.sleep(0.02)
+
+    store = None
+    while store is None:  # a client connects in short tries (the server may not be up yet)
+        try:
+            store = dist.TCPStore(host, port, is_master=rank == 0 and not shared, timeout=timedelta(seconds=2),
+                                  wait_for_workers=False, multi_tenant=rank == 0 and not shared)
+        except (RuntimeError, OSError):
+            if rank == 0 and not shared:
+                raise
+            waiting("rank 0's store")
+    store.set_timeout(timedelta(seconds=max(limit, 30)))
+    round_ = _agree_round(store, rank, world, waiting)
     timeout = timedelta(hours=3)  # as engine.setup.make_accelerator
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            store=dist.PrefixStore(f"simclr/restart-{restart}", store), timeout=timeout,
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+                            store=dist.PrefixStore(f"simclr/round-{round_}", store), timeout=timeout,
+                            rank=rank, world_size=world)
+
+
+def _agree_round(store, rank: int, world: int, waiting: Callable[[str], None]) -> int:
+    """A number all ranks of this group agree on and no earlier group of the launch used, through ``store``
+    (which may hold the keys of dead groups). Rank 0 takes the next number; every other rank asks for it under a
+    token of its own and acknowledges the number it got; rank 0 answers every token it sees until each rank has
+    acknowledged this number: a dead group's token is answered but never acknowledged with it, so stale keys are
+    never taken for current ones."""
+    import uuid
+
+    key = "simclr/join"
+    if rank == 0:
+        number = store.add(f"{key}/round", 1)
+        pending = set(range(1, world))
+        answered: dict[int, str] = {}
+        while pending:
+            for k in sorted(pending):
+                if not store.check([f"{key}/ask/{k}"]):
+                    continue
+                token = store.get(f"{key}/ask/{k}").decode()
+                if answered.get(k) != token:
+                    store.set(f"{key}/answer/{k}/{token}", str(number))
+                    answered[k] = token
+                if store.check([f"{key}/ack/{k}/{token}/{number}"]):
+                    pending.discard(k)
+            if pending:
+                waiting(f"rank(s) {', '.join(map(str, sorted(pending)))}")
+        return number
+    token = uuid.uuid4().hex
+    store.set(f"{key}/ask/{rank}", token)
+    while not store.check([f"{key}/answer/{rank}/{token}"]):
+        waiting("rank 0")
+    number = int(store.get(f"{key}/answer/{rank}/{token}").decode())
+    store.set(f"{key}/ack/{rank}/{token}/{number}", "1")
+    return number
+
+
+def own_launch(stage_dir: Path) -> bool:
+    """Whether this process's elastic launch started the run in ``stage_dir`` (its ``TORCHELASTIC_RUN_ID`` is the
+    one in ``STAGE/.launch.json``): then this is a restart of that launch, on whichever node. torchrun's default id
+    "none" (plain ``torchrun --nnodes N`` without ``--rdzv_id``) names no launch; there it also takes
+    ``TORCHELASTIC_RESTART_COUNT`` > 0, which only the node of a failed worker sees."""
+    run_id = os.environ.get(ELASTIC_RUN_ID, "")
+    if not run_id:
+        return False
+    try:
+        owner = json.loads((Path(stage_dir) / LAUNCH_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if owner != run_id:
+        return False
+    return run_id != "none" or elastic_restart() > 0
 
 
 def auto_resume(stage_dir: Path, recipe: Recipe | None, *, explicit: bool = False,
@@ -380,31 +566,25 @@ def auto_resume(stage_dir: Path, recipe: Recipe | None, *, explicit: bool = Fals
     """Whether a command that did not say ``--resume`` continues the run in ``stage_dir`` (the rule, also in
     docs/distributed.md):
 
-    * under an elastic restart (``TORCHELASTIC_RESTART_COUNT`` > 0): when ``stage_dir`` holds a complete state
-      of an unfinished run that this same launch started (``TORCHELASTIC_RUN_ID``, recorded in
-      ``STAGE/.launch.json``) with the same recipe;
+    * under an elastic launch: when ``stage_dir`` holds a complete state of an unfinished run that this same launch
+      started (:func:`own_launch`) with the same recipe: a restart;
     * with ``--auto-resume`` (``explicit``): when ``stage_dir`` holds a complete state of an unfinished run with
       the same recipe, whoever started it.
 
     Otherwise the command runs as typed: a fresh start, ``--overwrite`` setting the old run aside, or the
     refusal to replace work. So a restart never sets aside the run its first attempt wrote, and a restart of a
-    first attempt that was refused does not resume the run it refused to touch.
+    first attempt that was refused does not resume the run it refused to touch. Under several processes only the
+    main process applies the rule (:meth:`StageRun.check`).
     """
-    restarted = elastic_restart() > 0
-    if not (explicit or restarted) or recipe is None:
+    if recipe is None:
         return False
     stage_dir = Path(stage_dir)
     if (stage_dir / MODEL_FILE).exists() or (stage_dir / "summary.json").exists():
         return False
     if not has_state(stage_dir / STATE_DIR):
         return False
-    if not explicit:
-        try:
-            owner = json.loads((stage_dir / LAUNCH_FILE).read_text()).get("run_id")
-        except (OSError, ValueError, AttributeError):
-            return False
-        if owner != os.environ.get(ELASTIC_RUN_ID):
-            return False
+    if not explicit and not own_launch(stage_dir):
+        return False
     return same_recipe(stage_dir, recipe, resumable_changes)
 
 
