@@ -45,13 +45,11 @@ def test_pretrain_throughput_refuses_cuda_without_a_gpu():
 
 
 def test_contention_benchmark_smoke(tmp_path):
-    """benchmarks/contention.py: a case in fresh processes, both modes, and the ratios it reports."""
+    """benchmarks/contention.py: a case in fresh processes, both modes, and the ratio it reports."""
     out = tmp_path / "c.json"
-    result = load_benchmark("contention").main(["--smoke", "--variants", "single", "--cases", "A,C",
-                                                "--out", str(out)])
+    result = load_benchmark("contention").main(["--smoke", "--variants", "single", "--cases", "A", "--out", str(out)])
     assert out.is_file()
     single = result["variants"]["single"]
     for mode in ("before", "after"):
-        assert single[mode]["A"]["mean_wall_s"] > 0 and single[mode]["C"]["train_s"][0] > 0
-        assert single[mode]["C_over_A"] > 0
+        assert single[mode]["A"]["mean_wall_s"] > 0 and single[mode]["A"]["train_s"][0] > 0
     assert single["A_after_over_before"] > 0
