@@ -98,6 +98,8 @@ def test_supcon_pretrains_end_to_end_on_a_labeled_folder(tiny_recipe_file, tmp_p
     from simclr_cli.checkpoints import read_metadata
 
     _labeled_folder(tmp_path / "data")
+    # the recipe's temperature, in the section of the objective it selects (another's section is an error)
+    tiny_recipe_file.write_text(tiny_recipe_file.read_text().replace("[pretrain.simclr]", "[pretrain.supcon]"))
     sets = ["--set", "pretrain.objective=supcon", "--set", "data.dataset=imagefolder", "--set",
             f"data.root={tmp_path / 'data'}", "--set", "pretrain.epochs=2", "--set", "pretrain.batch_size=8",
             "--set", "pretrain.knn_k=3"]
