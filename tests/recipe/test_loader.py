@@ -245,3 +245,17 @@ def test_bundled_recipes_use_one_knn_protocol_for_the_monitor_and_the_stage():
         r = load_recipe(name)
         assert r.knn.temperature == r.pretrain.knn_temperature, name
         assert r.knn.k == r.pretrain.knn_k, name
+
+
+def test_recipes_saved_by_earlier_versions_are_read_with_the_moved_keys_in_their_new_place():
+    """Checkpoints and run folders keep the recipe they were trained with: the flat pretrain.temperature/loss/margin
+    of earlier versions go to the selected objective's section (supcon keeps only its temperature)."""
+    from simclr_cli.recipe import parse_saved_toml, parse_toml, recipe_from_dict
+
+    old = '[pretrain]\ntemperature = 0.3\nloss = "nt_logistic"\nmargin = 0.2\n'
+    r = recipe_from_dict(parse_saved_toml(old, "ckpt"), "ckpt")
+    assert (r.pretrain.options.temperature, r.pretrain.options.loss, r.pretrain.options.margin) == (0.3, "nt_logistic", 0.2)
+    r = recipe_from_dict(parse_saved_toml('[pretrain]\nobjective = "supcon"\n' + old.split("\n", 1)[1], "ckpt"), "ckpt")
+    assert r.pretrain.options.temperature == 0.3
+    with pytest.raises(RecipeError, match="'pretrain.temperature' moved to 'pretrain.simclr.temperature'"):
+        recipe_from_dict(parse_toml(old, "mine.toml"), "mine.toml")  # a user's recipe: an error naming the new place

@@ -68,7 +68,8 @@ class ContrastiveTask(nn.Module):
 
     def after_step(self, step: int) -> None:
         """Called by the loop after each applied optimizer update (momentum encoders, queues)."""
-        self.objective.after_step(step)
+        with torch.no_grad():
+            self.objective.after_step(step)
 
     def warning(self, record: dict[str, float]) -> str | None:
         """The objective's warning for a logged metrics record (the loop prints it), or None."""

@@ -107,7 +107,7 @@ def margin_triplet(z1: torch.Tensor, z2: torch.Tensor, margin: float) -> torch.T
 
 
 def contrastive_loss(name: str, z1: torch.Tensor, z2: torch.Tensor, *, temperature: float, margin: float) -> torch.Tensor:
-    """Dispatch on the recipe's ``pretrain.loss``."""
+    """Dispatch on the recipe's ``pretrain.simclr.loss``."""
     if name == "nt_xent":
         return nt_xent(z1, z2, temperature)
     if name == "nt_logistic":

@@ -139,8 +139,9 @@ class PretrainConfig:
     nesterov: bool = _f(False, "Nesterov momentum for sgd")
     trust_coefficient: float = _f(1e-3, "LARS trust coefficient eta")
     warmup_epochs: float = _f(10.0, "linear warmup length, then cosine decay to 0")
-    objective: str = _f("simclr", "simclr (the paper's contrastive loss) | supcon (supervised contrastive; needs "
-                                  "labeled data); see docs/extending.md to add one")
+    objective: str = _f("simclr", "a registered objective (simclr_cli.objectives): simclr (the paper's contrastive "
+                                  "loss) | supcon (supervised contrastive; needs labeled data) | any added one "
+                                  "(docs/extending.md); its options are in its own section [pretrain.<objective>]")
     micro_batch_size: int = _f(0, "gradient cache: embed in chunks of this many images (full-batch loss, less memory; exact gradients without BN, per-chunk BN statistics with it); 0 off")
     sync_bn: bool = _f(True, "global BatchNorm across processes when there is more than one")
     mixed_precision: Precision = _f("no", "no | fp16 | bf16")
