@@ -47,10 +47,12 @@ batch_size = 16
 lr = 0.5
 weight_decay = 1e-4
 warmup_epochs = 1
-temperature = 0.5
 knn_every = 1
 knn_k = 5
 log_every = 2
+
+[pretrain.simclr]
+temperature = 0.5
 """
 
 

@@ -410,3 +410,10 @@ def test_recipes_validate_checks_the_dataset_and_the_objective(tiny_recipe_file)
     assert r.exit_code == 2 and "--set data.dataset=cifar: data.dataset: 'cifar' is not a dataset (did you mean 'cifar10'?)" in r.output
     r = invoke("recipes", "validate", str(tiny_recipe_file), "--set", "pretrain.objective=supcn")
     assert r.exit_code == 2 and "did you mean 'supcon'" in r.output
+
+
+def test_old_flat_objective_keys_exit_2_naming_their_new_place(tiny_recipe_file):
+    r = invoke("pretrain", str(tiny_recipe_file), "--set", "pretrain.temperature=0.2")
+    assert r.exit_code == 2 and "pretrain.simclr.temperature" in r.stderr
+    r = invoke("pretrain", str(tiny_recipe_file), "--set", "pretrain.objective=supcon")
+    assert r.exit_code == 2 and "[pretrain.simclr] holds options of the objective 'simclr'" in r.stderr

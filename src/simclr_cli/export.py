@@ -31,7 +31,7 @@ from torch import nn
 
 from simclr_cli.checkpoints import MODEL_FILE, load_weights, save_weights, sub_state
 from simclr_cli.errors import SimclrError, UsageError
-from simclr_cli.recipe import parse_toml, recipe_from_dict
+from simclr_cli.recipe import parse_saved_toml, recipe_from_dict
 from simclr_cli.utils import atomic_write_text
 
 
@@ -41,7 +41,7 @@ def _read_checkpoint(checkpoint: Path):
     backbone = sub_state(tensors, "backbone")
     if not backbone or "simclr.backbone" not in meta:
         raise UsageError(f"{checkpoint}: not a simclr-cli checkpoint with a backbone")
-    recipe = recipe_from_dict(parse_toml(meta["simclr.recipe"], str(checkpoint)), str(checkpoint))
+    recipe = recipe_from_dict(parse_saved_toml(meta["simclr.recipe"], str(checkpoint)), str(checkpoint))
     return backbone, meta, recipe
 
 
@@ -98,6 +98,16 @@ def export_timm(checkpoint: Path, out_dir: Path, *, overwrite: bool = False, run
 
 _LR_SCALING = {"linear": " x B/256", "sqrt": " x sqrt(B)", "none": " (not scaled with the batch)"}
 _HUB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "stl10": "stl10"}  # known Hub names
+
+
+def _objective_line(p) -> str:
+    """The objective and its own options (``[pretrain.<objective>]``) as the checkpoint's recipe gives them."""
+    from dataclasses import fields
+
+    options = p.options
+    if options is None or not fields(options):
+        return p.objective
+    return p.objective + ", " + ", ".join(f"{f.name} {getattr(options, f.name)}" for f in fields(options))
 
 
 def run_summaries(run_dir: Path, checkpoint: Path | None = None) -> dict[str, dict]:
@@ -217,7 +227,7 @@ def model_card(recipe, meta: dict[str, str], config: dict, summaries: dict[str, 
         "| | |", "|---|---|",
         row("backbone", f"`{m.backbone}`" + (" (CIFAR stem)" if cifar else "")),
         row("projection head", f"{m.proj_layers} layers, output {m.proj_dim}"),
-        row("objective", f"{p.objective}, loss {p.loss}, temperature {p.temperature:g}"),
+        row("objective", _objective_line(p)),
         row("global batch", pre.get("global_batch", p.batch_size)),
         row("epochs", f"{p.epochs}" + (f" (capped at {p.max_steps} steps)" if p.max_steps else "")),
         row("steps trained", steps if steps is not None else "not recorded"),

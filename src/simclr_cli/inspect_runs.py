@@ -7,7 +7,7 @@ from pathlib import Path
 
 from simclr_cli.checkpoints import MODEL_FILE, read_metadata
 from simclr_cli.errors import UsageError
-from simclr_cli.recipe import parse_toml, recipe_from_dict
+from simclr_cli.recipe import parse_saved_toml, recipe_from_dict
 from simclr_cli.layout import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_DIRS
 
 # The number each stage is judged by, for the runs table.
@@ -69,7 +69,7 @@ def checkpoint_info(path: Path) -> list[tuple[str, str]]:
         raise UsageError(f"{path}: not a readable safetensors file ({e})") from None
     if "simclr.recipe" not in meta:
         raise UsageError(f"{path}: not a simclr-cli checkpoint (no simclr.recipe metadata)")
-    r = recipe_from_dict(parse_toml(meta["simclr.recipe"], str(path)), str(path))
+    r = recipe_from_dict(parse_saved_toml(meta["simclr.recipe"], str(path)), str(path))
     p = r.pretrain
     rows = [
         ("checkpoint", str(path)),
@@ -79,7 +79,8 @@ def checkpoint_info(path: Path) -> list[tuple[str, str]]:
         ("data", f"{r.data.dataset} ({r.data.root if r.data.dataset != 'synthetic' else 'built in'}), "
                  f"train '{r.data.train_split}', {r.data.image_size} px"),
         ("pretrain", f"{p.epochs} epochs" + (f" (max {p.max_steps} steps)" if p.max_steps else "")
-                     + f", batch {p.batch_size}, {p.optimizer} lr {p.lr:g} ({p.lr_scaling}), tau {p.temperature:g}"),
+                     + f", batch {p.batch_size}, {p.optimizer} lr {p.lr:g} ({p.lr_scaling}), {p.objective}"
+                     + (f" tau {p.options.temperature:g}" if hasattr(p.options, "temperature") else "")),
         ("projection head", f"{r.model.proj_layers} layers, out {r.model.proj_dim}"),
     ]
     if "simclr.num_classes" in meta:

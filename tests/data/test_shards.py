@@ -270,7 +270,9 @@ def test_cli_pack_progress_ctrl_c_and_pretrain_from_shards(tmp_path, tiny_recipe
     assert (tmp_path / "run" / "pretrain" / "model.safetensors").is_file()
     summary = json.loads((tmp_path / "run" / "pretrain" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["bad_images"] == 0
-    r = runner.invoke(app, ["pretrain", str(tiny_recipe_file), "--set", "data.dataset=shards", "--set",
+    supcon = tmp_path / "supcon.toml"  # the recipe's temperature in the section of the objective it selects
+    supcon.write_text(tiny_recipe_file.read_text().replace("[pretrain.simclr]", "[pretrain.supcon]"))
+    r = runner.invoke(app, ["pretrain", str(supcon), "--set", "data.dataset=shards", "--set",
                             f"data.root={tmp_path / 'out'}", "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=8",
                             "--set", "pretrain.objective=supcon", "--set", f"data.labeled={src}", "--set",
                             "pretrain.knn_k=2", "--out", str(tmp_path / "sup"), "--quiet"])

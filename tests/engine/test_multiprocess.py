@@ -42,11 +42,13 @@ optimizer = "lars"
 lr = 0.3
 weight_decay = 1e-4
 warmup_epochs = 1
-temperature = 0.2
 sync_bn = true
 knn_every = 1
 knn_k = 5
 log_every = 1
+
+[pretrain.simclr]
+temperature = 0.2
 """
 
 

@@ -37,7 +37,7 @@ def test_tensorboard_events_hold_every_logged_scalar_and_the_recipe(tiny_recipe_
     losses = {e.step: e.value for e in acc.Scalars("loss")}
     assert losses == pytest.approx({r["step"]: r["loss"] for r in lines})  # the same numbers as metrics.jsonl
     hparams = list(tb.glob("*/hparams.yml"))  # Accelerate stores the config beside the events
-    assert hparams and "pretrain.temperature: 0.5" in hparams[0].read_text()
+    assert hparams and "pretrain.simclr.temperature: 0.5" in hparams[0].read_text()
 
 
 def test_tensorboard_true_is_kept_as_an_alias():
@@ -64,7 +64,7 @@ def test_mlflow_local_file_store_gets_metrics_and_the_resolved_recipe(tiny_recip
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.run_name == "tiny/pretrain" and run.info.status == "FINISHED"
     params = run.data.params
-    assert params["pretrain.temperature"] == "0.5" and params["model.backbone"] == "test_resnet"
+    assert params["pretrain.simclr.temperature"] == "0.5" and params["model.backbone"] == "test_resnet"
     assert params["stage"] == "pretrain" and params["augment.crop_scale"] == "[0.08, 1.0]"
     lines = [r for r in _logged(tmp_path / "run") if "loss" in r]
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
@@ -102,7 +102,7 @@ def test_wandb_offline_run_is_written_with_the_logged_keys(tiny_recipe_file, tmp
     (run_dir,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
     (data,) = run_dir.glob("*.wandb")  # the offline record `wandb sync` uploads
     raw = data.read_bytes()
-    for key in (b"loss", b"lr", b"images_per_sec", b"summary/final_loss", b"pretrain.temperature"):
+    for key in (b"loss", b"lr", b"images_per_sec", b"summary/final_loss", b"pretrain.simclr.temperature"):
         assert key in raw
 
 

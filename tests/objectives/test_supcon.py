@@ -98,6 +98,8 @@ def test_supcon_pretrains_end_to_end_on_a_labeled_folder(tiny_recipe_file, tmp_p
     from simclr_cli.checkpoints import read_metadata
 
     _labeled_folder(tmp_path / "data")
+    # the recipe's temperature, in the section of the objective it selects (another's section is an error)
+    tiny_recipe_file.write_text(tiny_recipe_file.read_text().replace("[pretrain.simclr]", "[pretrain.supcon]"))
     sets = ["--set", "pretrain.objective=supcon", "--set", "data.dataset=imagefolder", "--set",
             f"data.root={tmp_path / 'data'}", "--set", "pretrain.epochs=2", "--set", "pretrain.batch_size=8",
             "--set", "pretrain.knn_k=3"]
@@ -118,3 +120,14 @@ def test_supcon_on_unlabeled_data_fails_before_training(tiny_recipe_file, tmp_pa
     with pytest.raises(DataError, match=r"pretrain.objective='supcon' needs a label for every training image, but "
                                         r"2 of 4 images of mixed have none"):
         require_labels(source, "pretrain.objective='supcon'")
+
+
+def test_model_card_names_the_selected_objectives_own_options():
+    """The card printed SimCLR's loss and temperature for every objective; now the selected one's section."""
+    from simclr_cli.export import _objective_line
+    from simclr_cli.recipe import load_recipe
+
+    line = _objective_line(load_recipe("quickstart", ["pretrain.objective=supcon", "pretrain.supcon.temperature=0.2"])
+                           .pretrain)
+    assert line == "supcon, temperature 0.2"
+    assert "loss nt_xent, temperature 0.1" in _objective_line(load_recipe("quickstart").pretrain)

@@ -32,7 +32,7 @@ def test_imagenet_recipe_is_the_paper_default():
     r = load_recipe("imagenet")
     assert (r.model.backbone, r.pretrain.batch_size, r.pretrain.optimizer) == ("resnet50", 4096, "lars")
     assert (r.pretrain.lr, r.pretrain.lr_scaling, r.pretrain.weight_decay) == (0.3, "linear", 1e-6)
-    assert (r.pretrain.temperature, r.pretrain.epochs, r.pretrain.warmup_epochs) == (0.1, 100, 10)
+    assert (r.pretrain.options.temperature, r.pretrain.epochs, r.pretrain.warmup_epochs) == (0.1, 100, 10)
     assert r.augment.blur and r.augment.strength == 1.0 and r.data.image_size == 224
     assert (r.data.dataset, r.data.train_split, r.data.val_split) == ("imagefolder", "train", "val")
 
@@ -40,7 +40,7 @@ def test_imagenet_recipe_is_the_paper_default():
 def test_cifar10_recipe_is_the_reference_cifar_recipe():
     r = load_recipe("cifar10")
     assert (r.model.backbone, r.model.cifar_stem, r.pretrain.batch_size) == ("resnet18", True, 512)
-    assert (r.pretrain.optimizer, r.pretrain.lr, r.pretrain.temperature) == ("lars", 1.0, 0.5)
+    assert (r.pretrain.optimizer, r.pretrain.lr, r.pretrain.options.temperature) == ("lars", 1.0, 0.5)
     assert (r.augment.strength, r.augment.blur, r.pretrain.epochs) == (0.5, False, 1000)
 
 
@@ -54,7 +54,7 @@ def test_required_keys_exist():
     for section, keys in {
         "data": "dataset root train_split val_split image_size num_workers",
         "model": "backbone cifar_stem proj_layers proj_hidden_dim proj_dim",
-        "pretrain": "epochs max_steps batch_size optimizer lr lr_scaling weight_decay warmup_epochs temperature "
+        "pretrain": "epochs max_steps batch_size optimizer lr lr_scaling weight_decay warmup_epochs objective "
         "sync_bn mixed_precision knn_every",
     }.items():
         for key in keys.split():
@@ -86,7 +86,11 @@ def test_overrides_parse_toml_literals_and_fall_back_to_strings():
         ("pretrain.epochs", "expected section.key=value"),
         ("pretrain=3", "'pretrain' is a section"),
         ("pretrain.batch_size=0", "'pretrain.batch_size' must be an integer >= 2, got 0"),
-        ("pretrain.temperature=0", "'pretrain.temperature' must be a number > 0"),
+        ("pretrain.simclr.temperature=0", "'pretrain.simclr.temperature' must be a number > 0"),
+        ("pretrain.temperature=0.2", "'pretrain.temperature' moved to 'pretrain.simclr.temperature'"),
+        ("pretrain.simclr.temprature=1", "did you mean 'pretrain.simclr.temperature'"),
+        ("pretrain.supcon.temperature=0.2", "[pretrain.supcon] holds options of the objective 'supcon', but pretrain.objective is 'simclr'"),
+        ("pretrain.simclr.memory_size=-1", "'pretrain.simclr.memory_size' must be an integer >= 0"),
         ("augment.crop_scale=[0.9,0.1]", "'augment.crop_scale' must be [lo, hi] with 0 < lo <= hi <= 1"),
         ("augment.blur_p=1.5", "'augment.blur_p' must be a probability in [0, 1]"),
     ],
@@ -241,3 +245,17 @@ def test_bundled_recipes_use_one_knn_protocol_for_the_monitor_and_the_stage():
         r = load_recipe(name)
         assert r.knn.temperature == r.pretrain.knn_temperature, name
         assert r.knn.k == r.pretrain.knn_k, name
+
+
+def test_recipes_saved_by_earlier_versions_are_read_with_the_moved_keys_in_their_new_place():
+    """Checkpoints and run folders keep the recipe they were trained with: the flat pretrain.temperature/loss/margin
+    of earlier versions go to the selected objective's section (supcon keeps only its temperature)."""
+    from simclr_cli.recipe import parse_saved_toml, parse_toml, recipe_from_dict
+
+    old = '[pretrain]\ntemperature = 0.3\nloss = "nt_logistic"\nmargin = 0.2\n'
+    r = recipe_from_dict(parse_saved_toml(old, "ckpt"), "ckpt")
+    assert (r.pretrain.options.temperature, r.pretrain.options.loss, r.pretrain.options.margin) == (0.3, "nt_logistic", 0.2)
+    r = recipe_from_dict(parse_saved_toml('[pretrain]\nobjective = "supcon"\n' + old.split("\n", 1)[1], "ckpt"), "ckpt")
+    assert r.pretrain.options.temperature == 0.3
+    with pytest.raises(RecipeError, match="'pretrain.temperature' moved to 'pretrain.simclr.temperature'"):
+        recipe_from_dict(parse_toml(old, "mine.toml"), "mine.toml")  # a user's recipe: an error naming the new place

@@ -131,7 +131,7 @@ def test_finished_run_is_never_overwritten_silently(tiny_recipe_file, tmp_path):
 @pytest.mark.parametrize("loss", ["nt_logistic", "margin_triplet"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_loss_and_optimizer_choices_train(tiny_recipe_file, tmp_path, loss, optimizer):
-    recipe = load_recipe(tiny_recipe_file, [f"pretrain.loss={loss}", f"pretrain.optimizer={optimizer}",
+    recipe = load_recipe(tiny_recipe_file, [f"pretrain.simclr.loss={loss}", f"pretrain.optimizer={optimizer}",
                                             "pretrain.epochs=1", "pretrain.knn_every=0", "pretrain.lr=0.01"])
     summary = pretrain.run(recipe, tmp_path / "r", show_progress=False)
     assert summary["steps"] == 4 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN

@@ -68,7 +68,8 @@ def show_recipes(recipes: Iterable[tuple[str, object]]) -> None:
         p = r.pretrain
         table.add_row(name, r.data.dataset, r.model.backbone + (" (cifar stem)" if r.model.cifar_stem else ""),
                       str(r.data.image_size), str(p.batch_size), str(p.epochs),
-                      f"{p.optimizer} {p.lr:g} ({p.lr_scaling})", f"{p.temperature:g}")
+                      f"{p.optimizer} {p.lr:g} ({p.lr_scaling})",
+                      f"{p.options.temperature:g}" if hasattr(p.options, "temperature") else "-")
     console().print(table)
 
 

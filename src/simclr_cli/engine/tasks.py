@@ -1,7 +1,8 @@
 """Task modules: an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss": ..., ...}``.
 
-The loop knows nothing else about a stage; a task holds the model and the loss. Optional hooks the
-loop calls when a task has them: ``forward_backward(batch, accelerator)`` (a task that runs its own
+The loop knows nothing else about a stage; a task holds the model and the loss (for pretraining, an
+:class:`~simclr_cli.objectives.Objective` submodule, whose hooks the contrastive tasks call explicitly).
+Optional hooks the loop calls when a task has them: ``forward_backward(batch, accelerator)`` (a task that runs its own
 backward), ``after_step(step)`` (after each optimizer update: EMA, queues) and ``warning(record)``
 (a one-line warning for a logged metrics record).
 """
@@ -12,25 +13,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simclr_cli.objectives import Objective
+from simclr_cli.objectives import FitInfo, Objective
 from simclr_cli.objectives.base import global_z_std  # noqa: F401 - re-exported for callers of the task module
-from simclr_cli.objectives.simclr import SimCLR
+from simclr_cli.objectives.simclr import SimCLR, SimCLROptions
 
 
 class ContrastiveTask(nn.Module):
-    """Contrastive pretraining: both views through f and g in one pass (BN sees all 2n), then the
-    objective's loss (:mod:`simclr_cli.objectives`).
+    """Contrastive pretraining: the two views made, then the objective's ``forward`` (by default both views
+    through f and g in one pass, BN seeing all 2n, and its loss; :mod:`simclr_cli.objectives`).
 
     ``forward`` returns ``loss`` and the objective's health metrics (``z_std``, ``z_std_ratio``, ...).
     ``objective`` may also be a loss name (``"nt_xent"``, ...), with ``temperature`` and ``margin``:
-    the SimCLR objective with that loss.
+    the SimCLR objective with that loss. The objective is a submodule: its parameters and buffers are
+    trained, moved and saved with the model. The stage calls ``objective.build(model)`` before.
     """
 
     def __init__(self, model: nn.Module, objective: Objective | str, temperature: float = 0.1, margin: float = 0.5,
                  batched=None) -> None:
         super().__init__()
         self.model = model
-        self.objective = SimCLR(objective, temperature, margin) if isinstance(objective, str) else objective
+        if isinstance(objective, str):
+            objective = SimCLR(SimCLROptions(loss=objective, temperature=temperature, margin=margin))
+        self.objective = objective
         self.batched = batched  # a BatchedAugment for the batched backend, else None
         self.decoder = None  # a DeviceDecoder (data.decode='gpu'): encoded batches decoded on the device
         self.channels_last = False
@@ -53,13 +57,19 @@ class ContrastiveTask(nn.Module):
                     self.batched(batch["view2"], batch["params2"], cropped=True))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = torch.cat(self.views(batch), dim=0)
+        x1, x2 = self.views(batch)
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        _, z = self.model(x)
-        z1, z2 = z.chunk(2, dim=0)
-        loss = self.objective.loss(z1, z2, batch.get("label"))
-        return {"loss": loss, **self.objective.metrics(z)}
+            x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
+        return self.objective(self.model, x1, x2, batch)
+
+    def on_fit_start(self, info: FitInfo) -> None:
+        """Called by the stage once the run's plan is known, before the first step."""
+        self.objective.on_fit_start(info)
+
+    def after_step(self, step: int) -> None:
+        """Called by the loop after each applied optimizer update (momentum encoders, queues)."""
+        with torch.no_grad():
+            self.objective.after_step(step)
 
     def warning(self, record: dict[str, float]) -> str | None:
         """The objective's warning for a logged metrics record (the loop prints it), or None."""
@@ -109,6 +119,8 @@ class GradCacheContrastiveTask(ContrastiveTask):
     def __init__(self, model: nn.Module, objective: Objective | str, temperature: float = 0.1, margin: float = 0.5,
                  micro_batch_size: int = 0, batched=None) -> None:
         super().__init__(model, objective, temperature, margin, batched)
+        if not self.objective.supports_grad_cache:
+            raise ValueError(f"the objective '{self.objective.name}' does not support the gradient cache")
         self.micro_batch_size = micro_batch_size
 
     @staticmethod

@@ -107,7 +107,7 @@ def margin_triplet(z1: torch.Tensor, z2: torch.Tensor, margin: float) -> torch.T
 
 
 def contrastive_loss(name: str, z1: torch.Tensor, z2: torch.Tensor, *, temperature: float, margin: float) -> torch.Tensor:
-    """Dispatch on the recipe's ``pretrain.loss``."""
+    """Dispatch on the recipe's ``pretrain.simclr.loss``."""
     if name == "nt_xent":
         return nt_xent(z1, z2, temperature)
     if name == "nt_logistic":
@@ -115,3 +115,20 @@ def contrastive_loss(name: str, z1: torch.Tensor, z2: torch.Tensor, *, temperatu
     if name == "margin_triplet":
         return margin_triplet(z1, z2, margin)
     raise ValueError(f"unknown loss {name!r}")
+
+
+@full_precision
+def nt_xent_with_memory(z1: torch.Tensor, z2: torch.Tensor, memory: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent with extra negatives from a memory ([v2] section 2, after MoCo): each of the 2N anchors is
+    scored against the other 2N - 1 views of the global batch and the m rows of ``memory`` (unit-length,
+    constant), -log[exp(s_ij / t) / (sum_{k != i} exp(s_ik / t) + sum_q exp(s_iq / t))].
+
+    Returns this process's share, the mean over its 2n rows (averaged over processes, the global loss).
+    With an empty memory it is :func:`nt_xent`.
+    """
+    sim, self_col, pos_col = similarities(z1, z2)
+    rows = F.normalize(torch.cat([z1, z2], dim=0), dim=1)
+    extra = rows @ memory.to(rows.dtype).T
+    logits = torch.cat([sim, extra], dim=1) / temperature
+    logits[torch.arange(logits.shape[0], device=logits.device), self_col] = float("-inf")
+    return F.cross_entropy(logits, pos_col)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from simclr_cli.dist import world_size
 from simclr_cli.errors import RecipeError
 from simclr_cli.models.heads import projection_head
-from simclr_cli.recipe.schema import ModelConfig, PretrainConfig
+from simclr_cli.recipe.schema import OBJECTIVE_SECTIONS, ModelConfig, PretrainConfig
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
 
@@ -36,55 +37,105 @@ def global_z_std(z: torch.Tensor) -> torch.Tensor:
 
 
 def register(cls: type["Objective"]) -> type["Objective"]:
-    """Class decorator: make ``cls`` selectable as ``pretrain.objective = cls.name``."""
+    """Class decorator: make ``cls`` selectable as ``pretrain.objective = cls.name``, its ``Options`` dataclass
+    (if any) read from ``[pretrain.<name>]`` by the recipe loader."""
     if not cls.name or cls.name in OBJECTIVES:
         raise ValueError(f"objective name {cls.name!r} is empty or taken")
     OBJECTIVES[cls.name] = cls
+    if cls.Options is not None:
+        OBJECTIVE_SECTIONS[cls.name] = cls.Options
     return cls
 
 
+def unregister(name: str) -> None:
+    """Remove an objective and its recipe section (tests that register a throwaway one)."""
+    OBJECTIVES.pop(name, None)
+    OBJECTIVE_SECTIONS.pop(name, None)
+
+
 def build_objective(cfg: PretrainConfig) -> "Objective":
-    """The objective ``pretrain.objective`` names, built from the recipe's ``[pretrain]`` section."""
+    """The objective ``pretrain.objective`` names, built from its options (``[pretrain.<name>]``) and ``[pretrain]``.
+
+    It is not usable until :meth:`Objective.build` has seen the model."""
     cls = OBJECTIVES.get(cfg.objective)
     if cls is None:
         close = difflib.get_close_matches(cfg.objective, OBJECTIVES, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise RecipeError(f"pretrain.objective: '{cfg.objective}' is not an objective{hint}; "
                           f"choose one of {', '.join(sorted(OBJECTIVES))}")
-    return cls.from_recipe(cfg)
+    options = cfg.options if cfg.options is not None else (cls.Options() if cls.Options is not None else None)
+    return cls(options, cfg)
 
 
-class Objective:
-    """A pretraining objective on (z1, z2), the projections of two views of the same n images.
+@dataclass(frozen=True)
+class FitInfo:
+    """What an objective learns at :meth:`Objective.on_fit_start`: the run's schedule and process count."""
 
-    Subclasses set ``name`` (and ``needs_labels`` when the loss uses class labels), implement
-    :meth:`from_recipe` (recipe section -> plain constructor arguments) and :meth:`loss`; they may
-    override :meth:`head`, :meth:`metrics` and :meth:`warning`.
+    total_steps: int
+    steps_per_epoch: int
+    world_size: int
+    start_step: int = 0  # > 0 when resuming
+
+
+class Objective(nn.Module):
+    """A pretraining objective: an ``nn.Module`` owned by the task, so its parameters and buffers go to the
+    optimizer (those that require grad), the device, ``channels_last`` and the resume state like the model's.
+
+    Subclasses set ``name`` (and ``needs_labels`` when the loss uses class labels, ``Options`` to a frozen
+    dataclass of their ``[pretrain.<name>]`` keys, ``supports_grad_cache`` when :meth:`loss` on projections is
+    the whole objective) and implement :meth:`loss`, or :meth:`forward` when they run a network of their own.
+    The task calls, in order: :meth:`head` (to build the model), :meth:`build` (once, with the model),
+    :meth:`on_fit_start` (once per invocation, before the first step), then every step :meth:`forward` and,
+    after each optimizer update, :meth:`after_step`; :meth:`warning` on each logged record.
     """
 
     name: ClassVar[str] = ""
     needs_labels: ClassVar[bool] = False
+    Options: ClassVar[type | None] = None  # the dataclass of [pretrain.<name>], declared next to the objective
+    supports_grad_cache: bool = False  # the gradient cache calls loss() on cached projections instead of forward()
 
-    def __init__(self, *, collapse_warn: float = 0.1) -> None:
-        self.collapse_warn = collapse_warn
+    def __init__(self, options=None, pretrain: PretrainConfig | None = None) -> None:
+        super().__init__()
+        self.options = options
+        self.collapse_warn = pretrain.collapse_warn if pretrain is not None else 0.1
         self._warned: set[str] = set()
-
-    @classmethod
-    def from_recipe(cls, cfg: PretrainConfig) -> "Objective":
-        raise NotImplementedError
 
     def head(self, in_dim: int, model: ModelConfig) -> nn.Module:
         """The projection head g on h (``in_dim`` wide): the recipe's ``model.proj_*`` head by default."""
         return projection_head(in_dim, model.proj_layers, model.proj_hidden_dim, model.proj_dim)
 
+    def build(self, model: nn.Module) -> None:
+        """Called once with the built model (a ``SimCLRModel``: ``backbone`` f, ``head`` g; BN already converted
+        for several processes), before the optimizer and resume: create parameters and buffers here (a
+        momentum copy of the encoder, a predictor sized to the head, a queue)."""
+
+    def on_fit_start(self, info: FitInfo) -> None:
+        """Called once per invocation before the first step (also on resume): total steps, steps per epoch,
+        process count, e.g. for a momentum schedule."""
+
+    def forward(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor,
+                batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One step's loss and metrics: ``{"loss": this process's share, **scalars to log}``.
+
+        The default runs both views through ``model`` in one pass (BN sees all 2n) and applies :meth:`loss`.
+        ``x1, x2``: the two views of this process's n images; ``batch``: the loaded batch (``label``, ...).
+        """
+        _, z = model(torch.cat([x1, x2], dim=0))
+        z1, z2 = z.chunk(2, dim=0)
+        return {"loss": self.loss(z1, z2, batch.get("label")), **self.metrics(z)}
+
     def loss(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """This process's share of the loss; averaged over processes it is the global loss.
+        """This process's share of the loss on projections; averaged over processes it is the global loss.
 
         Args:
             z1, z2: (n, d) projections of view 1 and view 2 of this process's n images.
             labels: (n,) class indices (-1 unlabeled), or None when the data has none.
         """
         raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """Called after each applied optimizer update (not after a skipped one); ``step`` counts from 1."""
 
     def metrics(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """Health scalars logged with the loss: ``z_std`` (std of normalized z over the global batch,

@@ -14,13 +14,15 @@ folders (or CIFAR/STL-10's labeled splits).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from simclr_cli.dist import gather
 from simclr_cli.errors import DataError
 from simclr_cli.losses.contrastive import full_precision, similarities
 from simclr_cli.objectives.base import Objective, register
-from simclr_cli.recipe.schema import PretrainConfig
+from simclr_cli.recipe.schema import PretrainConfig, option
 
 
 @full_precision
@@ -43,18 +45,25 @@ def supcon_loss(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, temper
     return -(log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1)).mean()
 
 
+@dataclass(frozen=True)
+class SupConOptions:
+    """``[pretrain.supcon]``: the SupCon objective's options (read when ``pretrain.objective = "supcon"``)."""
+
+    temperature: float = option(0.1, "temperature tau of the SupCon loss",
+                                check=("a number > 0", lambda v: 0 < v < float("inf")))
+
+
 @register
 class SupCon(Objective):
     name = "supcon"
     needs_labels = True
+    Options = SupConOptions
+    supports_grad_cache = True
 
-    def __init__(self, temperature: float = 0.1, collapse_warn: float = 0.1) -> None:
-        super().__init__(collapse_warn=collapse_warn)
-        self.temperature = temperature
-
-    @classmethod
-    def from_recipe(cls, cfg: PretrainConfig) -> "SupCon":
-        return cls(cfg.temperature, cfg.collapse_warn)
+    def __init__(self, options: SupConOptions | None = None, pretrain: PretrainConfig | None = None) -> None:
+        options = options if options is not None else SupConOptions()
+        super().__init__(options, pretrain)
+        self.temperature = options.temperature
 
     def loss(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if labels is None or bool((labels < 0).any()):

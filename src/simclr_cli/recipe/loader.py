@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, get_args, get_origin, get_type_hints
 
 from simclr_cli.errors import RecipeError
-from simclr_cli.recipe.schema import RANGES, Recipe
+from simclr_cli.recipe.schema import MOVED_KEYS, OBJECTIVE_SECTIONS, RANGES, Recipe
 
 _REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 
@@ -110,6 +110,26 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
         raise RecipeError(f"{source}: invalid TOML: {e}") from None
 
 
+def parse_saved_toml(text: str, source: str) -> dict[str, Any]:
+    """A recipe that simclr-cli itself wrote (a checkpoint's stored recipe, a run's ``recipe.toml``), parsed,
+    with the keys that moved since (:data:`~simclr_cli.recipe.schema.MOVED_KEYS`) put in their new place, so
+    that checkpoints and runs of earlier versions stay readable. A user's recipe gets no such help: there an
+    old key is an error naming its new place."""
+    raw = parse_toml(text, source)
+    pretrain = raw.get("pretrain")
+    if isinstance(pretrain, dict) and any(k.split(".")[1] in pretrain for k in MOVED_KEYS):
+        objective = pretrain.get("objective", "simclr")
+        old = {k.split(".")[1]: pretrain.pop(k.split(".")[1]) for k in MOVED_KEYS if k.split(".")[1] in pretrain}
+        options = _objective_sections().get(objective)
+        if options is not None:  # each objective keeps the old keys it has (supcon: temperature)
+            names = {f.name for f in fields(options)}
+            section = pretrain.setdefault(objective, {})
+            for key, value in old.items():
+                if key in names:
+                    section.setdefault(key, value)
+    return raw
+
+
 def recipe_from_dict(
     raw: dict[str, Any], source: str = "<recipe>", overrides: typing.Sequence[str] = (),
     values: TypedOverrides | None = None,
@@ -161,12 +181,21 @@ def _apply_override(merged: dict, key: str, value: Any, where: str, source: str)
     node = merged
     cls: Any = Recipe
     for i, part in enumerate(parts):
-        names = {f.name: f for f in fields(cls)}
-        if part not in names:
-            dotted = ".".join(parts[: i + 1])
+        names = {f.name: f for f in _keys(cls)}
+        dotted = ".".join(parts[: i + 1])
+        if part not in names and _has_objective_section(cls) and part in _objective_sections():
+            hint = _objective_sections()[part]  # [pretrain.<objective>]: checked against the objective when built
+        elif part not in names:
+            if dotted in MOVED_KEYS:
+                raise RecipeError(f"{where}: '{dotted}' moved to '{MOVED_KEYS[dotted]}' (the objective's own section); "
+                                  f"use --set {MOVED_KEYS[dotted]}=... or [{MOVED_KEYS[dotted].rsplit('.', 1)[0]}] "
+                                  "in the recipe")
             valid = [".".join([*parts[:i], n]) for n in names]
+            if _has_objective_section(cls):
+                valid += [".".join([*parts[:i], n]) for n in _objective_sections()]
             raise RecipeError(f"{where}: unknown key '{dotted}'{_did_you_mean(dotted, valid)}")
-        hint = get_type_hints(cls)[part]
+        else:
+            hint = get_type_hints(cls)[part]
         if i == len(parts) - 1:
             if is_dataclass(hint):
                 raise RecipeError(f"{where}: '{key}' is a section; set one of its keys, e.g. {key}.{fields(hint)[0].name}=...")
@@ -185,10 +214,15 @@ def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: [{where}] must be a table, got {_type_name(raw)}")
     hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in _keys(cls)}
+    sections = _objective_sections() if _has_objective_section(cls) else {}
     for key in raw:
-        if key not in known:
-            valid = [prefix + n for n in known]
+        if key not in known and key not in sections:
+            if prefix + key in MOVED_KEYS:
+                new = MOVED_KEYS[prefix + key]
+                raise RecipeError(f"{origins.get(prefix + key, source)}: '{prefix}{key}' moved to '{new}' (the "
+                                  f"objective's own section): write it as {key} = ... under [{new.rsplit('.', 1)[0]}]")
+            valid = [prefix + n for n in [*known, *sections]]
             extra = ""
             if not known:
                 extra = f" ([{where}] is reserved for a stage that has no settings yet)"
@@ -203,10 +237,48 @@ def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str
         else:
             key = f"{prefix}{name}"
             value = _coerce(raw[name], hint, key, origins.get(key, source))
-            if key in RANGES and not RANGES[key][1](value):
-                raise RecipeError(f"{origins.get(key, source)}: '{key}' must be {RANGES[key][0]}, got {value!r}")
+            check = RANGES.get(key) or f.metadata.get("check")
+            if check is not None and not check[1](value):
+                raise RecipeError(f"{origins.get(key, source)}: '{key}' must be {check[0]}, got {value!r}")
             kwargs[name] = value
+    if sections:
+        kwargs["options"] = _build_objective_section(raw, kwargs, cls, sections, prefix, source, origins)
     return cls(**kwargs)
+
+
+def _keys(cls: type) -> list:
+    """The fields of a section that are TOML keys (an objective's options field is a sub-section instead)."""
+    return [f for f in fields(cls) if not f.metadata.get("objective_section")]
+
+
+def _has_objective_section(cls: type) -> bool:
+    return any(f.metadata.get("objective_section") for f in fields(cls))
+
+
+def _objective_sections() -> dict[str, type]:
+    """Objective name -> options dataclass. Objectives register their sections when imported; importing the
+    package here (late, like a plugin entry point) makes the built-in ones known to every recipe load."""
+    import simclr_cli.objectives  # noqa: F401
+
+    return OBJECTIVE_SECTIONS
+
+
+def _build_objective_section(raw: dict, kwargs: dict, cls: type, sections: dict[str, type], prefix: str,
+                             source: str, origins: dict[str, str]) -> Any:
+    """The selected objective's options from ``[<prefix><objective>]`` (its defaults when absent); a section of
+    an objective that is not selected is an error."""
+    chosen = kwargs.get("objective", next(f.default for f in fields(cls) if f.name == "objective"))
+    for name in sections:
+        if name in raw and name != chosen:
+            where = next((o for k, o in origins.items() if k.startswith(f"{prefix}{name}.")), source)
+            raise RecipeError(f"{where}: [{prefix}{name}] holds options of the objective '{name}', but "
+                              f"{prefix}objective is '{chosen}'; remove the section or set {prefix}objective='{name}'")
+    options_cls = sections.get(chosen)
+    if options_cls is None:
+        if chosen in raw:
+            raise RecipeError(f"{source}: [{prefix}{chosen}]: the objective '{chosen}' takes no options")
+        return None
+    return _build(options_cls, raw.get(chosen, {}), f"{prefix}{chosen}.", source, origins)
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -284,6 +356,10 @@ def recipe_to_dict(recipe: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(recipe):
         value = getattr(recipe, f.name)
+        if f.metadata.get("objective_section"):  # written as the [section.<objective>] sub-section
+            if value is not None and fields(value):
+                out[recipe.objective] = recipe_to_dict(value)
+            continue
         if is_dataclass(value):
             out[f.name] = recipe_to_dict(value)
         elif isinstance(value, tuple):
@@ -301,7 +377,10 @@ def recipe_to_toml(recipe: Recipe) -> str:
         if isinstance(values, dict):
             lines.append("")
             lines.append(f"[{section}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict))
+            for sub, sub_values in values.items():  # an objective's own section, e.g. [pretrain.simclr]
+                if isinstance(sub_values, dict):
+                    lines += ["", f"[{section}.{sub}]", *(f"{k} = {_toml_value(v)}" for k, v in sub_values.items())]
     return "\n".join(lines) + "\n"
 
 

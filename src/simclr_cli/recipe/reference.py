@@ -66,8 +66,30 @@ def recipe_reference() -> str:
             continue
         out += ["| key | type | default | meaning |", "|---|---|---|---|"]
         for f in fields(cls):
+            if f.metadata.get("objective_section"):
+                continue
             out.append(f"| `{name}.{f.name}` | {_type_text(sub_hints[f.name])} | {_default_text(f)} | {_md(f.metadata['help'])} |")
+        if any(f.metadata.get("objective_section") for f in fields(cls)):
+            out += _objective_sections(name)
     return "\n".join(out) + "\n"
+
+
+def _objective_sections(parent: str) -> list[str]:
+    """One table per objective with options: ``[pretrain.<objective>]``, read only when that objective is selected."""
+    from simclr_cli.recipe.loader import _objective_sections as sections
+
+    out = []
+    for name, cls in sorted(sections().items()):
+        out += ["", f"### [{parent}.{name}]", "", (cls.__doc__ or "").strip().split(": ", 1)[-1]
+                + f" A key here with another `{parent}.objective` is an error.", ""]
+        if not fields(cls):
+            continue
+        hints = get_type_hints(cls)
+        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in fields(cls):
+            out.append(f"| `{parent}.{name}.{f.name}` | {_type_text(hints[f.name])} | {_default_text(f)} | "
+                       f"{_md(f.metadata['help'])} |")
+    return out
 
 
 if __name__ == "__main__":

@@ -9,13 +9,32 @@ Each stage reads only its own section plus the shared ones
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Callable, Literal
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best in the schema
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: default, metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
+
+
+def option(default, help: str, check: tuple[str, Callable[[Any], bool]] | None = None):  # noqa: A002
+    """A field of an objective's options dataclass (``[pretrain.<objective>]``): default, one-line meaning, and
+    optionally ``check = (what it must be, test)``, which the loader applies like :data:`RANGES`."""
+    meta = {"help": help, **({"check": check} if check is not None else {})}
+    return field(default=default, metadata=meta)
+
+
+OBJECTIVE_SECTIONS: dict[str, type] = {}
+"""Objective name -> its options dataclass, read from ``[pretrain.<name>]``. Filled by
+:func:`simclr_cli.objectives.register`; an objective with no options registers none."""
+
+MOVED_KEYS = {
+    "pretrain.temperature": "pretrain.simclr.temperature",
+    "pretrain.loss": "pretrain.simclr.loss",
+    "pretrain.margin": "pretrain.simclr.margin",
+}
+"""Keys that moved to an objective's own section: using the old place is an error naming the new one."""
 
 
 @dataclass(frozen=True)
@@ -120,11 +139,9 @@ class PretrainConfig:
     nesterov: bool = _f(False, "Nesterov momentum for sgd")
     trust_coefficient: float = _f(1e-3, "LARS trust coefficient eta")
     warmup_epochs: float = _f(10.0, "linear warmup length, then cosine decay to 0")
-    objective: str = _f("simclr", "simclr (the paper's contrastive loss) | supcon (supervised contrastive; needs "
-                                  "labeled data); see docs/extending.md to add one")
-    temperature: float = _f(0.1, "temperature tau of the contrastive loss")
-    loss: LossName = _f("nt_xent", "simclr objective: nt_xent | nt_logistic | margin_triplet (paper Table 4)")
-    margin: float = _f(0.5, "margin for margin_triplet")
+    objective: str = _f("simclr", "a registered objective (simclr_cli.objectives): simclr (the paper's contrastive "
+                                  "loss) | supcon (supervised contrastive; needs labeled data) | any added one "
+                                  "(docs/extending.md); its options are in its own section [pretrain.<objective>]")
     micro_batch_size: int = _f(0, "gradient cache: embed in chunks of this many images (full-batch loss, less memory; exact gradients without BN, per-chunk BN statistics with it); 0 off")
     sync_bn: bool = _f(True, "global BatchNorm across processes when there is more than one")
     mixed_precision: Precision = _f("no", "no | fp16 | bf16")
@@ -140,6 +157,9 @@ class PretrainConfig:
     save_every: int = _f(1, "save resumable state every this many epochs")
     checkpoint_every: int = _f(0, "also save resumable state every this many steps; 0 off")
     keep_states: int = _f(2, "keep the newest this many saved states (at least 1)")
+    options: Any = field(default=None, metadata={
+        "help": "the selected objective's own options, the [pretrain.<objective>] section (e.g. [pretrain.simclr]); "
+                "None: its defaults", "objective_section": True})
 
 
 @dataclass(frozen=True)
@@ -325,8 +345,6 @@ RANGES = {
     "pretrain.momentum": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "pretrain.trust_coefficient": ("a number > 0", lambda v: v > 0),
     "pretrain.warmup_epochs": ("a number >= 0", lambda v: v >= 0),
-    "pretrain.temperature": ("a number > 0", lambda v: 0 < v < float("inf")),
-    "pretrain.margin": ("a number >= 0", lambda v: v >= 0),
     "pretrain.knn_every": ("an integer >= 0", lambda v: v >= 0),
     "pretrain.knn_k": ("an integer >= 1", lambda v: v >= 1),
     "pretrain.knn_temperature": ("a number > 0", lambda v: v > 0),

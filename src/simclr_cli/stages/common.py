@@ -27,7 +27,7 @@ from simclr_cli.layout import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_DIRS
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.objectives import build_objective
-from simclr_cli.recipe import Recipe, TypedOverrides, parse_toml, recipe_diff, recipe_from_dict
+from simclr_cli.recipe import Recipe, TypedOverrides, parse_saved_toml, recipe_diff, recipe_from_dict
 from simclr_cli.recipe.loader import read_toml, resolve_recipe_path
 from simclr_cli.utils import atomic_write_text
 
@@ -108,7 +108,7 @@ def inherit_recipe(src: Source | None, recipe_arg: str | None, overrides: Sequen
     origin = "<defaults>"
     if src is not None and src.checkpoint is not None:
         origin = f"{src.checkpoint} (stored recipe)"
-        raw = parse_toml(src.metadata["simclr.recipe"], origin)
+        raw = parse_saved_toml(src.metadata["simclr.recipe"], origin)
     if recipe_arg:
         path = resolve_recipe_path(recipe_arg)
         raw = _deep_merge(raw, read_toml(path))
@@ -152,7 +152,7 @@ def check_output(stage_dir: Path, stage: str, *, overwrite: bool, resume: bool =
                 raise UsageError(f"{saved_path} is missing, so the resumed recipe cannot be checked; "
                                  "pass --force to resume anyway")
             return
-        saved = recipe_from_dict(parse_toml(saved_path.read_text(), str(saved_path)), str(saved_path))
+        saved = recipe_from_dict(parse_saved_toml(saved_path.read_text(), str(saved_path)), str(saved_path))
         changed = [k for k in recipe_diff(saved, recipe) if k not in resumable_changes]
         if changed and not force:
             raise UsageError(f"--resume with a different recipe than {saved_path} ({', '.join(changed)}); "
@@ -174,7 +174,7 @@ def resume_recipe(stage_dir: Path, recipe_arg: str | None, overrides: Sequence[s
     saved = Path(stage_dir) / "recipe.toml"
     if not saved.is_file():
         return None
-    raw = parse_toml(saved.read_text(), str(saved))
+    raw = parse_saved_toml(saved.read_text(), str(saved))
     if recipe_arg:
         raw = _deep_merge(raw, read_toml(resolve_recipe_path(recipe_arg)))
     return recipe_from_dict(raw, source=str(saved), overrides=overrides, values=values)

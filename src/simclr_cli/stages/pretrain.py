@@ -35,7 +35,7 @@ from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
 from simclr_cli.evaluation.knn import extract_features, knn_top1
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.errors import DataError, RecipeError
-from simclr_cli.objectives import build_objective
+from simclr_cli.objectives import FitInfo, build_objective
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
 from simclr_cli.stages.scaffold import StageRun, guarded
@@ -82,6 +82,11 @@ def run(
     torch.manual_seed(recipe.seed)
 
     objective = build_objective(pcfg)
+    grad_cache = 0 < pcfg.micro_batch_size < pcfg.batch_size // accelerator.num_processes
+    if grad_cache and not objective.supports_grad_cache:
+        raise RecipeError(f"pretrain.micro_batch_size={pcfg.micro_batch_size}: the objective '{pcfg.objective}' with "
+                          "these options does not support the gradient cache (e.g. pretrain.simclr.memory_size > 0); "
+                          "set pretrain.micro_batch_size=0")
 
     # Data. A data.labeled folder (the kNN monitor's) is checked first: its errors must not wait for the training
     # images to be decoded into memory.
@@ -100,8 +105,7 @@ def run(
     # Model and task.
     model = build_simclr_model(recipe.model, head=objective.head, image_size=cfg.image_size)
     model, bn_mode = convert_sync_bn(model, accelerator, pcfg.sync_bn)
-    local_batch = pcfg.batch_size // accelerator.num_processes
-    grad_cache = 0 < pcfg.micro_batch_size < local_batch
+    objective.build(model)  # before channels_last, compile, the optimizer and resume: its state goes with the task's
     on_device = BatchedAugment(augment) if batched else None
     if grad_cache:
         task = GradCacheContrastiveTask(model, objective, micro_batch_size=pcfg.micro_batch_size, batched=on_device)
@@ -111,6 +115,7 @@ def run(
         task.decoder = DeviceDecoder(views, accelerator.device)
     if pcfg.channels_last:
         model.to(memory_format=torch.channels_last)
+        objective.to(memory_format=torch.channels_last)
         task.channels_last = True
     if pcfg.compile:
         model.backbone.compile(backend=COMPILE_BACKEND)  # in place: state_dict keys stay the same
@@ -130,6 +135,8 @@ def run(
                       **guard.training(resume=resume, force=force, interrupt_after=interrupt_after))
     plan, metrics, progress = trainer.plan, trainer.metrics, trainer.progress
     spe, total, start_step, elapsed0 = plan.steps_per_epoch, plan.total_steps, plan.start_step, plan.elapsed
+    trainer.model.on_fit_start(FitInfo(total_steps=total, steps_per_epoch=spe, world_size=accelerator.num_processes,
+                                       start_step=start_step))
 
     # kNN monitor on h against the labeled val split.
     knn = _KnnMonitor.build(recipe, accelerator, train_source, splits=labeled) if pcfg.knn_every else None

@@ -593,10 +593,10 @@ def same_recipe(stage_dir: Path, recipe: Recipe, resumable_changes: frozenset[st
     saved = Path(stage_dir) / "recipe.toml"
     if not saved.is_file():
         return False
-    from simclr_cli.recipe import parse_toml, recipe_diff, recipe_from_dict
+    from simclr_cli.recipe import parse_saved_toml, recipe_diff, recipe_from_dict
 
     try:
-        before = recipe_from_dict(parse_toml(saved.read_text(), str(saved)), str(saved))
+        before = recipe_from_dict(parse_saved_toml(saved.read_text(), str(saved)), str(saved))
     except SimclrError:
         return False
     return not [k for k in recipe_diff(before, recipe) if k not in resumable_changes]
