@@ -64,11 +64,16 @@ def data(tmp_path_factory):
     (tmp / "tiny.toml").write_text(TINY_RECIPE)
     sets = [*BASE, f"data.root='{tmp / 'data'}'"]
     ref = tmp / "ref"
-    pretrain.run(load_recipe(tmp / "tiny.toml", sets), ref, show_progress=False)
-    src = common.find_source(ref, ("pretrain",))
-    finetune.run(common.inherit_recipe(src, None, []), src, ref, show_progress=False)
-    src = common.find_source(ref, ("finetune",))
-    distill.run(common.inherit_recipe(src, None, []), src, ref, show_progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the stage commands run (OMP_NUM_THREADS=1 in _env): float sums depend on it
+    try:
+        pretrain.run(load_recipe(tmp / "tiny.toml", sets), ref, show_progress=False)
+        src = common.find_source(ref, ("pretrain",))
+        finetune.run(common.inherit_recipe(src, None, []), src, ref, show_progress=False)
+        src = common.find_source(ref, ("finetune",))
+        distill.run(common.inherit_recipe(src, None, []), src, ref, show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return tmp, [x for s in sets for x in ("--set", s)]
 
 
@@ -146,3 +151,35 @@ def test_sigterm_to_the_group_of_simclr_launch_with_2_processes(data, tmp_path):
     r = _resume(r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     _identical(tmp_path / "ref" / "pretrain" / "model.safetensors", out / "pretrain" / "model.safetensors")
+
+
+_EXIT_WITH_LIVE_WORKERS = """
+import signal, torch
+from simclr_cli.data.loaders import make_loader
+loader = make_loader(torch.utils.data.TensorDataset(torch.arange(64.0)), num_workers=2, pin_memory=False, batch_size=4)
+it = iter(loader)
+next(it)
+keep = (loader, it)  # persistent workers still alive when the interpreter exits
+"""
+
+
+def test_a_process_exits_with_its_workers_alive_and_a_group_sigterm_still_spares_them(tmp_path):
+    """Workers ignore a SIGTERM sent to the process group but not their main process's own: Python's exit terminates
+    daemonic children and then joins them, so a worker that ignored that one would hang its main process for good."""
+    r = subprocess.run([sys.executable, "-c", _EXIT_WITH_LIVE_WORKERS], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "exited unexpectedly" not in r.stderr and "Error" not in r.stderr, r.stderr
+    # a SIGTERM (or SIGINT) from someone else, as a signal to the group is, leaves the workers serving batches
+    serve = _EXIT_WITH_LIVE_WORKERS.replace("keep = ", "import sys\nprint(' '.join(str(w.pid) for w in it._workers), "
+                                            "flush=True)\nsys.stdin.readline()\nprint(len(list(it)), flush=True)\nkeep = ")
+    probe = subprocess.Popen([sys.executable, "-c", serve], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in probe.stdout.readline().split()]
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGTERM)
+        os.kill(pids[1], signal.SIGINT)
+        out, err = probe.communicate("go\n", timeout=120)  # the other 15 batches need both workers
+        assert probe.returncode == 0 and out.strip() == "15", err
+    finally:
+        if probe.poll() is None:
+            probe.kill()

@@ -394,7 +394,7 @@ def batches_per_epoch(num_samples: int, global_batch: int, drop_last: bool) -> i
 
 
 def worker_ignores_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker's start: ignore SIGINT and SIGTERM, die with the main process.
+    """A DataLoader worker's start: ignore SIGINT, and SIGTERM from anyone but the main process; die with it.
 
     Schedulers signal every process of a job (SLURM's ``scancel``, preemption and time limit, ``timeout``,
     ``docker stop``, ``kill -- -PGID``), DataLoader workers included. A worker that died of it would make the main
@@ -402,11 +402,30 @@ def worker_ignores_stop_signals(worker_id: int) -> None:
     save its state; ignoring the signal leaves the stop to the main process (state saved at the next step, exit
     130), which then shuts its workers down as usual. A worker whose main process is gone (SIGKILL, OOM) is killed
     by the kernel (Linux ``PR_SET_PDEATHSIG``), besides torch's own check of its parent.
+
+    A SIGTERM that the main process itself sends still ends the worker: Python's exit (``multiprocessing``
+    terminates daemonic children, then joins them) and DataLoader's own shutdown of a stuck worker use it, and a
+    worker that ignored it would hang its main process at exit for good. The sender is told apart with
+    ``sigwaitinfo`` on a thread that alone receives SIGTERM; where that is missing (not Linux), SIGTERM is
+    left as it is.
     """
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
+        import os
+        import threading
+
+        main = os.getppid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from now on inherit it
+
+        def from_whom() -> None:
+            while True:
+                info = signal.sigwaitinfo({signal.SIGTERM})
+                if info.si_pid == main:
+                    os._exit(0)  # the main process asked for it: not a failure its SIGCHLD handler should report
+
+        threading.Thread(target=from_whom, name="sigterm-from-main", daemon=True).start()
     if sys.platform.startswith("linux"):
         try:
             import ctypes
