@@ -15,6 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download weights
 os.environ.setdefault("SIMCLR_CACHE_DIR", tempfile.mkdtemp(prefix="simclr-test-cache-"))
 # The thread budget, as the `simclr` command sets it (before torch is imported): this process and every stage
 # subprocess or torchrun rank a test starts use the CPUs they may use, shared, with passive OpenMP waits.
+# `fixed`: the CPUs whatever the machine's load, so that runs the tests compare compute alike (float sums depend
+# on the thread count).
+os.environ.setdefault("SIMCLR_THREADS", "fixed")
 from simclr_cli import threads as _threads  # noqa: E402
 
 _threads.prepare_process()

@@ -18,7 +18,8 @@ imported), from what the process may actually use:
 
 the smallest of these, shared among the processes a launcher started on this machine
 (``LOCAL_WORLD_SIZE``), at least 1. ``SIMCLR_THREADS=N`` sets N CPUs for each process instead;
-``SIMCLR_THREADS=off`` leaves every setting to the libraries, as before the budget existed.
+``SIMCLR_THREADS=off`` leaves every setting to the libraries, as before the budget existed;
+``SIMCLR_THREADS=fixed`` takes the CPUs whatever the load (the test suite does, for repeatable runs).
 
 The CPUs are split between the main process's intra-op threads and the DataLoader workers (one
 thread each, as torch sets them): ``data.num_workers = "auto"`` takes a count from the budget
@@ -28,12 +29,14 @@ whole budget (:meth:`ThreadBudget.decode_threads`).
 
 The user's settings win: an ``OMP_NUM_THREADS`` in the environment, a ``torch.set_num_threads`` made
 before a stage runs, an explicit ``data.num_workers``, an ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` are
-left as they are. The thread count never depends on the machine's load, since float results depend on
-it (a run and its resume, or two runs of one recipe, must compute the same); the OpenMP wait policy does
-not change results, so it follows the load: where other processes keep the CPUs busy when a process
-with several threads starts (:func:`busy_cpus`, 0.1 s of ``/proc/stat``), its waiting threads sleep at
-once (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning a core away from them; on idle CPUs they keep the
-library's default (spin a while, then sleep), which alone is fastest (docs/performance.md).
+left as they are. A process with several CPUs looks at the machine when it starts (:func:`busy_cpus`, 0.1 s of
+``/proc/stat``): the CPUs that other processes keep busy are left to them (at least one thread stays),
+and where others are busy the waiting OpenMP threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``) instead
+of spinning a core away from them; on idle CPUs they keep the library's default (spin a while, then
+sleep), which alone is fastest (docs/performance.md). Float results depend on the thread count, so it is
+recorded: a resumed run goes back to the count it started with (:func:`resume_with`, bit-identical to
+the uninterrupted run), ``summary.json`` names it, and the ranks of a launch (which must agree) and
+``SIMCLR_THREADS=N|fixed`` do not look at the load.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, MutableMapping, Optional
 
@@ -70,6 +73,11 @@ class ThreadBudget:
     wait_policy: str = ""
     enabled: bool = True
     notes: tuple[str, ...] = field(default=())
+    threads: Optional[int] = None  # intra-op threads before workers: the CPUs, fewer where others kept them busy at start
+
+    @property
+    def base_threads(self) -> int:
+        return self.threads if self.threads is not None else self.cpus
 
     def auto_workers(self, gpu: bool = False) -> int:
         """``data.num_workers = "auto"``: DataLoader workers from the budget.
@@ -85,7 +93,7 @@ class ThreadBudget:
         """The main process's intra-op threads beside ``workers`` DataLoader workers (the user's count if set)."""
         if self.user_threads is not None:
             return self.user_threads
-        return max(1, self.cpus - max(0, workers))
+        return max(1, self.base_threads - max(0, workers))
 
     def decode_threads(self) -> int:
         """Threads that decode a folder into memory (before training: the whole budget, or the user's
@@ -101,7 +109,8 @@ class ThreadBudget:
         if workers_setting is not None:
             parts.append(f"data.num_workers={workers_setting!s} -> {workers} worker(s)")
         threads = self.intra_op(workers)
-        parts.append(f"{threads} intra-op thread(s)" + (" (OMP_NUM_THREADS)" if self.user_threads is not None else ""))
+        parts.append(f"{threads} intra-op thread(s)" + (" (OMP_NUM_THREADS)" if self.user_threads is not None else "")
+                     + (f" ({'; '.join(self.notes)})" if self.notes else ""))
         parts.append(f"{self.decode_threads()} decode thread(s)")
         if self.wait_policy:
             parts.append(f"OpenMP wait policy {self.wait_policy}")
@@ -285,18 +294,28 @@ _state: dict = {"budget": None, "set_threads": None}
 def prepare_process(environ: MutableMapping[str, str] = os.environ) -> ThreadBudget:
     """Decide this process's budget and set what must be set before torch is imported.
 
-    Sets ``OMP_NUM_THREADS`` (the budget) so that torch's thread pool starts at the budget's size, and
-    ``OMP_WAIT_POLICY=PASSIVE`` when other processes keep the CPUs busy (measured for 0.1 s, only where the
-    pool has several threads), where the user set neither. Call it first thing in the command-line
-    entry point; a later call returns the same budget."""
+    Sets ``OMP_NUM_THREADS`` so that torch's thread pool starts at the budget's size, and
+    ``OMP_WAIT_POLICY=PASSIVE`` when other processes keep the CPUs busy, where the user set neither.
+    A process with several CPUs looks at the machine for 0.1 s (:func:`busy_cpus`): the CPUs that others
+    keep busy are left to them (at least one thread), unless ``SIMCLR_THREADS=fixed`` or it is one of
+    several processes of a launch (whose ranks must agree); a resumed run goes back to the count it
+    started with (:func:`resume_with`), so that the resume computes what the run would have.
+    Call it first thing in the command-line entry point; a later call returns the same budget."""
     if _state["budget"] is not None:
         return _state["budget"]
     budget = plan(environ)
-    threads = budget.intra_op()
-    if budget.enabled and threads > 1 and not budget.wait_policy.endswith("(OMP_WAIT_POLICY)") \
-            and "GOMP_SPINCOUNT" not in budget.wait_policy:
-        # one thread has no team to wait for: only a pool of several needs the (short) look at the machine
-        budget = plan(environ, busy=busy_cpus())
+    user_wait = bool(environ.get("GOMP_SPINCOUNT")) or (
+        bool(environ.get("OMP_WAIT_POLICY")) and environ.get("OMP_WAIT_POLICY") != environ.get(WAIT_MARK))
+    if budget.enabled and budget.intra_op() > 1 and (budget.user_threads is None or not user_wait):
+        busy = busy_cpus()  # one thread has no team to wait for, and nothing to give back: no look needed
+        budget = plan(environ, busy=busy)
+        fixed = (environ.get(ENV, "").strip().lower() == "fixed" or _positive_int(environ.get(ENV)) is not None
+                 or (_positive_int(environ.get("LOCAL_WORLD_SIZE")) or 1) > 1)
+        if busy is not None and budget.user_threads is None and not fixed:
+            threads = max(1, min(budget.cpus, math.floor(budget.cpus - busy + 0.5)))
+            if threads < budget.cpus:
+                budget = replace(budget, threads=threads, notes=(
+                    f"{threads} of its {budget.cpus} CPUs: other processes kept {busy:.1f} busy at start",))
     _state["budget"] = budget
     if budget.enabled:
         if budget.wait_policy.startswith("PASSIVE"):
@@ -305,9 +324,27 @@ def prepare_process(environ: MutableMapping[str, str] = os.environ) -> ThreadBud
             del environ["OMP_WAIT_POLICY"]  # a parent's choice for its machine state, not the user's: ours is to spin
             del environ[WAIT_MARK]
         if budget.user_threads is None:
-            environ["OMP_NUM_THREADS"] = environ[MARK] = str(budget.cpus)
-            _state["set_threads"] = budget.cpus
+            environ["OMP_NUM_THREADS"] = environ[MARK] = str(budget.base_threads)
+            _state["set_threads"] = budget.base_threads
     return budget
+
+
+def resume_with(started: Optional[int], workers: int) -> Optional[str]:
+    """A resumed run takes the intra-op thread count it started with (``started``, from its state), where the
+    budget chose the count: float results depend on it, and the resume must compute what the run would have.
+    Returns a note to print when the count changed, else None."""
+    budget = current()
+    if (started is None or not budget.enabled or budget.user_threads is not None or _state["set_threads"] is None
+            or started == budget.base_threads):
+        return None
+    import torch
+
+    _state["budget"] = replace(budget, threads=started, notes=(f"{started} as when the run started (its state)",))
+    want = _state["budget"].intra_op(workers)
+    torch.set_num_threads(want)
+    _state["set_threads"] = want
+    return (f"resuming with {started} intra-op thread(s) as the run started with (this start would have taken "
+            f"{budget.base_threads}), so that it computes what the uninterrupted run would have")
 
 
 def current() -> ThreadBudget:

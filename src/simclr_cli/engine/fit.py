@@ -11,6 +11,7 @@ epoch). :func:`fit` is the whole thing in one call, for stages with nothing to d
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Callable
 from torch import nn
 from torch.utils.data import Dataset
 
+from simclr_cli import threads
 from simclr_cli.checkpoints import load_state, read_trainer
 from simclr_cli.data.loaders import GlobalBatchSampler, check_known_unreadable, data_fingerprint, make_loader
 from simclr_cli.engine.loop import EpochHook, LoopResult, LoopSpec, restore_scaler, run_loop
@@ -156,6 +158,10 @@ class Trainer:
                     f"the training images changed since {state_dir} was saved ({what}): an exact resume needs the "
                     "same images, since sample i must be the same image. Restore them, start again with "
                     "--overwrite, or pass --force to resume anyway (the samples then map to other images)")
+            note = threads.resume_with(saved.get("threads"), threads.resolve_workers(
+                spec.num_workers, gpu=accelerator.device.type == "cuda"))
+            if note and accelerator.is_main_process:
+                print(f"note: {note}", file=sys.stderr, flush=True)
             counters = load_state(state_dir, self.model, self.optimizer, resume_step)
             restore_scaler(accelerator, counters)
             start_step, elapsed0 = int(counters["step"]), float(counters.get("elapsed", 0.0))

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 
+from simclr_cli import threads
 from simclr_cli.checkpoints import read_trainer, save_state
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.signals import StopRequest
@@ -123,7 +124,7 @@ def run_loop(
                         "train_seconds": prior_seconds + train_seconds + window,
                         "world_size": world, "global_batch": spec.global_batch, **scaler_counters(accelerator),
                         "images": spec.dataset_size, "data_fingerprint": spec.data_fingerprint,
-                        "bad_indices": sorted(bad)},
+                        "bad_indices": sorted(bad), "threads": threads.current().base_threads},
                        keep=spec.keep_states)
         accelerator.wait_for_everyone()
         if on_save is not None and durable:

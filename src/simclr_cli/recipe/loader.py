@@ -183,7 +183,10 @@ def _apply_override(merged: dict, key: str, value: Any, where: str, source: str)
     for i, part in enumerate(parts):
         names = {f.name: f for f in _keys(cls)}
         dotted = ".".join(parts[: i + 1])
-        if part not in names and _has_objective_section(cls) and part in _objective_sections():
+        # an objective's section is a table, so only a part followed by more can name one: a misspelt key
+        # (`pretrain.epoch`) is told without importing the objectives (and torch with them)
+        section_part = i < len(parts) - 1 and part not in names and _has_objective_section(cls)
+        if section_part and part in _objective_sections():
             hint = _objective_sections()[part]  # [pretrain.<objective>]: checked against the objective when built
         elif part not in names:
             if dotted in MOVED_KEYS:
@@ -191,7 +194,7 @@ def _apply_override(merged: dict, key: str, value: Any, where: str, source: str)
                                   f"use --set {MOVED_KEYS[dotted]}=... or [{MOVED_KEYS[dotted].rsplit('.', 1)[0]}] "
                                   "in the recipe")
             valid = [".".join([*parts[:i], n]) for n in names]
-            if _has_objective_section(cls):
+            if section_part:
                 valid += [".".join([*parts[:i], n]) for n in _objective_sections()]
             raise RecipeError(f"{where}: unknown key '{dotted}'{_did_you_mean(dotted, valid)}")
         else:
@@ -268,6 +271,12 @@ def _build_objective_section(raw: dict, kwargs: dict, cls: type, sections: dict[
     """The selected objective's options from ``[<prefix><objective>]`` (its defaults when absent); a section of
     an objective that is not selected is an error."""
     chosen = kwargs.get("objective", next(f.default for f in fields(cls) if f.name == "objective"))
+    from simclr_cli.objectives import OBJECTIVES
+
+    if chosen not in OBJECTIVES and chosen not in sections:  # a typo first: it explains any section "not selected"
+        known = sorted({*OBJECTIVES, *sections})
+        raise RecipeError(f"{origins.get(f'{prefix}objective', source)}: '{prefix}objective': '{chosen}' is not an "
+                          f"objective{_did_you_mean(chosen, known)}; choose one of {', '.join(known)}")
     for name in sections:
         if name in raw and name != chosen:
             where = next((o for k, o in origins.items() if k.startswith(f"{prefix}{name}.")), source)
