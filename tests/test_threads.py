@@ -155,6 +155,7 @@ def test_cpus_that_others_keep_busy_are_left_to_them(fresh_state, monkeypatch):
     """A run that starts beside other work takes the CPUs left (at least one thread); a rank of a launch, a fixed
     budget and the user's OMP_NUM_THREADS do not follow the load."""
     monkeypatch.setattr(threads, "usable_cpus", lambda environ, **k: (4, "test"))
+    monkeypatch.setattr(threads, "running_peers", lambda *a, **k: 1)
 
     def start(busy: float, **env: str) -> tuple[dict, ThreadBudget]:
         threads._reset_for_tests()
@@ -162,7 +163,7 @@ def test_cpus_that_others_keep_busy_are_left_to_them(fresh_state, monkeypatch):
         return env, prepare_process(env)
 
     env, b = start(1.5)
-    assert env["OMP_NUM_THREADS"] == "3" and b.intra_op() == 3 and b.cpus == 4 and "1.5 busy" in b.notes[0]
+    assert env["OMP_NUM_THREADS"] == "3" and b.intra_op() == 3 and b.cpus == 4 and "1.5 CPUs busy" in b.notes[0]
     assert b.auto_workers() == 2 and b.intra_op(2) == 1  # the worker count does not depend on the load
     env, b = start(3.9)
     assert env["OMP_NUM_THREADS"] == "1" and env["OMP_WAIT_POLICY"] == "PASSIVE"
@@ -173,6 +174,31 @@ def test_cpus_that_others_keep_busy_are_left_to_them(fresh_state, monkeypatch):
         assert env["OMP_NUM_THREADS"] == "4" and env["OMP_WAIT_POLICY"] == "PASSIVE"
     env, b = start(3.0, OMP_NUM_THREADS="2")
     assert env["OMP_NUM_THREADS"] == "2" and b.intra_op() == 2
+
+
+def test_runs_started_together_share_the_cpus(fresh_state, monkeypatch, tmp_path):
+    """Two runs that start at once look at the CPUs while both still sleep and see them idle: they count each
+    other instead (one file per process in a shared folder; a dead process's file is ignored)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        for pid in (dead.pid, other.pid):
+            (tmp_path / str(pid)).touch()
+        (tmp_path / "not-a-pid").touch()
+        assert threads.running_peers(tmp_path) == 2  # this process and `other`
+        assert not (tmp_path / str(dead.pid)).exists()
+    finally:
+        other.communicate(b"")
+    monkeypatch.setattr(threads, "usable_cpus", lambda environ, **k: (4, "test"))
+    monkeypatch.setattr(threads, "busy_cpus", lambda *a, **k: 0.0)
+    monkeypatch.setattr(threads, "running_peers", lambda *a, **k: 2)
+    env: dict[str, str] = {}
+    b = prepare_process(env)
+    assert env["OMP_NUM_THREADS"] == "2" and "2 simclr processes" in b.notes[0]
+    threads._reset_for_tests()
+    env = {"SIMCLR_THREADS": "fixed"}
+    assert prepare_process(env).intra_op() == 4
 
 
 def test_a_resume_goes_back_to_the_thread_count_the_run_started_with(fresh_state):

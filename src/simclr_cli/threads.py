@@ -254,6 +254,38 @@ def busy_cpus(cpus: Optional[set[int]] = None, window: float = 0.1, stat: Path =
     return len(cpus) * (second[0] - first[0]) / (second[1] - first[1])
 
 
+def running_peers(folder: Optional[Path] = None) -> int:
+    """How many ``simclr`` processes that decided their budget themselves run on this machine, this one included.
+
+    Each registers a file named after its pid in a folder shared by the machine's users (removed at exit; a
+    file whose process is gone is ignored and removed). Two runs started at the same moment look at the
+    CPUs while both still sleep and find them idle; counting each other, they share them instead."""
+    import atexit
+    import tempfile
+
+    folder = folder or Path(tempfile.gettempdir()) / "simclr-cli-processes"
+    try:
+        folder.mkdir(mode=0o1777, exist_ok=True)
+        mine = folder / str(os.getpid())
+        mine.touch()
+        atexit.register(lambda: mine.unlink(missing_ok=True))
+        live = 0
+        for entry in folder.iterdir():
+            pid = _positive_int(entry.name)
+            if pid is None:
+                continue
+            try:
+                os.kill(pid, 0)
+                live += 1
+            except ProcessLookupError:
+                entry.unlink(missing_ok=True)
+            except PermissionError:  # another user's process: it runs
+                live += 1
+        return max(1, live)
+    except OSError:
+        return 1
+
+
 BUSY_THRESHOLD = 0.5  # CPUs kept busy by others at start-up above which waiting OpenMP threads sleep at once
 
 
@@ -311,11 +343,19 @@ def prepare_process(environ: MutableMapping[str, str] = os.environ) -> ThreadBud
         budget = plan(environ, busy=busy)
         fixed = (environ.get(ENV, "").strip().lower() == "fixed" or _positive_int(environ.get(ENV)) is not None
                  or (_positive_int(environ.get("LOCAL_WORLD_SIZE")) or 1) > 1)
-        if busy is not None and budget.user_threads is None and not fixed:
-            threads = max(1, min(budget.cpus, math.floor(budget.cpus - busy + 0.5)))
+        if budget.user_threads is None and not fixed:
+            threads, notes = budget.cpus, []
+            if busy is not None:
+                threads = max(1, min(threads, math.floor(budget.cpus - busy + 0.5)))
+                if threads < budget.cpus:
+                    notes.append(f"other processes kept {busy:.1f} CPUs busy at start")
+            peers = running_peers()  # runs started together see each other idle in that look: they share instead
+            if peers > 1 and budget.cpus // peers < threads:
+                threads = max(1, budget.cpus // peers)
+                notes.append(f"{peers} simclr processes on this machine share it")
             if threads < budget.cpus:
-                budget = replace(budget, threads=threads, notes=(
-                    f"{threads} of its {budget.cpus} CPUs: other processes kept {busy:.1f} busy at start",))
+                budget = replace(budget, threads=threads,
+                                 notes=(f"{threads} of its {budget.cpus} CPUs: {'; '.join(notes)}",))
     _state["budget"] = budget
     if budget.enabled:
         if budget.wait_policy.startswith("PASSIVE"):
