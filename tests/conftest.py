@@ -115,6 +115,28 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+def sigterm_once_logged(cmd: list[str], metrics, *, lines: int = 2, env: dict | None = None):
+    """Run ``cmd``, send it SIGTERM once ``metrics`` (a metrics.jsonl) holds ``lines`` lines, and return
+    ``(returncode, stderr)``. Waits on that event (or the process ending), not on a clock: a 10x slower
+    machine only takes longer."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= lines):
+            time.sleep(0.2)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
 @pytest.fixture
 def tiny_recipe_file(tmp_path):
     path = tmp_path / "tiny.toml"

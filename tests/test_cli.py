@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 import simclr_cli
 from simclr_cli.cli import app
+from tests.conftest import sigterm_once_logged
 
 runner = CliRunner()
 
@@ -125,9 +126,6 @@ def test_python_dash_m_works():
 def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_recipe_file, tmp_path):
     """SIGTERM at whatever step, then --resume: same loss sequence and bit-identical weights
     as one uninterrupted run (DataLoader workers on, so their seeding is covered too)."""
-    import signal
-    import time
-
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
@@ -137,14 +135,8 @@ def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_recip
                          capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
     args = [sys.executable, "-m", "simclr_cli", *recipe_args, "--out", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "pretrain" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    returncode, err = sigterm_once_logged(args, out / "pretrain" / "metrics.jsonl")
+    assert returncode == 130, err
     assert "SIGTERM" in err and "--resume" in err and len(err.strip().splitlines()) == 1
     from simclr_cli.checkpoints import read_trainer
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from simclr_cli.objectives import build_objective
 from simclr_cli.recipe import load_recipe
 from simclr_cli.recipe.schema import ModelConfig
 from simclr_cli.stages import pretrain
+from tests.conftest import sigterm_once_logged
 
 MEMORY = ["pretrain.simclr.memory_size=40", "pretrain.simclr.memory_momentum=0.9"]
 
@@ -141,14 +140,8 @@ def test_sigterm_then_resume_with_memory_equals_an_uninterrupted_run(tiny_recipe
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "simclr_cli", *args, "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = out / "pretrain" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    returncode, err = sigterm_once_logged(cmd, out / "pretrain" / "metrics.jsonl", env=env)
+    assert returncode == 130, err
     from simclr_cli.checkpoints import read_trainer
 
     assert 2 <= read_trainer(out / "pretrain" / "state")["step"] < 40, "the run finished before the signal"
