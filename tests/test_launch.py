@@ -414,10 +414,12 @@ batch_size = 16
 optimizer = "lars"
 lr = 0.3
 warmup_epochs = 0
-temperature = 0.2
 sync_bn = true
 knn_every = 0
 log_every = 1
+
+[pretrain.simclr]
+temperature = 0.2
 """
 
 
