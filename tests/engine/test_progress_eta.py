@@ -64,7 +64,10 @@ def test_a_stage_prints_percent_and_eta_in_its_log_lines(tiny_recipe_file, tmp_p
 
 def _check_times(summary):
     images = summary["steps"] * summary["global_batch"]
-    assert summary["images_per_sec"] == pytest.approx(images / summary["train_seconds"], rel=0.02, abs=0.02)
+    # train_seconds is rounded to 0.01 s in the summary: on a tiny run that alone moves images / it by several %
+    seconds = summary["train_seconds"]
+    lo, hi = images / (seconds + 0.005), images / max(seconds - 0.005, 1e-9)
+    assert lo * 0.99 <= summary["images_per_sec"] <= hi * 1.01
     assert summary["wall_seconds"] >= summary["train_seconds"] > 0
 
 
