@@ -259,3 +259,72 @@ def test_recipes_saved_by_earlier_versions_are_read_with_the_moved_keys_in_their
     assert r.pretrain.options.temperature == 0.3
     with pytest.raises(RecipeError, match="'pretrain.temperature' moved to 'pretrain.simclr.temperature'"):
         recipe_from_dict(parse_toml(old, "mine.toml"), "mine.toml")  # a user's recipe: an error naming the new place
+
+
+# --- an objective's options: where a newcomer puts them wrong, and switching the objective on the command line
+
+
+def test_objective_chosen_on_the_command_line_replaces_the_files_section_of_the_old_one():
+    """`--set pretrain.objective=supcon` on a recipe with [pretrain.simclr]: the file's options of the replaced
+    objective do not apply (and cannot be removed with --set); a section given on the command line still can't
+    be for an objective that is not selected."""
+    r = load_recipe("cifar10", ["pretrain.objective=supcon"])
+    assert r.pretrain.objective == "supcon" and type(r.pretrain.options).__name__ == "SupConOptions"
+    with pytest.raises(RecipeError, match=r"\[pretrain.simclr\] holds options of the objective 'simclr'"):
+        load_recipe("cifar10", ["pretrain.objective=supcon", "pretrain.simclr.temperature=0.3"])
+
+
+def test_the_file_still_cannot_hold_a_section_of_an_objective_it_does_not_select(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('[pretrain]\nobjective = "supcon"\n[pretrain.simclr]\ntemperature = 0.1\n')
+    with pytest.raises(RecipeError, match=r"remove the section or set pretrain.objective='simclr'"):
+        load_recipe(p)
+
+
+def test_a_pretrain_key_written_after_an_objective_header_is_explained(tmp_path):
+    """TOML puts every line after [pretrain.supcon] into that table: say so, not 'pretrain.objective is simclr'."""
+    p = tmp_path / "r.toml"
+    p.write_text('[pretrain]\nepochs = 1\n[pretrain.supcon]\ntemperature = 0.1\nobjective = "supcon"\n')
+    with pytest.raises(RecipeError, match=r"\[pretrain.supcon\] holds objective = \.\.\., a key of \[pretrain\]: in "
+                                          r"TOML every key after the \[pretrain.supcon\] header belongs to that section"):
+        load_recipe(p)
+
+
+def test_an_objectives_option_named_like_a_pretrain_key_stays_its_own():
+    from dataclasses import dataclass
+
+    from simclr_cli.objectives import Objective, register, unregister
+    from simclr_cli.recipe.schema import option
+
+    @dataclass(frozen=True)
+    class MomentumOptions:
+        momentum: float = option(0.99, "the target network's momentum")
+
+    class WithMomentum(Objective):
+        name = "with_momentum_test"
+        Options = MomentumOptions
+
+    register(WithMomentum)
+    try:
+        r = load_recipe("quickstart", ["pretrain.objective=with_momentum_test", "pretrain.with_momentum_test.momentum=0.97"])
+        assert r.pretrain.options.momentum == 0.97 and r.pretrain.momentum != 0.97
+    finally:
+        unregister("with_momentum_test")
+
+
+@pytest.mark.parametrize("where", ["set", "file"])
+def test_an_objectives_option_at_the_pretrain_level_names_its_section(tmp_path, where):
+    want = r"'memory_size' is an option of the objective simclr; did you mean 'pretrain.simclr.memory_size'\?"
+    with pytest.raises(RecipeError, match=want):
+        if where == "set":
+            load_recipe("quickstart", ["pretrain.memory_size=64"])
+        else:
+            p = tmp_path / "r.toml"
+            p.write_text("[pretrain]\nmemory_size = 64\n")
+            load_recipe(p)
+
+
+def test_an_objectives_section_set_as_a_key_says_it_is_a_section():
+    with pytest.raises(RecipeError, match=r"'pretrain.simclr' is the objective simclr's section, not a key; set one "
+                                          r"of its options, e.g. --set pretrain.simclr\.\w+="):
+        load_recipe("quickstart", ["pretrain.simclr=3"])

@@ -196,6 +196,8 @@ def _apply_override(merged: dict, key: str, value: Any, where: str, source: str)
             valid = [".".join([*parts[:i], n]) for n in names]
             if section_part:
                 valid += [".".join([*parts[:i], n]) for n in _objective_sections()]
+            elif i == len(parts) - 1 and _has_objective_section(cls):
+                _refuse_objective_key(part, parts[:i], names, where)
             raise RecipeError(f"{where}: unknown key '{dotted}'{_did_you_mean(dotted, valid)}")
         else:
             hint = get_type_hints(cls)[part]
@@ -225,6 +227,8 @@ def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str
                 new = MOVED_KEYS[prefix + key]
                 raise RecipeError(f"{origins.get(prefix + key, source)}: '{prefix}{key}' moved to '{new}' (the "
                                   f"objective's own section): write it as {key} = ... under [{new.rsplit('.', 1)[0]}]")
+            if sections:
+                _refuse_objective_key(key, prefix.rstrip(".").split("."), known, source)
             valid = [prefix + n for n in [*known, *sections]]
             extra = ""
             if not known:
@@ -247,6 +251,27 @@ def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str
     if sections:
         kwargs["options"] = _build_objective_section(raw, kwargs, cls, sections, prefix, source, origins)
     return cls(**kwargs)
+
+
+def _refuse_objective_key(key: str, section: list[str], plain: typing.Iterable[str], where: str) -> None:
+    """An unknown ``key`` of a section that holds objective sections (``[pretrain]``): if it names an objective's
+    section or one of an objective's options, say so. A near-identical plain key (``epoch`` for ``epochs``)
+    is left to the plain did-you-mean, so that a typo is told before torch is imported (the objectives'
+    option classes live next to their torch code); otherwise returns and the caller reports the key."""
+    if difflib.get_close_matches(key, list(plain), n=1, cutoff=0.85):
+        return
+    prefix = ".".join(section)
+    sections = _objective_sections()
+    if key in sections:
+        example = fields(sections[key])[0].name if fields(sections[key]) else "KEY"
+        raise RecipeError(f"{where}: '{prefix}.{key}' is the objective {key}'s section, not a key; set one of its "
+                          f"options, e.g. --set {prefix}.{key}.{example}=... (or [{prefix}.{key}] in the recipe)")
+    owners = [name for name, options in sections.items() if key in {f.name for f in fields(options)}]
+    if owners:
+        places = " or ".join(f"'{prefix}.{o}.{key}'" for o in owners)
+        raise RecipeError(f"{where}: unknown key '{prefix}.{key}': '{key}' is an option of the objective "
+                          f"{' and '.join(owners)}; did you mean {places}? (each objective's options live in its "
+                          f"own section [{prefix}.<objective>])")
 
 
 def _keys(cls: type) -> list:
@@ -278,7 +303,9 @@ def _build_objective_section(raw: dict, kwargs: dict, cls: type, sections: dict[
         raise RecipeError(f"{origins.get(f'{prefix}objective', source)}: '{prefix}objective': '{chosen}' is not an "
                           f"objective{_did_you_mean(chosen, known)}; choose one of {', '.join(known)}")
     for name in sections:
-        if name in raw and name != chosen:
+        _refuse_parent_keys_in_section(raw.get(name), cls, sections[name], f"{prefix}{name}", source)
+    for name in sections:
+        if name in raw and name != chosen and not _replaced_on_command_line(raw, name, prefix, origins):
             where = next((o for k, o in origins.items() if k.startswith(f"{prefix}{name}.")), source)
             raise RecipeError(f"{where}: [{prefix}{name}] holds options of the objective '{name}', but "
                               f"{prefix}objective is '{chosen}'; remove the section or set {prefix}objective='{name}'")
@@ -288,6 +315,31 @@ def _build_objective_section(raw: dict, kwargs: dict, cls: type, sections: dict[
             raise RecipeError(f"{source}: [{prefix}{chosen}]: the objective '{chosen}' takes no options")
         return None
     return _build(options_cls, raw.get(chosen, {}), f"{prefix}{chosen}.", source, origins)
+
+
+def _refuse_parent_keys_in_section(section: Any, parent: type, options: type, name: str, source: str) -> None:
+    """A key of the parent section (``objective``, ``epochs``) inside ``[pretrain.<objective>]``: in TOML every
+    line after a table header belongs to that table until the next one, so ``objective = ...`` written below
+    ``[pretrain.byol]`` is not ``pretrain.objective``. Say that rather than what follows from it."""
+    if not isinstance(section, dict):
+        return
+    parent_keys = {f.name for f in _keys(parent)} - {f.name for f in fields(options)}  # its own options stay
+    misplaced = [k for k in section if k in parent_keys]
+    if misplaced:
+        lines = ", ".join(f"{k} = ..." for k in misplaced)
+        raise RecipeError(f"{source}: [{name}] holds {lines}, a key of [{name.rsplit('.', 1)[0]}]: in TOML every "
+                          f"key after the [{name}] header belongs to that section; move the line above [{name}] "
+                          f"(keep [{name}] last in [{name.rsplit('.', 1)[0]}])")
+
+
+def _replaced_on_command_line(raw: dict, name: str, prefix: str, origins: dict[str, str]) -> bool:
+    """True when the objective was chosen on the command line (``--set pretrain.objective=supcon``) and the
+    section of the objective it replaced came from the recipe file, not from the command line either: the
+    file's options for the replaced objective do not apply, so the section is dropped (the run's saved
+    recipe holds only the chosen objective's options). Sections given on the command line stay an error."""
+    if f"{prefix}objective" not in origins:
+        return False
+    return not any(k.startswith(f"{prefix}{name}.") for k in origins)
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
