@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 from simclr_cli.errors import UsageError
+from simclr_cli.layout import LAUNCHABLE
 
 DEFAULT_PORT = 29500
-# The commands that make sense under a launcher: the stages and embed (their work is split over processes).
-STAGES = ("pretrain", "linear-eval", "knn", "finetune", "distill", "transfer", "embed")
 LAUNCH_OPTIONS = ("--gpus", "--processes", "--nodes", "--node-rank", "--main-address", "--main-port",
                   "--max-restarts", "--job-id", "--config-file", "--dry-run")
 
@@ -437,10 +436,10 @@ def _check_stage(stage_args: Sequence[str]) -> None:
         hint = f" (did you mean {near[0]}?)" if near else ""
         raise UsageError(f"no such option: {name}{hint}; simclr launch's options come before STAGE, the stage's "
                          "after it (see simclr launch --help)")
-    if stage not in STAGES:
-        near = difflib.get_close_matches(stage, STAGES, n=1)
+    if stage not in LAUNCHABLE:
+        near = difflib.get_close_matches(stage, LAUNCHABLE, n=1)
         hint = f"did you mean {near[0]}? " if near else ""
-        raise UsageError(f"{stage!r} is not a stage simclr launch runs; {hint}one of: {', '.join(STAGES)}")
+        raise UsageError(f"{stage!r} is not a stage simclr launch runs; {hint}one of: {', '.join(LAUNCHABLE)}")
 
 
 # --- running it ------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from simclr_cli import threads
-from simclr_cli.cli._app import DebugOpt, QuietOpt, _handled, data_app
+from simclr_cli.cli._app import DebugOpt, QuietOpt, data_app, handle_errors
 
 
 @data_app.command("pack")
@@ -37,7 +37,7 @@ def data_pack(
     Images are decoded upright, scaled to the shorter side and re-encoded once. An interrupted pack keeps its
     completed shards: run the same command again to resume.
     """
-    with _handled(debug):
+    with handle_errors(debug):
         from simclr_cli.data.shards import PackSettings, pack
         from simclr_cli.engine.reporting import ProgressDisplay
         from simclr_cli.errors import UsageError
@@ -91,7 +91,7 @@ def data_index(
     debug: DebugOpt = False,
 ) -> None:
     """Rebuild a pack's index.json by reading its shards (after it was lost, or the shards were changed)."""
-    with _handled(debug):
+    with handle_errors(debug):
         from simclr_cli.data.shards import write_index
 
         index = write_index(out, say=lambda text: typer.echo(text, err=text.startswith("warning:")), partial=partial)

@@ -10,9 +10,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from simclr_cli.cli._app import DebugOpt, _handled, app
+from simclr_cli.cli._app import DebugOpt, app, handle_errors
+from simclr_cli.layout import LAUNCHABLE
 
 LAUNCH_PANEL = "Launch"
+STAGE_HELP = f"{', '.join(LAUNCHABLE[:-1])} or {LAUNCHABLE[-1]}."  # from the stage registry
 
 
 @app.command(
@@ -22,7 +24,7 @@ LAUNCH_PANEL = "Launch"
 )
 def launch(
     stage: Annotated[str, typer.Argument(metavar="STAGE", show_default=False,
-                                         help="pretrain, linear-eval, knn, finetune, distill, transfer or embed.")],
+                                         help=f"{', '.join(LAUNCHABLE[:-1])} or {LAUNCHABLE[-1]}.")],
     args: Annotated[Optional[list[str]], typer.Argument(
         metavar="ARGS...", show_default=False,
         help="The stage's arguments and options, passed through as they are (--set, --out, ...).")] = None,
@@ -69,7 +71,7 @@ def launch(
     """
     from simclr_cli import launch as lib
 
-    with _handled(debug):
+    with handle_errors(debug):
         opts = lib.LaunchOptions(gpus=gpus, processes=processes, nodes=nodes, node_rank=node_rank,
                                  main_address=main_address, main_port=main_port, max_restarts=max_restarts,
                                  config_file=config_file, job_id=job_id)
