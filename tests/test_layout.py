@@ -5,6 +5,7 @@ stage module's ``STAGE``."""
 from __future__ import annotations
 
 import importlib
+import json
 import re
 
 import pytest
@@ -51,3 +52,15 @@ def test_stage_folders_are_the_stage_modules():
     assert layout.STAGE_FOLDERS == tuple(s.folder for s in layout.STAGES if s.folder)
     for folder in layout.STAGE_FOLDERS:
         assert importlib.import_module(f"simclr_cli.stages.{folder}").STAGE == folder
+
+
+def test_runs_shows_each_stage_by_its_registry_metric(tmp_path):
+    from simclr_cli.inspect_runs import list_runs
+
+    judged = [s for s in layout.STAGES if s.metric]
+    assert judged
+    for i, s in enumerate(judged):
+        (tmp_path / "run" / s.folder).mkdir(parents=True)
+        (tmp_path / "run" / s.folder / "summary.json").write_text(json.dumps({s.metric: 10.0 + i, "other": -1.0}))
+    [entry] = list_runs(tmp_path)
+    assert entry["metrics"] == {s.folder: 10.0 + i for i, s in enumerate(judged)}

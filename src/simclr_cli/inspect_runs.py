@@ -8,11 +8,7 @@ from pathlib import Path
 from simclr_cli.checkpoints import MODEL_FILE, read_metadata
 from simclr_cli.errors import UsageError
 from simclr_cli.recipe import parse_saved_toml, recipe_from_dict
-from simclr_cli.layout import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_FOLDERS
-
-# The number each stage is judged by, for the runs table.
-KEY_METRIC = {"pretrain": "knn_top1", "knn": "knn_top1", "linear_eval": "top1", "finetune": "top1",
-              "distill": "student_top1"}
+from simclr_cli.layout import KEY_METRICS, RANDOM_INIT_DIR, RUNS_ROOT, STAGE_FOLDERS
 
 
 def resolve_checkpoint(path: Path, runs_root: Path = RUNS_ROOT) -> Path:
@@ -132,9 +128,9 @@ def list_runs(root: Path = Path("runs")) -> list[dict]:
                 continue
             metrics = {}
             for s in stages:
-                if s not in KEY_METRIC:
+                if s not in KEY_METRICS:  # the number each stage is judged by, for the runs table
                     continue
-                value = stages[s].get(KEY_METRIC[s])
+                value = stages[s].get(KEY_METRICS[s])
                 if value is None and stages[s].get("final_loss") is not None:  # no kNN monitor: the final loss
                     metrics[f"{s} final loss"] = stages[s]["final_loss"]
                 else:

@@ -6,9 +6,9 @@ A run is ``runs/NAME/``; each stage writes ``RUN/<stage>/`` (``model.safetensors
 ``RUN/random_init/<stage>/``.
 
 :data:`STAGES` is the stage registry: one entry per stage says its command, its run folder, whether
-``simclr launch`` runs it and its help. Everything that lists the stages reads it (:data:`STAGE_FOLDERS`,
-:data:`LAUNCHABLE`, the commands' help, ``simclr launch``'s). This module imports nothing heavy: the CLI reads it
-before torch is imported.
+``simclr launch`` runs it, its help and the number ``simclr runs`` shows for it. Everything that lists the stages
+reads it (:data:`STAGE_FOLDERS`, :data:`KEY_METRICS`, :data:`LAUNCHABLE`, the commands' names and help,
+``simclr launch``'s list). This module imports nothing heavy: the CLI reads it before torch is imported.
 """
 
 from __future__ import annotations
@@ -29,29 +29,31 @@ class Stage:
     folder: Optional[str]  # RUN/<folder>/ with its checkpoint or summary (also stages/<folder>.py); None: none
     launchable: bool  # `simclr launch` runs it (its work is split over processes)
     help: str  # the command's help (its first line is the line in `simclr --help`)
+    metric: Optional[str] = None  # the summary.json key `simclr runs` shows for it; None: none
 
 
 # In the order of `simclr --help` and of `simclr launch`'s list.
 STAGES: tuple[Stage, ...] = (
-    Stage("pretrain", "pretrain", True,
-          "Contrastive pretraining on unlabeled images; writes OUT/pretrain/model.safetensors."),
-    Stage("linear-eval", "linear_eval", True,
-          "Linear probe on the frozen encoder; writes OUT/linear_eval/ with top-1 and top-5."),
-    Stage("knn", "knn", True,
-          "Weighted kNN on L2-normalized h of the frozen encoder; writes OUT/knn/summary.json."),
-    Stage("finetune", "finetune", True,
-          "Semi-supervised fine-tuning on a labeled subset; writes OUT/finetune/model.safetensors."),
-    Stage("distill", "distill", True,
-          "Teacher -> student self-training on unlabeled images; writes OUT/distill/model.safetensors."),
-    Stage("transfer", "transfer", True,
-          "Transfer to other datasets (linear or fine-tuned); writes OUT/transfer/summary.json."),
+    Stage("pretrain", folder="pretrain", launchable=True, metric="knn_top1",
+          help="Contrastive pretraining on unlabeled images; writes OUT/pretrain/model.safetensors."),
+    Stage("linear-eval", folder="linear_eval", launchable=True, metric="top1",
+          help="Linear probe on the frozen encoder; writes OUT/linear_eval/ with top-1 and top-5."),
+    Stage("knn", folder="knn", launchable=True, metric="knn_top1",
+          help="Weighted kNN on L2-normalized h of the frozen encoder; writes OUT/knn/summary.json."),
+    Stage("finetune", folder="finetune", launchable=True, metric="top1",
+          help="Semi-supervised fine-tuning on a labeled subset; writes OUT/finetune/model.safetensors."),
+    Stage("distill", folder="distill", launchable=True, metric="student_top1",
+          help="Teacher -> student self-training on unlabeled images; writes OUT/distill/model.safetensors."),
+    Stage("transfer", folder="transfer", launchable=True,
+          help="Transfer to other datasets (linear or fine-tuned); writes OUT/transfer/summary.json."),
     # Features of a finished run (RUN/embed/<data>.npy), no stage folder; listed with the run commands.
-    Stage("embed", None, True,
-          "Export h (the encoder's features) for a dataset to .npy, with a CSV of file paths and labels.\n"
-          "Without RUN: the newest run's pretrain encoder."),
+    Stage("embed", folder=None, launchable=True,
+          help="Export h (the encoder's features) for a dataset to .npy, with a CSV of file paths and labels.\n"
+               "Without RUN: the newest run's pretrain encoder."),
 )
 
-STAGE_FOLDERS: tuple[str, ...] = tuple(s.folder for s in STAGES if s.folder is not None)  # RUN/<folder>/ of each stage
+STAGE_FOLDERS: tuple[str, ...] = tuple(s.folder for s in STAGES if s.folder is not None)  # RUN/<folder>/
+KEY_METRICS: dict[str, str] = {s.folder: s.metric for s in STAGES if s.folder and s.metric}  # folder -> key
 LAUNCHABLE: tuple[str, ...] = tuple(s.name for s in STAGES if s.launchable)  # what `simclr launch STAGE` accepts
 
 
