@@ -177,16 +177,21 @@ def chained_stage_command(name: str, *, report: Report, wants: tuple[str, ...] =
     ``--overwrite``, ``--force`` (``resumable``), ``--quiet`` and ``--debug``. It runs
     ``stages.<folder>.run(recipe, source, out_dir, overwrite=, show_progress=, [init=], [resume=, auto_resume=,
     force=])`` on the checkpoint of ``wants`` and prints ``report`` on the main process unless ``--quiet``.
-    The decorated function runs inside the command's error handling: it may raise a ``UsageError``.
+    The decorated function runs inside the command's error handling: it may raise a ``UsageError``; it is
+    returned unchanged (the registered command is built around it).
     """
     entry = layout.stage(name)
-    assert entry.folder is not None, f"{name} writes no stage folder"
+    if entry.folder is None:
+        raise ValueError(f"{name} writes no stage folder: register it with stage_command")
 
     def register(own: Callable[..., OwnOptions]) -> Callable[..., OwnOptions]:
         hints = typing.get_type_hints(own, include_extras=True)
         own_params = [p.replace(annotation=hints[p.name]) for p in inspect.signature(own).parameters.values()]
         first, after = _shared_parameters(entry, source, init, resumable)
         shared_names = {first.name, *(p.name for p in after)}
+        clash = shared_names.intersection(p.name for p in own_params)
+        if clash:
+            raise ValueError(f"{own.__name__}: {', '.join(sorted(clash))} is a shared option of every stage command")
 
         def command(**kwargs: Any) -> None:
             shared = _Shared(**{k: kwargs.pop(k) for k in list(kwargs) if k in shared_names})
