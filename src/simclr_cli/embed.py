@@ -11,7 +11,7 @@ import csv
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from simclr_cli.errors import DataError, UsageError, from_os_error
 from simclr_cli.evaluation.linear import predict
 from simclr_cli.stages import common
 from simclr_cli.utils import check_out_folder
+
+if TYPE_CHECKING:
+    from simclr_cli.data.sources import ImageSource
 
 
 class Embedding(NamedTuple):
@@ -62,30 +65,7 @@ def embed(source: str | Path | None, data: str | None = None, out: str | Path | 
         data = recipe.data.train_split
         say(f"embedding the '{data}' split (data.train_split, the images the encoder was trained on); "
             f"pass --data {recipe.data.val_split or 'val'} for the held-out split, or --data FOLDER for your own images")
-    folder = Path(data).expanduser()
-    if folder.is_dir() and ((folder / SHARD_INDEX).is_file() or (folder / SHARD_MANIFEST).is_file()):
-        tag = folder.resolve().name or "root"
-        build = lambda: ShardSource(folder)  # noqa: E731
-    elif folder.is_dir():
-        tag = folder.resolve().name or "root"
-        build = lambda: folder_source(folder)  # noqa: E731
-    elif folder.is_file() and folder.suffix.lower() in (".txt", ".csv"):
-        tag = folder.stem
-        build = lambda: read_file_list(folder)  # noqa: E731
-    else:
-        cfg = recipe.data
-        entry = DATASETS.get(cfg.dataset)
-        if entry is not None and entry.one_set:  # one set of images: only the training set itself is a split
-            splits = [cfg.train_split]
-        else:
-            splits = [s for s in dict.fromkeys(("train", cfg.train_split, "val", cfg.val_split)) if s]
-        fixed = cfg.dataset == "synthetic" or (entry is not None and (entry.one_set or bool(entry.splits)))
-        if _looks_like_path(data) or (fixed and data not in splits):
-            raise DataError(f"--data {data}: no such folder, and not a split of the run's {cfg.dataset} dataset; "
-                            f"pass a split (e.g. {', '.join(splits)}), an existing folder of images, a .txt/.csv list of "
-                            "image paths, or a pack folder (simclr data pack)", missing=True)
-        tag = data
-        build = lambda: build_source(cfg, data, recipe.seed)  # noqa: E731
+    tag, build = _images_of(data, recipe)
     target = _embed_target(out, src.run_dir, tag)
     table = target.with_suffix(".csv")
     existing = [p for p in (target, table) if p.exists()]
@@ -98,12 +78,51 @@ def embed(source: str | Path | None, data: str | None = None, out: str | Path | 
     # split across processes under torchrun / accelerate launch; every process gets h, the main one writes it
     feats, labels = predict(encoder, common.eval_loader(source_images, None, recipe, accelerator, mark_unreadable=True),
                             accelerator.device)
-    if not accelerator.is_main_process:
-        return Embedding(target, table, tuple(feats.shape))
-    unreadable = labels == UNREADABLE
+    if accelerator.is_main_process:
+        _write_embedding(feats, labels == UNREADABLE, source_images, target, table)
+    return Embedding(target, table, tuple(feats.shape))
+
+
+def _images_of(data: str, recipe) -> tuple[str, Callable[[], ImageSource]]:
+    """What ``--data`` names: its tag (the output's name) and how to build its images, not built yet (the output
+    is checked first). A pack folder, a folder of images, a ``.txt``/``.csv`` list, else a split of the recipe's
+    dataset.
+
+    Raises:
+        DataError: ``data`` is a path that does not exist, or not a split of a dataset with fixed splits.
+    """
+    folder = Path(data).expanduser()
+    if folder.is_dir() and ((folder / SHARD_INDEX).is_file() or (folder / SHARD_MANIFEST).is_file()):
+        return folder.resolve().name or "root", lambda: ShardSource(folder)
+    if folder.is_dir():
+        return folder.resolve().name or "root", lambda: folder_source(folder)
+    if folder.is_file() and folder.suffix.lower() in (".txt", ".csv"):
+        return folder.stem, lambda: read_file_list(folder)
+    cfg = recipe.data
+    entry = DATASETS.get(cfg.dataset)
+    if entry is not None and entry.one_set:  # one set of images: only the training set itself is a split
+        splits = [cfg.train_split]
+    else:
+        splits = [s for s in dict.fromkeys(("train", cfg.train_split, "val", cfg.val_split)) if s]
+    fixed = cfg.dataset == "synthetic" or (entry is not None and (entry.one_set or bool(entry.splits)))
+    if _looks_like_path(data) or (fixed and data not in splits):
+        raise DataError(f"--data {data}: no such folder, and not a split of the run's {cfg.dataset} dataset; "
+                        f"pass a split (e.g. {', '.join(splits)}), an existing folder of images, a .txt/.csv list of "
+                        "image paths, or a pack folder (simclr data pack)", missing=True)
+    return data, lambda: build_source(cfg, data, recipe.seed)
+
+
+def _write_embedding(feats: torch.Tensor, unreadable: torch.Tensor, images: ImageSource, target: Path,
+                     table: Path) -> None:
+    """``target`` (h, float32 (N, D); NaN rows for ``unreadable`` images, with a warning) and the ``table`` CSV
+    beside it (row, path, label, class, unreadable).
+
+    Raises:
+        SimclrError: the disk is full or read-only (:func:`~simclr_cli.errors.from_os_error`, naming the file).
+    """
     feats[unreadable] = float("nan")  # never another image's h under this image's name
     if unreadable.any():
-        first = source_images.describe(int(unreadable.nonzero()[0]))
+        first = images.describe(int(unreadable.nonzero()[0]))
         print(f"warning: {int(unreadable.sum())} unreadable image(s) (first: {first}): their rows are NaN in "
               f"{target.name} and marked unreadable in {table.name}", file=sys.stderr)
     writing = target
@@ -116,15 +135,14 @@ def embed(source: str | Path | None, data: str | None = None, out: str | Path | 
             w = csv.writer(f)
             w.writerow(["row", "path", "label", "class", "unreadable"])
             for i, bad in enumerate(unreadable.tolist()):
-                y = int(source_images.labels[i])
-                name = source_images.classes[y] if 0 <= y < len(source_images.classes) else ""
-                w.writerow([i, source_images.describe(i), y, name, int(bad)])
+                y = int(images.labels[i])
+                name = images.classes[y] if 0 <= y < len(images.classes) else ""
+                w.writerow([i, images.describe(i), y, name, int(bad)])
     except OSError as e:  # disk full, read-only: name the file
         err = from_os_error(e, writing)
         if err is None:
             raise
         raise err from e
-    return Embedding(target, table, tuple(feats.shape))
 
 
 def embedding_map(src: common.Source, method: str = "auto", max_points: int = 2000) -> Path:

@@ -175,11 +175,40 @@ def model_card(recipe, meta: dict[str, str], config: dict, summaries: dict[str, 
 
     import simclr_cli
 
-    d, m, p = recipe.data, recipe.model, recipe.pretrain
-    pre = summaries.get("pretrain", {})
+    d, m = recipe.data, recipe.model
     cifar = bool(config["simclr"]["cifar_stem"])
     stage = meta.get("simclr.stage", "pretrain")
     measures = _measures(summaries)
+    lines = [
+        "---", yaml.safe_dump(_hub_header(recipe, measures), sort_keys=False).strip(), "---", "",
+        f"# {recipe.name}: a SimCLR `{m.backbone}` image encoder",
+        "",
+        f"A `{m.backbone}`{' (CIFAR stem: 3x3 first convolution, no max-pool)' if cifar else ''} encoder trained "
+        f"with SimCLR (contrastive learning on unlabeled images, Chen et al. 2020) by simclr-cli "
+        f"{meta.get('simclr.version', simclr_cli.__version__)}. It maps a normalized "
+        f"{d.image_size}x{d.image_size} RGB image to a {config['num_features']}-dimensional feature vector h "
+        f"(no classifier). Exported from the `{stage}` checkpoint.",
+        "",
+        *_card_data(d, summaries.get("pretrain", {})),
+        *_card_recipe(recipe, summaries.get("pretrain", {}), cifar),
+        "## Evaluation",
+        "",
+        "| measure | top-1 (%) | how |", "|---|---|---|",
+        *[f"| {name} | {f'{value:.2f}' if isinstance(value, (int, float)) else 'not measured'} | "
+          f"{how if isinstance(value, (int, float)) else '-'} |" for name, value, how, _ in measures],
+        "",
+        f"Numbers read from the run's `summary.json` files (top-1 in percent, on the labeled split "
+        f"`{d.val_split or '-'}`).",
+        "",
+        *_card_loading(d, m.backbone, Path(out_dir).name, cifar, config["num_features"]),
+    ]
+    return "\n".join(lines)
+
+
+def _hub_header(recipe, measures: list[tuple[str, Any, str, bool]]) -> dict[str, Any]:
+    """The Hub metadata of the card: library, tags, the dataset, and a model-index of the numbers measured on
+    the exported encoder's own features."""
+    d = recipe.data
     header: dict[str, Any] = {
         "library_name": "timm",
         "license": "unknown",
@@ -195,81 +224,76 @@ def model_card(recipe, meta: dict[str, str], config: dict, summaries: dict[str, 
             {"task": {"type": "image-classification"}, "dataset": dataset,
              "metrics": [{"type": "accuracy", "name": f"{name} (%)", "value": float(value)}]}
             for name, value in measured]}]
+    return header
 
-    def row(name: str, value: Any) -> str:
-        return f"| {name} | {value} |"
 
-    steps = pre.get("steps")
+def _row(name: str, value: Any) -> str:
+    return f"| {name} | {value} |"
+
+
+def _card_data(d, pre: dict) -> list[str]:
+    """The card's "Data" section (``d``: the recipe's data section, ``pre``: the pretrain summary)."""
     images = pre.get("images")
-    out_name = Path(out_dir).name
-    lines = [
-        "---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
-        f"# {recipe.name}: a SimCLR `{m.backbone}` image encoder",
-        "",
-        f"A `{m.backbone}`{' (CIFAR stem: 3x3 first convolution, no max-pool)' if cifar else ''} encoder trained "
-        f"with SimCLR (contrastive learning on unlabeled images, Chen et al. 2020) by simclr-cli "
-        f"{meta.get('simclr.version', simclr_cli.__version__)}. It maps a normalized "
-        f"{d.image_size}x{d.image_size} RGB image to a {config['num_features']}-dimensional feature vector h "
-        f"(no classifier). Exported from the `{stage}` checkpoint.",
-        "",
+    return [
         "## Data",
         "",
         "| | |", "|---|---|",
-        row("dataset", f"`{d.dataset}`"),
-        row("data root", f"`{Path(d.root).name or d.root}`" if d.dataset != "synthetic" else "(generated, no files)"),
-        row("training split", f"`{d.train_split}`"),
-        row("training images", images if images is not None else "not recorded"),
-        row("image size", f"{d.image_size} px"),
-        row("labeled split for evaluation", f"`{d.val_split}`" if d.val_split else "none"),
+        _row("dataset", f"`{d.dataset}`"),
+        _row("data root", f"`{Path(d.root).name or d.root}`" if d.dataset != "synthetic" else "(generated, no files)"),
+        _row("training split", f"`{d.train_split}`"),
+        _row("training images", images if images is not None else "not recorded"),
+        _row("image size", f"{d.image_size} px"),
+        _row("labeled split for evaluation", f"`{d.val_split}`" if d.val_split else "none"),
         "",
+    ]
+
+
+def _card_recipe(recipe, pre: dict, cifar: bool) -> list[str]:
+    """The card's "Training recipe" section (``pre``: the pretrain summary)."""
+    m, p = recipe.model, recipe.pretrain
+    steps = pre.get("steps")
+    return [
         "## Training recipe",
         "",
         "| | |", "|---|---|",
-        row("backbone", f"`{m.backbone}`" + (" (CIFAR stem)" if cifar else "")),
-        row("projection head", f"{m.proj_layers} layers, output {m.proj_dim}"),
-        row("objective", _objective_line(p)),
-        row("global batch", pre.get("global_batch", p.batch_size)),
-        row("epochs", f"{p.epochs}" + (f" (capped at {p.max_steps} steps)" if p.max_steps else "")),
-        row("steps trained", steps if steps is not None else "not recorded"),
-        row("optimizer", f"{p.optimizer}, lr {p.lr:g}{_LR_SCALING[p.lr_scaling]}, weight decay {p.weight_decay:g}, "
-                         f"warmup {p.warmup_epochs:g} epoch(s), then cosine decay"),
-        row("augmentation", f"colour strength {recipe.augment.strength:g}, blur {'on' if recipe.augment.blur else 'off'}"),
-        row("precision", p.mixed_precision),
-        row("seed", recipe.seed),
+        _row("backbone", f"`{m.backbone}`" + (" (CIFAR stem)" if cifar else "")),
+        _row("projection head", f"{m.proj_layers} layers, output {m.proj_dim}"),
+        _row("objective", _objective_line(p)),
+        _row("global batch", pre.get("global_batch", p.batch_size)),
+        _row("epochs", f"{p.epochs}" + (f" (capped at {p.max_steps} steps)" if p.max_steps else "")),
+        _row("steps trained", steps if steps is not None else "not recorded"),
+        _row("optimizer", f"{p.optimizer}, lr {p.lr:g}{_LR_SCALING[p.lr_scaling]}, weight decay {p.weight_decay:g}, "
+                          f"warmup {p.warmup_epochs:g} epoch(s), then cosine decay"),
+        _row("augmentation", f"colour strength {recipe.augment.strength:g}, blur "
+                             f"{'on' if recipe.augment.blur else 'off'}"),
+        _row("precision", p.mixed_precision),
+        _row("seed", recipe.seed),
         "",
         "The full recipe is stored in the checkpoint (`simclr info`).",
         "",
-        "## Evaluation",
-        "",
-        "| measure | top-1 (%) | how |", "|---|---|---|",
-        *[f"| {name} | {f'{value:.2f}' if isinstance(value, (int, float)) else 'not measured'} | "
-          f"{how if isinstance(value, (int, float)) else '-'} |" for name, value, how, _ in measures],
-        "",
-        f"Numbers read from the run's `summary.json` files (top-1 in percent, on the labeled split "
-        f"`{d.val_split or '-'}`).",
-        "",
-        "## How to load it (no network needed)",
-        "",
-        "```python",
     ]
+
+
+def _card_loading(d, backbone: str, out_name: str, cifar: bool, num_features: int) -> list[str]:
+    """The card's "How to load it" section: timm (``load_timm`` for a CIFAR stem) and the preprocessing."""
+    lines = ["## How to load it (no network needed)", "", "```python"]
     if cifar:
         lines += ["from simclr_cli.export import load_timm  # the CIFAR stem is not a timm architecture option",
                   "", f'model = load_timm("{out_name}")  # strict load, eval mode']
     else:
         lines += ["import timm", "",
                   f'model = timm.create_model("local-dir:{out_name}", pretrained=True).eval()',
-                  "# or: timm.create_model(\"" + m.backbone + "\", pretrained=True, num_classes=0,",
+                  "# or: timm.create_model(\"" + backbone + "\", pretrained=True, num_classes=0,",
                   f'#         pretrained_cfg_overlay=dict(file="{out_name}/model.safetensors"))']
-    lines += [
+    return lines + [
         f"features = model(images)  # images: (N, 3, {d.image_size}, {d.image_size}), normalized -> "
-        f"(N, {config['num_features']})",
+        f"(N, {num_features})",
         "```",
         "",
         f"Preprocessing: resize and centre-crop to {d.image_size} px, scale to [0, 1], normalize with mean "
         f"{list(d.mean)} and std {list(d.std)} (also in `config.json`). With `HF_HUB_OFFLINE=1` nothing is downloaded.",
         "",
     ]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------- ONNX

@@ -8,11 +8,7 @@ from pathlib import Path
 from simclr_cli.checkpoints import MODEL_FILE, read_metadata
 from simclr_cli.errors import UsageError
 from simclr_cli.recipe import parse_saved_toml, recipe_from_dict
-from simclr_cli.layout import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_DIRS
-
-# The number each stage is judged by, for the runs table.
-KEY_METRIC = {"pretrain": "knn_top1", "knn": "knn_top1", "linear_eval": "top1", "finetune": "top1",
-              "distill": "student_top1"}
+from simclr_cli.layout import KEY_METRICS, RANDOM_INIT_DIR, RUNS_ROOT, STAGE_FOLDERS
 
 
 def resolve_checkpoint(path: Path, runs_root: Path = RUNS_ROOT) -> Path:
@@ -22,7 +18,7 @@ def resolve_checkpoint(path: Path, runs_root: Path = RUNS_ROOT) -> Path:
     if not path.exists() and len(path.parts) == 1 and (runs_root / path).is_dir():
         path = runs_root / path
     if path.is_dir() and not (path / MODEL_FILE).is_file():
-        found = [path / s / MODEL_FILE for s in STAGE_DIRS if (path / s / MODEL_FILE).is_file()]
+        found = [path / s / MODEL_FILE for s in STAGE_FOLDERS if (path / s / MODEL_FILE).is_file()]
         if not found:
             raise UsageError(f"{path}: no such checkpoint (no {MODEL_FILE} here, nor in a stage folder of it "
                              f"such as {path / 'pretrain'}); pass a run directory or a checkpoint")
@@ -43,12 +39,12 @@ def set_aside_runs(path: Path, runs_root: Path = RUNS_ROOT) -> list[str]:
         path = runs_root / path
     if path.is_file():
         path = path.parent
-    run = path.parent if path.name in STAGE_DIRS else path
+    run = path.parent if path.name in STAGE_FOLDERS else path
     if not run.is_dir():
         return []
     return [f"warning: {old} holds a previous {old.name[1:].split('.old-')[0]} run set aside by an --overwrite that "
             f"was killed; move it back to {run / old.name[1:].split('.old-')[0]} to keep it, or delete it"
-            for old in sorted(run.glob(".*.old-*")) if old.is_dir() and old.name[1:].split(".old-")[0] in STAGE_DIRS]
+            for old in sorted(run.glob(".*.old-*")) if old.is_dir() and old.name[1:].split(".old-")[0] in STAGE_FOLDERS]
 
 
 def read_summary(path: Path) -> dict | None:
@@ -120,21 +116,21 @@ def list_runs(root: Path = Path("runs")) -> list[dict]:
     for run in folders:
         for d in (run, run / RANDOM_INIT_DIR):
             stages, unreadable = {}, []
-            for s in STAGE_DIRS:
+            for s in STAGE_FOLDERS:
                 f = d / s / "summary.json"
                 if f.is_file():
                     data = read_summary(f)
                     if data is None:
                         unreadable.append(s)  # shown as such; one bad file does not hide the other runs
                     stages[s] = data or {}
-            interrupted = [s for s in STAGE_DIRS if (d / s / "state").is_dir() and s not in stages]
+            interrupted = [s for s in STAGE_FOLDERS if (d / s / "state").is_dir() and s not in stages]
             if not stages and not interrupted:
                 continue
             metrics = {}
             for s in stages:
-                if s not in KEY_METRIC:
+                if s not in KEY_METRICS:  # the number each stage is judged by, for the runs table
                     continue
-                value = stages[s].get(KEY_METRIC[s])
+                value = stages[s].get(KEY_METRICS[s])
                 if value is None and stages[s].get("final_loss") is not None:  # no kNN monitor: the final loss
                     metrics[f"{s} final loss"] = stages[s]["final_loss"]
                 else:

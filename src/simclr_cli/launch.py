@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 from simclr_cli.errors import UsageError
+from simclr_cli.layout import LAUNCHABLE
 
 DEFAULT_PORT = 29500
-# The commands that make sense under a launcher: the stages and embed (their work is split over processes).
-STAGES = ("pretrain", "linear-eval", "knn", "finetune", "distill", "transfer", "embed")
 LAUNCH_OPTIONS = ("--gpus", "--processes", "--nodes", "--node-rank", "--main-address", "--main-port",
                   "--max-restarts", "--job-id", "--config-file", "--dry-run")
 
@@ -273,9 +272,51 @@ def build_plan(
     slurm = slurm_info(env)
     config = accelerate_config(env, opts.config_file)
     values = _config_values(config) if config is not None else {}
-    # explicit options win, then SLURM, then the config (whose num_processes counts all nodes)
+    nodes = _nodes(opts, slurm, values)
+    procs = _processes(opts, env, cuda_count, check_gpus, from_config=config is not None and slurm is None
+                       and not nodes.given)
+    notes: list[str] = []
+    argv = [python, "-m", "accelerate.commands.launch"]
+    argv += ["--config_file", str(config)] if config is not None else []
+    argv += _process_flags(procs, nodes, values, config is not None, notes)
+    argv += ["--num_machines", str(nodes.count)] if config is None or nodes.given else []
+    argv += _address_flags(opts, nodes, values, config is not None)
+    argv += _restart_flags(opts, nodes, procs.total(nodes))
+    argv += ["-m", "simclr_cli", *stage_args]
+    return LaunchPlan(argv=argv, env=_plan_env(opts, env, nodes, procs, cuda_count), notes=notes)
+
+
+@dataclass(frozen=True)
+class _Nodes:
+    """The machines of a launch: explicit options win, then SLURM, then the Accelerate config."""
+
+    count: int
+    rank: Optional[int]  # this node's
+    address: Optional[str]  # the rank-0 node's
+    given: bool  # the node count came from an option or SLURM, not from the config or the default
+
+
+@dataclass(frozen=True)
+class _Processes:
+    """The processes per node, when this launch decides them (None: the Accelerate config's)."""
+
+    per_node: Optional[int]
+    cpu: bool  # CPU processes (gloo)
+    gpus_here: Optional[int]  # the GPUs this node offers, when they were counted
+
+    def total(self, nodes: _Nodes) -> Optional[int]:
+        return nodes.count * self.per_node if self.per_node is not None else None
+
+
+def _nodes(opts: LaunchOptions, slurm: Optional[SlurmInfo], values: Mapping) -> _Nodes:
+    """The node count, this node's rank and the main address (explicit, SLURM, config; whose
+    ``num_processes`` counts all nodes).
+
+    Raises:
+        UsageError: a rank not below the node count; several nodes without an address, a rank or with port 0.
+    """
     nodes = _first(opts.nodes, slurm and slurm.nodes)
-    multi_node_given = nodes is not None
+    given = nodes is not None
     nodes = _first(nodes, _int_or_none(values.get("num_machines")), 1)
     rank = _first(opts.node_rank, slurm and slurm.node_rank, _int_or_none(values.get("machine_rank")) if nodes > 1
                   else None)
@@ -294,7 +335,17 @@ def build_plan(
         if opts.main_port == 0:
             raise UsageError("--main-port 0 (a free port) works on one node only: every node must use the same "
                              "port; pass one, e.g. --main-port 29500")
+    return _Nodes(count=nodes, rank=rank, address=address, given=given)
 
+
+def _processes(opts: LaunchOptions, env: Mapping[str, str], cuda_count: Callable[[], int], check_gpus: bool,
+               from_config: bool) -> _Processes:
+    """``--processes N`` (CPU), ``--gpus N``, else every GPU this node offers (one CPU process without one), unless
+    the Accelerate config decides (``from_config``: a config, and neither SLURM nor a node count given).
+
+    Raises:
+        UsageError: ``--gpus N`` beyond the GPUs torch sees (with ``check_gpus``).
+    """
     cpu = opts.processes is not None
     per_node: Optional[int] = opts.processes if cpu else opts.gpus
     if opts.gpus is not None and check_gpus:
@@ -304,73 +355,93 @@ def build_plan(
             raise UsageError(f"--gpus {opts.gpus}: this machine has {have} GPU(s) that torch can use; {fix} "
                              "(--dry-run prints the command without this check)")
     gpus_here: Optional[int] = None
-    if per_node is None and (config is None or slurm is not None or multi_node_given):
+    if per_node is None and not from_config:
         gpus_here = visible_gpus(env, cuda_count)
         per_node, cpu = (gpus_here, False) if gpus_here > 0 else (1, True)
+    return _Processes(per_node=per_node, cpu=cpu, gpus_here=gpus_here)
 
-    argv = [python, "-m", "accelerate.commands.launch"]
-    notes: list[str] = []
-    if config is not None:
-        argv += ["--config_file", str(config)]
-    total = nodes * per_node if per_node is not None else None
-    if total is not None:
-        argv += ["--num_processes", str(total)]
-        kind = values.get("distributed_type")  # YAML reads an unquoted NO as false
-        config_multi = kind not in (None, False) and str(kind).upper() not in ("NO", "MULTI_CPU")
-        if total > 1 and (cpu or config is None or not config_multi):
-            argv.append("--multi_gpu")  # Accelerate's torchrun launcher; gloo processes on a CPU-only machine
-            if cpu:
-                notes.append(f"note: --multi_gpu is Accelerate's flag for its torchrun launcher; here it starts "
-                             f"{total} CPU processes (gloo), no GPU is used")
-        elif total == 1 and cpu:
-            argv.append("--cpu")
-    if config is None or multi_node_given:
-        argv += ["--num_machines", str(nodes)]
-    if nodes > 1 and (config is None or multi_node_given or opts.node_rank is not None or opts.main_address):
-        argv += ["--machine_rank", str(rank), "--main_process_ip", str(address)]
+
+def _process_flags(procs: _Processes, nodes: _Nodes, values: Mapping, has_config: bool, notes: list[str]) -> list[str]:
+    """``--num_processes`` (over all nodes) and ``--multi_gpu`` or ``--cpu``; a note on ``notes`` when
+    ``--multi_gpu`` starts CPU processes."""
+    total = procs.total(nodes)
+    if total is None:
+        return []
+    flags = ["--num_processes", str(total)]
+    kind = values.get("distributed_type")  # YAML reads an unquoted NO as false
+    config_multi = kind not in (None, False) and str(kind).upper() not in ("NO", "MULTI_CPU")
+    if total > 1 and (procs.cpu or not has_config or not config_multi):
+        flags.append("--multi_gpu")  # Accelerate's torchrun launcher; gloo processes on a CPU-only machine
+        if procs.cpu:
+            notes.append(f"note: --multi_gpu is Accelerate's flag for its torchrun launcher; here it starts "
+                         f"{total} CPU processes (gloo), no GPU is used")
+    elif total == 1 and procs.cpu:
+        flags.append("--cpu")
+    return flags
+
+
+def _address_flags(opts: LaunchOptions, nodes: _Nodes, values: Mapping, has_config: bool) -> list[str]:
+    """This node's rank and the rank-0 node's address and port, where the config does not already say them."""
+    flags: list[str] = []
+    if nodes.count > 1 and (not has_config or nodes.given or opts.node_rank is not None or opts.main_address):
+        flags += ["--machine_rank", str(nodes.rank), "--main_process_ip", str(nodes.address)]
         port = _first(opts.main_port, None if values.get("main_process_port") else DEFAULT_PORT)
         if port is not None:
-            argv += ["--main_process_port", str(port)]
-    elif nodes > 1:  # all from the config
+            flags += ["--main_process_port", str(port)]
+    elif nodes.count > 1:  # all from the config
         if opts.main_port is not None:
-            argv += ["--main_process_port", str(opts.main_port)]
+            flags += ["--main_process_port", str(opts.main_port)]
     else:
         if opts.main_address is not None:
-            argv += ["--main_process_ip", opts.main_address]
+            flags += ["--main_process_ip", opts.main_address]
         if opts.main_port is not None:
-            argv += ["--main_process_port", str(opts.main_port)]
-    if opts.job_id is not None and not (opts.max_restarts is not None and nodes > 1):
+            flags += ["--main_process_port", str(opts.main_port)]
+    return flags
+
+
+def _restart_flags(opts: LaunchOptions, nodes: _Nodes, total: Optional[int]) -> list[str]:
+    """``--max_restarts`` (and the c10d rendezvous on several nodes).
+
+    Raises:
+        UsageError: ``--job-id`` without a restartable launch on several nodes; ``--main-port`` with restarts on
+            one node; restarts of one process.
+    """
+    if opts.job_id is not None and not (opts.max_restarts is not None and nodes.count > 1):
         raise UsageError("--job-id names the rendezvous of a restartable launch on several nodes: use it with "
                          "--nodes N --max-restarts K, or leave it out")
-    if opts.max_restarts is not None:
-        if nodes == 1 and opts.main_port is not None:
-            raise UsageError("--main-port with --max-restarts on one node: the restartable rendezvous picks a free "
-                             "port itself (torchrun --standalone); leave --main-port out")
-        if total == 1:
-            raise UsageError(f"--max-restarts {opts.max_restarts} needs Accelerate's torchrun launcher, which runs "
-                             "2 processes or more (--gpus N, --processes N); for one process use `torchrun "
-                             f"--nproc_per_node 1 --max-restarts {opts.max_restarts} -m simclr_cli ...`")
-        argv += ["--max_restarts", str(opts.max_restarts)]
-        if nodes > 1:
-            argv += ["--rdzv_backend", "c10d"]  # static rendezvous cannot gather a restarted group
-    argv += ["-m", "simclr_cli", *stage_args]
+    if opts.max_restarts is None:
+        return []
+    if nodes.count == 1 and opts.main_port is not None:
+        raise UsageError("--main-port with --max-restarts on one node: the restartable rendezvous picks a free "
+                         "port itself (torchrun --standalone); leave --main-port out")
+    if total == 1:
+        raise UsageError(f"--max-restarts {opts.max_restarts} needs Accelerate's torchrun launcher, which runs "
+                         "2 processes or more (--gpus N, --processes N); for one process use `torchrun "
+                         f"--nproc_per_node 1 --max-restarts {opts.max_restarts} -m simclr_cli ...`")
+    flags = ["--max_restarts", str(opts.max_restarts)]
+    if nodes.count > 1:
+        flags += ["--rdzv_backend", "c10d"]  # static rendezvous cannot gather a restarted group
+    return flags
 
+
+def _plan_env(opts: LaunchOptions, env: Mapping[str, str], nodes: _Nodes, procs: _Processes,
+              cuda_count: Callable[[], int]) -> dict[str, str]:
+    """The environment the launch adds: the rendezvous of a restartable launch, and no GPUs for CPU processes."""
     extra: dict[str, str] = {}
     if opts.max_restarts is not None:
         # A restarted group must not read the dead group's addresses from a store shared with the launcher
         # (pytorch/pytorch#135712): each group gets its own store, and one node uses torchrun's --standalone
         # rendezvous (c10d on a free port; PET_* variables set torchrun's options, which Accelerate leaves alone).
         extra["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-        if nodes == 1:
+        if nodes.count == 1:
             extra["PET_STANDALONE"] = "1"  # its rendezvous id is a new uuid for each launch
         else:
-            extra["PET_RDZV_ID"] = rendezvous_id(opts, env, nodes)
-    if cpu and total is not None:
-        if gpus_here is None:
-            gpus_here = visible_gpus(env, cuda_count)
+            extra["PET_RDZV_ID"] = rendezvous_id(opts, env, nodes.count)
+    if procs.cpu and procs.total(nodes) is not None:
+        gpus_here = procs.gpus_here if procs.gpus_here is not None else visible_gpus(env, cuda_count)
         if gpus_here > 0:  # the stages use a GPU whenever torch sees one: hide them for CPU processes
             extra["CUDA_VISIBLE_DEVICES"] = ""
-    return LaunchPlan(argv=argv, env=extra, notes=notes)
+    return extra
 
 
 def rendezvous_id(opts: LaunchOptions, env: Mapping[str, str], nodes: int) -> str:
@@ -437,10 +508,10 @@ def _check_stage(stage_args: Sequence[str]) -> None:
         hint = f" (did you mean {near[0]}?)" if near else ""
         raise UsageError(f"no such option: {name}{hint}; simclr launch's options come before STAGE, the stage's "
                          "after it (see simclr launch --help)")
-    if stage not in STAGES:
-        near = difflib.get_close_matches(stage, STAGES, n=1)
+    if stage not in LAUNCHABLE:
+        near = difflib.get_close_matches(stage, LAUNCHABLE, n=1)
         hint = f"did you mean {near[0]}? " if near else ""
-        raise UsageError(f"{stage!r} is not a stage simclr launch runs; {hint}one of: {', '.join(STAGES)}")
+        raise UsageError(f"{stage!r} is not a stage simclr launch runs; {hint}one of: {', '.join(LAUNCHABLE)}")
 
 
 # --- running it ------------------------------------------------------------------------------------------

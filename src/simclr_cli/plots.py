@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from simclr_cli.errors import SimclrError, UsageError
-from simclr_cli.layout import RANDOM_INIT_DIR, STAGE_DIRS
+from simclr_cli.layout import RANDOM_INIT_DIR, STAGE_FOLDERS
 
 
 def _pyplot():
@@ -49,7 +49,7 @@ PANELS = {
 HEALTHY_Z_SPREAD = 1.0  # z_std_ratio of z spread evenly over the sphere (objectives/base.py)
 
 
-def plot_curves(run: Path, stages: tuple[str, ...] = STAGE_DIRS) -> list[Path]:
+def plot_curves(run: Path, stages: tuple[str, ...] = STAGE_FOLDERS) -> list[Path]:
     """``RUN/plots/<stage>_curves.png`` for every stage (of ``stages``) with a metrics.jsonl
     (:func:`curves_figure`)."""
     plt = _pyplot()

@@ -63,7 +63,7 @@ def test_an_error_line_is_written_in_one_piece(monkeypatch):
     lines cannot be glued into one."""
     import typer
 
-    from simclr_cli.cli._app import _handled
+    from simclr_cli.cli._app import handle_errors
     from simclr_cli.errors import UsageError
 
     class Recorder:
@@ -81,7 +81,7 @@ def test_an_error_line_is_written_in_one_piece(monkeypatch):
         rec = Recorder()
         monkeypatch.setattr("sys.stderr", rec)
         with pytest.raises(typer.Exit):
-            with _handled(False):
+            with handle_errors(False):
                 raise raised
         monkeypatch.undo()
         assert len(rec.writes) == 1 and rec.writes[0].startswith("error: ") and rec.writes[0].endswith("\n"), rec.writes

@@ -4,12 +4,14 @@ Each command parses its arguments, calls one plain function (``stages.<stage>.ru
 ``validate.validate_recipe``, ...) and prints what it returns. Its own options reach a stage as typed
 recipe overrides, never as TOML text.
 
-* ``_app``: the Typer apps, the shared options, errors to exit codes (``_handled``), a stage's inputs
-  (``_chain_inputs``).
-* ``stage_commands``: pretrain, linear-eval, knn, finetune, distill, transfer.
+* ``_app``: the Typer apps, the shared options, errors to exit codes (``handle_errors``), commands registered from
+  the stage registry (``stage_command``; the stages are listed once, in :data:`simclr_cli.layout.STAGES`).
+* ``stage_base``: what the stage commands after pretrain share (``chained_stage_command``: their common options,
+  their inputs by the chaining rules, their body).
+* ``stage_commands``: one command per stage of the registry (embed's is with the run commands).
 * ``run_commands``: info, runs, export, plot, embed.
 * ``recipe_commands``: recipes list, show, validate; data check.
-* ``data_commands``: data pack (image folders and lists into indexed WebDataset shards).
+* ``data_commands``: data pack and data index (image folders and lists into indexed WebDataset shards).
 * ``launch_commands``: launch (a stage under ``accelerate launch``, SLURM-aware).
 * ``render``: the tables and the console they print on.
 

@@ -1,18 +1,20 @@
-"""The Typer apps, the options the commands share, and what every command does around its one call:
-errors to exit codes (:func:`_handled`) and, for the stages after pretrain, their inputs (:func:`_chain_inputs`)."""
+"""The Typer apps, the options the commands share, and what every command does around its one call: errors to
+exit codes (:func:`handle_errors`), a recipe checked before torch is imported (:func:`check_recipe_args`), its own
+options as typed recipe overrides (:func:`typed_overrides`) and its registration from the stage registry
+(:func:`stage_command`)."""
 
 from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 
 import simclr_cli
+from simclr_cli import layout
 from simclr_cli.errors import NothingToDo, SimclrError
-from simclr_cli.utils import check_out_folder
 
 class _OneLineErrors(typer.core.TyperGroup):
     """A bad command line (an option value of the wrong type or out of range, an unknown option or command) is the
@@ -121,9 +123,16 @@ def _root(
     _debug["verbose"] = verbose
 
 
-def _show_recipe(r) -> None:
+def stage_command(name: str, panel: str = STAGES_PANEL) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``app.command`` for the stage ``name`` of :data:`simclr_cli.layout.STAGES`: its command name and help come
+    from the registry (a docstring on the command is for readers of the code only)."""
+    entry = layout.stage(name)
+    return app.command(entry.name, help=entry.help, rich_help_panel=panel)
+
+
+def show_resolved_recipe(r) -> None:
     """With --verbose: the resolved recipe, as the stage will record it."""
-    if _debug.get("verbose") and _is_main_process():
+    if _debug.get("verbose") and is_main_process():
         import torch
 
         from simclr_cli import threads
@@ -134,7 +143,7 @@ def _show_recipe(r) -> None:
 
 
 @contextmanager
-def _handled(debug: bool = False) -> Iterator[None]:
+def handle_errors(debug: bool = False) -> Iterator[None]:
     """Turn errors into one stderr line and an exit code; re-raise with ``--debug``.
 
     Ctrl-C and SIGTERM stop the command at once with exit 130 (never the silent 143 of SIGTERM); a stage
@@ -150,7 +159,7 @@ def _handled(debug: bool = False) -> Iterator[None]:
     except typer.Exit:
         raise
     except NothingToDo as e:
-        if _is_main_process():
+        if is_main_process():
             sys.stderr.write(f"note: {e}\n")
             sys.stderr.flush()
         raise typer.Exit(0) from None
@@ -191,53 +200,28 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.splitlines())
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """This is the process of rank 0 (or the only one): the one that prints results."""
     import os
 
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _check_out(folder: Path) -> None:
-    """Refuse an output folder that cannot be one before any work (exit 2); see
-    :func:`simclr_cli.utils.check_out_folder`, which ``embed`` shares."""
-    check_out_folder(folder)
-
-
-def _precheck(recipe: str | None, set_: list[str] | None) -> None:
+def check_recipe_args(recipe: str | None, overrides: list[str] | None) -> None:
     """Refuse a misspelt recipe name or ``--set`` key (exit 2, with its "did you mean") before a command
     imports torch, timm or accelerate: seconds, not the half-minute those imports take on a busy machine."""
     from simclr_cli.recipe import check_overrides, resolve_recipe_path
 
     if recipe:
         resolve_recipe_path(recipe)
-    check_overrides(set_ or [])
+    check_overrides(overrides or [])
 
 
-def _typed(*options: tuple[str, str, Any]) -> dict[str, Any]:
+def typed_overrides(*options: tuple[str, str, Any]) -> dict[str, Any]:
     """The typed recipe overrides of a command's own options, from (option, recipe key, value) triples:
-    ``_typed(("--k", "knn.k", k))`` gives ``{"knn.k": FromOption("--k", k)}``, which the recipe loader checks
-    like any value and blames on ``--k``. Options not given (None) are left out; a value given is always
+    ``typed_overrides(("--k", "knn.k", k))`` gives ``{"knn.k": FromOption("--k", k)}``, which the recipe loader
+    checks like any value and blames on ``--k``. Options not given (None) are left out; a value given is always
     checked, never silently dropped (``--labels ""`` and ``--temperature 0`` are errors)."""
     from simclr_cli.recipe import FromOption
 
     return {key: FromOption(option, value) for option, key, value in options if value is not None}
-
-
-def _chain_inputs(source, recipe, set_, init, wants, out, quiet, resume_stage=None, values=None):
-    """Resolve a stage's checkpoint, recipe and output directory (the chaining rules). ``resume_stage``
-    (with --resume): the recipe is the one that stage saved in OUT/STAGE/recipe.toml, ``--set`` on top.
-    ``values``: the typed overrides of the command's own options, applied after ``--set``."""
-    from simclr_cli.stages import common
-
-    say = (lambda *a: None) if quiet or not _is_main_process() else print
-    r = (common.resume_recipe(Path(out) / resume_stage, recipe, set_, values)
-         if resume_stage and out is not None else None)
-    src = common.find_source(source, wants, say=say,
-                             required=init != "random" or (source is not None) or not (recipe or r))
-    if resume_stage and r is None and out is None and src is not None:
-        r = common.resume_recipe(common.output_dir(src, None, None, init) / resume_stage, recipe, set_, values)
-    r = r or common.inherit_recipe(src, recipe, set_, values)
-    _show_recipe(r)
-    out_dir = common.output_dir(src, r, out, init)
-    _check_out(out_dir)
-    return src, r, out_dir

@@ -4,12 +4,16 @@ work is in :mod:`simclr_cli.data.shards`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from simclr_cli import threads
-from simclr_cli.cli._app import DebugOpt, QuietOpt, _handled, data_app
+from simclr_cli.cli._app import DebugOpt, QuietOpt, data_app, handle_errors
+
+if TYPE_CHECKING:
+    from simclr_cli.data.shards import PackResult
+    from simclr_cli.engine.reporting import ProgressDisplay
 
 
 @data_app.command("pack")
@@ -37,48 +41,64 @@ def data_pack(
     Images are decoded upright, scaled to the shorter side and re-encoded once. An interrupted pack keeps its
     completed shards: run the same command again to resume.
     """
-    with _handled(debug):
+    with handle_errors(debug):
         from simclr_cli.data.shards import PackSettings, pack
-        from simclr_cli.engine.reporting import ProgressDisplay
         from simclr_cli.errors import UsageError
 
         if labels not in ("auto", "folders", "none"):
             raise UsageError(f"--labels must be auto, folders or none, got '{labels}'")
         if workers is not None and workers < 0:
             raise UsageError(f"--workers must be 0 or more, got {workers}")
-        bar: dict = {}
-
-        def progress(done: int, total: int) -> None:
-            if "bar" not in bar:
-                bar["bar"] = ProgressDisplay(total, done, enabled=not quiet, description="pack", unit="images")
-                bar["every"] = max(1, total // 10)
-            line = f"packed {done}/{total} images" if done % bar["every"] == 0 or done == total else None
-            bar["bar"].update(done, "", line)
-
-        def say(text: str) -> None:
-            if quiet and text.startswith("warning:"):  # --quiet drops the bar and progress, never a warning
-                typer.echo(text, err=True)
-            elif "bar" in bar:
-                bar["bar"].message(text)
-            elif text.startswith("warning:"):
-                typer.echo(text, err=True)
-            elif not quiet:
-                typer.echo(text)
-
+        report = _PackReport(quiet)
         try:
             result = pack(src, out, PackSettings(shorter_side, quality, shard_size), labels=labels,  # type: ignore[arg-type]
                           overwrite=overwrite, workers=threads.prepare_process().decode_threads() if workers is None else workers,
-                          allow_missing=allow_missing, say=say, progress=progress)
+                          allow_missing=allow_missing, say=report.say, progress=report.progress)
         finally:
-            if "bar" in bar:
-                bar["bar"].close()
+            report.close()
+        report.done(result)
+
+
+class _PackReport:
+    """What ``data pack`` shows while it packs: a progress bar (a line every tenth of the images in a log), its
+    messages, and the result. ``--quiet`` drops the bar and the progress, never a warning."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Optional[ProgressDisplay] = None
+        self.every = 1
+
+    def progress(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from simclr_cli.engine.reporting import ProgressDisplay
+
+            self.bar = ProgressDisplay(total, done, enabled=not self.quiet, description="pack", unit="images")
+            self.every = max(1, total // 10)
+        line = f"packed {done}/{total} images" if done % self.every == 0 or done == total else None
+        self.bar.update(done, "", line)
+
+    def say(self, text: str) -> None:
+        if self.quiet and text.startswith("warning:"):
+            typer.echo(text, err=True)
+        elif self.bar is not None:
+            self.bar.message(text)
+        elif text.startswith("warning:"):
+            typer.echo(text, err=True)
+        elif not self.quiet:
+            typer.echo(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def done(self, result: PackResult) -> None:
         if result.already:
             print(f"{result.out}: already packed ({result.images} images in {result.shards} shards); nothing to do")
         else:
             kept = f", {result.reused} kept from the interrupted run" if result.reused else ""
             skipped = f", {result.skipped} unreadable images skipped (each named in a warning)" if result.skipped else ""
             print(f"packed {result.images} images into {result.shards} shards in {result.out}{kept}{skipped}")
-        if not quiet:
+        if not self.quiet:
             print(f"train on them: --set data.dataset=shards --set data.root={result.out}")
 
 
@@ -91,7 +111,7 @@ def data_index(
     debug: DebugOpt = False,
 ) -> None:
     """Rebuild a pack's index.json by reading its shards (after it was lost, or the shards were changed)."""
-    with _handled(debug):
+    with handle_errors(debug):
         from simclr_cli.data.shards import write_index
 
         index = write_index(out, say=lambda text: typer.echo(text, err=text.startswith("warning:")), partial=partial)

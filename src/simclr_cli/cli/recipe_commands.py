@@ -7,13 +7,13 @@ from typing import Annotated
 import typer
 
 from simclr_cli.cli import render
-from simclr_cli.cli._app import DebugOpt, RecipeArg, SetOpt, _handled, data_app, recipes_app
+from simclr_cli.cli._app import DebugOpt, RecipeArg, SetOpt, data_app, handle_errors, recipes_app
 
 
 @recipes_app.command("list")
 def recipes_list() -> None:
     """List the bundled recipes."""
-    with _handled():
+    with handle_errors():
         from simclr_cli.recipe import bundled_recipe_names, load_recipe
 
         render.show_recipes((name, load_recipe(name)) for name in bundled_recipe_names())
@@ -26,7 +26,7 @@ def recipes_show(
     set_: SetOpt = None,
 ) -> None:
     """Print a recipe's TOML (as written, or fully resolved)."""
-    with _handled():
+    with handle_errors():
         from simclr_cli.recipe import load_recipe, recipe_to_toml, resolve_recipe_path
 
         if resolved or set_:
@@ -39,7 +39,7 @@ def recipes_show(
 @recipes_app.command("validate")
 def recipes_validate(file: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe file (and overrides) against the schema; exit 2 with the first problem."""
-    with _handled():
+    with handle_errors():
         from simclr_cli.validate import validate_recipe
 
         path, r = validate_recipe(file, set_ or [])
@@ -52,7 +52,7 @@ def data_check(recipe: RecipeArg, set_: SetOpt = None, debug: DebugOpt = False) 
 
     Exits 1 when training would stop on unreadable images (more than data.max_bad_fraction).
     """
-    with _handled(debug):
+    with handle_errors(debug):
         from simclr_cli.data.check import check_recipe_data
         from simclr_cli.errors import DataError
         from simclr_cli.recipe import load_recipe

@@ -13,11 +13,12 @@ from simclr_cli.cli._app import (
     DebugOpt,
     OverwriteOpt,
     SourceArg,
-    _check_out,
-    _handled,
-    _is_main_process,
     app,
+    handle_errors,
+    is_main_process,
+    stage_command,
 )
+from simclr_cli.utils import check_out_folder
 
 
 @app.command(rich_help_panel=RUNS_PANEL)
@@ -27,7 +28,7 @@ def info(
     debug: DebugOpt = False,
 ) -> None:
     """Show a checkpoint's metadata, key recipe values and final metrics."""
-    with _handled(debug):
+    with handle_errors(debug):
         from simclr_cli.inspect_runs import checkpoint_info, set_aside_runs
 
         for line in set_aside_runs(path):  # first: said even when the run holds no checkpoint now
@@ -41,7 +42,7 @@ def runs(
     debug: DebugOpt = False,
 ) -> None:
     """List the runs under ./runs: stages done, their key metrics, wall time."""
-    with _handled(debug):
+    with handle_errors(debug):
         from simclr_cli.inspect_runs import list_runs
 
         found = list_runs(root)
@@ -63,7 +64,7 @@ def export(
 ) -> None:
     """Export the encoder: a timm folder (backbone-only model.safetensors, config.json, a model card README.md)
     or ONNX (model.onnx, checked against PyTorch with onnxruntime)."""
-    with _handled(debug):
+    with handle_errors(debug):
         from simclr_cli.errors import UsageError
         from simclr_cli.export import export_onnx, export_timm, require_onnx
         from simclr_cli.stages import common
@@ -74,9 +75,9 @@ def export(
             require_onnx()  # before looking for the run
         # A run directory or nothing: its pretrain encoder; a stage folder or file: that checkpoint.
         src = common.find_source(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
-                                 say=print if _is_main_process() else (lambda *a: None))
+                                 say=print if is_main_process() else (lambda *a: None))
         target = out or src.run_dir / f"export-{format_}"
-        _check_out(target)
+        check_out_folder(target)
         if format_ == "onnx":
             config = export_onnx(src.checkpoint, target, overwrite=overwrite)
             print(f"wrote {target}/model.onnx and config.json ({config['architecture']}, input pixel_values "
@@ -104,7 +105,7 @@ def plot(
     debug: DebugOpt = False,
 ) -> None:
     """Write PNG figures into RUN/plots/: training curves, pretrained vs random init, and the embedding map."""
-    with _handled(debug):
+    with handle_errors(debug):
         from simclr_cli import plots
         from simclr_cli.stages import common
 
@@ -122,7 +123,7 @@ def plot(
             print(f"wrote {p}")
 
 
-@app.command(rich_help_panel=RUNS_PANEL)
+@stage_command("embed", panel=RUNS_PANEL)
 def embed(
     source: SourceArg = None,
     data: Annotated[Optional[str], typer.Option(
@@ -135,12 +136,11 @@ def embed(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output .npy and .csv.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Export h (the encoder's features) for a dataset to .npy, with a CSV of file paths and labels.
-    Without RUN: the newest run's pretrain encoder."""
-    with _handled(debug):
+    """Thin wrapper over :func:`simclr_cli.embed.embed` (help: the registry's embed entry)."""
+    with handle_errors(debug):
         from simclr_cli.embed import embed as embed_features
 
-        main = _is_main_process()  # under launch: one process says which run and split it embeds
+        main = is_main_process()  # under launch: one process says which run and split it embeds
         written = embed_features(source, data, out, overwrite, say=print if main else (lambda *a: None))
         if main:
             print(f"wrote {written.path} {written.shape} and {written.table}")

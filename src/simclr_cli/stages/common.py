@@ -23,7 +23,7 @@ from simclr_cli.data.folders import align_classes
 from simclr_cli.data.loaders import build_source
 from simclr_cli.data.registry import pretraining_dataset
 from simclr_cli.data.sources import ImageSource
-from simclr_cli.layout import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_DIRS
+from simclr_cli.layout import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_FOLDERS
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.objectives import build_objective
@@ -76,7 +76,7 @@ def find_source(source: str | Path | None, wants: Sequence[str], *, runs_root: P
     if path.is_file():
         return _source_from_checkpoint(path)
     if path.is_dir():
-        if (path / MODEL_FILE).is_file() and path.name in STAGE_DIRS:
+        if (path / MODEL_FILE).is_file() and path.name in STAGE_FOLDERS:
             return _source_from_checkpoint(path / MODEL_FILE)
         for w in wants:
             if (path / w / MODEL_FILE).is_file():
@@ -96,7 +96,7 @@ def _source_from_checkpoint(path: Path) -> Source:
         raise UsageError(f"{path}: not a readable safetensors checkpoint ({e})") from None
     if "simclr.recipe" not in meta:
         raise UsageError(f"{path}: not a simclr-cli checkpoint (no simclr.recipe metadata)")
-    run_dir = path.parent.parent if path.parent.name in STAGE_DIRS else path.parent
+    run_dir = path.parent.parent if path.parent.name in STAGE_FOLDERS else path.parent
     return Source(run_dir=run_dir, checkpoint=path, metadata=meta)
 
 
