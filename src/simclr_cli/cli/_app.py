@@ -232,7 +232,7 @@ def _chain_inputs(source, recipe, set_, init, wants, out, quiet, resume_stage=No
     say = (lambda *a: None) if quiet or not _is_main_process() else print
     r = (common.resume_recipe(Path(out) / resume_stage, recipe, set_, values)
          if resume_stage and out is not None else None)
-    src = common.find_source(source, wants, say=say,
+    src = common.find_checkpoint(source, wants, say=say,
                              required=init != "random" or (source is not None) or not (recipe or r))
     if resume_stage and r is None and out is None and src is not None:
         r = common.resume_recipe(common.output_dir(src, None, None, init) / resume_stage, recipe, set_, values)

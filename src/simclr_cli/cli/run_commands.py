@@ -73,7 +73,7 @@ def export(
         if format_ == "onnx":
             require_onnx()  # before looking for the run
         # A run directory or nothing: its pretrain encoder; a stage folder or file: that checkpoint.
-        src = common.find_source(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
+        src = common.find_checkpoint(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
                                  say=print if _is_main_process() else (lambda *a: None))
         target = out or src.run_dir / f"export-{format_}"
         _check_out(target)
@@ -108,7 +108,7 @@ def plot(
         from simclr_cli import plots
         from simclr_cli.stages import common
 
-        src = common.find_source(source, ("pretrain",), say=print)
+        src = common.find_checkpoint(source, ("pretrain",), say=print)
         written = plots.plot_curves(src.run_dir)
         cmp = plots.plot_comparison(src.run_dir)
         written += [cmp] if cmp else []

@@ -43,7 +43,7 @@ from simclr_cli.models import create_backbone
 from simclr_cli.models.classifier import Classifier
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
-from simclr_cli.stages.scaffold import StageRun, guarded
+from simclr_cli.stages.scaffold import StageRun, with_stage_run
 from simclr_cli.utils import atomic_write_text, file_sha256
 
 STAGE = "distill"
@@ -52,10 +52,10 @@ TEACHER_FILE = "teacher.json"  # the teacher checkpoint a run started with: its 
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "distill.log_every"})
 
 
-@guarded()
+@with_stage_run()
 def run(
     recipe: Recipe,
-    src: common.Source,
+    src: common.CheckpointRef,
     out_dir: str | Path,
     *,
     resume: bool = False,
@@ -64,7 +64,7 @@ def run(
     force: bool = False,
     show_progress: bool = True,
     interrupt_after: int | None = None,
-    guard: StageRun,
+    stage_run: StageRun,
 ) -> dict[str, Any]:
     """Distill ``src``'s classifier into a student; returns the summary (also ``OUT/distill/summary.json``)."""
     cfg, data = recipe.distill, recipe.data
@@ -75,13 +75,13 @@ def run(
         raise UsageError(f"--student {cfg.student}: not a timm model name; see timm.list_models()")
     # The resume takes its recipe from OUT/distill/recipe.toml: no options or --set needed.
     resume_cmd = f"simclr distill {shlex.quote(str(src.checkpoint))} --out {shlex.quote(str(out))} --resume"
-    accelerator = guard.open(recipe, out, STAGE, precision=(cfg.mixed_precision, "distill.mixed_precision"),
+    accelerator = stage_run.open(recipe, out, STAGE, precision=(cfg.mixed_precision, "distill.mixed_precision"),
                              resume_cmd=resume_cmd, show_progress=show_progress)
-    resume = guard.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES,
+    resume = stage_run.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES,
                          auto_resume=auto_resume)
     if cfg.hard and not cfg.cache_teacher:
         raise UsageError("distill.hard needs the cached teacher logits (distill.cache_teacher=true) to pick examples")
-    main, say, stage_dir = guard.main, guard.say, guard.stage_dir
+    main, say, stage_dir = stage_run.main, stage_run.say, stage_run.stage_dir
     teacher_record = {"checkpoint": str(Path(src.checkpoint).resolve()), "sha256": file_sha256(src.checkpoint)}
     if resume:
         _check_same_teacher(stage_dir, teacher_record, force=force, say=say)
@@ -94,7 +94,7 @@ def run(
     train_all = build_source(data, data.train_split, recipe.seed)
     unlabeled = SubsetSource(train_all, list(range(len(train_all))))
     unlabeled.labels = [-1] * len(unlabeled)
-    guard.start(overwrite=overwrite, resume=resume,
+    stage_run.start(overwrite=overwrite, resume=resume,
                 files={TEACHER_FILE: lambda path: atomic_write_text(path, json.dumps(teacher_record, indent=1) + "\n")})
     say(f"distill {src.checkpoint} ({recipe.model.backbone}, {common.count_parameters(teacher):,} params) -> "
         f"student {student_recipe.model.backbone} ({common.count_parameters(student):,} params, {init_note}) "
@@ -139,17 +139,17 @@ def run(
                    max_bad_fraction=data.max_bad_fraction)
     evaluate, every = common.test_top1_during(splits, recipe, accelerator, cfg.epochs, pick=lambda t: t.student)
     task, result, batch = fit(accelerator, task, views, spec, evaluate=evaluate, evaluate_every=every,
-                              **guard.training(resume=resume, interrupt_after=interrupt_after))
+                              **stage_run.training(resume=resume, interrupt_after=interrupt_after))
     trained: Classifier = task.student
-    with guard.stop.immediately():  # the final state is saved: a resume runs only this test
+    with stage_run.stop.immediately():  # the final state is saved: a resume runs only this test
         t_test = common.test_topk(teacher, splits, recipe, accelerator)
         s_test = common.test_topk(trained, splits, recipe, accelerator)
     if not main:
-        return guard.finish({})
+        return stage_run.finish({})
     (t_acc, test_images), (s_acc, _) = t_test, s_test
-    common.log_final(guard.stage_dir / "metrics.jsonl", main,
+    common.log_final(stage_run.stage_dir / "metrics.jsonl", main,
                      {"step": result.step, "epoch": result.epoch, "test_top1": round(s_acc[1], 4)})
-    summary = guard.summary(
+    summary = stage_run.summary(
         teacher=str(src.checkpoint),
         teacher_backbone=recipe.model.backbone,
         student_backbone=student_recipe.model.backbone,
@@ -172,15 +172,15 @@ def run(
         final_loss=result.last.get("loss"),
         images_per_sec=round(result.images_per_sec, 2),
         train_seconds=round(result.train_seconds, 2),
-        wall_seconds=round(time.perf_counter() - guard.t_start + result.wall_before, 2),
+        wall_seconds=round(time.perf_counter() - stage_run.t_start + result.wall_before, 2),
     )
     metadata = {**checkpoint_metadata(student_recipe, trained, STAGE),
                 **classifier_metadata(classes, trained.num_classes, 0, init_note)}
     tensors = {**prefixed_state("backbone", trained.backbone), **prefixed_state("head", trained.head)}
-    return guard.finish(summary, tensors=tensors, metadata=metadata)
+    return stage_run.finish(summary, tensors=tensors, metadata=metadata)
 
 
-def _build_student(recipe: Recipe, src: common.Source, num_classes: int) -> tuple[Classifier, Recipe, str]:
+def _build_student(recipe: Recipe, src: common.CheckpointRef, num_classes: int) -> tuple[Classifier, Recipe, str]:
     """The student classifier, the recipe that describes it, and how it was initialized."""
     cfg = recipe.distill
     name = cfg.student or recipe.model.backbone
@@ -309,7 +309,7 @@ def _stale_cache(path: Path, key: dict[str, str]) -> str:
     return ""
 
 
-def _labeled_subset(src: common.Source, splits: common.LabeledSplits) -> SubsetSource:
+def _labeled_subset(src: common.CheckpointRef, splits: common.LabeledSplits) -> SubsetSource:
     """The labeled images the finetune stage trained on, from its ``labels.txt``."""
     path = src.checkpoint.parent / "labels.txt"
     if not path.is_file():

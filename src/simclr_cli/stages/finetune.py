@@ -29,7 +29,7 @@ from simclr_cli.errors import UsageError
 from simclr_cli.models.classifier import Classifier
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
-from simclr_cli.stages.scaffold import StageRun, guarded
+from simclr_cli.stages.scaffold import StageRun, with_stage_run
 
 STAGE = "finetune"
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "finetune.log_every"})
@@ -40,10 +40,10 @@ def default_epochs(fraction: float) -> int:
     return 60 if fraction <= 0.01 + 1e-9 else 30
 
 
-@guarded()
+@with_stage_run()
 def run(
     recipe: Recipe,
-    src: common.Source | None,
+    src: common.CheckpointRef | None,
     out_dir: str | Path,
     *,
     init: str = "pretrained",
@@ -53,7 +53,7 @@ def run(
     force: bool = False,
     show_progress: bool = True,
     interrupt_after: int | None = None,
-    guard: StageRun,
+    stage_run: StageRun,
 ) -> dict[str, Any]:
     """Fine-tune on the ``finetune.labels`` subset and test; returns the summary.
 
@@ -62,7 +62,7 @@ def run(
         src: the pretrain checkpoint (ignored with ``init='random'``: supervised from scratch).
         out_dir: run directory to write ``finetune/`` into.
         resume: continue from ``OUT/finetune/state`` (the CLI takes the recipe from ``OUT/finetune/recipe.toml``).
-        guard: given by ``@guarded``: the stage scaffold (signals, output folder, the previous run kept until the
+        stage_run: given by ``@with_stage_run``: the stage scaffold (signals, output folder, the previous run kept until the
             new one is durable).
     """
     cfg, data = recipe.finetune, recipe.data
@@ -72,9 +72,9 @@ def run(
     source = f"{shlex.quote(str(src.checkpoint))} " if init != "random" and src is not None and src.checkpoint else ""
     resume_cmd = (f"simclr finetune {source}{'--init random ' if init == 'random' else ''}--out {shlex.quote(str(out))} "
                   "--resume")
-    accelerator = guard.open(recipe, out, STAGE, precision=(cfg.mixed_precision, "finetune.mixed_precision"),
+    accelerator = stage_run.open(recipe, out, STAGE, precision=(cfg.mixed_precision, "finetune.mixed_precision"),
                              resume_cmd=resume_cmd, show_progress=show_progress)
-    resume = guard.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES,
+    resume = stage_run.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES,
                          auto_resume=auto_resume)
 
     # The labeled subset.
@@ -96,27 +96,27 @@ def run(
     train = SubsetSource(splits.train, chosen)
     augment = crop_flip_augment(recipe.augment, cfg.crop_scale, data.image_size, data.mean, data.std)
     views = LabeledViews(train, augment, recipe.seed)
-    guard.start(overwrite=overwrite, resume=resume,
+    stage_run.start(overwrite=overwrite, resume=resume,
                 files={"labels.txt": lambda path: write_label_list(path, splits.train, chosen)})
-    guard.say(f"finetune {common.source_label(src, init)} on {len(chosen)} labeled images ({cfg.labels}, "
+    stage_run.say(f"finetune {common.source_label(src, init)} on {len(chosen)} labeled images ({cfg.labels}, "
               f"{100 * fraction:.2f}% of {len(splits.train_indices)}), {splits.num_classes} classes, {epochs} epochs, "
-              f"head layers kept {cfg.from_head_layer}, BN {bn_mode} -> {guard.stage_dir}")
+              f"head layers kept {cfg.from_head_layer}, BN {bn_mode} -> {stage_run.stage_dir}")
     spec = FitSpec(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                    weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
                    log_every=cfg.log_every, save_every=cfg.save_every, keep_states=cfg.keep_states,
                    max_bad_fraction=data.max_bad_fraction)
     evaluate, every = common.test_top1_during(splits, recipe, accelerator, epochs)
     task, result, batch = fit(accelerator, ClassificationTask(model), views, spec, evaluate=evaluate,
-                              evaluate_every=every, **guard.training(resume=resume, interrupt_after=interrupt_after))
+                              evaluate_every=every, **stage_run.training(resume=resume, interrupt_after=interrupt_after))
     trained: Classifier = task.model
-    with guard.stop.immediately():  # the final state is saved: a resume runs only this test
+    with stage_run.stop.immediately():  # the final state is saved: a resume runs only this test
         test = common.test_topk(trained, splits, recipe, accelerator)
     if test is None:
-        return guard.finish({})
+        return stage_run.finish({})
     acc, test_images = test
-    common.log_final(guard.stage_dir / "metrics.jsonl", guard.main,
+    common.log_final(stage_run.stage_dir / "metrics.jsonl", stage_run.main,
                      {"step": result.step, "epoch": result.epoch, "test_top1": round(acc[1], 4)})
-    summary = guard.summary(
+    summary = stage_run.summary(
         init=init,
         source=common.source_label(src, init),
         **common.source_identity(src, init),
@@ -135,10 +135,10 @@ def run(
         final_loss=result.last.get("loss"),
         images_per_sec=round(result.images_per_sec, 2),
         train_seconds=round(result.train_seconds, 2),
-        wall_seconds=round(time.perf_counter() - guard.t_start + result.wall_before, 2),
+        wall_seconds=round(time.perf_counter() - stage_run.t_start + result.wall_before, 2),
     )
     metadata = {**checkpoint_metadata(recipe, encoder, STAGE),
                 **classifier_metadata(splits.classes, splits.num_classes, cfg.from_head_layer, init),
                 "simclr.labels": cfg.labels}
     tensors = {**prefixed_state("backbone", trained.backbone), **prefixed_state("head", trained.head)}
-    return guard.finish(summary, tensors=tensors, metadata=metadata)
+    return stage_run.finish(summary, tensors=tensors, metadata=metadata)

@@ -38,7 +38,7 @@ from simclr_cli.errors import DataError, RecipeError
 from simclr_cli.objectives import FitInfo, build_objective
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
-from simclr_cli.stages.scaffold import StageRun, guarded
+from simclr_cli.stages.scaffold import StageRun, with_stage_run
 
 STAGE = "pretrain"
 COMPILE_BACKEND = "inductor"  # torch.compile backend for pretrain.compile (tests use "eager")
@@ -46,7 +46,7 @@ COMPILE_BACKEND = "inductor"  # torch.compile backend for pretrain.compile (test
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "data.labeled", "pretrain.log_every"})
 
 
-@guarded()
+@with_stage_run()
 def run(
     recipe: Recipe,
     out_dir: str | Path | None = None,
@@ -57,7 +57,7 @@ def run(
     force: bool = False,
     show_progress: bool = True,
     interrupt_after: int | None = None,
-    guard: StageRun,
+    stage_run: StageRun,
 ) -> dict[str, Any]:
     """Pretrain and return the summary (also written to ``OUT/pretrain/summary.json``).
 
@@ -69,15 +69,15 @@ def run(
         force: resume even if the recipe or the number of processes changed.
         show_progress: progress bar / log lines on the main process.
         interrupt_after: for tests, stop as if SIGTERM arrived after this step.
-        guard: given by ``@guarded``: signals, and the previous run kept until the new one is durable.
+        stage_run: given by ``@with_stage_run``: signals, and the previous run kept until the new one is durable.
     """
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
     stage_dir = out / STAGE
     resume_cmd = f"simclr pretrain {shlex.quote(str(stage_dir / 'recipe.toml'))} --out {shlex.quote(str(out))} --resume"
     cfg, pcfg = recipe.data, recipe.pretrain
-    accelerator = guard.open(recipe, out, STAGE, precision=(pcfg.mixed_precision, "pretrain.mixed_precision"),
+    accelerator = stage_run.open(recipe, out, STAGE, precision=(pcfg.mixed_precision, "pretrain.mixed_precision"),
                              resume_cmd=resume_cmd, show_progress=show_progress)
-    resume = guard.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES,
+    resume = stage_run.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES,
                          auto_resume=auto_resume)
     torch.manual_seed(recipe.seed)
 
@@ -121,7 +121,7 @@ def run(
         model.backbone.compile(backend=COMPILE_BACKEND)  # in place: state_dict keys stay the same
 
     # Only now, with data and model built, is an old run set aside (restored if this one fails).
-    guard.start(overwrite=overwrite, resume=resume)
+    stage_run.start(overwrite=overwrite, resume=resume)
     spec = FitSpec(
         epochs=pcfg.epochs, max_steps=pcfg.max_steps, batch_size=pcfg.batch_size, full_batches=True,
         optimizer=pcfg.optimizer, lr=pcfg.lr, lr_scaling=pcfg.lr_scaling, warmup_epochs=pcfg.warmup_epochs,
@@ -132,7 +132,7 @@ def run(
         max_nonfinite_skips=pcfg.max_nonfinite_skips, check_world_size=True,
     )
     trainer = Trainer(accelerator, task, views, spec,
-                      **guard.training(resume=resume, force=force, interrupt_after=interrupt_after))
+                      **stage_run.training(resume=resume, force=force, interrupt_after=interrupt_after))
     plan, metrics, progress = trainer.plan, trainer.metrics, trainer.progress
     spe, total, start_step, elapsed0 = plan.steps_per_epoch, plan.total_steps, plan.start_step, plan.elapsed
     trainer.model.on_fit_start(FitInfo(total_steps=total, steps_per_epoch=spe, world_size=accelerator.num_processes,
@@ -172,10 +172,10 @@ def run(
             with trainer.stop.immediately():  # a resume at the final step runs only this pass and writes the outputs
                 final_knn = knn(trainer.model.model)
             metrics.write({"step": result.step, "epoch": round(result.step / spe, 4), "knn_top1": final_knn,
-                           "time": round(result.wall_before + time.perf_counter() - guard.t_start, 3)})
+                           "time": round(result.wall_before + time.perf_counter() - stage_run.t_start, 3)})
 
     unwrapped: SimCLRModel = trainer.model.model
-    summary = guard.summary(
+    summary = stage_run.summary(
         backbone=recipe.model.backbone,
         steps=result.step,
         epochs=round(result.step / spe, 4),
@@ -186,7 +186,7 @@ def run(
         final_loss=result.last.get("loss"),
         images_per_sec=round(result.images_per_sec, 2),
         train_seconds=round(result.train_seconds, 2),
-        wall_seconds=round(time.perf_counter() - guard.t_start + elapsed0, 2),
+        wall_seconds=round(time.perf_counter() - stage_run.t_start + elapsed0, 2),
         bad_images=result.bad_images,
         knn_top1=final_knn,
         knn_top1_init=init_knn,
@@ -195,7 +195,7 @@ def run(
         python=platform.python_version(),
     )
     tensors = {**prefixed_state("backbone", unwrapped.backbone), **prefixed_state("head", unwrapped.head)}
-    return guard.finish(summary, tensors=tensors, metadata=checkpoint_metadata(recipe, unwrapped, STAGE))
+    return stage_run.finish(summary, tensors=tensors, metadata=checkpoint_metadata(recipe, unwrapped, STAGE))
 
 
 def _first_knn(path: Path) -> float | None:

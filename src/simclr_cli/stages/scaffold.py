@@ -1,15 +1,15 @@
 """The stage scaffold: what every stage does around its own work, in one object.
 
-A stage function is decorated with :func:`guarded` and receives a :class:`StageRun` as ``guard``;
+A stage function is decorated with :func:`with_stage_run` and receives a :class:`StageRun` as ``stage_run``;
 it then reads top to bottom as *build, run, report*::
 
-    accelerator = guard.open(recipe, out_dir, STAGE, precision=(cfg.mixed_precision, "finetune.mixed_precision"))
-    guard.check(overwrite=overwrite, resume=resume)        # never replace work by accident
-    ...build data and model...                             # stage-specific
-    guard.start(overwrite=overwrite, resume=resume)        # set the old run aside, write recipe.toml
-    ...train (``Trainer(..., **guard.training(...))``)... # stage-specific
-    if guard.main: ...evaluate...                          # stage-specific
-    return guard.finish(guard.summary(top1=...), tensors=..., metadata=...)
+    accelerator = stage_run.open(recipe, out_dir, STAGE, precision=(cfg.mixed_precision, "finetune.mixed_precision"))
+    stage_run.check(overwrite=overwrite, resume=resume)          # never replace work by accident
+    ...build data and model...                                   # stage-specific
+    stage_run.start(overwrite=overwrite, resume=resume)          # set the old run aside, write recipe.toml
+    ...train (``Trainer(..., **stage_run.training(...))``)...    # stage-specific
+    if stage_run.main: ...evaluate...                            # stage-specific
+    return stage_run.finish(stage_run.summary(top1=...), tensors=..., metadata=...)
 
 The scaffold owns the stage folder and its checks, the Accelerator, main-process printing
 (:attr:`StageRun.say`), ``recipe.toml``, the barriers, the base summary fields (stage, name, wall
@@ -42,7 +42,7 @@ from simclr_cli.utils import atomic_write_text, file_sha256
 
 
 class StageRun:
-    """One invocation of a stage, from its first line to its last file (see :func:`guarded`).
+    """One invocation of a stage, from its first line to its last file (see :func:`with_stage_run`).
 
     * Ctrl-C and SIGTERM are caught from the start (:attr:`stop`). The training loop stops at a step
       boundary with state saved (a signal during setup: before its first step); a second Ctrl-C, or any
@@ -609,13 +609,13 @@ def finished_with(stage_dir: Path, recipe: Recipe, resumable_changes: frozenset[
             and same_recipe(stage_dir, recipe, resumable_changes))
 
 
-def guarded(immediate: bool = False):
-    """Run a stage function inside a :class:`StageRun`, passed to it as ``guard``. ``immediate``: the stage has
+def with_stage_run(immediate: bool = False):
+    """Run a stage function inside a :class:`StageRun`, passed to it as ``stage_run``. ``immediate``: the stage has
     no training loop to stop at a step boundary, so a signal stops it at once."""
     def wrap(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            with StageRun(immediate=immediate) as guard:
-                return fn(*args, guard=guard, **kwargs)
+            with StageRun(immediate=immediate) as stage_run:
+                return fn(*args, stage_run=stage_run, **kwargs)
         return run
     return wrap
