@@ -12,10 +12,10 @@ epoch). :func:`fit` is the whole thing in one call, for stages with nothing to d
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -56,6 +56,18 @@ class FitSpec:
     on_nonfinite: str = "stop"  # or "skip"
     max_nonfinite_skips: int = 10
     check_world_size: bool = False  # resume refuses another process count unless forced
+
+    @classmethod
+    def from_section(cls, section: Any, *, data: Any, seed: int, **changes: Any) -> "FitSpec":
+        """The spec of a recipe's training section (``[pretrain]``, or a
+        :class:`~simclr_cli.recipe.schema.TrainingSection` such as ``[finetune]``): every key the section has
+        under a field's name (epochs, batch_size, lr, ..., keep_states), the data loading of ``[data]``
+        (``num_workers``, ``max_bad_fraction``), the recipe's ``seed``, then ``changes`` on top (e.g. epochs
+        worked out by the stage). A field the section has no key for keeps the supervised default."""
+        keys = {f.name for f in fields(section)}
+        shared = {f.name: getattr(section, f.name) for f in fields(cls) if f.name in keys}
+        return cls(**{**shared, "seed": seed, "num_workers": data.num_workers,
+                      "max_bad_fraction": data.max_bad_fraction, **changes})
 
 
 @dataclass(frozen=True)

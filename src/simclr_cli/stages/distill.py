@@ -133,10 +133,7 @@ def run(
     student, bn_mode = convert_sync_bn(student, accelerator, cfg.sync_bn)
     task = DistillTask(student, temperature=cfg.temperature, alpha=cfg.alpha, hard=cfg.hard,
                        dropout=cfg.dropout if cfg.noisy else 0.0, teacher=None if cfg.cache_teacher else teacher)
-    spec = FitSpec(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                   weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
-                   log_every=cfg.log_every, save_every=cfg.save_every, keep_states=cfg.keep_states,
-                   max_bad_fraction=data.max_bad_fraction)
+    spec = FitSpec.from_section(cfg, data=data, seed=recipe.seed)
     evaluate, every = common.test_top1_during(splits, recipe, accelerator, cfg.epochs, pick=lambda t: t.student)
     task, result, batch = fit(accelerator, task, views, spec, evaluate=evaluate, evaluate_every=every,
                               **stage_run.training(resume=resume, interrupt_after=interrupt_after))

@@ -101,10 +101,7 @@ def run(
     stage_run.say(f"finetune {common.source_label(src, init)} on {len(chosen)} labeled images ({cfg.labels}, "
               f"{100 * fraction:.2f}% of {len(splits.train_indices)}), {splits.num_classes} classes, {epochs} epochs, "
               f"head layers kept {cfg.from_head_layer}, BN {bn_mode} -> {stage_run.stage_dir}")
-    spec = FitSpec(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                   weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
-                   log_every=cfg.log_every, save_every=cfg.save_every, keep_states=cfg.keep_states,
-                   max_bad_fraction=data.max_bad_fraction)
+    spec = FitSpec.from_section(cfg, data=data, seed=recipe.seed, epochs=epochs)
     evaluate, every = common.test_top1_during(splits, recipe, accelerator, epochs)
     task, result, batch = fit(accelerator, ClassificationTask(model), views, spec, evaluate=evaluate,
                               evaluate_every=every, **stage_run.training(resume=resume, interrupt_after=interrupt_after))

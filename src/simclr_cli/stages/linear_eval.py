@@ -135,9 +135,7 @@ def _fit_paper(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, 
     cfg, data = recipe.linear_eval, recipe.data
     train = SubsetSource(splits.train, splits.train_indices)
     augment = crop_flip_augment(recipe.augment, cfg.crop_scale, data.image_size, data.mean, data.std)
-    spec = FitSpec(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                   weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
-                   log_every=cfg.log_every, max_bad_fraction=data.max_bad_fraction)
+    spec = FitSpec.from_section(cfg, data=data, seed=recipe.seed)
     # its own stop request: a signal stops the probe at a step boundary (the stage's stops at once)
     evaluate, every = common.test_top1_during(splits, recipe, accelerator, cfg.epochs)
     _, result, _ = fit(accelerator, ClassificationTask(model, frozen=True), LabeledViews(train, augment, recipe.seed),

@@ -122,15 +122,7 @@ def run(
 
     # Only now, with data and model built, is an old run set aside (restored if this one fails).
     stage_run.start(overwrite=overwrite, resume=resume)
-    spec = FitSpec(
-        epochs=pcfg.epochs, max_steps=pcfg.max_steps, batch_size=pcfg.batch_size, full_batches=True,
-        optimizer=pcfg.optimizer, lr=pcfg.lr, lr_scaling=pcfg.lr_scaling, warmup_epochs=pcfg.warmup_epochs,
-        weight_decay=pcfg.weight_decay, momentum=pcfg.momentum, nesterov=pcfg.nesterov,
-        trust_coefficient=pcfg.trust_coefficient, seed=recipe.seed, num_workers=cfg.num_workers,
-        log_every=pcfg.log_every, save_every=pcfg.save_every, checkpoint_every=pcfg.checkpoint_every,
-        keep_states=pcfg.keep_states, max_bad_fraction=cfg.max_bad_fraction, on_nonfinite=pcfg.on_nonfinite,
-        max_nonfinite_skips=pcfg.max_nonfinite_skips, check_world_size=True,
-    )
+    spec = FitSpec.from_section(pcfg, data=cfg, seed=recipe.seed, full_batches=True, check_world_size=True)
     trainer = Trainer(accelerator, task, views, spec,
                       **stage_run.training(resume=resume, force=force, interrupt_after=interrupt_after))
     plan, metrics, progress = trainer.plan, trainer.metrics, trainer.progress
