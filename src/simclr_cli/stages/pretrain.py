@@ -35,7 +35,7 @@ from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
 from simclr_cli.evaluation.knn import extract_features, knn_top1
 from simclr_cli.models import SimCLRModel, build_simclr_model
 from simclr_cli.errors import DataError, RecipeError
-from simclr_cli.objectives import FitInfo, build_objective
+from simclr_cli.objectives import build_objective
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
 from simclr_cli.stages.scaffold import StageRun, with_stage_run
@@ -127,8 +127,6 @@ def run(
                       **stage_run.training(resume=resume, force=force, interrupt_after=interrupt_after))
     plan, metrics, progress = trainer.plan, trainer.metrics, trainer.progress
     spe, total, start_step, elapsed0 = plan.steps_per_epoch, plan.total_steps, plan.start_step, plan.elapsed
-    trainer.model.on_fit_start(FitInfo(total_steps=total, steps_per_epoch=spe, world_size=accelerator.num_processes,
-                                       start_step=start_step))
 
     # kNN monitor on h against the labeled val split.
     knn = _KnnMonitor.build(recipe, accelerator, train_source, splits=labeled) if pcfg.knn_every else None
