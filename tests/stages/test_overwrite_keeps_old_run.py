@@ -156,14 +156,14 @@ def test_double_ctrl_c_before_the_first_state_keeps_the_old_run(runs, monkeypatc
     """A second Ctrl-C while the new run sets up (the old one moved aside) puts the old one back."""
     stage_dir = runs / "run" / "pretrain"
     before = _snapshot(stage_dir)
-    build = pretrain._KnnMonitor.build
+    build = pretrain._knn_monitor
 
     def ctrl_c_twice(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)  # the first asks for a stop at the next step boundary
         signal.raise_signal(signal.SIGINT)  # the second stops at once
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain._KnnMonitor, "build", ctrl_c_twice)
+    monkeypatch.setattr(pretrain, "_knn_monitor", ctrl_c_twice)
     with pytest.raises(Interrupted, match="before any state was saved.*still holds the previous run"):
         try:
             pretrain.run(_pretrain_recipe(runs), runs / "run", overwrite=True, show_progress=False)

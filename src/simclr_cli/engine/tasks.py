@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simclr_cli.errors import RecipeError
 from simclr_cli.objectives import FitInfo, Objective
 from simclr_cli.objectives.base import global_z_std  # noqa: F401 - re-exported for callers of the task module
 from simclr_cli.objectives.simclr import SimCLR, SimCLROptions
@@ -218,6 +219,28 @@ class GradCacheContrastiveTask(ContrastiveTask):
                     torch.distributed.all_reduce(p.grad)
                     p.grad.div_(world)
         return {"loss": loss.detach(), **self.objective.metrics(torch.cat([z1, z2]))}
+
+
+def grad_cache_chunk(objective: Objective, micro_batch_size: int, batch_size: int, world: int) -> int:
+    """The gradient cache's chunk for ``pretrain.micro_batch_size``: the size when it is below each process's share
+    of the global ``batch_size`` (the cache then applies), else 0 (off). A RecipeError when it applies and the
+    objective does not support it."""
+    if not 0 < micro_batch_size < batch_size // world:
+        return 0
+    if not objective.supports_grad_cache:
+        raise RecipeError(f"pretrain.micro_batch_size={micro_batch_size}: the objective '{objective.name}' with "
+                          "these options does not support the gradient cache (e.g. pretrain.simclr.memory_size > 0); "
+                          "set pretrain.micro_batch_size=0")
+    return micro_batch_size
+
+
+def contrastive_task(model: nn.Module, objective: Objective, micro_batch_size: int = 0,
+                     batched=None) -> ContrastiveTask:
+    """The pretraining task: with the gradient cache in chunks of ``micro_batch_size`` images when it is > 0
+    (:func:`grad_cache_chunk`), else the plain one. ``batched``: the batched backend's augmentation, or None."""
+    if micro_batch_size:
+        return GradCacheContrastiveTask(model, objective, micro_batch_size=micro_batch_size, batched=batched)
+    return ContrastiveTask(model, objective, batched=batched)
 
 
 class ClassificationTask(Task):
