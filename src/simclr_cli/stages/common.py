@@ -10,9 +10,10 @@ recipe file (or bundled name) and ``--set`` overrides apply on top.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ from simclr_cli.recipe import Recipe, TypedOverrides, parse_saved_toml, recipe_d
 from simclr_cli.recipe.loader import read_toml, resolve_recipe_path
 from simclr_cli.utils import atomic_write_text
 
+if TYPE_CHECKING:
+    from simclr_cli.engine.loop import LoopResult
 
 
 @dataclass
@@ -377,6 +380,14 @@ def test_top1_during(splits: LabeledSplits, recipe: Recipe, accelerator, epochs:
         return {"test_top1": round(out[0][1], 4)} if out is not None else {}
 
     return evaluate, max(1, -(-epochs // points))
+
+
+def training_numbers(result: LoopResult, t_start: float) -> dict[str, Any]:
+    """The summary's numbers of a stage that trained through the loop: final loss, throughput, training seconds
+    and wall seconds (``t_start``: when this invocation started; a resumed run's earlier time included)."""
+    return {"final_loss": result.last.get("loss"), "images_per_sec": round(result.images_per_sec, 2),
+            "train_seconds": round(result.train_seconds, 2),
+            "wall_seconds": round(time.perf_counter() - t_start + result.wall_before, 2)}
 
 
 def log_final(path: Path, main: bool, record: dict) -> None:

@@ -49,7 +49,7 @@ def run(
     """
     cfg = recipe.linear_eval
     accelerator = stage_run.open(recipe, out_dir, STAGE, precision=(cfg.mixed_precision, "linear_eval.mixed_precision"),
-                             keeps_state=False, show_progress=show_progress)
+                                 keeps_state=False, show_progress=show_progress)
     splits = common.labeled_splits(recipe)
     encoder = common.load_encoder(src, recipe, init)
     k = common.parse_on(cfg.on, encoder)
@@ -60,8 +60,8 @@ def run(
     stage_run.start(overwrite=overwrite)  # the previous run is kept until this one finishes
     metrics = MetricsLog(stage_run.stage_dir / "metrics.jsonl", enabled=stage_run.main)
     stage_run.say(f"linear-eval ({cfg.mode}) of {common.source_label(src, init)} on {cfg.on} "
-              f"({model.num_features} features): {len(splits.train_indices)} train / {len(splits.test)} test images, "
-              f"{splits.num_classes} classes -> {stage_run.stage_dir}")
+                  f"({model.num_features} features): {len(splits.train_indices)} train / {len(splits.test)} test "
+                  f"images, {splits.num_classes} classes -> {stage_run.stage_dir}")
 
     last_step = None
     if cfg.mode == "cached":
@@ -78,17 +78,10 @@ def run(
         common.log_final(stage_run.stage_dir / "metrics.jsonl", stage_run.main,
                          {"step": last_step, "epoch": cfg.epochs, "test_top1": round(acc[1], 4)})
     summary = stage_run.summary(
-        mode=cfg.mode,
-        on=cfg.on,
-        init=init,
-        source=common.source_label(src, init),
-        **common.source_identity(src, init),
-        backbone=recipe.model.backbone,
-        top1=round(acc[1], 4),
-        top5=round(acc[5], 4),
-        train_images=len(splits.train_indices),
-        test_images=test_images,
-        num_classes=splits.num_classes,
+        mode=cfg.mode, on=cfg.on, init=init, source=common.source_label(src, init),
+        **common.source_identity(src, init), backbone=recipe.model.backbone,
+        top1=round(acc[1], 4), top5=round(acc[5], 4), train_images=len(splits.train_indices),
+        test_images=test_images, num_classes=splits.num_classes,
     )
     metadata = {**checkpoint_metadata(recipe, encoder, STAGE),
                 **classifier_metadata(splits.classes, splits.num_classes, k, init)}
