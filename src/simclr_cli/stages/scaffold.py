@@ -472,26 +472,7 @@ def join_group(stop: StopRequest | None = None) -> None:
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     limit = join_timeout()
-    deadline = time.monotonic() + limit
-    where = f"the store at {host}:{port}"
-    started, told = time.monotonic(), []
-
-    def waiting(what: str) -> None:
-        """Between two polls: stop on a signal, say once what it waits for after 5 s, fail at the deadline."""
-        if not told and time.monotonic() - started > 5:
-            told.append(what)
-            sys.stderr.write(f"note: rank {rank} of {world} waits for {what} to join the process group ({where}); it "
-                             f"gives up after {limit:g} s (${JOIN_TIMEOUT})\n")
-            sys.stderr.flush()
-        if stop is not None and stop.requested:
-            raise Interrupted(f"stopped by {stop.signal_name} while joining the process group ({what}); nothing "
-                              "was written, run the command again")
-        if time.monotonic() > deadline:
-            raise SimclrError(f"joining the process group: rank {rank} of {world} waited {limit:g} s for {what} to "
-                              f"join ({where}); a process of another node may have failed to start or be stuck: check "
-                              f"its log (${JOIN_TIMEOUT}=SECONDS waits longer)")
-        time.sleep(0.02)
-
+    waiting = _JoinWait(rank, world, f"the store at {host}:{port}", limit, stop)
     store = None
     while store is None:  # a client connects in short tries (the server may not be up yet)
         try:
@@ -507,6 +488,33 @@ def join_group(stop: StopRequest | None = None) -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                             store=dist.PrefixStore(f"simclr/round-{round_}", store), timeout=timeout,
                             rank=rank, world_size=world)
+
+
+class _JoinWait:
+    """Called between two polls while joining the process group: stops on a signal (``stop``), says once what it
+    waits for after 5 s, and fails once ``limit`` seconds have passed since it was made."""
+
+    def __init__(self, rank: int, world: int, where: str, limit: float, stop: StopRequest | None) -> None:
+        self.rank, self.world, self.where, self.limit, self.stop = rank, world, where, limit, stop
+        self.started = time.monotonic()
+        self.deadline = self.started + limit
+        self.told = False
+
+    def __call__(self, what: str) -> None:
+        rank, world, where, limit, stop = self.rank, self.world, self.where, self.limit, self.stop
+        if not self.told and time.monotonic() - self.started > 5:
+            self.told = True
+            sys.stderr.write(f"note: rank {rank} of {world} waits for {what} to join the process group ({where}); it "
+                             f"gives up after {limit:g} s (${JOIN_TIMEOUT})\n")
+            sys.stderr.flush()
+        if stop is not None and stop.requested:
+            raise Interrupted(f"stopped by {stop.signal_name} while joining the process group ({what}); nothing "
+                              "was written, run the command again")
+        if time.monotonic() > self.deadline:
+            raise SimclrError(f"joining the process group: rank {rank} of {world} waited {limit:g} s for {what} to "
+                              f"join ({where}); a process of another node may have failed to start or be stuck: check "
+                              f"its log (${JOIN_TIMEOUT}=SECONDS waits longer)")
+        time.sleep(0.02)
 
 
 def _agree_round(store, rank: int, world: int, waiting: Callable[[str], None]) -> int:
