@@ -22,7 +22,7 @@ def test_embed_is_a_plain_function(tiny_recipe_file, tmp_path):
     with pytest.raises(DataError, match="not a split"):
         embed(run, "nope")
     pytest.importorskip("matplotlib")
-    png = embedding_map(common.find_source(run, ("pretrain",)), "pca", max_points=16)
+    png = embedding_map(common.find_checkpoint(run, ("pretrain",)), "pca", max_points=16)
     assert png == run / "plots" / "embedding_pca.png" and png.stat().st_size > 0
 
 

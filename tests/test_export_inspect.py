@@ -24,7 +24,7 @@ def test_export_round_trip_gives_the_same_features(tiny_recipe_file, tmp_path, c
     assert config["architecture"] == "test_resnet" and config["pretrained_cfg"]["input_size"] == [3, 16, 16]
     assert config["simclr"]["cifar_stem"] is cifar_stem and config["num_features"] == 96
 
-    src = common.find_source(tmp_path / "run", ("pretrain",))
+    src = common.find_checkpoint(tmp_path / "run", ("pretrain",))
     ours = common.load_encoder(src, recipe, "pretrained").backbone.eval()
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():

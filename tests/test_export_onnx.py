@@ -54,7 +54,7 @@ def test_onnx_export_matches_pytorch_at_two_batch_sizes(tmp_path, cifar_stem):
     config = json.loads((tmp_path / "onnx" / "config.json").read_text())
     assert config["cifar_stem"] is cifar_stem and config["num_features"] == 512
 
-    encoder = common.load_encoder(common.find_source(tmp_path / "run", ("pretrain",)), recipe, "pretrained")
+    encoder = common.load_encoder(common.find_checkpoint(tmp_path / "run", ("pretrain",)), recipe, "pretrained")
     encoder = encoder.backbone.eval()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (2, 5):
@@ -125,7 +125,7 @@ def test_timm_folder_has_a_model_card_and_loads_offline(tiny_recipe_file, tmp_pa
     _no_network(monkeypatch)
     monkeypatch.chdir(tmp_path)  # the card's snippet uses the folder name
     model = timm.create_model("local-dir:exp", pretrained=True).eval()
-    ours = common.load_encoder(common.find_source(tmp_path / "run", ("pretrain",)), recipe, "pretrained").backbone
+    ours = common.load_encoder(common.find_checkpoint(tmp_path / "run", ("pretrain",)), recipe, "pretrained").backbone
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ours.eval()(x))

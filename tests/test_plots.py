@@ -59,7 +59,7 @@ def test_a_run_in_progress_is_marked_partial(tiny_recipe_file, tmp_path):
 
 @pytest.mark.parametrize("mode", ["cached", "paper"])
 def test_linear_eval_curves_show_test_accuracy_on_an_axis_that_counts_what_it_says(run, mode):
-    src = common.find_source(run, ("pretrain",))
+    src = common.find_checkpoint(run, ("pretrain",))
     recipe = common.inherit_recipe(src, None, [f'linear_eval.mode="{mode}"', "linear_eval.epochs=4"])
     summary = linear_eval.run(recipe, src, run, show_progress=False)
     fig = plots.curves_figure(run, "linear_eval")
@@ -72,13 +72,13 @@ def test_linear_eval_curves_show_test_accuracy_on_an_axis_that_counts_what_it_sa
 
 
 def test_finetune_and_distill_curves_show_test_accuracy(run):
-    src = common.find_source(run, ("pretrain",))
+    src = common.find_checkpoint(run, ("pretrain",))
     recipe = common.inherit_recipe(src, None, ['finetune.labels="50%"', "finetune.epochs=3", "finetune.batch_size=8",
                                                "distill.epochs=2", "distill.batch_size=16"])
     ft = finetune.run(recipe, src, run, show_progress=False)
     ys = list(_panel(plots.curves_figure(run, "finetune"), "test_top1").lines[0].get_ydata())
     assert len(ys) == 3 and ys[-1] == pytest.approx(ft["top1"], abs=1e-3)  # after epochs 1, 2 and the last
-    teacher = common.find_source(run, ("finetune",))
+    teacher = common.find_checkpoint(run, ("finetune",))
     dst = distill.run(common.inherit_recipe(teacher, None, []), teacher, run, show_progress=False)
     ys = list(_panel(plots.curves_figure(run, "distill"), "test_top1").lines[0].get_ydata())
     assert len(ys) == 2 and ys[-1] == pytest.approx(dst["student_top1"], abs=1e-3)
@@ -97,5 +97,5 @@ def test_embedding_map_axes_name_the_projection_and_tsne_is_the_default_for_smal
     assert plots.projection(torch.randn(plots.TSNE_AUTO_MAX + 1, 4), "auto")[1][0].startswith("PC1")
     from simclr_cli.embed import embedding_map
 
-    png = embedding_map(common.find_source(run, ("pretrain",)), max_points=16)
+    png = embedding_map(common.find_checkpoint(run, ("pretrain",)), max_points=16)
     assert png.name == "embedding_tsne.png"

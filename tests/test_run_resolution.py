@@ -53,14 +53,14 @@ TABLE = [
 @pytest.mark.parametrize("args, expected", TABLE, ids=[a[0] for a, _ in TABLE])
 def test_without_run_every_command_takes_the_newest_runs_encoder_and_says_which(two_runs, monkeypatch, args,
                                                                                 expected):
-    real = common.find_source
+    real = common.find_checkpoint
     picked = []
 
-    def find_source(*a, **kw):
+    def find_checkpoint(*a, **kw):
         picked.append(real(*a, **kw))
         raise _Picked("picked")
 
-    monkeypatch.setattr(common, "find_source", find_source)
+    monkeypatch.setattr(common, "find_checkpoint", find_checkpoint)
     r = CliRunner().invoke(app, args)
     assert picked, r.output
     chosen = Path("runs") / expected / "model.safetensors"

@@ -58,7 +58,7 @@ def embed(source: str | Path | None, data: str | None = None, out: str | Path | 
         DataError: ``data`` is neither a folder nor a split of the run's dataset.
         UsageError: the output exists (without ``overwrite``) or cannot be written.
     """
-    src = common.find_source(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
+    src = common.find_checkpoint(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
                              say=say)
     recipe = common.inherit_recipe(src, None, [])
     if data is None:
@@ -145,12 +145,12 @@ def _write_embedding(feats: torch.Tensor, unreadable: torch.Tensor, images: Imag
         raise err from e
 
 
-def embedding_map(src: common.Source, method: str = "auto", max_points: int = 2000) -> Path:
+def embedding_map(src: common.CheckpointRef, method: str = "auto", max_points: int = 2000) -> Path:
     """``RUN/plots/embedding_<method>.png``: h of a seeded sample of the labeled val split, projected to 2-D
     (:func:`simclr_cli.plots.projection`, with its axis labels) and coloured by label (paper Fig. B.4).
 
     Args:
-        src: the run's pretrain checkpoint (:func:`simclr_cli.stages.common.find_source`).
+        src: the run's pretrain checkpoint (:func:`simclr_cli.stages.common.find_checkpoint`).
         method: ``pca``, ``tsne``, or ``auto``: t-SNE up to ``plots.TSNE_AUTO_MAX`` images, PCA above.
         max_points: images in the sample (seeded by the recipe's seed).
     """

@@ -17,8 +17,8 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from simclr_cli.data.augment import EvalTransform, SimCLRAugment
-from simclr_cli.data.decode import (DeviceDecoder, apply_orientation, crop_views, decode_for_crops, header_size,
-                                    pick_reduction)
+from simclr_cli.data.decode import (DeviceDecoder, apply_orientation, choose_decode, crop_views, decode_for_crops,
+                                    header_size, pick_reduction)
 from simclr_cli.data.loaders import ContrastiveViews, EvalImages
 from simclr_cli.data.sources import FileListSource, read_image, read_image_scaled
 from simclr_cli.errors import RecipeError
@@ -243,12 +243,12 @@ def test_device_decoding_on_cpu_matches_the_cpu_path_and_falls_back_per_image(tm
 
 def test_gpu_decode_needs_the_batched_backend_and_falls_back_without_cuda(tiny_recipe_file, tmp_path, capsys):
     with pytest.raises(RecipeError, match="augment.backend='batched'"):
-        pretrain._decode_where("gpu", False, torch.device("cpu"), None)
+        choose_decode("gpu", False, torch.device("cpu"), None)
     src = FileListSource([], [], [], "x")
-    assert pretrain._decode_where("gpu", True, torch.device("cpu"), src) == "cpu"
+    assert choose_decode("gpu", True, torch.device("cpu"), src) == "cpu"
     assert "no CUDA device; decoding on the CPU instead" in capsys.readouterr().err
-    assert pretrain._decode_where("gpu", True, torch.device("cuda"), src) == "gpu"
-    assert pretrain._decode_where("cpu", True, torch.device("cuda"), src) == "cpu"
+    assert choose_decode("gpu", True, torch.device("cuda"), src) == "gpu"
+    assert choose_decode("cpu", True, torch.device("cuda"), src) == "cpu"
 
 
 def test_pretrain_with_device_decoding_runs_through_the_loop(tiny_recipe_file, tmp_path, monkeypatch):
@@ -264,7 +264,7 @@ def test_pretrain_with_device_decoding_runs_through_the_loop(tiny_recipe_file, t
         calls.append(len(batch["jpeg"]))
         return original(self, batch)
 
-    monkeypatch.setattr(pretrain, "_decode_where", lambda decode, *a, **k: decode)  # no CUDA here: keep 'gpu'
+    monkeypatch.setattr(pretrain, "choose_decode", lambda decode, *a, **k: decode)  # no CUDA here: keep 'gpu'
     monkeypatch.setattr(DeviceDecoder, "__call__", counting)
     recipe = load_recipe(tiny_recipe_file, ["data.dataset='folder'", f"data.root='{root}'", "data.val_split=''",
                                             "data.decode='gpu'", "data.in_memory='never'", "pretrain.knn_every=0",

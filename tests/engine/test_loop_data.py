@@ -6,6 +6,7 @@ from torch.utils.data import Dataset
 
 from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.setup import make_accelerator
+from simclr_cli.engine.tasks import Task
 
 
 class _Indexed(Dataset):
@@ -20,7 +21,7 @@ class _Indexed(Dataset):
         return {"x": torch.tensor([float(i)]), "index": i, "epoch": epoch, "bad": -1}
 
 
-class _Recorder(nn.Module):
+class _Recorder(Task):
     def __init__(self) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.ones(1))

@@ -81,7 +81,7 @@ def test_resumed_runs_report_one_throughput_over_all_their_steps(tiny_recipe_fil
     summary = pretrain.run(recipe, tmp_path / "run", show_progress=False, resume=True)
     _check_times(summary)
     assert summary["train_seconds"] > saved["train_seconds"] > 0  # the invocations before count
-    src = common.find_source(tmp_path / "run", ("pretrain",))
+    src = common.find_checkpoint(tmp_path / "run", ("pretrain",))
     ft = common.inherit_recipe(src, None, ['finetune.labels="50%"', "finetune.epochs=2", "finetune.batch_size=8"])
     with pytest.raises(Interrupted):
         finetune.run(ft, src, tmp_path / "run", show_progress=False, interrupt_after=3)

@@ -133,10 +133,10 @@ def test_only_the_main_process_gives_numbers_to_the_trackers(tmp_path, main):
     log.write({"step": 3, "epoch": 0.5, "loss": 1.25, "lr": 0.1, "time": 2.0, "skipped": False})
     assert calls == ([({"loss": 1.25, "lr": 0.1}, 3)] if main else [])
 
-    guard = StageRun()
-    guard.accelerator, guard.main = _Spy(main), main
-    guard.track({"loss": 1.0}, 5)
-    assert guard.accelerator.calls == ([({"loss": 1.0}, 5)] if main else [])
+    stage_run = StageRun()
+    stage_run.accelerator, stage_run.main = _Spy(main), main
+    stage_run.track({"loss": 1.0}, 5)
+    assert stage_run.accelerator.calls == ([({"loss": 1.0}, 5)] if main else [])
 
 
 def test_flat_config_is_one_level_of_scalars():

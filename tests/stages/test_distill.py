@@ -23,13 +23,13 @@ def teacher(tmp_path_factory):
     recipe = load_recipe(recipe_file, ["pretrain.knn_every=0", 'finetune.labels="50%"', "finetune.epochs=2",
                                             "finetune.batch_size=8", "distill.epochs=2", "distill.batch_size=16"])
     pretrain.run(recipe, tmp_path / "run", show_progress=False)
-    src = common.find_source(tmp_path / "run", ("pretrain",))
+    src = common.find_checkpoint(tmp_path / "run", ("pretrain",))
     finetune.run(recipe, src, tmp_path / "run", show_progress=False)
     return tmp_path / "run"
 
 
 def _inputs(run, *overrides):
-    src = common.find_source(run, ("finetune",))
+    src = common.find_checkpoint(run, ("finetune",))
     return src, common.inherit_recipe(src, None, list(overrides))
 
 
@@ -92,7 +92,7 @@ def test_other_students_and_mixing(teacher, tmp_path):
 
 
 def test_distill_needs_a_classifier(teacher, tmp_path):
-    src = common.find_source(teacher, ("pretrain",))
+    src = common.find_checkpoint(teacher, ("pretrain",))
     recipe = common.inherit_recipe(src, None, [])
     with pytest.raises(UsageError, match="has no classifier"):
         distill.run(recipe, src, tmp_path, show_progress=False)

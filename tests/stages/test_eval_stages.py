@@ -24,7 +24,7 @@ def run_dir(tiny_recipe_file, tmp_path):
 
 
 def _inputs(run_dir, *overrides):
-    src = common.find_source(run_dir, ("pretrain",))
+    src = common.find_checkpoint(run_dir, ("pretrain",))
     return src, common.inherit_recipe(src, None, list(overrides))
 
 

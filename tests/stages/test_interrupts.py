@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from simclr_cli.cli import app
 from simclr_cli.engine import loop
 from simclr_cli.errors import Interrupted
+from simclr_cli.evaluation.monitor import KnnMonitor
 from simclr_cli.recipe import load_recipe
 from simclr_cli.stages import common, pretrain
 
@@ -116,7 +117,7 @@ def test_sigterm_during_the_final_knn_stops_and_the_printed_resume_finishes(tiny
     out = tmp_path / "final knn"
     from simclr_cli.engine import fit as training  # pretrain trains through the shared Trainer
 
-    run_loop, knn_call = training.run_loop, pretrain._KnnMonitor.__call__
+    run_loop, knn_call = training.run_loop, KnnMonitor.__call__
     loop_done = []
 
     def loop_then_mark(*args, **kwargs):
@@ -130,7 +131,7 @@ def test_sigterm_during_the_final_knn_stops_and_the_printed_resume_finishes(tiny
         return knn_call(self, model)
 
     monkeypatch.setattr(training, "run_loop", loop_then_mark)
-    monkeypatch.setattr(pretrain._KnnMonitor, "__call__", sigterm_in_final_knn)
+    monkeypatch.setattr(KnnMonitor, "__call__", sigterm_in_final_knn)
     r = CliRunner().invoke(app, ["pretrain", str(tiny_recipe_file), "-q", "--out", str(out)])  # knn_every=1
     assert loop_done == [8]
     assert r.exit_code == 130, r.output

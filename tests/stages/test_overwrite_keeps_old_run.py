@@ -48,9 +48,9 @@ def runs(tmp_path_factory):
     recipe = load_recipe(tmp / "tiny.toml", [*BASE, f"data.root='{tmp / 'data'}'"])
     run = tmp / "run"
     pretrain.run(recipe, run, show_progress=False)
-    src = common.find_source(run, ("pretrain",))
+    src = common.find_checkpoint(run, ("pretrain",))
     finetune.run(common.inherit_recipe(src, None, []), src, run, show_progress=False)
-    src = common.find_source(run, ("finetune",))
+    src = common.find_checkpoint(run, ("finetune",))
     distill.run(common.inherit_recipe(src, None, []), src, run, show_progress=False)
     return tmp
 
@@ -92,7 +92,7 @@ def test_overwrite_pretrain_val_class_unknown_to_train_keeps_the_old_run(runs):
 def test_overwrite_distill_hard_threshold_that_keeps_nothing_keeps_the_old_run(runs):
     stage_dir = runs / "run" / "distill"
     before = _snapshot(stage_dir)
-    src = common.find_source(runs / "run", ("finetune",))
+    src = common.find_checkpoint(runs / "run", ("finetune",))
     recipe = common.inherit_recipe(src, None, ["distill.hard=true", "distill.threshold=1.0"])
     with pytest.raises(UsageError, match="lower --threshold"):
         distill.run(recipe, src, runs / "run", overwrite=True, show_progress=False)
@@ -138,7 +138,7 @@ def test_overwrite_under_a_read_only_parent_keeps_the_old_run(runs, tmp_path, mo
 
     shutil.copytree(runs / "run", run)
     if stage == "knn":
-        src = common.find_source(run, ("pretrain",))
+        src = common.find_checkpoint(run, ("pretrain",))
         knn.run(common.inherit_recipe(src, None, ["knn.k=3"]), src, run, show_progress=False)
     stage_dir = run / stage
     before = _snapshot(stage_dir)
@@ -146,7 +146,7 @@ def test_overwrite_under_a_read_only_parent_keeps_the_old_run(runs, tmp_path, mo
         if stage == "pretrain":
             pretrain.run(_pretrain_recipe(runs), run, overwrite=True, show_progress=False)
         else:
-            src = common.find_source(run, ("pretrain",))
+            src = common.find_checkpoint(run, ("pretrain",))
             module = knn if stage == "knn" else finetune
             module.run(common.inherit_recipe(src, None, ["knn.k=3"]), src, run, overwrite=True, show_progress=False)
     _assert_kept(stage_dir, before)
@@ -156,14 +156,14 @@ def test_double_ctrl_c_before_the_first_state_keeps_the_old_run(runs, monkeypatc
     """A second Ctrl-C while the new run sets up (the old one moved aside) puts the old one back."""
     stage_dir = runs / "run" / "pretrain"
     before = _snapshot(stage_dir)
-    build = pretrain._KnnMonitor.build
+    build = pretrain._knn_monitor
 
     def ctrl_c_twice(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)  # the first asks for a stop at the next step boundary
         signal.raise_signal(signal.SIGINT)  # the second stops at once
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain._KnnMonitor, "build", ctrl_c_twice)
+    monkeypatch.setattr(pretrain, "_knn_monitor", ctrl_c_twice)
     with pytest.raises(Interrupted, match="before any state was saved.*still holds the previous run"):
         try:
             pretrain.run(_pretrain_recipe(runs), runs / "run", overwrite=True, show_progress=False)

@@ -68,9 +68,9 @@ def data(tmp_path_factory):
     torch.set_num_threads(1)  # as the stage commands run (OMP_NUM_THREADS=1 in _env): float sums depend on it
     try:
         pretrain.run(load_recipe(tmp / "tiny.toml", sets), ref, show_progress=False)
-        src = common.find_source(ref, ("pretrain",))
+        src = common.find_checkpoint(ref, ("pretrain",))
         finetune.run(common.inherit_recipe(src, None, []), src, ref, show_progress=False)
-        src = common.find_source(ref, ("finetune",))
+        src = common.find_checkpoint(ref, ("finetune",))
         distill.run(common.inherit_recipe(src, None, []), src, ref, show_progress=False)
     finally:
         torch.set_num_threads(threads)

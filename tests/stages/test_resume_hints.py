@@ -73,7 +73,7 @@ def test_finetune_random_init_resume_hint_works_verbatim(pretrained, tmp_path, m
 
 
 def test_distill_resume_hint_works_verbatim(pretrained, tmp_path, monkeypatch):
-    src = common.find_source(pretrained, ("pretrain",))
+    src = common.find_checkpoint(pretrained, ("pretrain",))
     recipe = common.inherit_recipe(src, None, ['finetune.labels="50%"', "finetune.epochs=1", "finetune.batch_size=8"])
     finetune.run(recipe, src, pretrained, show_progress=False)
     out = tmp_path / "student out"

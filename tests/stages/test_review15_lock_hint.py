@@ -50,12 +50,12 @@ def test_resume_hint_under_simclr_launch_runs_the_same_launch(tmp_path, monkeypa
 
     # a stage started that way prints a resume command that launches as many processes
     cmd = "simclr pretrain runs/x/pretrain/recipe.toml --out runs/x --resume"
-    guard = StageRun()
-    guard.configure(tmp_path / "pretrain", "pretrain", resume_cmd=cmd)
-    assert guard.resume_cmd == cmd  # a plain command stays plain
+    stage_run = StageRun()
+    stage_run.configure(tmp_path / "pretrain", "pretrain", resume_cmd=cmd)
+    assert stage_run.resume_cmd == cmd  # a plain command stays plain
     monkeypatch.setenv(lib.RELAUNCH_ENV, "simclr launch --processes 2")
-    guard.configure(tmp_path / "pretrain", "pretrain", resume_cmd=cmd)
-    assert guard.resume_cmd == "simclr launch --processes 2 pretrain runs/x/pretrain/recipe.toml --out runs/x --resume"
+    stage_run.configure(tmp_path / "pretrain", "pretrain", resume_cmd=cmd)
+    assert stage_run.resume_cmd == "simclr launch --processes 2 pretrain runs/x/pretrain/recipe.toml --out runs/x --resume"
 
 
 def test_an_error_line_is_written_in_one_piece(monkeypatch):

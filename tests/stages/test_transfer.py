@@ -39,7 +39,7 @@ def test_linear_selection_never_sees_test(run_dir, tmp_path):
     _folder(tmp_path / "a", "test", 6, seed=1)
     _folder(tmp_path / "b", "train", 12, seed=0)  # the same train split ...
     _folder(tmp_path / "b", "test", 6, seed=7, shuffle_labels=True)  # ... and a different test split
-    src = common.find_source(run_dir, ("pretrain",))
+    src = common.find_checkpoint(run_dir, ("pretrain",))
     results = {}
     for name in ("a", "b"):
         recipe = common.inherit_recipe(src, None, [f'transfer.datasets="imagefolder:{tmp_path / name}"'])
@@ -53,7 +53,7 @@ def test_linear_selection_never_sees_test(run_dir, tmp_path):
 def test_results_accumulate_and_are_not_replaced_silently(run_dir, tmp_path):
     _folder(tmp_path / "d", "train", 6, seed=0)
     _folder(tmp_path / "d", "test", 2, seed=1)
-    src = common.find_source(run_dir, ("pretrain",))
+    src = common.find_checkpoint(run_dir, ("pretrain",))
     name = f"imagefolder:{tmp_path / 'd'}"
     recipe = common.inherit_recipe(src, None, [f'transfer.datasets="{name}"'])
     transfer.run(recipe, src, run_dir, show_progress=False)

@@ -80,7 +80,7 @@ def test_labeled_folder_with_train_and_val_and_bad_paths(tiny_recipe_file, tmp_p
 def test_a_stage_that_needs_labels_says_which_and_how(tiny_recipe_file, tmp_path, stage):
     recipe = load_recipe(tiny_recipe_file, _folder_args(_unlabeled(tmp_path / "photos"), "pretrain.knn_every=0"))
     pretrain.run(recipe, tmp_path / "r", show_progress=False)
-    src = common.find_source(tmp_path / "r", ("pretrain",))
+    src = common.find_checkpoint(tmp_path / "r", ("pretrain",))
     run = {"linear_eval": linear_eval.run, "knn": knn.run}[stage]
     with pytest.raises(DataError) as e:
         run(common.inherit_recipe(src, None, []), src, tmp_path / "r", show_progress=False)

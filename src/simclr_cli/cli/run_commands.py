@@ -74,8 +74,8 @@ def export(
         if format_ == "onnx":
             require_onnx()  # before looking for the run
         # A run directory or nothing: its pretrain encoder; a stage folder or file: that checkpoint.
-        src = common.find_source(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
-                                 say=print if is_main_process() else (lambda *a: None))
+        src = common.find_checkpoint(source, ("pretrain",) if source is None else ("pretrain", "finetune", "distill"),
+                                     say=print if is_main_process() else (lambda *a: None))
         target = out or src.run_dir / f"export-{format_}"
         check_out_folder(target)
         if format_ == "onnx":
@@ -109,7 +109,7 @@ def plot(
         from simclr_cli import plots
         from simclr_cli.stages import common
 
-        src = common.find_source(source, ("pretrain",), say=print)
+        src = common.find_checkpoint(source, ("pretrain",), say=print)
         written = plots.plot_curves(src.run_dir)
         cmp = plots.plot_comparison(src.run_dir)
         written += [cmp] if cmp else []

@@ -41,7 +41,7 @@ from simclr_cli.utils import check_out_folder
 
 if typing.TYPE_CHECKING:
     from simclr_cli.recipe import Recipe
-    from simclr_cli.stages.common import Source
+    from simclr_cli.stages.common import CheckpointRef
 
 AutoResumeOpt = Annotated[bool, typer.Option(
     "--auto-resume", help="Continue OUT/STAGE/state when it holds an unfinished run with this recipe, else start "
@@ -72,7 +72,7 @@ def check_auto_resume(auto_resume: bool, overwrite: bool) -> None:
 class StageInputs:
     """What a stage after pretrain reads and where it writes."""
 
-    source: Optional[Source]  # the checkpoint read (None: --init random without one)
+    source: Optional[CheckpointRef]  # the checkpoint read (None: --init random without one)
     recipe: Recipe
     out_dir: Path  # the run folder the stage writes its RUN/<stage>/ into
 
@@ -102,8 +102,8 @@ def resolve_stage_inputs(*, source: str | None, recipe_arg: str | None, override
     say = (lambda *a: None) if quiet or not is_main_process() else print
     r = (common.resume_recipe(Path(out) / resume_stage, recipe_arg, overrides, values)
          if resume_stage and out is not None else None)
-    src = common.find_source(source, wants, say=say,
-                             required=init != "random" or (source is not None) or not (recipe_arg or r))
+    src = common.find_checkpoint(source, wants, say=say,
+                                 required=init != "random" or (source is not None) or not (recipe_arg or r))
     if resume_stage and r is None and out is None and src is not None:
         r = common.resume_recipe(common.output_dir(src, None, None, init) / resume_stage, recipe_arg, overrides,
                                  values)

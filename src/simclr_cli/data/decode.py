@@ -13,11 +13,13 @@
   parameters; :class:`DeviceDecoder` decodes the whole batch with ``torchvision.io.decode_jpeg`` on the
   device (nvJPEG on CUDA), crops every view there and hands uint8 crops to the batched augmentation. An
   image the batch decoder rejects (PNG, CMYK, corrupt, ...) is made by the CPU path instead, per image.
+  :func:`choose_decode` decides, for a run, whether it applies.
 """
 
 from __future__ import annotations
 
 import io
+import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -25,11 +27,30 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from simclr_cli.data.sources import _ORIENTATION, decode_opened, draft_factor
+from simclr_cli.errors import RecipeError
 
 # A crop box must stay at least this many times the output side (in both dimensions) on the reduced image.
 # Below that the DCT-scaled pixels show through the final resize: 2 keeps training views within resampling
 # noise of a full decode (measured in benchmarks/decode_speed.py; tests/data/test_decode.py checks it).
 DRAFT_MARGIN = 2.0
+
+
+def choose_decode(decode: str, batched: bool, device: torch.device, source: Any, progress: bool = True) -> str:
+    """Where pretraining decodes: ``data.decode`` as it will run. 'gpu' needs the batched backend (a
+    RecipeError otherwise), a CUDA device and encoded files (a source with ``raw``); without CUDA or files it
+    falls back to 'cpu' with one line saying why (``progress``: print it, on the main process)."""
+    if decode != "gpu":
+        return decode
+    if not batched:
+        raise RecipeError("data.decode='gpu' needs augment.backend='batched' (the views are made on the device); "
+                          "set augment.backend=batched or data.decode=cpu")
+    why = ("no CUDA device" if device.type != "cuda" else
+           "the images are not encoded files (in memory or a built-in dataset)" if not hasattr(source, "raw") else "")
+    if why:
+        if progress:
+            print(f"data.decode='gpu': {why}; decoding on the CPU instead", file=sys.stderr, flush=True)
+        return "cpu"
+    return "gpu"
 
 
 def header_size(raw: bytes) -> tuple[int, int, int]:

@@ -1,7 +1,7 @@
 """The one training path: pretraining and every supervised stage (finetune, the paper-mode linear
 probe, distill, transfer fine-tuning) train through :class:`Trainer`.
 
-A stage builds its task (an ``nn.Module`` returning ``{"loss": ...}``) and a dataset indexed by
+A stage builds its task (a :class:`~simclr_cli.engine.tasks.Task` returning ``{"loss": ...}``) and a dataset indexed by
 ``(epoch, index)``; the trainer adds the deterministic sampler and loader, the optimizer with its
 lr scaling, the warmup + cosine schedule, optional resume, the metrics log and the progress
 display, and runs :func:`~simclr_cli.engine.loop.run_loop`. :class:`FitSpec` holds the plain numbers;
@@ -12,10 +12,10 @@ epoch). :func:`fit` is the whole thing in one call, for stages with nothing to d
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -26,7 +26,9 @@ from simclr_cli.data.loaders import GlobalBatchSampler, check_known_unreadable, 
 from simclr_cli.engine.loop import EpochHook, LoopResult, LoopSpec, restore_scaler, run_loop
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.signals import StopRequest
+from simclr_cli.engine.tasks import Task
 from simclr_cli.errors import UsageError
+from simclr_cli.objectives import FitInfo
 from simclr_cli.optim import build_optimizer, scaled_lr, warmup_cosine
 
 
@@ -56,6 +58,18 @@ class FitSpec:
     on_nonfinite: str = "stop"  # or "skip"
     max_nonfinite_skips: int = 10
     check_world_size: bool = False  # resume refuses another process count unless forced
+
+    @classmethod
+    def from_section(cls, section: Any, *, data: Any, seed: int, **changes: Any) -> "FitSpec":
+        """The spec of a recipe's training section (``[pretrain]``, or a
+        :class:`~simclr_cli.recipe.schema.TrainingSection` such as ``[finetune]``): every key the section has
+        under a field's name (epochs, batch_size, lr, ..., keep_states), the data loading of ``[data]``
+        (``num_workers``, ``max_bad_fraction``), the recipe's ``seed``, then ``changes`` on top (e.g. epochs
+        worked out by the stage). A field the section has no key for keeps the supervised default."""
+        keys = {f.name for f in fields(section)}
+        shared = {f.name: getattr(section, f.name) for f in fields(cls) if f.name in keys}
+        return cls(**{**shared, "seed": seed, "num_workers": data.num_workers,
+                      "max_bad_fraction": data.max_bad_fraction, **changes})
 
 
 @dataclass(frozen=True)
@@ -102,7 +116,8 @@ class Trainer:
 
     Args:
         accelerator: the stage's Accelerator.
-        task: the task module (``forward(batch) -> {"loss": ...}``), not yet prepared.
+        task: the :class:`~simclr_cli.engine.tasks.Task` (``forward(batch) -> {"loss": ...}``), not yet prepared;
+            its ``on_fit_start`` is called once the plan is known (after a resume's restore).
         dataset: indexed by ``(epoch, index)``.
         spec: the numbers.
         stage: its name, for messages.
@@ -115,7 +130,7 @@ class Trainer:
             newest complete state this process sees).
     """
 
-    def __init__(self, accelerator, task: nn.Module, dataset: Dataset, spec: FitSpec, *, stage: str,
+    def __init__(self, accelerator, task: Task, dataset: Dataset, spec: FitSpec, *, stage: str,
                  metrics_path: Path, show_progress: bool, state_dir: Path | None, resume: bool = False,
                  force: bool = False, resume_hint: str = "", interrupt_after: int | None = None,
                  description: str = "", track: Callable[[dict, int], None] | None = None,
@@ -124,13 +139,7 @@ class Trainer:
         # Images decoded into memory: too many unreadable ones stop the stage before training.
         check_known_unreadable(getattr(dataset, "source", None), spec.max_bad_fraction)
         self.accelerator, self.spec, self.stage = accelerator, spec, stage
-        world = accelerator.num_processes
-        batch = spec.batch_size if spec.full_batches else fit_batch(spec.batch_size, len(dataset), world)
-        # Supervised: every image every epoch, ceil(n/B) steps with the last batch filled from the epoch's start.
-        self.sampler = GlobalBatchSampler(len(dataset), batch, spec.seed, accelerator.process_index, world,
-                                          drop_last=spec.full_batches)
-        self.loader = make_loader(dataset, batch_sampler=self.sampler, num_workers=spec.num_workers,
-                                  pin_memory=accelerator.device.type == "cuda")
+        batch = self._make_loader(dataset)
         spe = self.sampler.batches_per_epoch
         total, warmup = schedule_steps(spec, spe)
         if total <= 0:
@@ -143,28 +152,7 @@ class Trainer:
         start_step, elapsed0 = 0, 0.0
         fingerprint = data_fingerprint(getattr(dataset, "source", None)) if state_dir is not None else ""
         if resume and state_dir is not None:
-            saved = read_trainer(state_dir, resume_step) or {}
-            saved_world = saved.get("world_size", world)
-            if spec.check_world_size and saved_world != world and not force:
-                raise UsageError(
-                    f"{state_dir} was saved by {saved_world} process(es), this launch has {world}. "
-                    "Data order and views do not depend on it, but check the launch; pass --force to resume anyway"
-                )
-            if saved.get("data_fingerprint") and saved["data_fingerprint"] != fingerprint and not force:
-                then = saved.get("images", "?")
-                what = (f"{then} images then, {len(dataset)} now" if then != len(dataset) else
-                        f"the same {then} images count, other names or order")
-                raise UsageError(
-                    f"the training images changed since {state_dir} was saved ({what}): an exact resume needs the "
-                    "same images, since sample i must be the same image. Restore them, start again with "
-                    "--overwrite, or pass --force to resume anyway (the samples then map to other images)")
-            note = threads.resume_with(saved.get("threads"), threads.resolve_workers(
-                spec.num_workers, gpu=accelerator.device.type == "cuda"))
-            if note and accelerator.is_main_process:
-                print(f"note: {note}", file=sys.stderr, flush=True)
-            counters = load_state(state_dir, self.model, self.optimizer, resume_step)
-            restore_scaler(accelerator, counters)
-            start_step, elapsed0 = int(counters["step"]), float(counters.get("elapsed", 0.0))
+            start_step, elapsed0 = self._resume(state_dir, len(dataset), fingerprint, force, resume_step)
         self.plan = FitPlan(images=len(dataset), steps_per_epoch=spe, total_steps=total, warmup_steps=warmup,
                             batch=batch, requested_batch=spec.batch_size, peak_lr=peak, start_step=start_step,
                             elapsed=elapsed0)
@@ -185,9 +173,52 @@ class Trainer:
             max_nonfinite_skips=spec.max_nonfinite_skips,
         )
         self.stop = stop or StopRequest()
+        self.model.on_fit_start(FitInfo(total_steps=total, steps_per_epoch=spe, world_size=accelerator.num_processes,
+                                        start_step=start_step))
+
+    def _make_loader(self, dataset: Dataset) -> int:
+        """The deterministic sampler and the loader (:attr:`sampler`, :attr:`loader`); returns the global batch."""
+        spec, accelerator = self.spec, self.accelerator
+        world = accelerator.num_processes
+        batch = spec.batch_size if spec.full_batches else fit_batch(spec.batch_size, len(dataset), world)
+        # Supervised: every image every epoch, ceil(n/B) steps with the last batch filled from the epoch's start.
+        self.sampler = GlobalBatchSampler(len(dataset), batch, spec.seed, accelerator.process_index, world,
+                                          drop_last=spec.full_batches)
+        self.loader = make_loader(dataset, batch_sampler=self.sampler, num_workers=spec.num_workers,
+                                  pin_memory=accelerator.device.type == "cuda")
+        return batch
+
+    def _resume(self, state_dir: Path, images: int, fingerprint: str, force: bool,
+                resume_step: int | None) -> tuple[int, float]:
+        """Check that the saved state fits this launch (process count, the training images; ``force`` accepts
+        either), restore it into the prepared task and optimizer; returns (its step, its elapsed seconds)."""
+        spec, accelerator = self.spec, self.accelerator
+        world = accelerator.num_processes
+        saved = read_trainer(state_dir, resume_step) or {}
+        saved_world = saved.get("world_size", world)
+        if spec.check_world_size and saved_world != world and not force:
+            raise UsageError(
+                f"{state_dir} was saved by {saved_world} process(es), this launch has {world}. "
+                "Data order and views do not depend on it, but check the launch; pass --force to resume anyway"
+            )
+        if saved.get("data_fingerprint") and saved["data_fingerprint"] != fingerprint and not force:
+            then = saved.get("images", "?")
+            what = (f"{then} images then, {images} now" if then != images else
+                    f"the same {then} images count, other names or order")
+            raise UsageError(
+                f"the training images changed since {state_dir} was saved ({what}): an exact resume needs the "
+                "same images, since sample i must be the same image. Restore them, start again with "
+                "--overwrite, or pass --force to resume anyway (the samples then map to other images)")
+        note = threads.resume_with(saved.get("threads"), threads.resolve_workers(
+            spec.num_workers, gpu=accelerator.device.type == "cuda"))
+        if note and accelerator.is_main_process:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+        counters = load_state(state_dir, self.model, self.optimizer, resume_step)
+        restore_scaler(accelerator, counters)
+        return int(counters["step"]), float(counters.get("elapsed", 0.0))
 
     @property
-    def model(self) -> nn.Module:
+    def model(self) -> Task:
         """The task, unwrapped from DDP."""
         return self.accelerator.unwrap_model(self.task)
 
@@ -216,9 +247,9 @@ class Trainer:
             self.stop.__exit__(None, None, None)
 
 
-def fit(accelerator, task: nn.Module, dataset: Dataset, spec: FitSpec, *,
+def fit(accelerator, task: Task, dataset: Dataset, spec: FitSpec, *,
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None, evaluate_every: int = 0,
-        **kwargs) -> tuple[nn.Module, LoopResult, int]:
+        **kwargs) -> tuple[Task, LoopResult, int]:
     """Train ``task`` on ``dataset`` through a :class:`Trainer` (keyword arguments as there), printing the
     standard banner; returns (the unwrapped task, the loop result, the global batch). ``evaluate``: called on
     every process with the unwrapped task every ``evaluate_every`` epochs (not after the last one, which the

@@ -1,6 +1,7 @@
 """The one training loop, on HF Accelerate, for every stage.
 
-A stage hands it a prepared task (``forward(batch) -> {"loss": ...}``), an
+A stage hands it a prepared task (a :class:`~simclr_cli.engine.tasks.Task`: ``forward(batch) -> {"loss": ...}``
+and hooks the loop calls by name), an
 optimizer, a deterministic sampler and loader, and a schedule; the loop does
 the rest: lr per iteration, backward, logging, epoch hooks (kNN, ...),
 resumable state, and a clean stop on Ctrl-C / SIGTERM.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -22,6 +23,9 @@ from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.signals import StopRequest
 from simclr_cli.errors import DataError, Interrupted, SimclrError
 from simclr_cli.utils import mix_seed
+
+if TYPE_CHECKING:
+    from simclr_cli.engine.tasks import Task
 
 
 @dataclass
@@ -86,184 +90,247 @@ def run_loop(
 ) -> LoopResult:
     """Train from ``start_step`` to ``spec.total_steps``; see the module docstring.
 
+    ``task``: a :class:`~simclr_cli.engine.tasks.Task` (possibly wrapped by Accelerate), whose hooks the loop
+    calls explicitly.
     ``stop``: a :class:`StopRequest` the caller already holds (so a signal that arrives
     while the stage is still setting up stops the loop before its first step).
     ``on_save``: called on every process after each saved state (the first one makes the run durable).
     """
-    spe = spec.steps_per_epoch
-    step = start_step
-    epoch = step // spe
-    device = accelerator.device
-    world = accelerator.num_processes
-    t0 = time.perf_counter() - start_time_offset
-    train_seconds = 0.0
-    window_start, window_steps = time.perf_counter(), 0
-    # Unreadable samples: ``bad`` is what every process knows (restored on resume), ``new_bad`` what this
-    # process saw since the last sync; each distinct index counts once, however it was met.
-    # The saved counters of the state a resume starts from (read once): unreadable indices, training time.
-    prior = (read_trainer(state_dir, start_step) or {}) if state_dir is not None and start_step else {}
-    bad: set[int] = {int(i) for i in prior.get("bad_indices", [])}
-    new_bad: set[int] = set()
-    result = LoopResult(step=step, epoch=epoch, bad_images=len(bad))
-    loss_sum = torch.zeros((), device=device)
-    skipped = 0
-    # Training time (kNN and other hooks excluded) of the steps before start_step, kept in the state so that
-    # the throughput of a resumed run counts them ("elapsed", wall time, for states saved before it was kept).
-    prior_seconds = float(prior.get("train_seconds", prior.get("elapsed", 0.0)))
+    loop = _Loop(accelerator, task, optimizer, spec, state_dir=state_dir, metrics=metrics, progress=progress,
+                 start_step=start_step, start_time_offset=start_time_offset, on_save=on_save)
+    with stop if stop is not None else StopRequest() as stop:
+        loop.stop_if_requested_early(stop)
+        while loop.step < spec.total_steps:
+            sampler.set_epoch(loop.epoch, loop.step - loop.epoch * spec.steps_per_epoch)
+            for batch in loader:
+                if loop.train_step(batch, stop):
+                    break
+            loop.end_epoch(epoch_hook, hook_every)
+        loop.save(loop.step)
+    return loop.finish()
 
-    def save(at_step: int, durable: bool = True) -> None:
-        """``durable=False``: the save a stop makes, which does not count as the run's first durable output
-        (so a stopped ``--overwrite`` gives the previous run back rather than replacing it)."""
-        if state_dir is None:  # stages that keep no resume state
+
+class _Loop:
+    """One call of :func:`run_loop`: the counters kept between steps (step, epoch, the timing window, the
+    unreadable images, non-finite skips) and one method per part of a step."""
+
+    def __init__(self, accelerator: Accelerator, task: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 spec: LoopSpec, *, state_dir: Path | None, metrics: MetricsLog, progress: ProgressDisplay,
+                 start_step: int, start_time_offset: float, on_save: Callable[[], None] | None) -> None:
+        self.accelerator, self.task, self.optimizer, self.spec = accelerator, task, optimizer, spec
+        self.inner: Task = accelerator.unwrap_model(task)
+        self.state_dir, self.metrics, self.progress, self.on_save = state_dir, metrics, progress, on_save
+        self.device, self.world = accelerator.device, accelerator.num_processes
+        self.start_step, self.start_time_offset = start_step, start_time_offset
+        self.step = start_step
+        self.epoch = start_step // spec.steps_per_epoch
+        self.t0 = time.perf_counter() - start_time_offset
+        self.train_seconds = 0.0
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        # Unreadable samples: ``bad`` is what every process knows (restored on resume), ``new_bad`` what this
+        # process saw since the last sync; each distinct index counts once, however it was met.
+        # The saved counters of the state a resume starts from (read once): unreadable indices, training time.
+        prior = (read_trainer(state_dir, start_step) or {}) if state_dir is not None and start_step else {}
+        self.bad: set[int] = {int(i) for i in prior.get("bad_indices", [])}
+        self.new_bad: set[int] = set()
+        self.result = LoopResult(step=self.step, epoch=self.epoch, bad_images=len(self.bad))
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.skipped = 0
+        # Training time (kNN and other hooks excluded) of the steps before start_step, kept in the state so that
+        # the throughput of a resumed run counts them ("elapsed", wall time, for states saved before it was kept).
+        self.prior_seconds = float(prior.get("train_seconds", prior.get("elapsed", 0.0)))
+
+    # -- one step ----------------------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict, stop: StopRequest) -> bool:
+        """Train on one loaded batch: update (or skip a non-finite step), log, save, stop when asked.
+        Returns True when the run's last step is done (the caller leaves the epoch)."""
+        spec = self.spec
+        out, flags = self.forward_backward(batch, stop)
+        update = flags[0].item() == 0
+        if update:
+            self.apply_update()
+        else:
+            self.skip_nonfinite(out)
+        self.step += 1
+        if update:  # skipped steps stay out of the logged mean loss, keeping it finite
+            self.window_steps += 1
+            self.loss_sum += out["loss"].detach().float()
+        end_of_epoch = self.step % spec.steps_per_epoch == 0
+        if self.step % spec.log_every == 0 or self.step == spec.total_steps or end_of_epoch:
+            self.log_window(out)
+        if flags[1].item() > 0 or self.step == spec.interrupt_after:
+            self.stop_now(stop)
+        if self.step >= spec.total_steps:
+            return True
+        if spec.checkpoint_every and self.step % spec.checkpoint_every == 0:
+            self.save(self.step)
+        return False
+
+    def forward_backward(self, batch: dict, stop: StopRequest) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The step's seed and learning rate, the task's loss and gradients on ``batch``, and the flags every
+        process agrees on: (non-finite loss or gradients, stop requested)."""
+        spec, accelerator, inner = self.spec, self.accelerator, self.inner
+        torch.manual_seed(mix_seed(spec.seed, "step", self.step, accelerator.process_index))
+        mult = spec.schedule(self.step)
+        for group, peak in zip(self.optimizer.param_groups, spec.peak_lrs):
+            group["lr"] = peak * mult
+        batch = inner.prepare_batch(batch)  # e.g. JPEG batches decoded on the device (data.decode='gpu')
+        self.new_bad.update(_bad_indices(batch, spec.dataset_size))
+        batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if inner.owns_backward:
+            # Tasks that run their own backward (gradient cache) sync gradients themselves.
+            with accelerator.no_sync(self.task):
+                out = inner.forward_backward(batch, accelerator)
+        else:
+            with accelerator.autocast():
+                out = self.task(batch)
+            accelerator.backward(out["loss"])
+        flags = torch.tensor([0.0 if _finite(out["loss"], self.optimizer, accelerator) else 1.0,
+                              1.0 if stop.requested else 0.0], device=self.device)
+        if self.world > 1:  # every process takes the same decision
+            flags = accelerator.reduce(flags, reduction="sum")
+        return out, flags
+
+    def apply_update(self) -> None:
+        self.skipped = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.inner.after_step(self.step + 1)  # e.g. an EMA teacher or a queue of negatives
+
+    def skip_nonfinite(self, out: dict[str, torch.Tensor]) -> None:
+        """A non-finite loss or gradient: drop the update, then stop with an error (``on_nonfinite='stop'``, or
+        too many skips in a row) or go on with a warning. The batch is consumed without an update, so data order
+        and schedule stay aligned."""
+        spec = self.spec
+        where = _first_nonfinite(out["loss"], self.inner)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        saved = _saved_step(self.state_dir) if self.state_dir is not None else None
+        last_good = f"{self.state_dir} (step {saved})" if saved is not None else "none yet"
+        if spec.on_nonfinite == "stop" or self.skipped > spec.max_nonfinite_skips:
+            why = "" if spec.on_nonfinite == "stop" else f" {self.skipped} steps in a row"
+            raise SimclrError(
+                f"non-finite loss or gradients at step {self.step + 1}{why} ({where}); the update was not applied. "
+                f"Last saved state: {last_good}. Lower the learning rate, or use mixed_precision='no'"
+                + ("" if spec.on_nonfinite == "skip" else ", or set on_nonfinite='skip'")
+            )
+        self.progress.message(f"warning: non-finite loss or gradients at step {self.step + 1} ({where}); update skipped")
+
+    # -- logging, saving, stopping -----------------------------------------------------------------------------
+
+    def log_window(self, out: dict[str, torch.Tensor]) -> None:
+        """One metrics record for the steps since the last: their mean loss, the task's other scalars (this
+        step's, as their mean over processes), lr, throughput; the task's warning; the unreadable images."""
+        spec, step, world = self.spec, self.step, self.world
+        extra = [k for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.dim() == 0]
+        stats = torch.stack([self.loss_sum / max(self.window_steps, 1),
+                             torch.tensor(float(len(self.new_bad)), device=self.device),
+                             *(out[k].detach().float() for k in extra)])
+        stats = self.accelerator.reduce(stats, reduction="sum") if world > 1 else stats
+        elapsed = time.perf_counter() - self.window_start
+        self.train_seconds += elapsed
+        record = {
+            "step": step,
+            "epoch": round(step / spec.steps_per_epoch, 4),
+            "loss": round(stats[0].item() / world, 6),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_sec": round(self.window_steps * spec.global_batch / max(elapsed, 1e-9), 2),
+            **{k: round(v.item() / world, 6) for k, v in zip(extra, stats[2:])},
+            "time": round(time.perf_counter() - self.t0, 3),
+        }
+        self.metrics.write(record)
+        self.result.last = record
+        self.progress.update(
+            step,
+            f"loss {record['loss']:.4f} lr {record['lr']:.3g} {record['images_per_sec']:.0f} img/s",
+            f"{spec.stage} step {step}/{spec.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
+            f"lr {record['lr']:.4g} img/s {record['images_per_sec']:.1f}",
+        )
+        warning = self.inner.warning(record)
+        if warning:  # the task's own health check (e.g. the objective's collapse warning)
+            self.progress.message(f"warning: {warning}")
+        self.sync_bad(stats[1].item())
+        n_bad = len(self.bad)
+        if spec.dataset_size and n_bad > spec.max_bad_fraction * spec.dataset_size:
+            raise DataError(
+                f"{n_bad} unreadable images, more than data.max_bad_fraction="
+                f"{spec.max_bad_fraction} of {spec.dataset_size}; fix or remove them (each was named above)"
+            )
+        self.result.bad_images = n_bad
+        self.loss_sum.zero_()
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def end_epoch(self, epoch_hook: EpochHook | None, hook_every: int) -> None:
+        """After the loader's pass: at a whole epoch, the epoch hook (kNN, ...) and the epoch's saved state."""
+        spec, step = self.spec, self.step
+        self.epoch = step // spec.steps_per_epoch
+        if step % spec.steps_per_epoch == 0:  # a whole epoch finished
+            if epoch_hook is not None and hook_every and self.epoch % hook_every == 0 and step < spec.total_steps:
+                _log_hook(epoch_hook, self.epoch, step, self.t0, self.metrics, self.progress, self.result)
+            if spec.save_every and self.epoch % spec.save_every == 0 and step < spec.total_steps:
+                self.save(step)
+            self.window_start = time.perf_counter()
+
+    def save(self, at_step: int, durable: bool = True) -> None:
+        """The resume state at ``at_step``, with the trainer counters. ``durable=False``: the save a stop makes,
+        which does not count as the run's first durable output (so a stopped ``--overwrite`` gives the previous
+        run back rather than replacing it)."""
+        if self.state_dir is None:  # stages that keep no resume state
             return
-        sync_bad()  # every process saves here together, so the saved set is complete
+        self.sync_bad()  # every process saves here together, so the saved set is complete
+        accelerator, spec = self.accelerator, self.spec
         if accelerator.is_main_process:
-            window = time.perf_counter() - window_start if window_steps else 0.0  # steps not yet in train_seconds
-            save_state(state_dir, accelerator.unwrap_model(task), optimizer,
-                       {"step": at_step, "epoch": at_step // spe, "elapsed": time.perf_counter() - t0,
-                        "train_seconds": prior_seconds + train_seconds + window,
-                        "world_size": world, "global_batch": spec.global_batch, **scaler_counters(accelerator),
+            # steps not yet in train_seconds
+            window = time.perf_counter() - self.window_start if self.window_steps else 0.0
+            save_state(self.state_dir, accelerator.unwrap_model(self.task), self.optimizer,
+                       {"step": at_step, "epoch": at_step // spec.steps_per_epoch,
+                        "elapsed": time.perf_counter() - self.t0,
+                        "train_seconds": self.prior_seconds + self.train_seconds + window,
+                        "world_size": self.world, "global_batch": spec.global_batch, **scaler_counters(accelerator),
                         "images": spec.dataset_size, "data_fingerprint": spec.data_fingerprint,
-                        "bad_indices": sorted(bad), "threads": threads.current().base_threads},
+                        "bad_indices": sorted(self.bad), "threads": threads.current().base_threads},
                        keep=spec.keep_states)
         accelerator.wait_for_everyone()
-        if on_save is not None and durable:
-            on_save()
+        if self.on_save is not None and durable:
+            self.on_save()
 
-    def sync_bad(pending: float | None = None) -> None:
+    def sync_bad(self, pending: float | None = None) -> None:
         """Merge every process's ``new_bad`` into ``bad`` (a collective when several processes run;
         ``pending``: the summed count of new ones, when already known to all, to skip an empty exchange)."""
-        if world > 1 and (pending is None or pending > 0):
+        if self.world > 1 and (pending is None or pending > 0):
             from accelerate.utils import gather_object
 
-            bad.update(int(i) for i in gather_object(sorted(new_bad)))
+            self.bad.update(int(i) for i in gather_object(sorted(self.new_bad)))
         else:
-            bad.update(new_bad)
-        new_bad.clear()
+            self.bad.update(self.new_bad)
+        self.new_bad.clear()
 
-    inner = accelerator.unwrap_model(task)
-    own_backward = hasattr(inner, "forward_backward")  # e.g. the gradient cache
-    prepare = getattr(inner, "prepare_batch", None)
-    with stop if stop is not None else StopRequest() as stop:
-        # A signal that arrived while the stage was setting up: stop before the first step (all processes agree).
-        early = torch.tensor([1.0 if stop.requested else 0.0], device=device)
-        if (accelerator.reduce(early, reduction="sum") if world > 1 else early).item() > 0:
-            raise Interrupted(_stopped_early(stop.signal_name or "interrupt", state_dir, spec.resume_hint))
-        while step < spec.total_steps:
-            sampler.set_epoch(epoch, step - epoch * spe)
-            for batch in loader:
-                torch.manual_seed(mix_seed(spec.seed, "step", step, accelerator.process_index))
-                mult = spec.schedule(step)
-                for group, peak in zip(optimizer.param_groups, spec.peak_lrs):
-                    group["lr"] = peak * mult
-                if prepare is not None:  # e.g. JPEG batches decoded on the device (data.decode='gpu')
-                    batch = prepare(batch)
-                new_bad.update(_bad_indices(batch, spec.dataset_size))
-                batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                if own_backward:
-                    # Tasks that run their own backward (gradient cache) sync gradients themselves.
-                    with accelerator.no_sync(task):
-                        out = inner.forward_backward(batch, accelerator)
-                else:
-                    with accelerator.autocast():
-                        out = task(batch)
-                    accelerator.backward(out["loss"])
-                flags = torch.tensor([0.0 if _finite(out["loss"], optimizer, accelerator) else 1.0,
-                                      1.0 if stop.requested else 0.0], device=device)
-                if world > 1:  # every process takes the same decision
-                    flags = accelerator.reduce(flags, reduction="sum")
-                update = flags[0].item() == 0
-                if not update:
-                    where = _first_nonfinite(out["loss"], inner)
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                    saved = _saved_step(state_dir) if state_dir is not None else None
-                    last_good = f"{state_dir} (step {saved})" if saved is not None else "none yet"
-                    if spec.on_nonfinite == "stop" or skipped > spec.max_nonfinite_skips:
-                        why = "" if spec.on_nonfinite == "stop" else f" {skipped} steps in a row"
-                        raise SimclrError(
-                            f"non-finite loss or gradients at step {step + 1}{why} ({where}); the update was not applied. "
-                            f"Last saved state: {last_good}. Lower the learning rate, or use mixed_precision='no'"
-                            + ("" if spec.on_nonfinite == "skip" else ", or set on_nonfinite='skip'")
-                        )
-                    # The batch is consumed without an update, so data order and schedule stay aligned.
-                    progress.message(f"warning: non-finite loss or gradients at step {step + 1} ({where}); update skipped")
-                else:
-                    skipped = 0
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if hasattr(inner, "after_step"):  # e.g. an EMA teacher or a queue of negatives
-                        inner.after_step(step + 1)
-                step += 1
-                if update:  # skipped steps stay out of the logged mean loss, keeping it finite
-                    window_steps += 1
-                    loss_sum += out["loss"].detach().float()
-                end_of_epoch = step % spe == 0
-                if step % spec.log_every == 0 or step == spec.total_steps or end_of_epoch:
-                    # Other scalars the task reports (z_std, accuracy, ...) are logged as their mean over processes.
-                    extra = [k for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.dim() == 0]
-                    stats = torch.stack([loss_sum / max(window_steps, 1), torch.tensor(float(len(new_bad)), device=device),
-                                         *(out[k].detach().float() for k in extra)])
-                    stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
-                    elapsed = time.perf_counter() - window_start
-                    train_seconds += elapsed
-                    record = {
-                        "step": step,
-                        "epoch": round(step / spe, 4),
-                        "loss": round(stats[0].item() / world, 6),
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "images_per_sec": round(window_steps * spec.global_batch / max(elapsed, 1e-9), 2),
-                        **{k: round(v.item() / world, 6) for k, v in zip(extra, stats[2:])},
-                        "time": round(time.perf_counter() - t0, 3),
-                    }
-                    metrics.write(record)
-                    result.last = record
-                    progress.update(
-                        step,
-                        f"loss {record['loss']:.4f} lr {record['lr']:.3g} {record['images_per_sec']:.0f} img/s",
-                        f"{spec.stage} step {step}/{spec.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
-                        f"lr {record['lr']:.4g} img/s {record['images_per_sec']:.1f}",
-                    )
-                    warning = inner.warning(record) if hasattr(inner, "warning") else None
-                    if warning:  # the task's own health check (e.g. the objective's collapse warning)
-                        progress.message(f"warning: {warning}")
-                    sync_bad(stats[1].item())
-                    n_bad = len(bad)
-                    if spec.dataset_size and n_bad > spec.max_bad_fraction * spec.dataset_size:
-                        raise DataError(
-                            f"{n_bad} unreadable images, more than data.max_bad_fraction="
-                            f"{spec.max_bad_fraction} of {spec.dataset_size}; fix or remove them (each was named above)"
-                        )
-                    result.bad_images = n_bad
-                    loss_sum.zero_()
-                    window_start, window_steps = time.perf_counter(), 0
-                if flags[1].item() > 0 or step == spec.interrupt_after:
-                    save(step, durable=False)
-                    why = stop.signal_name or "interrupt"
-                    if state_dir is None:
-                        raise Interrupted(f"stopped by {why} at step {step}; this stage keeps no state, run it again")
-                    raise Interrupted(f"stopped by {why} at step {step}; state saved in {state_dir}. {spec.resume_hint}")
-                if step >= spec.total_steps:
-                    break
-                if spec.checkpoint_every and step % spec.checkpoint_every == 0:
-                    save(step)
-            if step % spe == 0:  # a whole epoch finished
-                epoch = step // spe
-                if epoch_hook is not None and hook_every and epoch % hook_every == 0 and step < spec.total_steps:
-                    _log_hook(epoch_hook, epoch, step, t0, metrics, progress, result)
-                if spec.save_every and epoch % spec.save_every == 0 and step < spec.total_steps:
-                    save(step)
-                window_start = time.perf_counter()
-            else:
-                epoch = step // spe
-        save(step)
-    result.step, result.epoch = step, epoch
-    # Over every step trained, before an interruption too: a resume at the last step trains none itself.
-    result.train_seconds = prior_seconds + train_seconds
-    trained = step - start_step if not prior_seconds else step
-    result.images_per_sec = images_per_sec(trained * spec.global_batch, result.train_seconds)
-    result.wall_before = start_time_offset
-    return result
+    def stop_if_requested_early(self, stop: StopRequest) -> None:
+        """A signal that arrived while the stage was setting up: stop before the first step (all processes
+        agree)."""
+        early = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        if (self.accelerator.reduce(early, reduction="sum") if self.world > 1 else early).item() > 0:
+            raise Interrupted(_stopped_early(stop.signal_name or "interrupt", self.state_dir, self.spec.resume_hint))
+
+    def stop_now(self, stop: StopRequest) -> None:
+        """Stop at this step boundary: save the state (not durable, see :meth:`save`), raise :class:`Interrupted`."""
+        self.save(self.step, durable=False)
+        why = stop.signal_name or "interrupt"
+        if self.state_dir is None:
+            raise Interrupted(f"stopped by {why} at step {self.step}; this stage keeps no state, run it again")
+        raise Interrupted(f"stopped by {why} at step {self.step}; state saved in {self.state_dir}. "
+                          f"{self.spec.resume_hint}")
+
+    def finish(self) -> LoopResult:
+        result = self.result
+        result.step, result.epoch = self.step, self.epoch
+        # Over every step trained, before an interruption too: a resume at the last step trains none itself.
+        result.train_seconds = self.prior_seconds + self.train_seconds
+        trained = self.step - self.start_step if not self.prior_seconds else self.step
+        result.images_per_sec = images_per_sec(trained * self.spec.global_batch, result.train_seconds)
+        result.wall_before = self.start_time_offset
+        return result
 
 
 def images_per_sec(images: int, train_seconds: float) -> float:

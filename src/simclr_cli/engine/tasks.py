@@ -1,24 +1,57 @@
-"""Task modules: an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss": ..., ...}``.
+"""Task modules: a :class:`Task` is an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss": ..., ...}``.
 
 The loop knows nothing else about a stage; a task holds the model and the loss (for pretraining, an
 :class:`~simclr_cli.objectives.Objective` submodule, whose hooks the contrastive tasks call explicitly).
-Optional hooks the loop calls when a task has them: ``forward_backward(batch, accelerator)`` (a task that runs its own
-backward), ``after_step(step)`` (after each optimizer update: EMA, queues) and ``warning(record)``
-(a one-line warning for a logged metrics record).
+The hooks the trainer and the loop call on every task are declared on :class:`Task`, each a no-op by default.
+:func:`contrastive_task` picks the pretraining task for a recipe.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simclr_cli.errors import RecipeError
 from simclr_cli.objectives import FitInfo, Objective
 from simclr_cli.objectives.base import global_z_std  # noqa: F401 - re-exported for callers of the task module
 from simclr_cli.objectives.simclr import SimCLR, SimCLROptions
 
 
-class ContrastiveTask(nn.Module):
+class Task(nn.Module):
+    """What the loop trains: ``forward(batch) -> {"loss": this process's loss, **scalars to log}``, and the
+    hooks below, which the trainer and the loop call explicitly on every task (the defaults do nothing).
+
+    In order: :meth:`on_fit_start` once per invocation, before the first step; every step
+    :meth:`prepare_batch`, then ``forward`` (or :meth:`forward_backward` when :attr:`owns_backward`), then
+    after an applied optimizer update :meth:`after_step`; :meth:`warning` on every logged metrics record.
+    """
+
+    owns_backward: ClassVar[bool] = False  # True: the loop calls forward_backward() instead of forward + backward
+
+    def on_fit_start(self, info: FitInfo) -> None:
+        """Called by the trainer once the run's plan is known (also on resume), before the first step."""
+
+    def prepare_batch(self, batch: dict) -> dict:
+        """Each batch as loaded, before the loop counts its unreadable images and moves it to the device."""
+        return batch
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], accelerator) -> dict[str, torch.Tensor]:
+        """With :attr:`owns_backward`: the loss and metrics of ``batch`` with the gradients already computed
+        (and averaged over processes: the loop runs it without DDP's gradient sync)."""
+        raise NotImplementedError(f"{type(self).__name__} sets owns_backward but has no forward_backward")
+
+    def after_step(self, step: int) -> None:
+        """Called after each applied optimizer update (not after a skipped one); ``step`` counts from 1."""
+
+    def warning(self, record: dict[str, float]) -> str | None:
+        """A one-line warning for a logged metrics ``record`` (the loop prints it), or None."""
+        return None
+
+
+class ContrastiveTask(Task):
     """Contrastive pretraining: the two views made, then the objective's ``forward`` (by default both views
     through f and g in one pass, BN seeing all 2n, and its loss; :mod:`simclr_cli.objectives`).
 
@@ -40,8 +73,7 @@ class ContrastiveTask(nn.Module):
         self.channels_last = False
 
     def prepare_batch(self, batch: dict) -> dict:
-        """Called by the loop on each batch as loaded, before counting unreadable images and moving it to the
-        device: with a device decoder, the encoded JPEGs become uint8 views there (an image only the CPU
+        """With a device decoder, the encoded JPEGs become uint8 views on the device (an image only the CPU
         decodes, or an unreadable one, is handled per image and counted in ``bad``)."""
         return self.decoder(batch) if self.decoder is not None else batch
 
@@ -63,16 +95,15 @@ class ContrastiveTask(nn.Module):
         return self.objective(self.model, x1, x2, batch)
 
     def on_fit_start(self, info: FitInfo) -> None:
-        """Called by the stage once the run's plan is known, before the first step."""
         self.objective.on_fit_start(info)
 
     def after_step(self, step: int) -> None:
-        """Called by the loop after each applied optimizer update (momentum encoders, queues)."""
+        """The objective's update after each applied optimizer step (momentum encoders, queues)."""
         with torch.no_grad():
             self.objective.after_step(step)
 
     def warning(self, record: dict[str, float]) -> str | None:
-        """The objective's warning for a logged metrics record (the loop prints it), or None."""
+        """The objective's warning (e.g. collapse)."""
         return self.objective.warning(record)
 
 
@@ -115,6 +146,8 @@ class GradCacheContrastiveTask(ContrastiveTask):
     BN running statistics move once per step, by the mean of the chunks' statistics with the
     layer's momentum, and ``num_batches_tracked`` counts steps, as in a plain step.
     """
+
+    owns_backward: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, objective: Objective | str, temperature: float = 0.1, margin: float = 0.5,
                  micro_batch_size: int = 0, batched=None) -> None:
@@ -188,7 +221,29 @@ class GradCacheContrastiveTask(ContrastiveTask):
         return {"loss": loss.detach(), **self.objective.metrics(torch.cat([z1, z2]))}
 
 
-class ClassificationTask(nn.Module):
+def grad_cache_chunk(objective: Objective, micro_batch_size: int, batch_size: int, world: int) -> int:
+    """The gradient cache's chunk for ``pretrain.micro_batch_size``: the size when it is below each process's share
+    of the global ``batch_size`` (the cache then applies), else 0 (off). A RecipeError when it applies and the
+    objective does not support it."""
+    if not 0 < micro_batch_size < batch_size // world:
+        return 0
+    if not objective.supports_grad_cache:
+        raise RecipeError(f"pretrain.micro_batch_size={micro_batch_size}: the objective '{objective.name}' with "
+                          "these options does not support the gradient cache (e.g. pretrain.simclr.memory_size > 0); "
+                          "set pretrain.micro_batch_size=0")
+    return micro_batch_size
+
+
+def contrastive_task(model: nn.Module, objective: Objective, micro_batch_size: int = 0,
+                     batched=None) -> ContrastiveTask:
+    """The pretraining task: with the gradient cache in chunks of ``micro_batch_size`` images when it is > 0
+    (:func:`grad_cache_chunk`), else the plain one. ``batched``: the batched backend's augmentation, or None."""
+    if micro_batch_size:
+        return GradCacheContrastiveTask(model, objective, micro_batch_size=micro_batch_size, batched=batched)
+    return ContrastiveTask(model, objective, batched=batched)
+
+
+class ClassificationTask(Task):
     """Cross-entropy on ``batch["image"]`` / ``batch["label"]`` for a :class:`~simclr_cli.models.classifier.Classifier`.
 
     With ``frozen=True`` (the linear probe) only the last linear layer learns: everything
@@ -229,7 +284,7 @@ class ClassificationTask(nn.Module):
         return {"loss": loss, "train_top1": acc}
 
 
-class DistillTask(nn.Module):
+class DistillTask(Task):
     """Student training on teacher targets ([v2] eq. 2-3).
 
     * soft (default): the distillation loss against ``batch["target"]`` (cached teacher logits),

@@ -64,30 +64,42 @@ def fit_linear(
     peak = lr * batch_size / 256
     opt = torch.optim.SGD(layer.parameters(), lr=peak, momentum=momentum, nesterov=momentum > 0,
                           weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
+    total = epochs * math.ceil(n / batch_size)
     g = torch.Generator().manual_seed(mix_seed(seed, "linear"))
     step = 0
     for epoch in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        loss_sum = 0.0
-        for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            for group in opt.param_groups:
-                group["lr"] = peak * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(layer(xs[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-            step += 1
+        loss_sum, step = _sgd_epoch(layer, opt, xs, labels, torch.randperm(n, generator=g), batch_size, peak, step,
+                                    total)
         if on_epoch is not None and test is not None:
             with torch.no_grad():
                 top1 = 100.0 * float((layer((test[0].float() - mean) / std).argmax(1) == test[1]).float().mean())
             on_epoch(epoch + 1, loss_sum / n, opt.param_groups[0]["lr"], top1)
         elif on_epoch is not None:
             on_epoch(epoch + 1, loss_sum / n, opt.param_groups[0]["lr"])
-    folded = nn.Linear(d, num_classes)
+    return _fold_standardization(layer, mean, std)
+
+
+def _sgd_epoch(layer: nn.Linear, opt: torch.optim.Optimizer, xs: torch.Tensor, labels: torch.Tensor,
+               perm: torch.Tensor, batch_size: int, peak: float, step: int, total: int) -> tuple[float, int]:
+    """One epoch over ``xs`` in the order ``perm``, the lr cosine-decayed per step from ``peak`` over ``total``
+    steps; returns (the summed loss over its examples, the step after it)."""
+    loss_sum = 0.0
+    for start in range(0, len(xs), batch_size):
+        idx = perm[start : start + batch_size]
+        for group in opt.param_groups:
+            group["lr"] = peak * 0.5 * (1 + math.cos(math.pi * step / total))
+        loss = F.cross_entropy(layer(xs[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item() * len(idx)
+        step += 1
+    return loss_sum, step
+
+
+def _fold_standardization(layer: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
+    """``layer`` on standardized features ((x - mean) / std) as one layer on raw features x."""
+    folded = nn.Linear(layer.in_features, layer.out_features)
     with torch.no_grad():
         folded.weight.copy_(layer.weight / std)
         folded.bias.copy_(layer.bias - (layer.weight / std) @ mean)

@@ -163,16 +163,46 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
-class LinearEvalConfig:
-    """``[linear_eval]``: a linear classifier on the frozen encoder, SIMCLR.md section 3."""
+class TrainingSection:
+    """The training keys that the supervised stages' sections share (finetune, distill, linear-eval);
+    :meth:`simclr_cli.engine.fit.FitSpec.from_section` turns a section into the loop's numbers.
 
-    mode: Literal["cached", "paper"] = _f(
-        "cached", "cached: fit on features extracted once (minutes on CPU) | paper: crop+flip every epoch (App. B.6)")
-    on: str = _f("h", "features to probe: 'h' (encoder output) or 'head:K' (after the first K projection-head layers)")
-    epochs: int = _f(90, "training epochs over the train split")
+    A section redeclares a key only where its default or meaning differs (it keeps its place). Field order is the
+    order of docs/recipes.md and of a saved recipe.toml: a section lists its own keys first by naming their
+    dataclass as its last base (dataclass fields follow the reversed MRO).
+    """
+
+    epochs: int = _f(30, "training epochs")
     batch_size: int = _f(256, "global batch size")
     lr: float = _f(0.1, "base learning rate, scaled by batch_size/256; cosine decay, Nesterov SGD")
     momentum: float = _f(0.9, "SGD momentum (Nesterov)")
+    weight_decay: float = _f(0.0, "weight decay (not applied to biases and BN)")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "random resized crop area range")
+    mixed_precision: Precision = _f("no", "no | fp16 | bf16")
+
+
+@dataclass(frozen=True)
+class ResumableTrainingSection(TrainingSection):
+    """:class:`TrainingSection` for a stage that trains the encoder and keeps resume state (finetune, distill)."""
+
+    sync_bn: bool = _f(True, "global BatchNorm across processes when there is more than one")
+    log_every: int = _f(10, "write a metrics line every this many steps")
+    save_every: int = _f(1, "save resumable state every this many epochs")
+    keep_states: int = _f(2, "keep the newest this many saved states (at least 1)")
+
+
+@dataclass(frozen=True)
+class _LinearEvalKeys:
+    mode: Literal["cached", "paper"] = _f(
+        "cached", "cached: fit on features extracted once (minutes on CPU) | paper: crop+flip every epoch (App. B.6)")
+    on: str = _f("h", "features to probe: 'h' (encoder output) or 'head:K' (after the first K projection-head layers)")
+
+
+@dataclass(frozen=True)
+class LinearEvalConfig(TrainingSection, _LinearEvalKeys):
+    """``[linear_eval]``: a linear classifier on the frozen encoder, SIMCLR.md section 3."""
+
+    epochs: int = _f(90, "training epochs over the train split")
     weight_decay: float = _f(0.0, "weight decay of the classifier")
     crop_scale: tuple[float, float] = _f((0.08, 1.0), "paper mode: random resized crop area range for training")
     mixed_precision: Precision = _f("no", "no | fp16 | bf16 (feature extraction and paper-mode training)")
@@ -188,28 +218,23 @@ class KnnConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """``[finetune]``: semi-supervised fine-tuning on a labeled subset, SIMCLR.md section 3."""
-
+class _FinetuneKeys:
     labels: str = _f("10%", "labeled subset: 'P%' (class-balanced), 'N-per-class', or a file listing image names")
     from_head_layer: int = _f(0, "keep the first K projection-head layers under the classifier (SimCLRv2: 1)")
-    epochs: int = _f(0, "training epochs; 0: 60 for subsets up to 1%, 30 above (the paper)")
-    batch_size: int = _f(256, "global batch size; lowered to the subset size when the subset is smaller")
-    lr: float = _f(0.05, "base learning rate, scaled by batch_size/256; no warmup, cosine decay, Nesterov SGD")
-    momentum: float = _f(0.9, "SGD momentum (Nesterov)")
-    weight_decay: float = _f(0.0, "weight decay (not applied to biases and BN)")
-    crop_scale: tuple[float, float] = _f((0.08, 1.0), "random resized crop area range (augmentation: crop and flip only)")
-    mixed_precision: Precision = _f("no", "no | fp16 | bf16")
-    sync_bn: bool = _f(True, "global BatchNorm across processes when there is more than one")
-    log_every: int = _f(10, "write a metrics line every this many steps")
-    save_every: int = _f(1, "save resumable state every this many epochs")
-    keep_states: int = _f(2, "keep the newest this many saved states (at least 1)")
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """``[distill]``: teacher -> student self-training on unlabeled images ([v2] eq. 2-3)."""
+class FinetuneConfig(ResumableTrainingSection, _FinetuneKeys):
+    """``[finetune]``: semi-supervised fine-tuning on a labeled subset, SIMCLR.md section 3."""
 
+    epochs: int = _f(0, "training epochs; 0: 60 for subsets up to 1%, 30 above (the paper)")
+    batch_size: int = _f(256, "global batch size; lowered to the subset size when the subset is smaller")
+    lr: float = _f(0.05, "base learning rate, scaled by batch_size/256; no warmup, cosine decay, Nesterov SGD")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "random resized crop area range (augmentation: crop and flip only)")
+
+
+@dataclass(frozen=True)
+class _DistillKeys:
     student: str = _f("", "timm backbone of the student; '' means the teacher's (self-distillation)")
     student_init: Literal["auto", "pretrained", "random"] = _f(
         "auto", "pretrained: the run's pretrain encoder (same architecture only) | random | auto: pretrained when it fits")
@@ -220,17 +245,14 @@ class DistillConfig:
     noisy: bool = _f(False, "noise the student: color distortion ([augment] settings) and dropout (Noisy Student)")
     dropout: float = _f(0.5, "noisy: dropout on the student's features before the classifier")
     cache_teacher: bool = _f(True, "compute teacher logits once on clean images (half the cost); false: every step")
+
+
+@dataclass(frozen=True)
+class DistillConfig(ResumableTrainingSection, _DistillKeys):
+    """``[distill]``: teacher -> student self-training on unlabeled images ([v2] eq. 2-3)."""
+
     epochs: int = _f(30, "training epochs over the unlabeled split")
-    batch_size: int = _f(256, "global batch size")
-    lr: float = _f(0.1, "base learning rate, scaled by batch_size/256; cosine decay, Nesterov SGD")
-    momentum: float = _f(0.9, "SGD momentum (Nesterov)")
-    weight_decay: float = _f(0.0, "weight decay (not applied to biases and BN)")
     crop_scale: tuple[float, float] = _f((0.08, 1.0), "student random resized crop area range")
-    mixed_precision: Precision = _f("no", "no | fp16 | bf16")
-    sync_bn: bool = _f(True, "global BatchNorm across processes when there is more than one")
-    log_every: int = _f(10, "write a metrics line every this many steps")
-    save_every: int = _f(1, "save resumable state every this many epochs")
-    keep_states: int = _f(2, "keep the newest this many saved states (at least 1)")
 
 
 @dataclass(frozen=True)
@@ -287,8 +309,9 @@ def _range_pair(lo_min: float, hi_max: float | None):
     return lambda v: lo_min < v[0] <= v[1] and (hi_max is None or v[1] <= hi_max)
 
 
-def _sgd_stage_ranges(section: str, resumable: bool = True) -> dict:
-    """The checks every supervised stage section shares (batch, lr, momentum, weight decay, crop, logging)."""
+def _training_ranges(section: str, cls: type[TrainingSection]) -> dict:
+    """The checks of the keys every :class:`TrainingSection` shares (batch, lr, momentum, weight decay, crop,
+    logging; saving for a :class:`ResumableTrainingSection`)."""
     checks = {
         "batch_size": ("an integer >= 1", lambda v: v >= 1),
         "lr": ("a finite number > 0", lambda v: 0 < v < float("inf")),
@@ -297,7 +320,7 @@ def _sgd_stage_ranges(section: str, resumable: bool = True) -> dict:
         "crop_scale": ("[lo, hi] with 0 < lo <= hi <= 1", _range_pair(0.0, 1.0)),
         "log_every": ("an integer >= 1", lambda v: v >= 1),
     }
-    if resumable:
+    if issubclass(cls, ResumableTrainingSection):
         checks["save_every"] = ("an integer >= 0", lambda v: v >= 0)
         checks["keep_states"] = ("an integer >= 1", lambda v: v >= 1)
     return {f"{section}.{k}": v for k, v in checks.items()}
@@ -355,18 +378,18 @@ RANGES = {
     "pretrain.max_nonfinite_skips": ("an integer >= 0", lambda v: v >= 0),
     "pretrain.collapse_warn": ("a number >= 0", lambda v: v >= 0),
     "linear_eval.epochs": ("an integer >= 1", lambda v: v >= 1),
-    **_sgd_stage_ranges("linear_eval", resumable=False),
+    **_training_ranges("linear_eval", LinearEvalConfig),
     "knn.k": ("an integer >= 1", lambda v: v >= 1),
     "knn.temperature": ("a number > 0", lambda v: 0 < v < float("inf")),
     "finetune.from_head_layer": ("an integer from 0 to 3", lambda v: 0 <= v <= 3),
     "finetune.epochs": ("an integer >= 0", lambda v: v >= 0),
-    **_sgd_stage_ranges("finetune"),
+    **_training_ranges("finetune", FinetuneConfig),
     "distill.temperature": ("a number > 0", lambda v: 0 < v < float("inf")),
     "distill.alpha": ("a number in [0, 1]", _prob),
     "distill.threshold": ("a probability in [0, 1]", _prob),
     "distill.dropout": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "distill.epochs": ("an integer >= 1", lambda v: v >= 1),
-    **_sgd_stage_ranges("distill"),
+    **_training_ranges("distill", DistillConfig),
     "transfer.image_size": ("0 or an integer >= 8", lambda v: v == 0 or v >= 8),
     "transfer.val_fraction": ("a number in (0, 1)", lambda v: 0 < v < 1),
     "transfer.max_iter": ("an integer >= 1", lambda v: v >= 1),

@@ -10,9 +10,10 @@ recipe file (or bundled name) and ``--set`` overrides apply on top.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -31,11 +32,14 @@ from simclr_cli.recipe import Recipe, TypedOverrides, parse_saved_toml, recipe_d
 from simclr_cli.recipe.loader import read_toml, resolve_recipe_path
 from simclr_cli.utils import atomic_write_text
 
+if TYPE_CHECKING:
+    from simclr_cli.engine.loop import LoopResult
 
 
 @dataclass
-class Source:
-    """Where a stage reads from."""
+class CheckpointRef:
+    """A stage's input: a checkpoint file (``checkpoint``, None when the run has none yet), its run folder and
+    its safetensors metadata (the recipe it was trained with, its stage)."""
 
     run_dir: Path
     checkpoint: Path | None = None
@@ -46,8 +50,8 @@ class Source:
         return self.metadata.get("simclr.stage", "")
 
 
-def find_source(source: str | Path | None, wants: Sequence[str], *, runs_root: Path = RUNS_ROOT,
-                required: bool = True, say=print) -> Source | None:
+def find_checkpoint(source: str | Path | None, wants: Sequence[str], *, runs_root: Path = RUNS_ROOT,
+                    required: bool = True, say=print) -> CheckpointRef | None:
     """Resolve a stage's input to a checkpoint.
 
     Args:
@@ -69,27 +73,27 @@ def find_source(source: str | Path | None, wants: Sequence[str], *, runs_root: P
                              "or pass a run directory or checkpoint")
         ckpt = max(found, key=lambda p: p.stat().st_mtime)
         say(f"using {ckpt} (the newest under ./{runs_root})")
-        return _source_from_checkpoint(ckpt)
+        return _checkpoint_ref(ckpt)
     path = Path(source).expanduser()
     if not path.exists() and len(path.parts) == 1 and (runs_root / path).is_dir():
         path = runs_root / path
     if path.is_file():
-        return _source_from_checkpoint(path)
+        return _checkpoint_ref(path)
     if path.is_dir():
         if (path / MODEL_FILE).is_file() and path.name in STAGE_FOLDERS:
-            return _source_from_checkpoint(path / MODEL_FILE)
+            return _checkpoint_ref(path / MODEL_FILE)
         for w in wants:
             if (path / w / MODEL_FILE).is_file():
-                return _source_from_checkpoint(path / w / MODEL_FILE)
+                return _checkpoint_ref(path / w / MODEL_FILE)
         present = [d.name for d in sorted(path.iterdir()) if d.is_dir()]
         if not required:
-            return Source(run_dir=path)
+            return CheckpointRef(run_dir=path)
         raise UsageError(f"{path} has no {need} (it holds: {', '.join(present) or 'nothing'}); "
                          "finish that stage first or pass another run")
     raise UsageError(f"{source}: no such run directory or checkpoint")
 
 
-def _source_from_checkpoint(path: Path) -> Source:
+def _checkpoint_ref(path: Path) -> CheckpointRef:
     try:
         meta = read_metadata(path)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
@@ -97,10 +101,10 @@ def _source_from_checkpoint(path: Path) -> Source:
     if "simclr.recipe" not in meta:
         raise UsageError(f"{path}: not a simclr-cli checkpoint (no simclr.recipe metadata)")
     run_dir = path.parent.parent if path.parent.name in STAGE_FOLDERS else path.parent
-    return Source(run_dir=run_dir, checkpoint=path, metadata=meta)
+    return CheckpointRef(run_dir=run_dir, checkpoint=path, metadata=meta)
 
 
-def inherit_recipe(src: Source | None, recipe_arg: str | None, overrides: Sequence[str],
+def inherit_recipe(src: CheckpointRef | None, recipe_arg: str | None, overrides: Sequence[str],
                    values: TypedOverrides | None = None) -> Recipe:
     """The checkpoint's recipe, then the optional recipe file's keys on top, then ``--set``, then the typed
     ``values`` (command-line options; see :func:`~simclr_cli.recipe.load_recipe`)."""
@@ -125,7 +129,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def output_dir(src: Source | None, recipe: Recipe, out: str | Path | None, init: str) -> Path:
+def output_dir(src: CheckpointRef | None, recipe: Recipe, out: str | Path | None, init: str) -> Path:
     """``--out`` if given; else the run read from (``RUN/random_init`` for ``--init random``)."""
     if out is not None:
         return Path(out)
@@ -269,7 +273,7 @@ def labeled_elsewhere(path: str, seed: int) -> LabeledSplits:
     return LabeledSplits(parts.train, parts.test, labeled, list(parts.train.classes))
 
 
-def load_encoder(src: Source | None, recipe: Recipe, init: str) -> SimCLRModel:
+def load_encoder(src: CheckpointRef | None, recipe: Recipe, init: str) -> SimCLRModel:
     """f and g as the recipe describes them, with the source checkpoint's weights (``init='pretrained'``)
     or freshly initialized from the recipe seed (``init='random'``).
 
@@ -378,6 +382,14 @@ def test_top1_during(splits: LabeledSplits, recipe: Recipe, accelerator, epochs:
     return evaluate, max(1, -(-epochs // points))
 
 
+def training_numbers(result: LoopResult, t_start: float) -> dict[str, Any]:
+    """The summary's numbers of a stage that trained through the loop: final loss, throughput, training seconds
+    and wall seconds (``t_start``: when this invocation started; a resumed run's earlier time included)."""
+    return {"final_loss": result.last.get("loss"), "images_per_sec": round(result.images_per_sec, 2),
+            "train_seconds": round(result.train_seconds, 2),
+            "wall_seconds": round(time.perf_counter() - t_start + result.wall_before, 2)}
+
+
 def log_final(path: Path, main: bool, record: dict) -> None:
     """Append the stage's final numbers (e.g. the test top-1 after the last step) to its metrics.jsonl."""
     if main:
@@ -396,7 +408,7 @@ def assert_unchanged(module: nn.Module, snapshot: dict[str, torch.Tensor], what:
         raise RuntimeError(f"bug: the frozen {what} changed during training ({len(changed)} tensors, e.g. {changed[0]})")
 
 
-def source_identity(src: Source | None, init: str) -> dict[str, str]:
+def source_identity(src: CheckpointRef | None, init: str) -> dict[str, str]:
     """What a summary records of the checkpoint it measured: its resolved path and SHA-256 (``source_path``,
     ``source_sha256``); empty for ``--init random``. The model card matches summaries to a checkpoint by both."""
     if init == "random" or src is None or src.checkpoint is None:
@@ -406,13 +418,13 @@ def source_identity(src: Source | None, init: str) -> dict[str, str]:
     return {"source_path": str(Path(src.checkpoint).resolve()), "source_sha256": file_sha256(src.checkpoint)}
 
 
-def source_label(src: Source | None, init: str) -> str:
+def source_label(src: CheckpointRef | None, init: str) -> str:
     if init == "random":
         return "random init"
     return str(src.checkpoint) if src is not None and src.checkpoint is not None else "?"
 
 
-def load_classifier(src: Source, recipe: Recipe):
+def load_classifier(src: CheckpointRef, recipe: Recipe):
     """The classifier stored in a finetune (or linear-eval, distill) checkpoint, with its class names."""
     from simclr_cli.models.classifier import Classifier
 

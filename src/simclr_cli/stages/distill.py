@@ -17,7 +17,7 @@ import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,7 +43,7 @@ from simclr_cli.models import create_backbone
 from simclr_cli.models.classifier import Classifier
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
-from simclr_cli.stages.scaffold import StageRun, guarded
+from simclr_cli.stages.scaffold import StageRun, with_stage_run
 from simclr_cli.utils import atomic_write_text, file_sha256
 
 STAGE = "distill"
@@ -52,10 +52,10 @@ TEACHER_FILE = "teacher.json"  # the teacher checkpoint a run started with: its 
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "data.root", "data.download", "distill.log_every"})
 
 
-@guarded()
+@with_stage_run()
 def run(
     recipe: Recipe,
-    src: common.Source,
+    src: common.CheckpointRef,
     out_dir: str | Path,
     *,
     resume: bool = False,
@@ -64,7 +64,7 @@ def run(
     force: bool = False,
     show_progress: bool = True,
     interrupt_after: int | None = None,
-    guard: StageRun,
+    stage_run: StageRun,
 ) -> dict[str, Any]:
     """Distill ``src``'s classifier into a student; returns the summary (also ``OUT/distill/summary.json``)."""
     cfg, data = recipe.distill, recipe.data
@@ -75,31 +75,87 @@ def run(
         raise UsageError(f"--student {cfg.student}: not a timm model name; see timm.list_models()")
     # The resume takes its recipe from OUT/distill/recipe.toml: no options or --set needed.
     resume_cmd = f"simclr distill {shlex.quote(str(src.checkpoint))} --out {shlex.quote(str(out))} --resume"
-    accelerator = guard.open(recipe, out, STAGE, precision=(cfg.mixed_precision, "distill.mixed_precision"),
-                             resume_cmd=resume_cmd, show_progress=show_progress)
-    resume = guard.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES,
-                         auto_resume=auto_resume)
+    accelerator = stage_run.open(recipe, out, STAGE, precision=(cfg.mixed_precision, "distill.mixed_precision"),
+                                 resume_cmd=resume_cmd, show_progress=show_progress)
+    resume = stage_run.check(overwrite=overwrite, resume=resume, force=force, resumable_changes=RESUMABLE_CHANGES,
+                             auto_resume=auto_resume)
     if cfg.hard and not cfg.cache_teacher:
         raise UsageError("distill.hard needs the cached teacher logits (distill.cache_teacher=true) to pick examples")
-    main, say, stage_dir = guard.main, guard.say, guard.stage_dir
+    say, stage_dir = stage_run.say, stage_run.stage_dir
     teacher_record = {"checkpoint": str(Path(src.checkpoint).resolve()), "sha256": file_sha256(src.checkpoint)}
     if resume:
         _check_same_teacher(stage_dir, teacher_record, force=force, say=say)
 
     teacher, classes = common.load_classifier(src, recipe)
-    student, student_recipe, init_note = _build_student(recipe, src, len(classes) or teacher.num_classes)
+    student = _build_student(recipe, src, len(classes) or teacher.num_classes)
     splits = common.labeled_splits(recipe)
 
     # The unlabeled split: the whole training split, its labels hidden.
     train_all = build_source(data, data.train_split, recipe.seed)
     unlabeled = SubsetSource(train_all, list(range(len(train_all))))
     unlabeled.labels = [-1] * len(unlabeled)
-    guard.start(overwrite=overwrite, resume=resume,
-                files={TEACHER_FILE: lambda path: atomic_write_text(path, json.dumps(teacher_record, indent=1) + "\n")})
+    record_text = json.dumps(teacher_record, indent=1) + "\n"
+    stage_run.start(overwrite=overwrite, resume=resume,
+                    files={TEACHER_FILE: lambda path: atomic_write_text(path, record_text)})
     say(f"distill {src.checkpoint} ({recipe.model.backbone}, {common.count_parameters(teacher):,} params) -> "
-        f"student {student_recipe.model.backbone} ({common.count_parameters(student):,} params, {init_note}) "
-        f"on {len(unlabeled)} unlabeled images of {train_all.name} -> {stage_dir}")
+        f"student {student.recipe.model.backbone} ({common.count_parameters(student.model):,} params, "
+        f"{student.init}) on {len(unlabeled)} unlabeled images of {train_all.name} -> {stage_dir}")
 
+    views, kept = _student_views(recipe, src, teacher, unlabeled, splits, accelerator, stage_dir, say)
+    model, _ = convert_sync_bn(student.model, accelerator, cfg.sync_bn)
+    task = DistillTask(model, temperature=cfg.temperature, alpha=cfg.alpha, hard=cfg.hard,
+                       dropout=cfg.dropout if cfg.noisy else 0.0, teacher=None if cfg.cache_teacher else teacher)
+    spec = FitSpec.from_section(cfg, data=data, seed=recipe.seed)
+    evaluate, every = common.test_top1_during(splits, recipe, accelerator, cfg.epochs, pick=lambda t: t.student)
+    task, result, batch = fit(accelerator, task, views, spec, evaluate=evaluate, evaluate_every=every,
+                              **stage_run.training(resume=resume, interrupt_after=interrupt_after))
+    return _report(stage_run, recipe, src, teacher, classes, student, task.student, splits, result, batch,
+                   unlabeled_images=len(train_all), kept=kept)
+
+
+class _Student(NamedTuple):
+    model: Classifier
+    recipe: Recipe  # the recipe that describes it
+    init: str  # how it was initialized, in words
+
+
+def _report(stage_run: StageRun, recipe: Recipe, src: common.CheckpointRef, teacher: Classifier, classes: list[str],
+            student: _Student, trained: Classifier, splits: common.LabeledSplits, result, batch: int, *,
+            unlabeled_images: int, kept: int | None) -> dict[str, Any]:
+    """Teacher and student on the test split, the summary, and the student written as ``model.safetensors``."""
+    cfg, accelerator = recipe.distill, stage_run.accelerator
+    with stage_run.stop.immediately():  # the final state is saved: a resume runs only this test
+        t_test = common.test_topk(teacher, splits, recipe, accelerator)
+        s_test = common.test_topk(trained, splits, recipe, accelerator)
+    if not stage_run.main:
+        return stage_run.finish({})
+    (t_acc, test_images), (s_acc, _) = t_test, s_test
+    common.log_final(stage_run.stage_dir / "metrics.jsonl", stage_run.main,
+                     {"step": result.step, "epoch": result.epoch, "test_top1": round(s_acc[1], 4)})
+    summary = stage_run.summary(
+        teacher=str(src.checkpoint), teacher_backbone=recipe.model.backbone,
+        student_backbone=student.recipe.model.backbone, student_init=student.init,
+        teacher_top1=round(t_acc[1], 4), teacher_top5=round(t_acc[5], 4),
+        student_top1=round(s_acc[1], 4), student_top5=round(s_acc[5], 4),
+        teacher_params=common.count_parameters(teacher), student_params=common.count_parameters(trained),
+        loss="hard pseudo-labels" if cfg.hard else f"distillation (tau {cfg.temperature:g})",
+        alpha=cfg.alpha, noisy=cfg.noisy, unlabeled_images=unlabeled_images,
+        kept_images=kept if cfg.hard else unlabeled_images, epochs=cfg.epochs, steps=result.step,
+        global_batch=batch, test_images=test_images, **common.training_numbers(result, stage_run.t_start),
+    )
+    metadata = {**checkpoint_metadata(student.recipe, trained, STAGE),
+                **classifier_metadata(classes, trained.num_classes, 0, student.init)}
+    tensors = {**prefixed_state("backbone", trained.backbone), **prefixed_state("head", trained.head)}
+    return stage_run.finish(summary, tensors=tensors, metadata=metadata)
+
+
+def _student_views(recipe: Recipe, src: common.CheckpointRef, teacher: Classifier, unlabeled: SubsetSource,
+                   splits: common.LabeledSplits, accelerator, stage_dir: Path, say) -> tuple[DistillViews, int | None]:
+    """The student's training views of ``unlabeled`` with their targets: the cached teacher logits (``hard``: the
+    confident examples only, with their pseudo-labels), or clean images for the teacher to run on every step;
+    the finetune stage's labeled subset mixed in when ``alpha < 1``. Returns the views and, with ``hard``, the
+    number of examples kept."""
+    cfg, data = recipe.distill, recipe.data
     targets = clean = None
     kept = None
     if cfg.cache_teacher:
@@ -130,57 +186,10 @@ def run(
     plain = crop_flip_augment(recipe.augment, cfg.crop_scale, data.image_size, data.mean, data.std)
     views = DistillViews(unlabeled, augment, recipe.seed, targets=targets, clean=clean, labeled=labeled,
                          labeled_augment=plain)
-    student, bn_mode = convert_sync_bn(student, accelerator, cfg.sync_bn)
-    task = DistillTask(student, temperature=cfg.temperature, alpha=cfg.alpha, hard=cfg.hard,
-                       dropout=cfg.dropout if cfg.noisy else 0.0, teacher=None if cfg.cache_teacher else teacher)
-    spec = FitSpec(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                   weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
-                   log_every=cfg.log_every, save_every=cfg.save_every, keep_states=cfg.keep_states,
-                   max_bad_fraction=data.max_bad_fraction)
-    evaluate, every = common.test_top1_during(splits, recipe, accelerator, cfg.epochs, pick=lambda t: t.student)
-    task, result, batch = fit(accelerator, task, views, spec, evaluate=evaluate, evaluate_every=every,
-                              **guard.training(resume=resume, interrupt_after=interrupt_after))
-    trained: Classifier = task.student
-    with guard.stop.immediately():  # the final state is saved: a resume runs only this test
-        t_test = common.test_topk(teacher, splits, recipe, accelerator)
-        s_test = common.test_topk(trained, splits, recipe, accelerator)
-    if not main:
-        return guard.finish({})
-    (t_acc, test_images), (s_acc, _) = t_test, s_test
-    common.log_final(guard.stage_dir / "metrics.jsonl", main,
-                     {"step": result.step, "epoch": result.epoch, "test_top1": round(s_acc[1], 4)})
-    summary = guard.summary(
-        teacher=str(src.checkpoint),
-        teacher_backbone=recipe.model.backbone,
-        student_backbone=student_recipe.model.backbone,
-        student_init=init_note,
-        teacher_top1=round(t_acc[1], 4),
-        teacher_top5=round(t_acc[5], 4),
-        student_top1=round(s_acc[1], 4),
-        student_top5=round(s_acc[5], 4),
-        teacher_params=common.count_parameters(teacher),
-        student_params=common.count_parameters(trained),
-        loss="hard pseudo-labels" if cfg.hard else f"distillation (tau {cfg.temperature:g})",
-        alpha=cfg.alpha,
-        noisy=cfg.noisy,
-        unlabeled_images=len(train_all),
-        kept_images=kept if cfg.hard else len(train_all),
-        epochs=cfg.epochs,
-        steps=result.step,
-        global_batch=batch,
-        test_images=test_images,
-        final_loss=result.last.get("loss"),
-        images_per_sec=round(result.images_per_sec, 2),
-        train_seconds=round(result.train_seconds, 2),
-        wall_seconds=round(time.perf_counter() - guard.t_start + result.wall_before, 2),
-    )
-    metadata = {**checkpoint_metadata(student_recipe, trained, STAGE),
-                **classifier_metadata(classes, trained.num_classes, 0, init_note)}
-    tensors = {**prefixed_state("backbone", trained.backbone), **prefixed_state("head", trained.head)}
-    return guard.finish(summary, tensors=tensors, metadata=metadata)
+    return views, kept
 
 
-def _build_student(recipe: Recipe, src: common.Source, num_classes: int) -> tuple[Classifier, Recipe, str]:
+def _build_student(recipe: Recipe, src: common.CheckpointRef, num_classes: int) -> _Student:
     """The student classifier, the recipe that describes it, and how it was initialized."""
     cfg = recipe.distill
     name = cfg.student or recipe.model.backbone
@@ -207,7 +216,7 @@ def _build_student(recipe: Recipe, src: common.Source, num_classes: int) -> tupl
         backbone.load_state_dict(sub_state(tensors, "backbone"), strict=True)
         note = f"pretrained ({pretrain_ckpt})"
     student_recipe = replace(recipe, model=replace(recipe.model, backbone=name, pretrained=False))
-    return Classifier(backbone, [], num_classes), student_recipe, note
+    return _Student(Classifier(backbone, [], num_classes), student_recipe, note)
 
 
 def _teacher_logits(teacher: Classifier, teacher_path: Path, unlabeled, recipe: Recipe, accelerator, stage_dir: Path,
@@ -309,7 +318,7 @@ def _stale_cache(path: Path, key: dict[str, str]) -> str:
     return ""
 
 
-def _labeled_subset(src: common.Source, splits: common.LabeledSplits) -> SubsetSource:
+def _labeled_subset(src: common.CheckpointRef, splits: common.LabeledSplits) -> SubsetSource:
     """The labeled images the finetune stage trained on, from its ``labels.txt``."""
     path = src.checkpoint.parent / "labels.txt"
     if not path.is_file():

@@ -11,31 +11,31 @@ from simclr_cli.engine.reporting import MetricsLog
 from simclr_cli.evaluation.knn import extract_features, knn_scores, topk_accuracy
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
-from simclr_cli.stages.scaffold import StageRun, guarded
+from simclr_cli.stages.scaffold import StageRun, with_stage_run
 
 STAGE = "knn"
 
 
-@guarded(immediate=True)
+@with_stage_run(immediate=True)
 def run(
     recipe: Recipe,
-    src: common.Source | None,
+    src: common.CheckpointRef | None,
     out_dir: str | Path,
     *,
     init: str = "pretrained",
     overwrite: bool = False,
     show_progress: bool = True,
-    guard: StageRun,
+    stage_run: StageRun,
 ) -> dict[str, Any]:
     """kNN top-1/top-5 of ``src``'s encoder (or a random one); returns the summary."""
     k, t = recipe.knn.k, recipe.knn.temperature
-    accelerator = guard.open(recipe, out_dir, STAGE, keeps_state=False, show_progress=show_progress)
-    guard.check(overwrite=overwrite)
+    accelerator = stage_run.open(recipe, out_dir, STAGE, keeps_state=False, show_progress=show_progress)
+    stage_run.check(overwrite=overwrite)
     splits = common.labeled_splits(recipe)
     encoder = common.load_encoder(src, recipe, init)
-    guard.start(overwrite=overwrite)  # the previous run is kept until this one finishes
-    guard.say(f"knn (k={k}, t={t:g}) of {common.source_label(src, init)}: {len(splits.train_indices)} bank / "
-              f"{len(splits.test)} query images -> {guard.stage_dir}")
+    stage_run.start(overwrite=overwrite)  # the previous run is kept until this one finishes
+    stage_run.say(f"knn (k={k}, t={t:g}) of {common.source_label(src, init)}: {len(splits.train_indices)} bank / "
+              f"{len(splits.test)} query images -> {stage_run.stage_dir}")
     device = accelerator.device
     backbone = encoder.backbone.to(device)
     # every process extracts its share of both splits; the main one gathers them and scores
@@ -43,11 +43,11 @@ def run(
                             device, accelerator.autocast, everywhere=False)
     query = extract_features(backbone, common.eval_loader(splits.test, None, recipe, accelerator), device,
                              accelerator.autocast, everywhere=False)
-    if not guard.main:
-        return guard.finish({})
+    if not stage_run.main:
+        return stage_run.finish({})
     (bank_f, bank_y), (q_f, q_y) = bank, query
     acc = topk_accuracy(knn_scores(bank_f, bank_y, q_f, splits.num_classes, k, t, device=device), q_y, (1, 5))
-    summary = guard.summary(
+    summary = stage_run.summary(
         init=init,
         source=common.source_label(src, init),
         **common.source_identity(src, init),
@@ -60,6 +60,6 @@ def run(
         test_images=len(q_y),
         num_classes=splits.num_classes,
     )
-    MetricsLog(guard.stage_dir / "metrics.jsonl", enabled=True).write(
+    MetricsLog(stage_run.stage_dir / "metrics.jsonl", enabled=True).write(
         {"step": 0, "knn_top1": summary["knn_top1"], "knn_top5": summary["knn_top5"]})
-    return guard.finish(summary)
+    return stage_run.finish(summary)

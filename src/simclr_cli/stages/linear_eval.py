@@ -23,21 +23,21 @@ from simclr_cli.evaluation.linear import fit_linear, predict
 from simclr_cli.models.classifier import Classifier
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
-from simclr_cli.stages.scaffold import StageRun, guarded
+from simclr_cli.stages.scaffold import StageRun, with_stage_run
 
 STAGE = "linear_eval"
 
 
-@guarded(immediate=True)
+@with_stage_run(immediate=True)
 def run(
     recipe: Recipe,
-    src: common.Source | None,
+    src: common.CheckpointRef | None,
     out_dir: str | Path,
     *,
     init: str = "pretrained",
     overwrite: bool = False,
     show_progress: bool = True,
-    guard: StageRun,
+    stage_run: StageRun,
 ) -> dict[str, Any]:
     """Train and test a linear probe; return the summary (also ``OUT/linear_eval/summary.json``).
 
@@ -48,52 +48,45 @@ def run(
         init: ``pretrained`` or ``random`` (the same protocol on an untrained encoder).
     """
     cfg = recipe.linear_eval
-    accelerator = guard.open(recipe, out_dir, STAGE, precision=(cfg.mixed_precision, "linear_eval.mixed_precision"),
-                             keeps_state=False, show_progress=show_progress)
+    accelerator = stage_run.open(recipe, out_dir, STAGE, precision=(cfg.mixed_precision, "linear_eval.mixed_precision"),
+                                 keeps_state=False, show_progress=show_progress)
     splits = common.labeled_splits(recipe)
     encoder = common.load_encoder(src, recipe, init)
     k = common.parse_on(cfg.on, encoder)
     model = Classifier(encoder.backbone, common.head_layers(encoder)[:k], splits.num_classes)
-    guard.check(overwrite=overwrite)
+    stage_run.check(overwrite=overwrite)
     frozen = model.encoder()
     snapshot = common.frozen_snapshot(frozen)
-    guard.start(overwrite=overwrite)  # the previous run is kept until this one finishes
-    metrics = MetricsLog(guard.stage_dir / "metrics.jsonl", enabled=guard.main)
-    guard.say(f"linear-eval ({cfg.mode}) of {common.source_label(src, init)} on {cfg.on} "
-              f"({model.num_features} features): {len(splits.train_indices)} train / {len(splits.test)} test images, "
-              f"{splits.num_classes} classes -> {guard.stage_dir}")
+    stage_run.start(overwrite=overwrite)  # the previous run is kept until this one finishes
+    metrics = MetricsLog(stage_run.stage_dir / "metrics.jsonl", enabled=stage_run.main)
+    stage_run.say(f"linear-eval ({cfg.mode}) of {common.source_label(src, init)} on {cfg.on} "
+                  f"({model.num_features} features): {len(splits.train_indices)} train / {len(splits.test)} test "
+                  f"images, {splits.num_classes} classes -> {stage_run.stage_dir}")
 
     last_step = None
     if cfg.mode == "cached":
-        _fit_cached(model, splits, recipe, accelerator, metrics, guard.say)
+        _fit_cached(model, splits, recipe, accelerator, metrics, stage_run.say)
     else:
-        last_step = _fit_paper(model, splits, recipe, accelerator, guard)
+        last_step = _fit_paper(model, splits, recipe, accelerator, stage_run)
     common.assert_unchanged(frozen, snapshot, "encoder")
 
     test = common.test_topk(model, splits, recipe, accelerator)
     if test is None:
-        return guard.finish({})
+        return stage_run.finish({})
     acc, test_images = test
     if last_step is not None:  # paper mode: the last point of the test top-1 curve (cached logs every epoch)
-        common.log_final(guard.stage_dir / "metrics.jsonl", guard.main,
+        common.log_final(stage_run.stage_dir / "metrics.jsonl", stage_run.main,
                          {"step": last_step, "epoch": cfg.epochs, "test_top1": round(acc[1], 4)})
-    summary = guard.summary(
-        mode=cfg.mode,
-        on=cfg.on,
-        init=init,
-        source=common.source_label(src, init),
-        **common.source_identity(src, init),
-        backbone=recipe.model.backbone,
-        top1=round(acc[1], 4),
-        top5=round(acc[5], 4),
-        train_images=len(splits.train_indices),
-        test_images=test_images,
-        num_classes=splits.num_classes,
+    summary = stage_run.summary(
+        mode=cfg.mode, on=cfg.on, init=init, source=common.source_label(src, init),
+        **common.source_identity(src, init), backbone=recipe.model.backbone,
+        top1=round(acc[1], 4), top5=round(acc[5], 4), train_images=len(splits.train_indices),
+        test_images=test_images, num_classes=splits.num_classes,
     )
     metadata = {**checkpoint_metadata(recipe, encoder, STAGE),
                 **classifier_metadata(splits.classes, splits.num_classes, k, init)}
     tensors = {**prefixed_state("backbone", model.backbone), **prefixed_state("head", model.head)}
-    return guard.finish(summary, tensors=tensors, metadata=metadata)
+    return stage_run.finish(summary, tensors=tensors, metadata=metadata)
 
 
 def _fit_cached(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, accelerator, metrics: MetricsLog,
@@ -129,18 +122,16 @@ def _fit_cached(model: Classifier, splits: common.LabeledSplits, recipe: Recipe,
             p.data = broadcast(p.data.to(accelerator.device)).cpu()
 
 
-def _fit_paper(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, accelerator, guard: StageRun) -> int:
+def _fit_paper(model: Classifier, splits: common.LabeledSplits, recipe: Recipe, accelerator, stage_run: StageRun) -> int:
     """App. B.6: crop+flip views every epoch through the shared loop, Nesterov SGD, lr 0.1 x B/256, cosine.
     A probe is cheap to rerun: no resume state is kept. Returns the steps trained."""
     cfg, data = recipe.linear_eval, recipe.data
     train = SubsetSource(splits.train, splits.train_indices)
     augment = crop_flip_augment(recipe.augment, cfg.crop_scale, data.image_size, data.mean, data.std)
-    spec = FitSpec(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                   weight_decay=cfg.weight_decay, seed=recipe.seed, num_workers=data.num_workers,
-                   log_every=cfg.log_every, max_bad_fraction=data.max_bad_fraction)
+    spec = FitSpec.from_section(cfg, data=data, seed=recipe.seed)
     # its own stop request: a signal stops the probe at a step boundary (the stage's stops at once)
     evaluate, every = common.test_top1_during(splits, recipe, accelerator, cfg.epochs)
     _, result, _ = fit(accelerator, ClassificationTask(model, frozen=True), LabeledViews(train, augment, recipe.seed),
-                       spec, evaluate=evaluate, evaluate_every=every, **{**guard.training(), "stop": None})
+                       spec, evaluate=evaluate, evaluate_every=every, **{**stage_run.training(), "stop": None})
     return result.step
 

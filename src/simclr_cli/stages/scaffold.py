@@ -1,15 +1,15 @@
 """The stage scaffold: what every stage does around its own work, in one object.
 
-A stage function is decorated with :func:`guarded` and receives a :class:`StageRun` as ``guard``;
+A stage function is decorated with :func:`with_stage_run` and receives a :class:`StageRun` as ``stage_run``;
 it then reads top to bottom as *build, run, report*::
 
-    accelerator = guard.open(recipe, out_dir, STAGE, precision=(cfg.mixed_precision, "finetune.mixed_precision"))
-    guard.check(overwrite=overwrite, resume=resume)        # never replace work by accident
-    ...build data and model...                             # stage-specific
-    guard.start(overwrite=overwrite, resume=resume)        # set the old run aside, write recipe.toml
-    ...train (``Trainer(..., **guard.training(...))``)... # stage-specific
-    if guard.main: ...evaluate...                          # stage-specific
-    return guard.finish(guard.summary(top1=...), tensors=..., metadata=...)
+    accelerator = stage_run.open(recipe, out_dir, STAGE, precision=(cfg.mixed_precision, "finetune.mixed_precision"))
+    stage_run.check(overwrite=overwrite, resume=resume)          # never replace work by accident
+    ...build data and model...                                   # stage-specific
+    stage_run.start(overwrite=overwrite, resume=resume)          # set the old run aside, write recipe.toml
+    ...train (``Trainer(..., **stage_run.training(...))``)...    # stage-specific
+    if stage_run.main: ...evaluate...                            # stage-specific
+    return stage_run.finish(stage_run.summary(top1=...), tensors=..., metadata=...)
 
 The scaffold owns the stage folder and its checks, the Accelerator, main-process printing
 (:attr:`StageRun.say`), ``recipe.toml``, the barriers, the base summary fields (stage, name, wall
@@ -42,7 +42,7 @@ from simclr_cli.utils import atomic_write_text, file_sha256
 
 
 class StageRun:
-    """One invocation of a stage, from its first line to its last file (see :func:`guarded`).
+    """One invocation of a stage, from its first line to its last file (see :func:`with_stage_run`).
 
     * Ctrl-C and SIGTERM are caught from the start (:attr:`stop`). The training loop stops at a step
       boundary with state saved (a signal during setup: before its first step); a second Ctrl-C, or any
@@ -472,26 +472,7 @@ def join_group(stop: StopRequest | None = None) -> None:
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     limit = join_timeout()
-    deadline = time.monotonic() + limit
-    where = f"the store at {host}:{port}"
-    started, told = time.monotonic(), []
-
-    def waiting(what: str) -> None:
-        """Between two polls: stop on a signal, say once what it waits for after 5 s, fail at the deadline."""
-        if not told and time.monotonic() - started > 5:
-            told.append(what)
-            sys.stderr.write(f"note: rank {rank} of {world} waits for {what} to join the process group ({where}); it "
-                             f"gives up after {limit:g} s (${JOIN_TIMEOUT})\n")
-            sys.stderr.flush()
-        if stop is not None and stop.requested:
-            raise Interrupted(f"stopped by {stop.signal_name} while joining the process group ({what}); nothing "
-                              "was written, run the command again")
-        if time.monotonic() > deadline:
-            raise SimclrError(f"joining the process group: rank {rank} of {world} waited {limit:g} s for {what} to "
-                              f"join ({where}); a process of another node may have failed to start or be stuck: check "
-                              f"its log (${JOIN_TIMEOUT}=SECONDS waits longer)")
-        time.sleep(0.02)
-
+    waiting = _JoinWait(rank, world, f"the store at {host}:{port}", limit, stop)
     store = None
     while store is None:  # a client connects in short tries (the server may not be up yet)
         try:
@@ -507,6 +488,33 @@ def join_group(stop: StopRequest | None = None) -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                             store=dist.PrefixStore(f"simclr/round-{round_}", store), timeout=timeout,
                             rank=rank, world_size=world)
+
+
+class _JoinWait:
+    """Called between two polls while joining the process group: stops on a signal (``stop``), says once what it
+    waits for after 5 s, and fails once ``limit`` seconds have passed since it was made."""
+
+    def __init__(self, rank: int, world: int, where: str, limit: float, stop: StopRequest | None) -> None:
+        self.rank, self.world, self.where, self.limit, self.stop = rank, world, where, limit, stop
+        self.started = time.monotonic()
+        self.deadline = self.started + limit
+        self.told = False
+
+    def __call__(self, what: str) -> None:
+        rank, world, where, limit, stop = self.rank, self.world, self.where, self.limit, self.stop
+        if not self.told and time.monotonic() - self.started > 5:
+            self.told = True
+            sys.stderr.write(f"note: rank {rank} of {world} waits for {what} to join the process group ({where}); it "
+                             f"gives up after {limit:g} s (${JOIN_TIMEOUT})\n")
+            sys.stderr.flush()
+        if stop is not None and stop.requested:
+            raise Interrupted(f"stopped by {stop.signal_name} while joining the process group ({what}); nothing "
+                              "was written, run the command again")
+        if time.monotonic() > self.deadline:
+            raise SimclrError(f"joining the process group: rank {rank} of {world} waited {limit:g} s for {what} to "
+                              f"join ({where}); a process of another node may have failed to start or be stuck: check "
+                              f"its log (${JOIN_TIMEOUT}=SECONDS waits longer)")
+        time.sleep(0.02)
 
 
 def _agree_round(store, rank: int, world: int, waiting: Callable[[str], None]) -> int:
@@ -609,13 +617,13 @@ def finished_with(stage_dir: Path, recipe: Recipe, resumable_changes: frozenset[
             and same_recipe(stage_dir, recipe, resumable_changes))
 
 
-def guarded(immediate: bool = False):
-    """Run a stage function inside a :class:`StageRun`, passed to it as ``guard``. ``immediate``: the stage has
+def with_stage_run(immediate: bool = False):
+    """Run a stage function inside a :class:`StageRun`, passed to it as ``stage_run``. ``immediate``: the stage has
     no training loop to stop at a step boundary, so a signal stops it at once."""
     def wrap(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            with StageRun(immediate=immediate) as guard:
-                return fn(*args, guard=guard, **kwargs)
+            with StageRun(immediate=immediate) as stage_run:
+                return fn(*args, stage_run=stage_run, **kwargs)
         return run
     return wrap

@@ -34,7 +34,7 @@ from simclr_cli.evaluation.metrics import score
 from simclr_cli.models.classifier import Classifier, FeatureEncoder
 from simclr_cli.recipe import Recipe
 from simclr_cli.stages import common
-from simclr_cli.stages.scaffold import StageRun, guarded
+from simclr_cli.stages.scaffold import StageRun, with_stage_run
 
 STAGE = "transfer"
 SHORT = {"food101": "Food", "cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10", "sun397": "SUN397",
@@ -52,16 +52,16 @@ def finetune_grid(kind: str) -> list[tuple[float, float]]:
     return [(lr, wd) for lr in lrs for wd in wds]
 
 
-@guarded(immediate=True)
+@with_stage_run(immediate=True)
 def run(
     recipe: Recipe,
-    src: common.Source | None,
+    src: common.CheckpointRef | None,
     out_dir: str | Path,
     *,
     init: str = "pretrained",
     overwrite: bool = False,
     show_progress: bool = True,
-    guard: StageRun,
+    stage_run: StageRun,
 ) -> dict[str, Any]:
     """Transfer to every dataset in ``transfer.datasets``; returns the summary with all results so far.
 
@@ -78,14 +78,14 @@ def run(
     if done and not overwrite:
         raise UsageError(f"{summary_path} already has {cfg.mode} results for {', '.join(done)}; pass --overwrite to "
                          "run them again, or --out DIR to write elsewhere")
-    accelerator = guard.open(recipe, out_dir, STAGE, precision=(cfg.mixed_precision, "transfer.mixed_precision"),
+    accelerator = stage_run.open(recipe, out_dir, STAGE, precision=(cfg.mixed_precision, "transfer.mixed_precision"),
                              keeps_state=False, show_progress=show_progress)
-    main, say, stage_dir = guard.main, guard.say, guard.stage_dir
+    main, say, stage_dir = stage_run.main, stage_run.say, stage_run.stage_dir
     size = cfg.image_size or recipe.data.image_size
     common.load_encoder(src, recipe, init)  # fail early on a bad checkpoint, before any data is read
-    guard.start(overwrite=False)  # results accumulate: nothing is set aside
+    stage_run.start(overwrite=False)  # results accumulate: nothing is set aside
 
-    summary = guard.summary(
+    summary = stage_run.summary(
         init=init,
         source=common.source_label(src, init),
         backbone=recipe.model.backbone,

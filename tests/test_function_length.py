@@ -1,0 +1,32 @@
+"""Issue 20, part 3: no function in engine/, stages/ or evaluation/ over 60 lines without a reason in its docstring.
+
+A longer function says why in its docstring, with a line starting ``Long:`` (e.g. ``Long: one collective sequence
+that every process must run in the same order``)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "simclr_cli"
+LIMIT = 60
+
+
+def _long_functions(folder: Path) -> list[str]:
+    out = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            lines = node.end_lineno - node.lineno + 1
+            doc = ast.get_docstring(node) or ""
+            if lines > LIMIT and not any(line.strip().startswith("Long:") for line in doc.splitlines()):
+                out.append(f"{path.relative_to(folder.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    return out
+
+
+@pytest.mark.parametrize("part", ["engine", "stages", "evaluation"])
+def test_no_long_function_without_a_reason(part):
+    assert _long_functions(PACKAGE / part) == []
