@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from simclr_cli import plots
-from simclr_cli.data.builders import folder_source
-from simclr_cli.data.lists import read_file_list
-from simclr_cli.data.shards import INDEX as SHARD_INDEX, MANIFEST as SHARD_MANIFEST, ShardSource
-from simclr_cli.data.registry import DATASETS
-from simclr_cli.data.loaders import UNREADABLE, build_source
+from simclr_cli.data.listing.lists import read_file_list
+from simclr_cli.data.pipeline.loaders import UNREADABLE, build_source
+from simclr_cli.data.shards.format import INDEX as SHARD_INDEX, MANIFEST as SHARD_MANIFEST
+from simclr_cli.data.shards.reader import ShardSource
+from simclr_cli.data.sources.builders import folder_source
+from simclr_cli.data.sources.registry import DATASETS
 from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.errors import DataError, UsageError, from_os_error
 from simclr_cli.evaluation.linear import predict

@@ -38,7 +38,7 @@ def data_pack(
     completed shards: run the same command again to resume.
     """
     with _handled(debug):
-        from simclr_cli.data.shards import PackSettings, pack
+        from simclr_cli.data.shards.writer import PackSettings, pack
         from simclr_cli.engine.reporting import ProgressDisplay
         from simclr_cli.errors import UsageError
 
@@ -92,7 +92,7 @@ def data_index(
 ) -> None:
     """Rebuild a pack's index.json by reading its shards (after it was lost, or the shards were changed)."""
     with _handled(debug):
-        from simclr_cli.data.shards import write_index
+        from simclr_cli.data.shards.writer import write_index
 
         index = write_index(out, say=lambda text: typer.echo(text, err=text.startswith("warning:")), partial=partial)
         print(f"indexed {len(index['samples']['key'])} images in {len(index['shards'])} shards: "

@@ -20,10 +20,10 @@ import torch
 import simclr_cli
 from simclr_cli.checkpoints import prefixed_state
 from simclr_cli.checkpoints.metadata import checkpoint_metadata
-from simclr_cli.data.augment import SimCLRAugment
-from simclr_cli.data.batched import BatchedAugment
-from simclr_cli.data.decode import DeviceDecoder
-from simclr_cli.data.loaders import (
+from simclr_cli.data.pipeline.augment import SimCLRAugment
+from simclr_cli.data.pipeline.batched import BatchedAugment
+from simclr_cli.data.pipeline.decode import DeviceDecoder
+from simclr_cli.data.pipeline.loaders import (
     ContrastiveViews,
     build_source,
     check_known_unreadable,

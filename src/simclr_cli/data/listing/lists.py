@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from simclr_cli.data.sources import FileListSource
+from simclr_cli.data.sources.images import FileListSource
 from simclr_cli.errors import DataError
 
 _HEADER_NAMES = frozenset({"path", "file", "filename", "image", "filepath", "image_path"})

@@ -25,7 +25,7 @@ ranks) take an ``fcntl`` lock per listing, so one scans and the others read its 
 written atomically, and a cache that cannot be read, written or locked is ignored (the folder is listed
 as before), never an error.
 
-This module sits at the bottom of ``data/`` with :mod:`simclr_cli.data.folders`.
+This module sits at the bottom of ``data/`` with :mod:`simclr_cli.data.listing.folders`.
 """
 
 from __future__ import annotations
