@@ -3,7 +3,8 @@
 :class:`ShardSource` reads a member with one positional read (``os.pread``) of its tar header and data and checks
 the header names the member, so a sample costs one system call and no tar parsing; file descriptors are opened
 lazily per process (safe after a DataLoader fork), at most :data:`MAX_OPEN` at a time. The per-sample index lives
-in numpy arrays, not Python lists, so DataLoader workers do not copy it page by page (copy-on-read).
+in numpy arrays (keys and paths as :class:`~simclr_cli.data.listing.index.Strings`), not Python lists, so DataLoader
+workers do not copy it page by page (copy-on-read).
 
 Why not ``wids`` (webdataset's indexed reader, a separate ``wids`` package since webdataset 1.0): it re-scans a
 whole tar on each shard it opens and keeps ~10 shards open (an LRU), so the one global random permutation per epoch
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simclr_cli.data.listing.index import Strings
 from simclr_cli.data.shards.format import read_index, repair_advice
 from simclr_cli.data.sources.images import read_image
 from simclr_cli.errors import DataError
@@ -47,23 +49,6 @@ def decode_packed(data: bytes) -> torch.Tensor:
             img.draft("RGB", img.size)
             return torch.from_numpy(np.array(img)).permute(2, 0, 1)
     return read_image(io.BytesIO(data))
-
-
-class _Strings:
-    """Many strings in two numpy arrays (utf-8 bytes and offsets): no Python object per string, so DataLoader
-    workers do not copy them page by page."""
-
-    def __init__(self, items: list[str]) -> None:
-        encoded = [s.encode("utf-8", "surrogateescape") for s in items]
-        self.ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
-        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
-
-    def __len__(self) -> int:
-        return len(self.ends)
-
-    def __getitem__(self, i: int) -> str:
-        start = int(self.ends[i - 1]) if i > 0 else 0
-        return self.data[start:int(self.ends[i])].tobytes().decode("utf-8", "surrogateescape")
 
 
 def _header_names(header: bytes, name: bytes) -> bool:
@@ -100,9 +85,9 @@ class ShardSource:
         self._shard = np.asarray(s["shard"], dtype=np.int32)
         self._offset = np.asarray(s["offset"], dtype=np.int64)
         self._size = np.asarray(s["size"], dtype=np.int64)
-        self._keys = _Strings(s["key"])
+        self._keys = Strings.of(s["key"])
         self.labels = np.asarray(s["label"], dtype=np.int64)  # -1: unlabeled
-        self._paths = _Strings(s["path"])
+        self._paths = Strings.of(s["path"])
         self._shards = [sh["name"] for sh in index["shards"]]
         for sh in index["shards"]:
             p = root / sh["name"]
