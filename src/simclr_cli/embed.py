@@ -22,6 +22,7 @@ from simclr_cli.data.pipeline.loaders import UNREADABLE, build_source
 from simclr_cli.data.shards.format import INDEX as SHARD_INDEX, MANIFEST as SHARD_MANIFEST
 from simclr_cli.data.shards.reader import ShardSource
 from simclr_cli.data.sources.builders import folder_source
+from simclr_cli.data.sources.images import FileListSource
 from simclr_cli.data.sources.registry import DATASETS
 from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.errors import DataError, UsageError, from_os_error
@@ -72,7 +73,7 @@ def embed(source: str | Path | None, data: str | None = None, out: str | Path | 
         build = lambda: folder_source(folder)  # noqa: E731
     elif folder.is_file() and folder.suffix.lower() in (".txt", ".csv"):
         tag = folder.stem
-        build = lambda: read_file_list(folder)  # noqa: E731
+        build = lambda: FileListSource.of(read_file_list(folder))  # noqa: E731
     else:
         cfg = recipe.data
         entry = DATASETS.get(cfg.dataset)

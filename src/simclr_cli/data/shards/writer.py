@@ -83,7 +83,8 @@ def list_source(src: Path, labels: Labels = "auto", *, allow_missing: bool = Fal
     """
     src = Path(src).expanduser().absolute()
     if src.is_file():
-        return read_file_list(src, allow_missing=allow_missing, warn=say, allow_missing_option="pass --allow-missing")
+        return FileListSource.of(read_file_list(src, allow_missing=allow_missing, warn=say,
+                                                allow_missing_option="pass --allow-missing"))
     if not src.is_dir():
         raise DataError(f"{src}: no such folder or list file; SRC is a folder of images or a .txt/.csv list of "
                         "image paths", missing=True)

@@ -90,7 +90,7 @@ def folder_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -
 
 def filelist_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -> ImageSource:
     """The images a list file names (``data.root``: .txt or .csv, see :mod:`simclr_cli.data.listing.lists`); one set."""
-    source = read_file_list(Path(cfg.root), allow_missing=cfg.allow_missing, warn=_warn)
+    source = FileListSource.of(read_file_list(Path(cfg.root), allow_missing=cfg.allow_missing, warn=_warn))
     return decode_in_memory(source, cfg.in_memory, cfg.memory_limit_gb, say=_say)
 
 

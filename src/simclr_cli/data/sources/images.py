@@ -17,6 +17,7 @@ import torch
 
 from simclr_cli.data.listing.folders import IMAGE_EXTENSIONS, scan_class_folders
 from simclr_cli.data.listing.index import Ints, as_ints, as_strings
+from simclr_cli.data.listing.lists import FileList
 from simclr_cli.errors import DataError
 
 
@@ -196,6 +197,11 @@ class FileListSource:
         self.classes = classes
         self.name = name
         self.targets = targets  # multi-label: (N, C) 0/1; labels[i] is then the row index i
+
+    @classmethod
+    def of(cls, listed: FileList) -> FileListSource:
+        """The images a list file names (:func:`~simclr_cli.data.listing.lists.read_file_list`)."""
+        return cls(listed.files, listed.labels, listed.classes, listed.name)
 
     def __len__(self) -> int:
         return len(self.files)
