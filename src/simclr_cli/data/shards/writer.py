@@ -384,94 +384,29 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
     settings.check()
     out = Path(out).expanduser().absolute()
     source = list_source(src, labels, allow_missing=allow_missing, say=say)
-    n, size = len(source), settings.shard_size
+    n = len(source)
     manifest = {"format": FORMAT, "source": str(Path(src).expanduser().absolute()),
                 "source_hash": source_hash(source, settings), "settings": asdict(settings),
-                "classes": list(source.classes), "images": n, "shards": -(-n // size)}
+                "classes": list(source.classes), "images": n, "shards": -(-n // settings.shard_size)}
     existed = out.exists()
     lock = _lock_pack(out)  # one pack command at a time per OUT: they would write the same shard files
     try:
         resuming = _prepare_out(out, manifest, overwrite)
-        if resuming and (out / INDEX).is_file():
-            try:
-                index = read_index(out)
-            except DataError:
-                index = None
-            # every shard of the manifest, not only those the index names: `simclr data index` run on an interrupted
-            # pack indexes the shards it finds, and that index must not pass for a finished pack
-            # and every shard checked against pack.json's record of it: its size, its member count, and that it reads
-            # as a tar to its end (an index rebuilt from a damaged shard matches the damage, not the pack)
-            records = _shard_records(previous_manifest(out))
-            intact = (index is not None
-                      and [sh["name"] for sh in index["shards"]] == [shard_name(k) for k in range(manifest["shards"])]
-                      and all((out / sh["name"]).is_file() and (out / sh["name"]).stat().st_size == sh["bytes"]
-                              for sh in index["shards"])
-                      and all(not shard_problem(out / sh["name"], records.get(sh["name"])) for sh in index["shards"]))
-            if intact and index.get("source_hash") == manifest["source_hash"]:
-                done = len(index["samples"]["key"])
-                _require_some(done, n, src, out)
-                return PackResult(out, done, n - done, len(index["shards"]), len(index["shards"]), already=True)
+        index = _finished_pack(out, manifest) if resuming else None
+        if index is not None:
+            done = len(index["samples"]["key"])
+            _require_some(done, n, src, out)
+            return PackResult(out, done, n - done, len(index["shards"]), len(index["shards"]), already=True)
         if not resuming:
             atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         (out / INDEX).unlink(missing_ok=True)
         keys = [key_of(i) for i in range(n)]
-        records = _shard_records(previous_manifest(out)) if resuming else {}
-        todo = []
-        for k in range(manifest["shards"]):
-            path = out / shard_name(k)
-            if resuming and path.is_file() and _complete_shard(path, keys[k * size:(k + 1) * size],
-                                                               records.get(shard_name(k))):
-                continue
-            if resuming and path.is_file():
-                say(f"{path} {shard_problem(path, records.get(shard_name(k))) or 'does not hold the expected images'}; "
-                    "writing it again")
-            todo.append(k)
+        todo = _shards_to_write(out, manifest, keys, settings.shard_size, resuming, say)
         reused = manifest["shards"] - len(todo)
         if reused:
             say(f"{out}: resuming: {reused} of {manifest['shards']} shards are complete and kept")
-        positions = [range(k * size, min(n, (k + 1) * size)) for k in todo]
-        remaining = sum(len(r) for r in positions)
-        jobs = ((i, str(source.files[i]), settings.shorter_side, settings.quality) for r in positions for i in r)
-        done = n - remaining
-        if progress:
-            progress(done, n)
-        writer: _ShardWriter | None = None
-        pool = None
-        try:
-            if workers > 0 and remaining > 1:
-                import multiprocessing
-
-                pool = multiprocessing.get_context().Pool(workers, initializer=_worker_signals)
-                results: Iterator = pool.imap(_encode_job, jobs, chunksize=8)
-            else:
-                results = map(_encode_job, jobs)
-            current = -1
-            for position, jpeg, err in results:
-                k = position // size
-                if k != current:
-                    if writer is not None:
-                        _write_shard(writer)
-                    writer, current = _ShardWriter(out, k), k
-                if jpeg is None:
-                    say(f"warning: skipping unreadable image {source.files[position]}: {err}")
-                else:
-                    writer.add(keys[position], jpeg, int(source.labels[position]), source.files[position], source.classes)
-                done += 1
-                if progress:
-                    progress(done, n)
-            if writer is not None:
-                _write_shard(writer)
-                writer = None
-        except KeyboardInterrupt:
-            complete = sum(1 for k in range(manifest["shards"]) if (out / shard_name(k)).is_file())
-            raise Interrupted(f"packing stopped: {complete} of {manifest['shards']} shards are complete and kept in {out}; "
-                              "run the same command again to resume") from None
-        finally:
-            if writer is not None:
-                writer.discard()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+        _write_shards(out, source, settings, keys, todo, workers=workers, planned=manifest["shards"], say=say,
+                      progress=progress)
         index = write_index(out, say=say)
         _record_shards(out, manifest, index)
         packed = len(index["samples"]["key"])
@@ -483,6 +418,95 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
             if not existed and not any(out.iterdir()):  # refused before packing: leave no empty folder behind
                 out.rmdir()
             os.close(lock)
+
+
+def _finished_pack(out: Path, manifest: dict) -> dict | None:
+    """The index of ``out`` when it is a finished pack of ``manifest`` (nothing to write), else None."""
+    if not (out / INDEX).is_file():
+        return None
+    try:
+        index = read_index(out)
+    except DataError:
+        return None
+    # every shard of the manifest, not only those the index names: `simclr data index` run on an interrupted
+    # pack indexes the shards it finds, and that index must not pass for a finished pack
+    # and every shard checked against pack.json's record of it: its size, its member count, and that it reads
+    # as a tar to its end (an index rebuilt from a damaged shard matches the damage, not the pack)
+    records = _shard_records(previous_manifest(out))
+    intact = ([sh["name"] for sh in index["shards"]] == [shard_name(k) for k in range(manifest["shards"])]
+              and all((out / sh["name"]).is_file() and (out / sh["name"]).stat().st_size == sh["bytes"]
+                      for sh in index["shards"])
+              and all(not shard_problem(out / sh["name"], records.get(sh["name"])) for sh in index["shards"]))
+    return index if intact and index.get("source_hash") == manifest["source_hash"] else None
+
+
+def _shards_to_write(out: Path, manifest: dict, keys: list[str], size: int, resuming: bool,
+                     say: Callable[[str], None]) -> list[int]:
+    """The shards that are not complete (all of them unless ``resuming``); a damaged one is named."""
+    records = _shard_records(previous_manifest(out)) if resuming else {}
+    todo = []
+    for k in range(manifest["shards"]):
+        path = out / shard_name(k)
+        if resuming and path.is_file() and _complete_shard(path, keys[k * size:(k + 1) * size],
+                                                           records.get(shard_name(k))):
+            continue
+        if resuming and path.is_file():
+            say(f"{path} {shard_problem(path, records.get(shard_name(k))) or 'does not hold the expected images'}; "
+                "writing it again")
+        todo.append(k)
+    return todo
+
+
+def _write_shards(out: Path, source: FileListSource, settings: PackSettings, keys: list[str], todo: list[int], *,
+                  workers: int, planned: int, say: Callable[[str], None],
+                  progress: Optional[Callable[[int, int], None]]) -> None:
+    """Encode the images of the shards ``todo`` (in ``workers`` processes, 0: this one) and write each shard
+    as it completes; ``planned``: the pack's number of shards. Ctrl-C or SIGTERM: :class:`Interrupted`, the
+    completed shards kept and the shard being written removed."""
+    n, size = len(source), settings.shard_size
+    positions = [range(k * size, min(n, (k + 1) * size)) for k in todo]
+    remaining = sum(len(r) for r in positions)
+    jobs = ((i, str(source.files[i]), settings.shorter_side, settings.quality) for r in positions for i in r)
+    done = n - remaining
+    if progress:
+        progress(done, n)
+    writer: _ShardWriter | None = None
+    pool = None
+    try:
+        if workers > 0 and remaining > 1:
+            import multiprocessing
+
+            pool = multiprocessing.get_context().Pool(workers, initializer=_worker_signals)
+            results: Iterator = pool.imap(_encode_job, jobs, chunksize=8)
+        else:
+            results = map(_encode_job, jobs)
+        current = -1
+        for position, jpeg, err in results:
+            k = position // size
+            if k != current:
+                if writer is not None:
+                    _write_shard(writer)
+                writer, current = _ShardWriter(out, k), k
+            if jpeg is None:
+                say(f"warning: skipping unreadable image {source.files[position]}: {err}")
+            else:
+                writer.add(keys[position], jpeg, int(source.labels[position]), source.files[position], source.classes)
+            done += 1
+            if progress:
+                progress(done, n)
+        if writer is not None:
+            _write_shard(writer)
+            writer = None
+    except KeyboardInterrupt:
+        complete = sum(1 for k in range(planned) if (out / shard_name(k)).is_file())
+        raise Interrupted(f"packing stopped: {complete} of {planned} shards are complete and kept in {out}; "
+                          "run the same command again to resume") from None
+    finally:
+        if writer is not None:
+            writer.discard()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
 
 
 def previous_manifest(out: Path) -> dict:
@@ -582,6 +606,34 @@ def write_index(out: Path, say: Callable[[str], None] = print, *, partial: bool 
                         f"{repair_advice(out)}", missing=True)
     if partial and unfinished:
         say(f"warning: --partial: {unfinished.split(': finish it', 1)[0]}; the missing shards' images are not indexed")
+    cols, names_by_label = _index_columns(shards, damaged, records, say)
+    if partial and (unfinished or damaged):  # what the pack loses, in one number
+        total = (sum(int(r.get("images", 0)) for r in records.values()) if records else manifest.get("images"))
+        if isinstance(total, int) and total > len(cols["key"]):
+            what = "the pack held" if records else "its source listed"
+            say(f"warning: --partial: {out} now holds {len(cols['key'])} of the {total} images {what}: "
+                f"{total - len(cols['key'])} image(s) left out of the index")
+    classes = manifest.get("classes")
+    if classes is None:
+        top = max(cols["label"], default=-1)
+        classes = [names_by_label.get(i, str(i)) for i in range(top + 1)]
+    index = {"format": FORMAT, "source": manifest.get("source"), "source_hash": manifest.get("source_hash"),
+             "settings": manifest.get("settings"), "classes": classes,
+             "shards": [{"name": p.name, "bytes": p.stat().st_size} for p in shards], "samples": cols}
+    text = json.dumps(index, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8 (a lone surrogate): \u escapes keep the file UTF-8
+        text = json.dumps(index, separators=(",", ":"))
+    atomic_write_text(out / INDEX, text + "\n")
+    return index
+
+
+def _index_columns(shards: list[Path], damaged: dict[str, str], records: dict[str, dict],
+                   say: Callable[[str], None]) -> tuple[dict[str, list], dict[int, str]]:
+    """The index's per-sample columns (shard, offset, size, label, key, path) read from ``shards``, and the class
+    names their members give; each ``damaged`` shard (name -> its problem) is read up to the damage and the
+    images it loses are named."""
     cols: dict[str, list] = {"shard": [], "offset": [], "size": [], "label": [], "key": [], "path": []}
     names_by_label: dict[int, str] = {}
     for k, path in enumerate(shards):
@@ -603,23 +655,4 @@ def write_index(out: Path, say: Callable[[str], None] = print, *, partial: bool 
             cols["path"].append(e.path)
             if e.label >= 0 and e.cls is not None:
                 names_by_label[e.label] = e.cls
-    if partial and (unfinished or damaged):  # what the pack loses, in one number
-        total = (sum(int(r.get("images", 0)) for r in records.values()) if records else manifest.get("images"))
-        if isinstance(total, int) and total > len(cols["key"]):
-            what = "the pack held" if records else "its source listed"
-            say(f"warning: --partial: {out} now holds {len(cols['key'])} of the {total} images {what}: "
-                f"{total - len(cols['key'])} image(s) left out of the index")
-    classes = manifest.get("classes")
-    if classes is None:
-        top = max(cols["label"], default=-1)
-        classes = [names_by_label.get(i, str(i)) for i in range(top + 1)]
-    index = {"format": FORMAT, "source": manifest.get("source"), "source_hash": manifest.get("source_hash"),
-             "settings": manifest.get("settings"), "classes": classes,
-             "shards": [{"name": p.name, "bytes": p.stat().st_size} for p in shards], "samples": cols}
-    text = json.dumps(index, separators=(",", ":"), ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a file name that is not UTF-8 (a lone surrogate): \u escapes keep the file UTF-8
-        text = json.dumps(index, separators=(",", ":"))
-    atomic_write_text(out / INDEX, text + "\n")
-    return index
+    return cols, names_by_label
