@@ -16,12 +16,12 @@ from PIL import Image
 from simclr_cli.data.listing.index import Ints, Strings
 from simclr_cli.data.sources import images as sources
 from simclr_cli.data.sources.images import (
-    align_classes,
-    decode_in_memory,
     FileListSource,
     MemorySource,
     SubsetSource,
     TensorSource,
+    align_classes,
+    decode_in_memory,
 )
 
 
