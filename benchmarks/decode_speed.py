@@ -81,9 +81,9 @@ def _rates(fns: dict, items: int, seconds: float) -> dict:
 
 
 def cpu_part(args) -> dict:
-    from simclr_cli.data.augment import EvalTransform, SimCLRAugment
-    from simclr_cli.data.loaders import ContrastiveViews, EvalImages
-    from simclr_cli.data.sources import FileListSource
+    from simclr_cli.data.pipeline.augment import EvalTransform, SimCLRAugment
+    from simclr_cli.data.pipeline.loaders import ContrastiveViews, EvalImages
+    from simclr_cli.data.sources.images import FileListSource
     from simclr_cli.recipe.schema import AugmentConfig
 
     out: dict = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -139,11 +139,11 @@ def cpu_part(args) -> dict:
 def device_part(args) -> dict:
     """DataLoader workers + the batched augmentation at ``--size``: views/s with CPU decoding in the
     workers vs the encoded bytes decoded on ``--device`` (torchvision.io.decode_jpeg, nvJPEG on CUDA)."""
-    from simclr_cli.data.augment import SimCLRAugment
-    from simclr_cli.data.batched import BatchedAugment
-    from simclr_cli.data.decode import DeviceDecoder
-    from simclr_cli.data.loaders import ContrastiveViews, GlobalBatchSampler, make_loader
-    from simclr_cli.data.sources import FileListSource
+    from simclr_cli.data.pipeline.augment import SimCLRAugment
+    from simclr_cli.data.pipeline.batched import BatchedAugment
+    from simclr_cli.data.pipeline.decode import DeviceDecoder
+    from simclr_cli.data.pipeline.loaders import ContrastiveViews, GlobalBatchSampler, make_loader
+    from simclr_cli.data.sources.images import FileListSource
     from simclr_cli.recipe.schema import AugmentConfig
 
     device = torch.device(args.device)

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from PIL import Image
 
-    from simclr_cli.data.sources import FileListSource, decode_in_memory, decode_threads
+    from simclr_cli.data.sources.images import FileListSource, decode_in_memory, decode_threads
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=400)

@@ -5,7 +5,7 @@
 
 Generates ``--files`` empty ``.jpg`` files spread over ``--fanout`` ** ``--depth`` leaf folders (listing never
 decodes, so empty files list like real ones), waits until the folders are older than the racy window
-(``data/index.py``: a folder modified within 2 s of a scan is re-checked by its names, as a folder being
+(``data/listing/index.py``: a folder modified within 2 s of a scan is re-checked by its names, as a folder being
 written would be), then times, each in a fresh process so nothing is shared but the on-disk cache:
 
 * ``before``: ``scan_images`` as it was before the cache (``os.walk``, a ``stat`` per file), verbatim;
@@ -33,9 +33,9 @@ from pathlib import Path
 _BEFORE = r"""
 import json, os, sys, time
 from pathlib import Path
-from simclr_cli.data.folders import has_image_extension, is_image_file
+from simclr_cli.data.listing.folders import has_image_extension, is_image_file
 
-def scan_images(folder, *, sniff=True):  # data/folders.py before issue 13 section 2, verbatim
+def scan_images(folder, *, sniff=True):  # data/listing/folders.py before issue 13 section 2, verbatim
     accept = is_image_file if sniff else has_image_extension
     files = []
     seen = set()
@@ -57,7 +57,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "files": n}))
 _CHILD = r"""
 import json, sys, time
 from pathlib import Path
-from simclr_cli.data.folders import scan_class_folders, scan_images
+from simclr_cli.data.listing.folders import scan_class_folders, scan_images
 kind, root = sys.argv[1], Path(sys.argv[2])
 t0 = time.perf_counter()
 if kind == "images":

@@ -89,16 +89,16 @@ def model_only(args, device: torch.device) -> dict:
 
 
 def _memory_source(n: int, size: int):
-    from simclr_cli.data.synthetic import synthetic_source
+    from simclr_cli.data.sources.synthetic import synthetic_source
 
     return synthetic_source("train", n, size, 10, 0)
 
 
 def data_only_memory(args, device: torch.device) -> dict:
     """b, in memory: both backends through the real dataset and loader classes, views made for both."""
-    from simclr_cli.data.augment import SimCLRAugment
-    from simclr_cli.data.batched import BatchedAugment
-    from simclr_cli.data.loaders import ContrastiveViews, GlobalBatchSampler, make_loader
+    from simclr_cli.data.pipeline.augment import SimCLRAugment
+    from simclr_cli.data.pipeline.batched import BatchedAugment
+    from simclr_cli.data.pipeline.loaders import ContrastiveViews, GlobalBatchSampler, make_loader
     from simclr_cli.recipe.schema import AugmentConfig
 
     n_batches = args.warmup + args.steps
@@ -151,10 +151,10 @@ def data_only_jpeg(args) -> dict:
     from torchvision import datasets
     from torchvision import transforms as T
 
-    from simclr_cli.data.augment import SimCLRAugment
-    from simclr_cli.data.batched import BatchedAugment
-    from simclr_cli.data.loaders import ContrastiveViews
-    from simclr_cli.data.sources import ImageFolderSource
+    from simclr_cli.data.pipeline.augment import SimCLRAugment
+    from simclr_cli.data.pipeline.batched import BatchedAugment
+    from simclr_cli.data.pipeline.loaders import ContrastiveViews
+    from simclr_cli.data.sources.images import ImageFolderSource
     from simclr_cli.recipe.schema import AugmentConfig
 
     root = _jpeg_root(args)

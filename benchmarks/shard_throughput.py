@@ -112,11 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result))
         return result
 
-    from simclr_cli.data.augment import SimCLRAugment
-    from simclr_cli.data.batched import BatchedAugment
-    from simclr_cli.data.loaders import ContrastiveViews
-    from simclr_cli.data.shards import PackSettings, ShardSource, pack
-    from simclr_cli.data.sources import FileListSource
+    from simclr_cli.data.pipeline.augment import SimCLRAugment
+    from simclr_cli.data.pipeline.batched import BatchedAugment
+    from simclr_cli.data.pipeline.loaders import ContrastiveViews
+    from simclr_cli.data.shards.reader import ShardSource
+    from simclr_cli.data.shards.writer import PackSettings, pack
+    from simclr_cli.data.sources.images import FileListSource
     from simclr_cli.recipe.schema import AugmentConfig
 
     files = _jpegs(args)
@@ -185,7 +186,8 @@ def _wids(args, files: list[str], n: int) -> dict:
         import wids
     except ImportError:
         return {"skipped": "wids is not installed (pip install wids)"}
-    from simclr_cli.data.shards import PackSettings, ShardSource, pack
+    from simclr_cli.data.shards.reader import ShardSource
+    from simclr_cli.data.shards.writer import PackSettings, pack
 
     per_shard = -(-n // args.wids_shards)
     packed = Path(args.work) / f"shards{args.shorter_side}-{n}-by{per_shard}"

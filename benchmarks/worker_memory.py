@@ -6,7 +6,7 @@
 A Python list of path strings is shared with forked DataLoader workers copy-on-write, but every read of a
 string writes its reference count, so each worker ends up with its own copy of every page it read
 ("copy-on-read", pytorch/pytorch#13246). ``FileListSource`` keeps files and labels in numpy arrays
-(``data/index.py``: ``Strings``, ``Ints``), which reads never write.
+(``data/listing/index.py``: ``Strings``, ``Ints``), which reads never write.
 
 Each variant runs in a fresh process: it builds a source of ``--entries`` paths (about 60 characters, labels
 0..999), then one shuffled pass of a DataLoader (``--workers`` workers, fork, batch 256) whose
@@ -65,7 +65,7 @@ def run_variant(variant: str, entries: int, workers: int, batch: int) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from simclr_cli.data.sources import FileListSource
+    from simclr_cli.data.sources.images import FileListSource
 
     t0 = time.perf_counter()
     files = [f"/data/collection/shard_{i % 997:04d}/part_{i % 13:02d}/image_{i:09d}.jpg" for i in range(entries)]

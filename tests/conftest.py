@@ -11,7 +11,7 @@ import tempfile
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download weights
-# Folder listings are cached (data/index.py): tests keep theirs out of ~/.cache.
+# Folder listings are cached (data/listing/index.py): tests keep theirs out of ~/.cache.
 os.environ.setdefault("SIMCLR_CACHE_DIR", tempfile.mkdtemp(prefix="simclr-test-cache-"))
 # The thread budget, as the `simclr` command sets it (before torch is imported): this process and every stage
 # subprocess or torchrun rank a test starts use the CPUs they may use, shared, with passive OpenMP waits.

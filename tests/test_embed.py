@@ -89,7 +89,7 @@ def test_embed_reads_a_list_file_and_a_pack(tiny_recipe_file, tmp_path):
     """Review (issue 13): `--data` took folders and splits only; a list file was "no such folder"."""
     from PIL import Image
 
-    from simclr_cli.data.shards import pack
+    from simclr_cli.data.shards.writer import pack
 
     run = tmp_path / "run"
     pretrain.run(load_recipe(tiny_recipe_file, ["pretrain.knn_every=0", "pretrain.max_steps=1"]), run,

@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from simclr_cli import plots
-from simclr_cli.data.builders import folder_source
-from simclr_cli.data.lists import read_file_list
-from simclr_cli.data.shards import INDEX as SHARD_INDEX, MANIFEST as SHARD_MANIFEST, ShardSource
-from simclr_cli.data.registry import DATASETS
-from simclr_cli.data.loaders import UNREADABLE, build_source
+from simclr_cli.data.listing.lists import read_file_list
+from simclr_cli.data.pipeline.loaders import UNREADABLE, build_source
+from simclr_cli.data.shards.format import INDEX as SHARD_INDEX, MANIFEST as SHARD_MANIFEST
+from simclr_cli.data.shards.reader import ShardSource
+from simclr_cli.data.sources.builders import folder_source
+from simclr_cli.data.sources.images import FileListSource
+from simclr_cli.data.sources.registry import DATASETS
 from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.errors import DataError, UsageError, from_os_error
 from simclr_cli.evaluation.linear import predict
@@ -29,7 +31,7 @@ from simclr_cli.stages import common
 from simclr_cli.utils import check_out_folder
 
 if TYPE_CHECKING:
-    from simclr_cli.data.sources import ImageSource
+    from simclr_cli.data.sources.images import ImageSource
 
 
 class Embedding(NamedTuple):
@@ -97,7 +99,7 @@ def _images_of(data: str, recipe) -> tuple[str, Callable[[], ImageSource]]:
     if folder.is_dir():
         return folder.resolve().name or "root", lambda: folder_source(folder)
     if folder.is_file() and folder.suffix.lower() in (".txt", ".csv"):
-        return folder.stem, lambda: read_file_list(folder)
+        return folder.stem, lambda: FileListSource.of(read_file_list(folder))
     cfg = recipe.data
     entry = DATASETS.get(cfg.dataset)
     if entry is not None and entry.one_set:  # one set of images: only the training set itself is a split

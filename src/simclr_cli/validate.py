@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from simclr_cli.data.registry import pretraining_dataset
+from simclr_cli.data.sources.registry import pretraining_dataset
 from simclr_cli.engine.trackers import require_trackers, tracker_names
 from simclr_cli.errors import RecipeError, SimclrError
 from simclr_cli.models.backbone import check_backbone, create_backbone, fixed_input_size

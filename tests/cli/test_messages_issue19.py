@@ -37,9 +37,9 @@ def test_no_arguments_still_show_the_help():
 
 
 def test_an_undecodable_image_is_named_by_its_path_not_an_in_memory_file(tmp_path, capsys):
-    from simclr_cli.data.augment import SimCLRAugment
-    from simclr_cli.data.loaders import ContrastiveViews
-    from simclr_cli.data.sources import FileListSource
+    from simclr_cli.data.pipeline.augment import SimCLRAugment
+    from simclr_cli.data.pipeline.loaders import ContrastiveViews
+    from simclr_cli.data.sources.images import FileListSource
     from simclr_cli.recipe.schema import AugmentConfig
 
     bad = tmp_path / "broken-19.jpg"
@@ -107,7 +107,7 @@ def test_data_labeled_is_checked_before_the_training_images_are_decoded(tiny_rec
 
 
 def test_a_pack_of_a_changed_source_says_what_changed(tmp_path):
-    from simclr_cli.data.shards import PackSettings, pack
+    from simclr_cli.data.shards.writer import PackSettings, pack
 
     src = tmp_path / "src"
     src.mkdir()

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from simclr_cli.data.augment import SimCLRAugment
-from simclr_cli.data.batched import BatchedAugment, pack
+from simclr_cli.data.pipeline.augment import SimCLRAugment
+from simclr_cli.data.pipeline.batched import BatchedAugment, pack
 from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.engine.tasks import ContrastiveTask, GradCacheContrastiveTask
 from simclr_cli.models import build_simclr_model

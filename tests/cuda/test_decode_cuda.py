@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from simclr_cli.data.decode import DeviceDecoder
-from simclr_cli.data.loaders import ContrastiveViews
+from simclr_cli.data.pipeline.decode import DeviceDecoder
+from simclr_cli.data.pipeline.loaders import ContrastiveViews
 from simclr_cli.recipe import load_recipe
 from simclr_cli.stages import pretrain
 from tests.data.test_decode import _aug, _folder, _jpeg, _mixed_blobs, _textured

@@ -3,9 +3,9 @@
 
 import torch
 
-from simclr_cli.data.augment import EvalTransform, SimCLRAugment, sample_crop
-from simclr_cli.data.loaders import ContrastiveViews, GlobalBatchSampler, make_loader
-from simclr_cli.data.synthetic import synthetic_source
+from simclr_cli.data.pipeline.augment import EvalTransform, SimCLRAugment, sample_crop
+from simclr_cli.data.pipeline.loaders import ContrastiveViews, GlobalBatchSampler, make_loader
+from simclr_cli.data.sources.synthetic import synthetic_source
 from simclr_cli.recipe.schema import AugmentConfig
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -138,14 +138,14 @@ def test_eval_transform_resizes_to_size_over_0875_even_when_the_short_side_is_si
     stl = torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8)
     torch.testing.assert_close(EvalTransform(32, MEAN, STD)(stl),
                                (TF.resize(stl, [32], antialias=True).float() / 255 - 0.5) / 0.25)
-    from simclr_cli.data.augment import eval_crop_pct
+    from simclr_cli.data.pipeline.augment import eval_crop_pct
 
     assert eval_crop_pct(32) == eval_crop_pct(64) == 1.0 and eval_crop_pct(96) == eval_crop_pct(224) == 0.875
 
 
 def test_supervised_sampler_sees_every_image_every_epoch_in_full_batches():
     # issue 11 item 7: finetune dropped floor(n/B) remainders (38% of a 410-image subset unused per epoch)
-    from simclr_cli.data.loaders import batches_per_epoch
+    from simclr_cli.data.pipeline.loaders import batches_per_epoch
 
     n, B = 410, 256
     one = GlobalBatchSampler(n, B, seed=3, drop_last=False)

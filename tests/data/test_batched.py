@@ -13,10 +13,10 @@ import torch
 from torchvision.transforms import ColorJitter, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from simclr_cli.data.augment import SimCLRAugment
-from simclr_cli.data.batched import PARAM_FIELDS, BatchedAugment, _color_op, _gaussian_blur, pack
-from simclr_cli.data.loaders import ContrastiveViews
-from simclr_cli.data.sources import TensorSource
+from simclr_cli.data.pipeline.augment import SimCLRAugment
+from simclr_cli.data.pipeline.batched import PARAM_FIELDS, BatchedAugment, _color_op, _gaussian_blur, pack
+from simclr_cli.data.pipeline.loaders import ContrastiveViews
+from simclr_cli.data.sources.images import TensorSource
 from simclr_cli.recipe.schema import AugmentConfig
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

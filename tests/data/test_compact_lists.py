@@ -1,4 +1,4 @@
-"""Compact file lists (data/index.py: no per-file Python object, so DataLoader workers do not copy them) and
+"""Compact file lists (data/listing/index.py: no per-file Python object, so DataLoader workers do not copy them) and
 the parallel in-memory decode (issue 13 section 2)."""
 
 from __future__ import annotations
@@ -13,10 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_cli.data import sources
-from simclr_cli.data.folders import align_classes
-from simclr_cli.data.index import Ints, Strings
-from simclr_cli.data.sources import FileListSource, MemorySource, SubsetSource, TensorSource, decode_in_memory
+from simclr_cli.data.listing.index import Ints, Strings
+from simclr_cli.data.sources import images as sources
+from simclr_cli.data.sources.images import (
+    FileListSource,
+    MemorySource,
+    SubsetSource,
+    TensorSource,
+    align_classes,
+    decode_in_memory,
+)
 
 
 def test_strings_behave_like_a_list():

@@ -12,8 +12,9 @@ import threading
 import numpy as np
 from PIL import Image
 
-from simclr_cli.data import shards
-from simclr_cli.data.shards import ShardSource, write_index
+from simclr_cli.data.shards import writer as shards
+from simclr_cli.data.shards.reader import ShardSource
+from simclr_cli.data.shards.writer import write_index
 
 
 def _jpeg(seed: int) -> bytes:

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from simclr_cli.data.augment import EvalTransform, SimCLRAugment
-from simclr_cli.data.decode import (DeviceDecoder, apply_orientation, choose_decode, crop_views, decode_for_crops,
+from simclr_cli.data.pipeline.augment import EvalTransform, SimCLRAugment
+from simclr_cli.data.pipeline.decode import (DeviceDecoder, apply_orientation, choose_decode, crop_views, decode_for_crops,
                                     header_size, pick_reduction)
-from simclr_cli.data.loaders import ContrastiveViews, EvalImages
-from simclr_cli.data.sources import FileListSource, read_image, read_image_scaled
+from simclr_cli.data.pipeline.loaders import ContrastiveViews, EvalImages
+from simclr_cli.data.sources.images import FileListSource, read_image, read_image_scaled
 from simclr_cli.errors import RecipeError
 from simclr_cli.recipe import load_recipe
 from simclr_cli.recipe.schema import AugmentConfig

@@ -8,7 +8,7 @@ import csv
 import numpy as np
 from PIL import Image
 
-from simclr_cli.data.lists import read_file_list
+from simclr_cli.data.listing.lists import read_file_list
 
 
 def test_the_csv_that_embed_writes_reads_back_as_a_file_list_newlines_included(tiny_recipe_file, tmp_path):

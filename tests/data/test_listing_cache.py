@@ -1,4 +1,4 @@
-"""The folder listing cache (data/index.py, issue 13 section 2): a cached run lists no folder; any change in
+"""The folder listing cache (data/listing/index.py, issue 13 section 2): a cached run lists no folder; any change in
 the tree invalidates it; where it lives; the off switch; a corrupt cache is rebuilt; one process scans."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from simclr_cli.data import folders, index
-from simclr_cli.data.builders import folder_source
-from simclr_cli.data.loaders import build_source
-from simclr_cli.data.folders import scan_class_folders, scan_images
+from simclr_cli.data.listing import folders, index
+from simclr_cli.data.listing.folders import scan_class_folders, scan_images
+from simclr_cli.data.pipeline.loaders import build_source
+from simclr_cli.data.sources.builders import folder_source
 from simclr_cli.recipe.schema import DataConfig
 
 OLD = time.time_ns() - 3600 * 10**9  # an hour ago: older than the racy window

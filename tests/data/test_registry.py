@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simclr_cli.data.builders import TransferSplits, folder_source
-from simclr_cli.data.folders import scan_class_folders
-from simclr_cli.data.loaders import build_source
-from simclr_cli.data.registry import DATASETS, Dataset, pretraining_names, transfer_names
-from simclr_cli.data.sources import ImageFolderSource, TensorSource
-from simclr_cli.data.transfer import load_transfer
+from simclr_cli.data.listing.folders import scan_class_folders
+from simclr_cli.data.pipeline.loaders import build_source
+from simclr_cli.data.sources.builders import TransferSplits, folder_source
+from simclr_cli.data.sources.images import ImageFolderSource, TensorSource
+from simclr_cli.data.sources.registry import DATASETS, Dataset, pretraining_names, transfer_names
+from simclr_cli.data.sources.transfer import load_transfer
 from simclr_cli.errors import DataError, RecipeError, UsageError
 from simclr_cli.recipe import DataConfig, recipe_from_dict
 from simclr_cli.recipe.schema import TransferConfig

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simclr_cli.data.lists import read_file_list
+from simclr_cli.data.listing.lists import read_file_list
 from simclr_cli.errors import DataError
 
 
@@ -42,7 +42,7 @@ def test_data_index_on_an_interrupted_pack_refuses_and_names_the_pack_command(tm
     from typer.testing import CliRunner
 
     from simclr_cli.cli import app
-    from simclr_cli.data.shards import PackSettings, pack
+    from simclr_cli.data.shards.writer import PackSettings, pack
     from tests.data.test_shards import _labeled
 
     src, out = _labeled(tmp_path / "src"), tmp_path / "out"
@@ -75,7 +75,7 @@ def test_data_index_on_an_interrupted_pack_refuses_and_names_the_pack_command(tm
 
 
 def test_labeled_flat_folder_and_imagefolder_on_a_flat_folder_say_what_is_wrong(tmp_path):
-    from simclr_cli.data.sources import ImageFolderSource
+    from simclr_cli.data.sources.images import ImageFolderSource
     from simclr_cli.stages.common import labeled_elsewhere
 
     _png(tmp_path / "flat" / "a.png")
@@ -90,7 +90,7 @@ def test_labeled_flat_folder_and_imagefolder_on_a_flat_folder_say_what_is_wrong(
 
 
 def test_an_unreadable_first_file_does_not_turn_in_memory_decoding_off(tmp_path):
-    from simclr_cli.data.sources import FileListSource, MemorySource, decode_in_memory
+    from simclr_cli.data.sources.images import FileListSource, MemorySource, decode_in_memory
 
     (tmp_path / "0_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     files = [str(tmp_path / "0_broken.jpg")] + [str(_png(tmp_path / f"{i}.png")) for i in range(1, 4)]
@@ -117,7 +117,8 @@ def test_pack_of_a_file_name_that_is_not_utf8(tmp_path):
     """A Latin-1 file name (a lone surrogate in Python) made the index write fail (exit 1, UnicodeEncodeError)."""
     import os
 
-    from simclr_cli.data.shards import PackSettings, ShardSource, pack, write_index
+    from simclr_cli.data.shards.reader import ShardSource
+    from simclr_cli.data.shards.writer import PackSettings, pack, write_index
 
     src = tmp_path / "src"
     src.mkdir()
@@ -138,7 +139,7 @@ def test_pack_of_a_file_name_that_is_not_utf8(tmp_path):
 @pytest.mark.parametrize("dataset", ["folder", "filelist", "shards", "imagefolder"])
 def test_an_empty_data_root_is_refused_not_the_current_folder(tmp_path, monkeypatch, dataset):
     """`--set data.root=$PHOTOS` with PHOTOS unset listed the current folder (a home folder) and trained on it."""
-    from simclr_cli.data.loaders import build_source
+    from simclr_cli.data.pipeline.loaders import build_source
     from simclr_cli.recipe import DataConfig
 
     _png(tmp_path / "x.png")
@@ -167,7 +168,7 @@ def test_a_second_pack_into_the_same_out_is_refused_while_one_runs(tmp_path):
     import fcntl
     import os
 
-    from simclr_cli.data.shards import PackSettings, pack
+    from simclr_cli.data.shards.writer import PackSettings, pack
     from simclr_cli.errors import UsageError
 
     _png(tmp_path / "src" / "a.png")

@@ -15,11 +15,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.data import shards
-from simclr_cli.data.augment import SimCLRAugment
-from simclr_cli.data.loaders import ContrastiveViews, GlobalBatchSampler, load_with_fallback, make_loader
-from simclr_cli.data.shards import PackSettings, ShardSource, pack, read_index
-from simclr_cli.data.sources import FileListSource, read_image
+from simclr_cli.data.pipeline.augment import SimCLRAugment
+from simclr_cli.data.pipeline.loaders import ContrastiveViews, GlobalBatchSampler, load_with_fallback, make_loader
+from simclr_cli.data.shards import writer as shards
+from simclr_cli.data.shards.format import read_index
+from simclr_cli.data.shards.reader import ShardSource
+from simclr_cli.data.shards.writer import PackSettings, pack
+from simclr_cli.data.sources.images import FileListSource, read_image
 from simclr_cli.errors import DataError, Interrupted, UsageError
 from simclr_cli.recipe.schema import AugmentConfig
 
@@ -326,7 +328,7 @@ def test_device_decoding_reads_the_shards_bytes(tmp_path):
     """data.decode="gpu": the loader hands ShardSource.raw(i) to the device decoder (run here on the CPU)."""
     from torch.utils.data import default_collate
 
-    from simclr_cli.data.decode import DeviceDecoder
+    from simclr_cli.data.pipeline.decode import DeviceDecoder
 
     pack(_labeled(tmp_path / "src"), tmp_path / "out", SETTINGS, say=lambda s: None)
     ds = ShardSource(tmp_path / "out")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_cli.data.loaders import EvalImages, build_source, load_with_fallback
-from simclr_cli.data.augment import EvalTransform
+from simclr_cli.data.pipeline.augment import EvalTransform
+from simclr_cli.data.pipeline.loaders import EvalImages, build_source, load_with_fallback
 from simclr_cli.errors import DataError
 from simclr_cli.recipe.schema import DataConfig
 
@@ -74,7 +74,7 @@ def test_image_folders_decode_into_memory(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from simclr_cli.data.sources import ImageFolderSource, MemorySource, TensorSource, decode_in_memory
+    from simclr_cli.data.sources.images import ImageFolderSource, MemorySource, TensorSource, decode_in_memory
 
     for c in ("a", "b"):
         (tmp_path / "train" / c).mkdir(parents=True)
@@ -102,7 +102,7 @@ def test_16bit_grayscale_png_decodes_to_a_gradient_not_white(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from simclr_cli.data.sources import read_image
+    from simclr_cli.data.sources.images import read_image
 
     ramp = np.linspace(0, 65535, 256).round().astype(np.uint16)
     Image.fromarray(np.tile(ramp, (4, 1))).save(tmp_path / "g16.png")

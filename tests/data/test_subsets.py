@@ -5,9 +5,9 @@ from collections import Counter
 import pytest
 import torch
 
-from simclr_cli.data.loaders import SubsetSource, load_with_fallback
-from simclr_cli.data.sources import ImageFolderSource, TensorSource
-from simclr_cli.data.subsets import item_names, parse_label_spec, select_labeled, write_label_list
+from simclr_cli.data.pipeline.loaders import SubsetSource, load_with_fallback
+from simclr_cli.data.sources.images import ImageFolderSource, TensorSource
+from simclr_cli.data.sources.subsets import item_names, parse_label_spec, select_labeled, write_label_list
 from simclr_cli.errors import UsageError
 
 
@@ -120,7 +120,7 @@ def test_label_list_round_trips_file_names_that_are_not_utf8(tmp_path):
     # issue 11 item 12: a file name with invalid UTF-8 bytes raised UnicodeEncodeError writing labels.txt
     import os
 
-    from simclr_cli.data.sources import FileListSource
+    from simclr_cli.data.sources.images import FileListSource
 
     names = [b"\xff.png", b"caf\xe9.png", b"plain.png", b"other.png"]
     files = [os.fsdecode(b"/data/" + c + b"/" + n) for c, n in zip((b"a", b"a", b"b", b"b"), names)]
@@ -133,7 +133,7 @@ def test_label_list_round_trips_file_names_that_are_not_utf8(tmp_path):
 
 def test_an_empty_labels_value_says_it_is_empty():
     """Review: `--labels ""` was read as the current folder ('. is a folder')."""
-    from simclr_cli.data.subsets import parse_label_spec
+    from simclr_cli.data.sources.subsets import parse_label_spec
     from simclr_cli.errors import UsageError
 
     with pytest.raises(UsageError, match=r"--labels is empty; give a percentage \(10%\), N-per-class"):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simclr_cli.data.folders import is_image_file
-from simclr_cli.data.splits import per_class_split
-from simclr_cli.data.transfer import load_transfer
+from simclr_cli.data.listing.folders import is_image_file
+from simclr_cli.data.sources.splits import per_class_split
+from simclr_cli.data.sources.transfer import load_transfer
 from simclr_cli.errors import DataError, UsageError
 
 
@@ -84,7 +84,7 @@ def test_files_without_extension_and_grayscale_are_read(tmp_path):
 
 def test_per_class_split_keeps_a_test_image_per_class(tmp_path):
     _classes(tmp_path, 3)
-    from simclr_cli.data.sources import FileListSource
+    from simclr_cli.data.sources.images import FileListSource
 
     files = [str(p) for p in sorted(tmp_path.rglob("*.jpg"))]
     src = FileListSource(files, [0, 0, 0, 1, 1, 1], ["a", "b"], "x")
@@ -122,7 +122,7 @@ def test_voc2007_difficult_only_classes_are_ignored_not_positive(tmp_path):
     # issue 11 item 7: the devkit leaves an image whose only objects of class c are difficult out of c's AP
     import torch
 
-    from simclr_cli.data.builders import VOC_CLASSES
+    from simclr_cli.data.sources.builders import VOC_CLASSES
     from simclr_cli.evaluation.metrics import map_11point
 
     voc = tmp_path / "VOCdevkit" / "VOC2007"

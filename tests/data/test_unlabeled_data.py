@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from simclr_cli.data.augment import EvalTransform, SimCLRAugment
-from simclr_cli.data.batched import BatchedAugment, pack
-from simclr_cli.data.folders import scan_images
-from simclr_cli.data.loaders import build_source
-from simclr_cli.data.registry import DATASETS
-from simclr_cli.data.sources import ImageFolderSource, read_image
+from simclr_cli.data.listing.folders import scan_images
+from simclr_cli.data.pipeline.augment import EvalTransform, SimCLRAugment
+from simclr_cli.data.pipeline.batched import BatchedAugment, pack
+from simclr_cli.data.pipeline.loaders import build_source
+from simclr_cli.data.sources.images import ImageFolderSource, read_image
+from simclr_cli.data.sources.registry import DATASETS
 from simclr_cli.errors import DataError
 from simclr_cli.recipe import DataConfig
 from simclr_cli.recipe.schema import AugmentConfig

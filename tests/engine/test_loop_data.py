@@ -51,9 +51,9 @@ def test_fit_stops_before_training_on_known_unreadable_images(tmp_path):
     import pytest
     from PIL import Image
 
-    from simclr_cli.data.augment import SimCLRAugment
-    from simclr_cli.data.loaders import LabeledViews, SubsetSource, known_unreadable
-    from simclr_cli.data.sources import ImageFolderSource, decode_in_memory
+    from simclr_cli.data.pipeline.augment import SimCLRAugment
+    from simclr_cli.data.pipeline.loaders import LabeledViews, SubsetSource, known_unreadable
+    from simclr_cli.data.sources.images import ImageFolderSource, decode_in_memory
     from simclr_cli.errors import DataError
     from simclr_cli.recipe.schema import AugmentConfig
 

@@ -113,8 +113,8 @@ def test_supcon_pretrains_end_to_end_on_a_labeled_folder(tiny_recipe_file, tmp_p
 
 
 def test_supcon_on_unlabeled_data_fails_before_training(tiny_recipe_file, tmp_path):
-    from simclr_cli.data.loaders import require_labels
-    from simclr_cli.data.sources import TensorSource
+    from simclr_cli.data.pipeline.loaders import require_labels
+    from simclr_cli.data.sources.images import TensorSource
 
     source = TensorSource(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), [0, -1, -1, 1], ["a", "b"], "mixed")
     with pytest.raises(DataError, match=r"pretrain.objective='supcon' needs a label for every training image, but "

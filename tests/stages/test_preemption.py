@@ -155,7 +155,7 @@ def test_sigterm_to_the_group_of_simclr_launch_with_2_processes(data, tmp_path):
 
 _EXIT_WITH_LIVE_WORKERS = """
 import signal, torch
-from simclr_cli.data.loaders import make_loader
+from simclr_cli.data.pipeline.loaders import make_loader
 loader = make_loader(torch.utils.data.TensorDataset(torch.arange(64.0)), num_workers=2, pin_memory=False, batch_size=4)
 it = iter(loader)
 next(it)

@@ -333,7 +333,7 @@ def test_unreadable_count_survives_resume(tiny_recipe_file, tmp_path):
     # issue 11 item 5: the count is kept in the resume state
     import json
 
-    from simclr_cli.data.loaders import GlobalBatchSampler
+    from simclr_cli.data.pipeline.loaders import GlobalBatchSampler
     from simclr_cli.errors import Interrupted
 
     sampler = GlobalBatchSampler(40, 20, seed=0)

@@ -12,7 +12,7 @@ from simclr_cli import threads
 from simclr_cli.cli._app import DebugOpt, QuietOpt, data_app, handle_errors
 
 if TYPE_CHECKING:
-    from simclr_cli.data.shards import PackResult
+    from simclr_cli.data.shards.writer import PackResult
     from simclr_cli.engine.reporting import ProgressDisplay
 
 
@@ -42,7 +42,7 @@ def data_pack(
     completed shards: run the same command again to resume.
     """
     with handle_errors(debug):
-        from simclr_cli.data.shards import PackSettings, pack
+        from simclr_cli.data.shards.writer import PackSettings, pack
         from simclr_cli.errors import UsageError
 
         if labels not in ("auto", "folders", "none"):
@@ -112,7 +112,7 @@ def data_index(
 ) -> None:
     """Rebuild a pack's index.json by reading its shards (after it was lost, or the shards were changed)."""
     with handle_errors(debug):
-        from simclr_cli.data.shards import write_index
+        from simclr_cli.data.shards.writer import write_index
 
         index = write_index(out, say=lambda text: typer.echo(text, err=text.startswith("warning:")), partial=partial)
         print(f"indexed {len(index['samples']['key'])} images in {len(index['shards'])} shards: "

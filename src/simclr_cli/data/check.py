@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from simclr_cli import threads
-from simclr_cli.data.loaders import build_source
-from simclr_cli.data.registry import pretraining_dataset
-from simclr_cli.data.sources import ImageSource, unreadable_reason
+from simclr_cli.data.pipeline.loaders import build_source
+from simclr_cli.data.sources.images import ImageSource, unreadable_reason
+from simclr_cli.data.sources.registry import pretraining_dataset
 from simclr_cli.recipe.schema import Recipe
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from simclr_cli import threads
 from simclr_cli.checkpoints import load_state, read_trainer
-from simclr_cli.data.loaders import GlobalBatchSampler, check_known_unreadable, data_fingerprint, make_loader
+from simclr_cli.data.pipeline.loaders import GlobalBatchSampler, check_known_unreadable, data_fingerprint, make_loader
 from simclr_cli.engine.loop import EpochHook, LoopResult, LoopSpec, restore_scaler, run_loop
 from simclr_cli.engine.reporting import MetricsLog, ProgressDisplay
 from simclr_cli.engine.signals import StopRequest

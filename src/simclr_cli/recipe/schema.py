@@ -41,7 +41,7 @@ MOVED_KEYS = {
 class DataConfig:
     """``[data]``: where images come from and how they are fed."""
 
-    dataset: str = _f("synthetic", "a pretraining dataset of the registry (data/registry.py): synthetic | cifar10 | "
+    dataset: str = _f("synthetic", "a pretraining dataset of the registry (data/sources/registry.py): synthetic | cifar10 | "
                                    "cifar100 | stl10 | imagefolder (labeled class folders) | folder (any folder of "
                                    "images, any depth, no labels) | filelist (a .txt or .csv list of image paths) | "
                                    "shards (a pack folder written by `simclr data pack`); see docs/extending.md to add one")

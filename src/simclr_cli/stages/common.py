@@ -19,11 +19,10 @@ import torch
 from torch import nn
 
 from simclr_cli.checkpoints import MODEL_FILE, has_state, load_weights, read_metadata, sub_state
-from simclr_cli.data.builders import folder_layouts
-from simclr_cli.data.folders import align_classes
-from simclr_cli.data.loaders import build_source
-from simclr_cli.data.registry import pretraining_dataset
-from simclr_cli.data.sources import ImageSource
+from simclr_cli.data.pipeline.loaders import build_source
+from simclr_cli.data.sources.builders import folder_layouts
+from simclr_cli.data.sources.images import ImageSource, align_classes
+from simclr_cli.data.sources.registry import pretraining_dataset
 from simclr_cli.layout import RANDOM_INIT_DIR, RUNS_ROOT, STAGE_FOLDERS
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.models import SimCLRModel, build_simclr_model
@@ -255,7 +254,7 @@ NEEDS_LABELS = ("this stage needs labeled images, a train and a test set: point 
 
 def labeled_elsewhere(path: str, seed: int) -> LabeledSplits:
     """The labeled train and test splits of the image folder ``data.labeled`` names, in any of the layouts of
-    ``imagefolder:PATH`` (:func:`simclr_cli.data.builders.folder_layouts`); class folders alone are split
+    ``imagefolder:PATH`` (:func:`simclr_cli.data.sources.builders.folder_layouts`); class folders alone are split
     half and half per class, seeded."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -336,11 +335,11 @@ def eval_loader(source: ImageSource, indices: list[int] | None, recipe: Recipe, 
     """Un-augmented, labeled batches (resize + center crop for large images) of ``source`` or its ``indices``,
     at ``size`` (default ``data.image_size``): this process's share of them (:class:`ShardedBatches`), which
     ``evaluation.knn.extract_features`` and ``evaluation.linear.predict`` run on every process and gather.
-    ``mark_unreadable``: see :class:`~simclr_cli.data.loaders.EvalImages`."""
+    ``mark_unreadable``: see :class:`~simclr_cli.data.pipeline.loaders.EvalImages`."""
     from torch.utils.data import Subset
 
-    from simclr_cli.data.augment import EvalTransform
-    from simclr_cli.data.loaders import EvalImages, make_loader
+    from simclr_cli.data.pipeline.augment import EvalTransform
+    from simclr_cli.data.pipeline.loaders import EvalImages, make_loader
     from simclr_cli.evaluation.sharded import ShardedBatches
 
     cfg = recipe.data

@@ -30,9 +30,9 @@ from simclr_cli.checkpoints import (
     sub_state,
 )
 from simclr_cli.checkpoints.metadata import checkpoint_metadata, classifier_metadata
-from simclr_cli.data.augment import EvalTransform, SimCLRAugment, crop_flip_augment
-from simclr_cli.data.loaders import DistillViews, SubsetSource, build_source
-from simclr_cli.data.subsets import parse_label_spec, select_labeled
+from simclr_cli.data.pipeline.augment import EvalTransform, SimCLRAugment, crop_flip_augment
+from simclr_cli.data.pipeline.loaders import DistillViews, SubsetSource, build_source
+from simclr_cli.data.sources.subsets import parse_label_spec, select_labeled
 from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.setup import convert_sync_bn
 from simclr_cli.engine.tasks import DistillTask

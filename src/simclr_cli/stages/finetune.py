@@ -18,9 +18,9 @@ import torch
 
 from simclr_cli.checkpoints import prefixed_state
 from simclr_cli.checkpoints.metadata import checkpoint_metadata, classifier_metadata
-from simclr_cli.data.augment import crop_flip_augment
-from simclr_cli.data.loaders import LabeledViews, SubsetSource
-from simclr_cli.data.subsets import parse_label_spec, select_labeled, write_label_list
+from simclr_cli.data.pipeline.augment import crop_flip_augment
+from simclr_cli.data.pipeline.loaders import LabeledViews, SubsetSource
+from simclr_cli.data.sources.subsets import parse_label_spec, select_labeled, write_label_list
 from simclr_cli.engine.setup import convert_sync_bn
 from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.tasks import ClassificationTask

@@ -14,8 +14,8 @@ from typing import Any
 
 from simclr_cli.checkpoints import prefixed_state
 from simclr_cli.checkpoints.metadata import checkpoint_metadata, classifier_metadata
-from simclr_cli.data.augment import crop_flip_augment
-from simclr_cli.data.loaders import LabeledViews, SubsetSource
+from simclr_cli.data.pipeline.augment import crop_flip_augment
+from simclr_cli.data.pipeline.loaders import LabeledViews, SubsetSource
 from simclr_cli.engine.reporting import MetricsLog
 from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.tasks import ClassificationTask

@@ -19,16 +19,16 @@ import torch
 import simclr_cli
 from simclr_cli.checkpoints import prefixed_state
 from simclr_cli.checkpoints.metadata import checkpoint_metadata
-from simclr_cli.data.augment import SimCLRAugment
-from simclr_cli.data.batched import BatchedAugment
-from simclr_cli.data.decode import DeviceDecoder, choose_decode
-from simclr_cli.data.loaders import (
+from simclr_cli.data.pipeline.augment import SimCLRAugment
+from simclr_cli.data.pipeline.batched import BatchedAugment
+from simclr_cli.data.pipeline.decode import DeviceDecoder, choose_decode
+from simclr_cli.data.pipeline.loaders import (
     ContrastiveViews,
     build_source,
     check_known_unreadable,
     require_labels,
 )
-from simclr_cli.data.sources import ImageSource
+from simclr_cli.data.sources.images import ImageSource
 from simclr_cli.engine.fit import FitSpec, Trainer
 from simclr_cli.engine.loop import LoopResult
 from simclr_cli.engine.setup import convert_sync_bn

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from simclr_cli.data.augment import crop_flip_augment
-from simclr_cli.data.loaders import LabeledViews
-from simclr_cli.data.transfer import ConcatSource, TransferData, label_targets, load_transfer
+from simclr_cli.data.pipeline.augment import crop_flip_augment
+from simclr_cli.data.pipeline.loaders import LabeledViews
+from simclr_cli.data.sources.transfer import ConcatSource, TransferData, label_targets, load_transfer
 from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.tasks import ClassificationTask
 from simclr_cli.errors import UsageError

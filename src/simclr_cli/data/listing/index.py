@@ -25,7 +25,7 @@ ranks) take an ``fcntl`` lock per listing, so one scans and the others read its 
 written atomically, and a cache that cannot be read, written or locked is ignored (the folder is listed
 as before), never an error.
 
-This module sits at the bottom of ``data/`` with :mod:`simclr_cli.data.folders`.
+This module sits at the bottom of ``data/`` with :mod:`simclr_cli.data.listing.folders`.
 """
 
 from __future__ import annotations
@@ -465,17 +465,9 @@ def cached_listing(folder: str, kind: str, options: dict, scan: Scan, *, setting
         setting: ``data.listing_cache`` ('auto', 'off' or a folder), see :func:`cache_folder`.
         what: how messages name the data (e.g. ``folder:/data/x``).
     """
-    prefix = _prefix(folder)
     where = cache_folder(setting)
-
-    def fresh(record: TreeRecord) -> tuple[Strings, Ints, list[str], float]:
-        t0 = time.perf_counter()
-        rel, labels, classes = scan(record)
-        return Strings.of(rel), Ints(labels), classes, time.perf_counter() - t0
-
     if where is None:
-        names, labels, classes, _ = fresh(TreeRecord())
-        return Listing(Strings(names._buf, names._off, prefix), labels, classes)
+        return _scanned(folder, scan, TreeRecord())[0]
     key = _key(folder, kind, options)
     path = where / f"{key}.listing"
     hit = _load(path, folder, key)
@@ -498,20 +490,33 @@ def cached_listing(folder: str, kind: str, options: dict, scan: Scan, *, setting
                   f"listing {folder} without it (data.listing_cache=off or {ENV}=off silences this)", warning=True)
         if lock is not None:
             lock.close()
-        names, labels, classes, _ = fresh(TreeRecord())
-        return Listing(Strings(names._buf, names._off, prefix), labels, classes)
+        return _scanned(folder, scan, TreeRecord())[0]
     try:
-        why = hit  # why the cache was not used ('' when there was none)
-        record = TreeRecord()
-        names, labels, classes, seconds = fresh(record)
-        try:
-            _save(path, key, names, labels, classes, record)
-            _note(f"{what or folder}: listed {len(names):,} images in {seconds:.1f} s; {why}listing cached in "
-                  f"{path} (reused until a folder in the tree changes; data.listing_cache=off or "
-                  f"{ENV}=off turns it off)", any_rank=True)  # whichever process got the lock built it
-        except Exception as e:  # noqa: BLE001 - a cache that cannot be written is no error
-            _note(f"warning: could not write the listing cache {path} ({type(e).__name__}: {e}); "
-                  f"{folder} will be listed again next run", warning=True)
-        return Listing(Strings(names._buf, names._off, prefix), labels, classes)
+        return _scan_and_save(folder, scan, path, key, why=hit, what=what)
     finally:
         lock.close()  # releases the flock
+
+
+def _scanned(folder: str, scan: Scan, record: TreeRecord) -> tuple[Listing, float]:
+    """``scan`` run into ``record``: the listing (paths after ``folder``) and the seconds it took."""
+    t0 = time.perf_counter()
+    rel, labels, classes = scan(record)
+    names, ints = Strings.of(rel), Ints(labels)
+    seconds = time.perf_counter() - t0
+    return Listing(Strings(names._buf, names._off, _prefix(folder)), ints, classes), seconds
+
+
+def _scan_and_save(folder: str, scan: Scan, path: Path, key: str, *, why: str, what: str) -> Listing:
+    """Scan ``folder`` (the cache's lock held) and write the cache file ``path``; ``why``: why the cache was not
+    used ('' when there was none), for the line that says the folder was listed."""
+    record = TreeRecord()
+    listing, seconds = _scanned(folder, scan, record)
+    try:
+        _save(path, key, listing.files, listing.labels, listing.classes, record)
+        _note(f"{what or folder}: listed {len(listing.files):,} images in {seconds:.1f} s; {why}listing cached in "
+              f"{path} (reused until a folder in the tree changes; data.listing_cache=off or "
+              f"{ENV}=off turns it off)", any_rank=True)  # whichever process got the lock built it
+    except Exception as e:  # noqa: BLE001 - a cache that cannot be written is no error
+        _note(f"warning: could not write the listing cache {path} ({type(e).__name__}: {e}); "
+              f"{folder} will be listed again next run", warning=True)
+    return listing

@@ -1,4 +1,4 @@
-"""How each dataset of the registry (:mod:`simclr_cli.data.registry`) is built.
+"""How each dataset of the registry (:mod:`simclr_cli.data.sources.registry`) is built.
 
 Two kinds of builder, each a plain function that the registry's entries name:
 
@@ -23,9 +23,9 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from simclr_cli.data.folders import IMAGE_EXTENSIONS, scan_class_folders, scan_images
-from simclr_cli.data.lists import read_file_list
-from simclr_cli.data.sources import (
+from simclr_cli.data.listing.folders import IMAGE_EXTENSIONS, scan_class_folders, scan_images
+from simclr_cli.data.listing.lists import read_file_list
+from simclr_cli.data.sources.images import (
     FileListSource,
     ImageFolderSource,
     ImageSource,
@@ -33,8 +33,8 @@ from simclr_cli.data.sources import (
     decode_in_memory,
     torchvision_source,
 )
-from simclr_cli.data.splits import per_class_split
-from simclr_cli.data.synthetic import synthetic_source
+from simclr_cli.data.sources.splits import per_class_split
+from simclr_cli.data.sources.synthetic import synthetic_source
 from simclr_cli.errors import DataError
 from simclr_cli.recipe.schema import DataConfig
 
@@ -89,15 +89,15 @@ def folder_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -
 
 
 def filelist_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -> ImageSource:
-    """The images a list file names (``data.root``: .txt or .csv, see :mod:`simclr_cli.data.lists`); one set."""
-    source = read_file_list(Path(cfg.root), allow_missing=cfg.allow_missing, warn=_warn)
+    """The images a list file names (``data.root``: .txt or .csv, see :mod:`simclr_cli.data.listing.lists`); one set."""
+    source = FileListSource.of(read_file_list(Path(cfg.root), allow_missing=cfg.allow_missing, warn=_warn))
     return decode_in_memory(source, cfg.in_memory, cfg.memory_limit_gb, say=_say)
 
 
 def shards_split(name: str, hint: str, cfg: DataConfig, split: str, seed: int) -> ImageSource:
     """A pack folder written by ``simclr data pack`` (``data.root``: index.json + shard-*.tar, local or mounted),
-    read by sample index (:class:`~simclr_cli.data.shards.ShardSource`); one set (``split`` is not used)."""
-    from simclr_cli.data.shards import ShardSource
+    read by sample index (:class:`~simclr_cli.data.shards.reader.ShardSource`); one set (``split`` is not used)."""
+    from simclr_cli.data.shards.reader import ShardSource
 
     return ShardSource(Path(cfg.root))
 

@@ -1,32 +1,12 @@
-"""Packed shards (``simclr data pack``, ``data.dataset = "shards"``): a dataset re-encoded once into WebDataset tars
-with an index that gives random access by sample index.
+"""Writing a pack folder: ``simclr data pack`` (:func:`pack`: a dataset re-encoded once into WebDataset tars) and
+``simclr data index`` (:func:`write_index`: the index that gives random access by sample index). The layout is in
+:mod:`simclr_cli.data.shards.format`; :class:`~simclr_cli.data.shards.reader.ShardSource` reads it.
 
-Layout of a pack folder ``OUT``::
-
-    OUT/shard-000000.tar ...   WebDataset tars: KEY.cls (the label, when there is one), KEY.jpg, KEY.json
-                               ({"path": the original file, "class": its class name or null}); KEY is the
-                               image's position in the source list, 9 digits
-    OUT/pack.json              what is packed: the source, a hash of its file list, the settings, the classes
-                               (written first: a re-run resumes only when it matches)
-    OUT/index.json             written last, atomically: per sample its shard, byte offset and size of its
-                               .jpg member, label, key and original path, plus the shard sizes
-
-Images are decoded with :func:`~simclr_cli.data.sources.read_image` (EXIF orientation applied), scaled so that the
+Images are decoded with :func:`~simclr_cli.data.sources.images.read_image` (EXIF orientation applied), scaled so that the
 shorter side is ``shorter_side`` (never upscaled; aspect kept) and re-encoded as JPEG at ``quality``. Shard ``k``
 holds source images ``k * shard_size ...`` (unreadable ones are skipped and named), so each shard is a pure
 function of the source and the settings: an interrupted pack keeps its completed shards (written to a temp name,
 then renamed) and a re-run writes only the rest.
-
-:class:`ShardSource` reads a member with one positional read (``os.pread``) of its tar header and data and checks
-the header names the member, so a sample costs one system call and no tar parsing; file descriptors are opened
-lazily per process (safe after a DataLoader fork), at most :data:`MAX_OPEN` at a time. The per-sample index lives
-in numpy arrays, not Python lists, so DataLoader workers do not copy it page by page (copy-on-read).
-
-Why not ``wids`` (webdataset's indexed reader, a separate ``wids`` package since webdataset 1.0): it re-scans a
-whole tar on each shard it opens and keeps ~10 shards open (an LRU), so the one global random permutation per epoch
-that keeps views and batch order a pure function of (seed, epoch, index) re-scans a shard on almost every sample
-(see ``benchmarks/shard_throughput.py --wids``); it also copies shards into a cache folder and reads a damaged tar
-as a whole-shard failure. The tars themselves stay plain WebDataset, readable by ``webdataset`` and ``wids``.
 """
 
 from __future__ import annotations
@@ -36,11 +16,8 @@ import inspect
 import io
 import json
 import os
-import re
 import signal
 import tarfile
-import threading
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
@@ -48,28 +25,24 @@ from typing import Callable, Iterator, Literal, Optional
 import numpy as np
 import torch
 
-from simclr_cli.data.folders import is_image_file, scan_class_folders, scan_images
-from simclr_cli.data.lists import read_file_list
-from simclr_cli.data.sources import FileListSource, read_image
+from simclr_cli.data.listing.folders import is_image_file, scan_class_folders, scan_images
+from simclr_cli.data.listing.lists import read_file_list
+from simclr_cli.data.shards.format import (
+    FORMAT,
+    INDEX,
+    MANIFEST,
+    SHARD_RE,
+    key_of,
+    read_index,
+    repair_advice,
+    shard_name,
+    unfinished_error,
+)
+from simclr_cli.data.sources.images import FileListSource, read_image
 from simclr_cli.errors import DataError, Interrupted, UsageError
 from simclr_cli.utils import atomic_write_text
 
-FORMAT = "simclr-shards/1"
-INDEX = "index.json"
-MANIFEST = "pack.json"
-SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
-MAX_OPEN = 64  # file descriptors a ShardSource keeps open per process (the soft limit is often 1024)
-_KEY_DIGITS = 9
-
 Labels = Literal["auto", "folders", "none"]
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:06d}.tar"
-
-
-def key_of(position: int) -> str:
-    return f"{position:0{_KEY_DIGITS}d}"
 
 
 @dataclass(frozen=True)
@@ -102,7 +75,7 @@ class PackSettings:
 def list_source(src: Path, labels: Labels = "auto", *, allow_missing: bool = False,
                 say: Callable[[str], None] = print) -> FileListSource:
     """The images of ``src``: a folder (any depth; class folders give labels, see ``labels``) or a list file
-    (``.txt``/``.csv``, see :mod:`simclr_cli.data.lists`).
+    (``.txt``/``.csv``, see :mod:`simclr_cli.data.listing.lists`).
 
     ``labels`` (folders only): "auto": labels from the class folders when ``src`` holds two or more sub-folders
     and no image directly, unlabeled otherwise; "folders": ``src/<class>/**/<image>`` (images directly in ``src``
@@ -110,7 +83,8 @@ def list_source(src: Path, labels: Labels = "auto", *, allow_missing: bool = Fal
     """
     src = Path(src).expanduser().absolute()
     if src.is_file():
-        return read_file_list(src, allow_missing=allow_missing, warn=say, allow_missing_option="pass --allow-missing")
+        return FileListSource.of(read_file_list(src, allow_missing=allow_missing, warn=say,
+                                                allow_missing_option="pass --allow-missing"))
     if not src.is_dir():
         raise DataError(f"{src}: no such folder or list file; SRC is a folder of images or a .txt/.csv list of "
                         "image paths", missing=True)
@@ -391,24 +365,6 @@ def _record_shards(out: Path, manifest: dict, index: dict) -> None:
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
-def repair_advice(root: Path) -> str:
-    """How to repair a damaged pack: pack it again while its source exists (only the damaged shards are written
-    again, byte for byte the original ones), else ``simclr data index ROOT --partial``, which names the images lost."""
-    try:
-        manifest = json.loads((Path(root) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = {}
-    source = manifest.get("source") if isinstance(manifest, dict) else None
-    partial = (f"`simclr data index {root} --partial` keeps the images that are left (the pack then holds fewer "
-               "images; it names those lost)")
-    if source and Path(source).exists():
-        options = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (manifest.get("settings") or {}).items())
-        return (f"pack it again with `simclr data pack {source} {root}{options}` (the same source and options: it "
-                f"writes only the damaged shards again, identical to the original ones)")
-    gone = f"its source {source} is gone, so " if source else "no source is recorded (pack.json), so "
-    return gone + partial
-
-
 def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, labels: Labels = "auto",
          overwrite: bool = False, workers: int = 0, allow_missing: bool = False,
          say: Callable[[str], None] = print, progress: Optional[Callable[[int, int], None]] = None) -> PackResult:
@@ -428,94 +384,29 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
     settings.check()
     out = Path(out).expanduser().absolute()
     source = list_source(src, labels, allow_missing=allow_missing, say=say)
-    n, size = len(source), settings.shard_size
+    n = len(source)
     manifest = {"format": FORMAT, "source": str(Path(src).expanduser().absolute()),
                 "source_hash": source_hash(source, settings), "settings": asdict(settings),
-                "classes": list(source.classes), "images": n, "shards": -(-n // size)}
+                "classes": list(source.classes), "images": n, "shards": -(-n // settings.shard_size)}
     existed = out.exists()
     lock = _lock_pack(out)  # one pack command at a time per OUT: they would write the same shard files
     try:
         resuming = _prepare_out(out, manifest, overwrite)
-        if resuming and (out / INDEX).is_file():
-            try:
-                index = read_index(out)
-            except DataError:
-                index = None
-            # every shard of the manifest, not only those the index names: `simclr data index` run on an interrupted
-            # pack indexes the shards it finds, and that index must not pass for a finished pack
-            # and every shard checked against pack.json's record of it: its size, its member count, and that it reads
-            # as a tar to its end (an index rebuilt from a damaged shard matches the damage, not the pack)
-            records = _shard_records(previous_manifest(out))
-            intact = (index is not None
-                      and [sh["name"] for sh in index["shards"]] == [shard_name(k) for k in range(manifest["shards"])]
-                      and all((out / sh["name"]).is_file() and (out / sh["name"]).stat().st_size == sh["bytes"]
-                              for sh in index["shards"])
-                      and all(not shard_problem(out / sh["name"], records.get(sh["name"])) for sh in index["shards"]))
-            if intact and index.get("source_hash") == manifest["source_hash"]:
-                done = len(index["samples"]["key"])
-                _require_some(done, n, src, out)
-                return PackResult(out, done, n - done, len(index["shards"]), len(index["shards"]), already=True)
+        index = _finished_pack(out, manifest) if resuming else None
+        if index is not None:
+            done = len(index["samples"]["key"])
+            _require_some(done, n, src, out)
+            return PackResult(out, done, n - done, len(index["shards"]), len(index["shards"]), already=True)
         if not resuming:
             atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         (out / INDEX).unlink(missing_ok=True)
         keys = [key_of(i) for i in range(n)]
-        records = _shard_records(previous_manifest(out)) if resuming else {}
-        todo = []
-        for k in range(manifest["shards"]):
-            path = out / shard_name(k)
-            if resuming and path.is_file() and _complete_shard(path, keys[k * size:(k + 1) * size],
-                                                               records.get(shard_name(k))):
-                continue
-            if resuming and path.is_file():
-                say(f"{path} {shard_problem(path, records.get(shard_name(k))) or 'does not hold the expected images'}; "
-                    "writing it again")
-            todo.append(k)
+        todo = _shards_to_write(out, manifest, keys, settings.shard_size, resuming, say)
         reused = manifest["shards"] - len(todo)
         if reused:
             say(f"{out}: resuming: {reused} of {manifest['shards']} shards are complete and kept")
-        positions = [range(k * size, min(n, (k + 1) * size)) for k in todo]
-        remaining = sum(len(r) for r in positions)
-        jobs = ((i, str(source.files[i]), settings.shorter_side, settings.quality) for r in positions for i in r)
-        done = n - remaining
-        if progress:
-            progress(done, n)
-        writer: _ShardWriter | None = None
-        pool = None
-        try:
-            if workers > 0 and remaining > 1:
-                import multiprocessing
-
-                pool = multiprocessing.get_context().Pool(workers, initializer=_worker_signals)
-                results: Iterator = pool.imap(_encode_job, jobs, chunksize=8)
-            else:
-                results = map(_encode_job, jobs)
-            current = -1
-            for position, jpeg, err in results:
-                k = position // size
-                if k != current:
-                    if writer is not None:
-                        _write_shard(writer)
-                    writer, current = _ShardWriter(out, k), k
-                if jpeg is None:
-                    say(f"warning: skipping unreadable image {source.files[position]}: {err}")
-                else:
-                    writer.add(keys[position], jpeg, int(source.labels[position]), source.files[position], source.classes)
-                done += 1
-                if progress:
-                    progress(done, n)
-            if writer is not None:
-                _write_shard(writer)
-                writer = None
-        except KeyboardInterrupt:
-            complete = sum(1 for k in range(manifest["shards"]) if (out / shard_name(k)).is_file())
-            raise Interrupted(f"packing stopped: {complete} of {manifest['shards']} shards are complete and kept in {out}; "
-                              "run the same command again to resume") from None
-        finally:
-            if writer is not None:
-                writer.discard()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+        _write_shards(out, source, settings, keys, todo, workers=workers, planned=manifest["shards"], say=say,
+                      progress=progress)
         index = write_index(out, say=say)
         _record_shards(out, manifest, index)
         packed = len(index["samples"]["key"])
@@ -527,6 +418,95 @@ def pack(src: Path, out: Path, settings: PackSettings = PackSettings(), *, label
             if not existed and not any(out.iterdir()):  # refused before packing: leave no empty folder behind
                 out.rmdir()
             os.close(lock)
+
+
+def _finished_pack(out: Path, manifest: dict) -> dict | None:
+    """The index of ``out`` when it is a finished pack of ``manifest`` (nothing to write), else None."""
+    if not (out / INDEX).is_file():
+        return None
+    try:
+        index = read_index(out)
+    except DataError:
+        return None
+    # every shard of the manifest, not only those the index names: `simclr data index` run on an interrupted
+    # pack indexes the shards it finds, and that index must not pass for a finished pack
+    # and every shard checked against pack.json's record of it: its size, its member count, and that it reads
+    # as a tar to its end (an index rebuilt from a damaged shard matches the damage, not the pack)
+    records = _shard_records(previous_manifest(out))
+    intact = ([sh["name"] for sh in index["shards"]] == [shard_name(k) for k in range(manifest["shards"])]
+              and all((out / sh["name"]).is_file() and (out / sh["name"]).stat().st_size == sh["bytes"]
+                      for sh in index["shards"])
+              and all(not shard_problem(out / sh["name"], records.get(sh["name"])) for sh in index["shards"]))
+    return index if intact and index.get("source_hash") == manifest["source_hash"] else None
+
+
+def _shards_to_write(out: Path, manifest: dict, keys: list[str], size: int, resuming: bool,
+                     say: Callable[[str], None]) -> list[int]:
+    """The shards that are not complete (all of them unless ``resuming``); a damaged one is named."""
+    records = _shard_records(previous_manifest(out)) if resuming else {}
+    todo = []
+    for k in range(manifest["shards"]):
+        path = out / shard_name(k)
+        if resuming and path.is_file() and _complete_shard(path, keys[k * size:(k + 1) * size],
+                                                           records.get(shard_name(k))):
+            continue
+        if resuming and path.is_file():
+            say(f"{path} {shard_problem(path, records.get(shard_name(k))) or 'does not hold the expected images'}; "
+                "writing it again")
+        todo.append(k)
+    return todo
+
+
+def _write_shards(out: Path, source: FileListSource, settings: PackSettings, keys: list[str], todo: list[int], *,
+                  workers: int, planned: int, say: Callable[[str], None],
+                  progress: Optional[Callable[[int, int], None]]) -> None:
+    """Encode the images of the shards ``todo`` (in ``workers`` processes, 0: this one) and write each shard
+    as it completes; ``planned``: the pack's number of shards. Ctrl-C or SIGTERM: :class:`Interrupted`, the
+    completed shards kept and the shard being written removed."""
+    n, size = len(source), settings.shard_size
+    positions = [range(k * size, min(n, (k + 1) * size)) for k in todo]
+    remaining = sum(len(r) for r in positions)
+    jobs = ((i, str(source.files[i]), settings.shorter_side, settings.quality) for r in positions for i in r)
+    done = n - remaining
+    if progress:
+        progress(done, n)
+    writer: _ShardWriter | None = None
+    pool = None
+    try:
+        if workers > 0 and remaining > 1:
+            import multiprocessing
+
+            pool = multiprocessing.get_context().Pool(workers, initializer=_worker_signals)
+            results: Iterator = pool.imap(_encode_job, jobs, chunksize=8)
+        else:
+            results = map(_encode_job, jobs)
+        current = -1
+        for position, jpeg, err in results:
+            k = position // size
+            if k != current:
+                if writer is not None:
+                    _write_shard(writer)
+                writer, current = _ShardWriter(out, k), k
+            if jpeg is None:
+                say(f"warning: skipping unreadable image {source.files[position]}: {err}")
+            else:
+                writer.add(keys[position], jpeg, int(source.labels[position]), source.files[position], source.classes)
+            done += 1
+            if progress:
+                progress(done, n)
+        if writer is not None:
+            _write_shard(writer)
+            writer = None
+    except KeyboardInterrupt:
+        complete = sum(1 for k in range(planned) if (out / shard_name(k)).is_file())
+        raise Interrupted(f"packing stopped: {complete} of {planned} shards are complete and kept in {out}; "
+                          "run the same command again to resume") from None
+    finally:
+        if writer is not None:
+            writer.discard()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
 
 
 def previous_manifest(out: Path) -> dict:
@@ -597,19 +577,6 @@ def scan_shard(path: Path, warn: Callable[[str], None] | None = None) -> list[Sh
     return list(entries.values())
 
 
-def _unfinished(out: Path, manifest: dict, found: int) -> str:
-    """The error for a pack with fewer shards than its ``pack.json`` plans (an interrupted ``simclr data pack``,
-    or shards deleted since), with the command that finishes it; '' when none are missing."""
-    expected = manifest.get("shards")
-    if not isinstance(expected, int) or found >= expected:
-        return ""
-    options = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (manifest.get("settings") or {}).items())
-    return (f"{out}: the pack is incomplete ({found} of {expected} shards; an interrupted `simclr data pack`, "
-            f"or shards deleted since): finish it with `simclr data pack {manifest.get('source') or 'SRC'} {out}"
-            f"{options}` (the same source and options), or use only the shards that are there with "
-            f"`simclr data index {out} --partial`")
-
-
 def write_index(out: Path, say: Callable[[str], None] = print, *, partial: bool = False) -> dict:
     """Build ``out/index.json`` from the shards themselves (and ``pack.json`` where present) and write it
     atomically; returns it. This is what ``simclr data index OUT`` runs.
@@ -627,7 +594,7 @@ def write_index(out: Path, say: Callable[[str], None] = print, *, partial: bool 
     manifest = {}
     if (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
-    unfinished = _unfinished(out, manifest, len(shards))
+    unfinished = unfinished_error(out, manifest, len(shards))
     if unfinished and not partial:
         raise DataError(unfinished, missing=True)
     records = _shard_records(manifest)
@@ -639,27 +606,7 @@ def write_index(out: Path, say: Callable[[str], None] = print, *, partial: bool 
                         f"{repair_advice(out)}", missing=True)
     if partial and unfinished:
         say(f"warning: --partial: {unfinished.split(': finish it', 1)[0]}; the missing shards' images are not indexed")
-    cols: dict[str, list] = {"shard": [], "offset": [], "size": [], "label": [], "key": [], "path": []}
-    names_by_label: dict[int, str] = {}
-    for k, path in enumerate(shards):
-        quiet = path.name in damaged  # said below, with what is lost
-        entries = [e for e in scan_shard(path, warn=(lambda text: None) if quiet else say) if e.jpg is not None]
-        if path.name in damaged:
-            expected = records.get(path.name, {}).get("images")
-            lost = (f"{expected - len(entries)} of its {expected} images are lost" if isinstance(expected, int)
-                    else "the images after the damage are lost")
-            last = f", those after {entries[-1].key}" if entries else ", all of them"
-            say(f"warning: --partial: {path} {damaged[path.name]}: {lost}{last if isinstance(expected, int) else ''}; "
-                f"{len(entries)} indexed")
-        for e in entries:
-            cols["shard"].append(k)
-            cols["offset"].append(e.jpg[0])
-            cols["size"].append(e.jpg[1])
-            cols["label"].append(e.label)
-            cols["key"].append(e.key)
-            cols["path"].append(e.path)
-            if e.label >= 0 and e.cls is not None:
-                names_by_label[e.label] = e.cls
+    cols, names_by_label = _index_columns(shards, damaged, records, say)
     if partial and (unfinished or damaged):  # what the pack loses, in one number
         total = (sum(int(r.get("images", 0)) for r in records.values()) if records else manifest.get("images"))
         if isinstance(total, int) and total > len(cols["key"]):
@@ -682,191 +629,30 @@ def write_index(out: Path, say: Callable[[str], None] = print, *, partial: bool 
     return index
 
 
-def read_index(root: Path) -> dict:
-    """``root/index.json``; a :class:`DataError` (exit 2) saying how to make or rebuild it otherwise."""
-    root = Path(root).expanduser()
-    path = root / INDEX
-    if not root.is_dir():
-        raise DataError(f"shards: {root} is not a folder; pack images into shards first "
-                        f"(simclr data pack SRC {root}) and point data.root at that folder", missing=True)
-    if not path.is_file():
-        found = sum(1 for p in root.iterdir() if SHARD_RE.match(p.name))
-        has_shards = found > 0
-        try:
-            unfinished = _unfinished(root, json.loads((root / MANIFEST).read_text()), found)
-        except (OSError, ValueError, AttributeError):
-            unfinished = ""
-        if unfinished:
-            raise DataError(f"shards: {unfinished}", missing=True)
-        how = (f"rebuild it from the shards with `simclr data index {root}`, or finish an interrupted pack by "
-               f"running `simclr data pack SRC {root}` again" if has_shards else
-               f"it holds no shards either: pack images with `simclr data pack SRC {root}`")
-        raise DataError(f"shards: {path} is missing; {how}", missing=True)
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-        if index.get("format") != FORMAT:
-            raise ValueError(f"format {index.get('format')!r}, expected {FORMAT!r}")
-    except (ValueError, AttributeError) as e:
-        raise DataError(f"shards: {path} is not a readable shard index ({e}); rebuild it with "
-                        f"`simclr data index {root}`", missing=True) from None
-    return index
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def decode_packed(data: bytes) -> torch.Tensor:
-    """A packed JPEG as uint8 (3, H, W): the pixels of :func:`~simclr_cli.data.sources.read_image`, faster.
-
-    A packed image is plain RGB with no EXIF orientation, so PIL's pixels are used as they are, in PIL's
-    (H, W, 3) memory: the tensor is a (3, H, W) view of it, not a contiguous copy. That saves the transposing
-    copy, and torchvision's crop-and-resize of uint8 runs about twice as fast on that layout (measured in
-    ``benchmarks/shard_throughput.py``; same pixels). Anything else (a tar packed by another tool) goes through
-    ``read_image``.
-    """
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        if img.format == "JPEG" and img.mode == "RGB" and "exif" not in img.info:
-            img.draft("RGB", img.size)
-            return torch.from_numpy(np.array(img)).permute(2, 0, 1)
-    return read_image(io.BytesIO(data))
-
-
-class _Strings:
-    """Many strings in two numpy arrays (utf-8 bytes and offsets): no Python object per string, so DataLoader
-    workers do not copy them page by page."""
-
-    def __init__(self, items: list[str]) -> None:
-        encoded = [s.encode("utf-8", "surrogateescape") for s in items]
-        self.ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
-        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
-
-    def __len__(self) -> int:
-        return len(self.ends)
-
-    def __getitem__(self, i: int) -> str:
-        start = int(self.ends[i - 1]) if i > 0 else 0
-        return self.data[start:int(self.ends[i])].tobytes().decode("utf-8", "surrogateescape")
-
-
-def _header_names(header: bytes, name: bytes) -> bool:
-    """Whether a tar header names a member that starts with ``name`` (``KEY.``), its name read as tarfile reads
-    it: a USTAR header splits a long path into ``prefix`` (offset 345) + "/" + ``name`` (offset 0). A ``name`` of
-    100 bytes or more is not checked: it may be a pax or GNU long name, held in a header of its own before this one."""
-    field = header[:100].split(b"\0", 1)[0]
-    full = field
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix:
-            full = prefix + b"/" + field
-    if full.startswith(name):
-        return True
-    return len(name) >= 100
-
-
-class ShardSource:
-    """A pack folder (``data.dataset = "shards"``, ``data.root`` = the folder) as an image source.
-
-    ``load(i)`` reads sample ``i``'s JPEG with one positional read and decodes it with
-    :func:`~simclr_cli.data.sources.read_image`; a damaged member (truncated, corrupt, or an index that no longer
-    matches its shard) raises, so the loaders skip it and name it like an unreadable file. ``raw(i)`` gives the
-    JPEG bytes (for decoders of their own, e.g. on a GPU).
-    """
-
-    def __init__(self, root: Path) -> None:
-        root = Path(root).expanduser().absolute()
-        index = read_index(root)
-        self.root = root
-        self.name = f"shards:{root}"
-        self.classes = list(index["classes"])
-        s = index["samples"]
-        self._shard = np.asarray(s["shard"], dtype=np.int32)
-        self._offset = np.asarray(s["offset"], dtype=np.int64)
-        self._size = np.asarray(s["size"], dtype=np.int64)
-        self._keys = _Strings(s["key"])
-        self.labels = np.asarray(s["label"], dtype=np.int64)  # -1: unlabeled
-        self._paths = _Strings(s["path"])
-        self._shards = [sh["name"] for sh in index["shards"]]
-        for sh in index["shards"]:
-            p = root / sh["name"]
-            size = p.stat().st_size if p.is_file() else None
-            if size != sh["bytes"]:
-                what = "is missing" if size is None else f"has {size} bytes, the index says {sh['bytes']}"
-                raise DataError(f"shards: {p} {what}; the index does not match the shards: {repair_advice(root)}",
-                                missing=True)
-        if not len(self._keys):
-            raise DataError(f"shards: {root} holds no images", missing=True)
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __getstate__(self) -> dict:  # pickled for spawned workers: no descriptors, no lock
-        state = self.__dict__.copy()
-        state["_fds"], state["_lock"] = OrderedDict(), None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self._pid = -1
-
-    def _after_fork(self) -> None:
-        """A forked worker: its own descriptors and lock (one held at the fork stays held). Called before the lock
-        is taken: taking the inherited one first would wait forever on a lock another thread held at the fork."""
-        if self._pid != os.getpid():
-            self._fds, self._pid, self._lock = OrderedDict(), os.getpid(), threading.Lock()
-
-    def _fd(self, k: int) -> int:
-        """The descriptor of shard ``k`` (the lock held, :meth:`_after_fork` called first)."""
-        fd = self._fds.get(k)
-        if fd is not None:
-            self._fds.move_to_end(k)
-            return fd
-        fd = os.open(self.root / self._shards[k], os.O_RDONLY)
-        self._fds[k] = fd
-        while len(self._fds) > MAX_OPEN:
-            os.close(self._fds.popitem(last=False)[1])
-        return fd
-
-    def member(self, index: int) -> str:
-        """``OUT/shard-000003.tar:KEY.jpg``: where sample ``index`` is."""
-        return f"{self.root / self._shards[int(self._shard[index])]}:{self._keys[index]}.jpg"
-
-    def describe(self, index: int) -> str:
-        path = self._paths[index]
-        return self.member(index) + (f" (from {path})" if path else "")
-
-    def raw(self, index: int) -> bytes:
-        """The JPEG bytes of sample ``index``; raises OSError when the shard no longer holds them there."""
-        k, offset, size = int(self._shard[index]), int(self._offset[index]), int(self._size[index])
-        name = f"{self._keys[index]}.".encode("utf-8", "surrogateescape")  # KEY.jpg (KEY.jpeg in a foreign tar)
-        self._after_fork()
-        with self._lock:  # the LRU of descriptors; the read itself is positional (no shared file offset)
-            fd = self._fd(k)
-            data = os.pread(fd, size + 512, offset - 512) if offset >= 512 else b""
-        if len(data) != size + 512:
-            raise OSError(f"truncated member: {len(data) - 512 if data else 0} of {size} bytes at offset {offset}")
-        if not _header_names(data[:512], name):
-            raise OSError(f"the index does not match the shard at offset {offset} ({repair_advice(self.root)})")
-        return data[512:]
-
-    def load(self, index: int) -> torch.Tensor:
-        return decode_packed(self.raw(index))
-
-    def close(self) -> None:
-        self._after_fork()
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-    def __del__(self) -> None:
-        try:
-            if self._pid == os.getpid():
-                self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+def _index_columns(shards: list[Path], damaged: dict[str, str], records: dict[str, dict],
+                   say: Callable[[str], None]) -> tuple[dict[str, list], dict[int, str]]:
+    """The index's per-sample columns (shard, offset, size, label, key, path) read from ``shards``, and the class
+    names their members give; each ``damaged`` shard (name -> its problem) is read up to the damage and the
+    images it loses are named."""
+    cols: dict[str, list] = {"shard": [], "offset": [], "size": [], "label": [], "key": [], "path": []}
+    names_by_label: dict[int, str] = {}
+    for k, path in enumerate(shards):
+        quiet = path.name in damaged  # said below, with what is lost
+        entries = [e for e in scan_shard(path, warn=(lambda text: None) if quiet else say) if e.jpg is not None]
+        if path.name in damaged:
+            expected = records.get(path.name, {}).get("images")
+            lost = (f"{expected - len(entries)} of its {expected} images are lost" if isinstance(expected, int)
+                    else "the images after the damage are lost")
+            last = f", those after {entries[-1].key}" if entries else ", all of them"
+            say(f"warning: --partial: {path} {damaged[path.name]}: {lost}{last if isinstance(expected, int) else ''}; "
+                f"{len(entries)} indexed")
+        for e in entries:
+            cols["shard"].append(k)
+            cols["offset"].append(e.jpg[0])
+            cols["size"].append(e.jpg[1])
+            cols["label"].append(e.label)
+            cols["key"].append(e.key)
+            cols["path"].append(e.path)
+            if e.label >= 0 and e.cls is not None:
+                names_by_label[e.label] = e.cls
+    return cols, names_by_label

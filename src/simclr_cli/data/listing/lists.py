@@ -11,6 +11,10 @@ warning.
 
 A list that names files that do not exist is refused (exit 2) with their count and the first few names, so that
 nothing trains on a partial list by accident; ``data.allow_missing = true`` leaves them out with a warning.
+
+A list is read into a :class:`FileList` (paths, labels, classes, name); the image source over it is
+:class:`~simclr_cli.data.sources.images.FileListSource` (``FileListSource.of(read_file_list(path))``), so this
+module, like the rest of :mod:`simclr_cli.data.listing`, imports neither torch nor the sources built on it.
 """
 
 from __future__ import annotations
@@ -19,13 +23,23 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from simclr_cli.data.sources import FileListSource
+from simclr_cli.data.listing.index import Ints, Strings, as_ints, as_strings
 from simclr_cli.errors import DataError
 
 _HEADER_NAMES = frozenset({"path", "file", "filename", "image", "filepath", "image_path"})
 SHOWN = 3  # missing files named in the message
+
+
+class FileList(NamedTuple):
+    """What a list file names: image paths and their labels (index into ``classes``, -1 for none) as compact
+    sequences, the classes, and the list's name in messages (``filelist:PATH``)."""
+
+    files: Strings
+    labels: Ints
+    classes: list[str]
+    name: str
 
 
 def _rows(path: Path) -> list[tuple[str, str]]:
@@ -56,7 +70,7 @@ def _class_order(names: set[str]) -> list[str]:
 
 
 def read_file_list(path: Path, *, allow_missing: bool = False, warn: Callable[[str], None] = print,
-                   allow_missing_option: str = "set data.allow_missing=true") -> FileListSource:
+                   allow_missing_option: str = "set data.allow_missing=true") -> FileList:
     """The images a list file names, with their labels (-1 where a row has none).
 
     Args:
@@ -105,5 +119,5 @@ def read_file_list(path: Path, *, allow_missing: bool = False, warn: Callable[[s
         entries = [(f, y) for f, y in entries if f not in gone]
     classes = _class_order({y for _, y in entries if y})
     index = {c: i for i, c in enumerate(classes)}
-    return FileListSource([f for f, _ in entries], [index[y] if y else -1 for _, y in entries], classes,
-                          f"filelist:{path}")
+    return FileList(as_strings(f for f, _ in entries), as_ints([index[y] if y else -1 for _, y in entries]), classes,
+                    f"filelist:{path}")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from simclr_cli.data.sources import _ORIENTATION, decode_opened, draft_factor
+from simclr_cli.data.sources.images import _ORIENTATION, decode_opened, draft_factor
 from simclr_cli.errors import RecipeError
 
 # A crop box must stay at least this many times the output side (in both dimensions) on the reduced image.
@@ -175,7 +175,7 @@ def resized_crop_scaled(img: torch.Tensor, crop: tuple[int, int, int, int], scal
 class DeviceDecoder:
     """Turn a batch of encoded images and view parameters into cropped uint8 views on ``device``.
 
-    The batch (from :class:`~simclr_cli.data.loaders.ContrastiveViews` with ``decode="gpu"``) holds
+    The batch (from :class:`~simclr_cli.data.pipeline.loaders.ContrastiveViews` with ``decode="gpu"``) holds
     ``jpeg`` (a list of bytes), ``size`` (n, 3) full-size upright (height, width) and EXIF orientation,
     ``params1``/``params2`` and ``epoch``/``index``. The whole batch goes to
     ``torchvision.io.decode_jpeg(..., device=device)`` and each image is turned upright here

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from simclr_cli.data.sources import TensorSource
+from simclr_cli.data.sources.images import TensorSource
 from simclr_cli.utils import mix_seed
 
 SHAPES = (

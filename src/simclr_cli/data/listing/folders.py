@@ -1,13 +1,14 @@
-"""Class folders: the one scanner of ``folder/<class>/<image>`` trees, and class alignment across splits.
+"""Class folders: the one scanner of ``folder/<class>/<image>`` trees.
 
 Every reader of image folders goes through :func:`scan_class_folders`: pretraining and evaluation
-(:class:`~simclr_cli.data.sources.ImageFolderSource`), the transfer image-folder layouts
-(:mod:`simclr_cli.data.builders`) and ``simclr embed --data FOLDER``. Class indices are the sorted
-class-folder names, so each split of an image folder numbers its own classes; :func:`align_classes`
-renumbers one split to another's class order.
+(:class:`~simclr_cli.data.sources.images.ImageFolderSource`), the transfer image-folder layouts
+(:mod:`simclr_cli.data.sources.builders`) and ``simclr embed --data FOLDER``. Class indices are the sorted
+class-folder names, so each split of an image folder numbers its own classes;
+:func:`~simclr_cli.data.sources.images.align_classes` renumbers one split to another's class order.
 
 This module sits at the bottom of ``data/``: it imports nothing else from the package but the errors and
-:mod:`simclr_cli.data.index` (compact lists, the listing cache).
+:mod:`simclr_cli.data.listing.index` (compact lists, the listing cache); in particular not the image sources,
+which are built on it.
 """
 
 from __future__ import annotations
@@ -15,15 +16,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from simclr_cli.data.index import Ints, Strings, TreeRecord, as_ints, cached_listing
-from simclr_cli.errors import DataError
-
-if TYPE_CHECKING:
-    from simclr_cli.data.sources import ImageSource
+from simclr_cli.data.listing.index import Ints, Strings, TreeRecord, cached_listing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 # Never images, so never opened to find out.
@@ -49,7 +46,7 @@ def is_image_file(path: Path) -> bool:
 class ClassFolders(NamedTuple):
     """What :func:`scan_class_folders` found: image paths, their labels (index into ``classes``, -1 for an
     image outside any class folder) and the class names (sorted class-folder names). ``files`` and
-    ``labels`` are compact read-only sequences (:class:`~simclr_cli.data.index.Strings`, ``Ints``)."""
+    ``labels`` are compact read-only sequences (:class:`~simclr_cli.data.listing.index.Strings`, ``Ints``)."""
 
     files: Strings
     labels: Ints
@@ -145,7 +142,7 @@ def scan_class_folders(folder: Path, *, sniff: bool = True, loose: bool = False,
     found at any depth (as :func:`scan_images` finds them: hidden files skipped, links followed) and sorted
     by path, so the order is a pure function of the tree. Each class folder is walked on its own, so a link
     from one class folder into another lists those images in both. The listing is cached (see
-    :mod:`simclr_cli.data.index`): a later call on an unchanged tree lists no folder.
+    :mod:`simclr_cli.data.listing.index`): a later call on an unchanged tree lists no folder.
 
     Args:
         folder: an existing folder.
@@ -195,7 +192,7 @@ def scan_images(folder: Path, *, sniff: bool = True, cache: str = "auto") -> Str
     Hidden files and hidden folders (names starting with '.') are skipped, and so are files that are not
     images (see ``sniff``). Symbolic links, to files or to folders, are followed; a folder reached twice
     (a link cycle, or two links to one folder) is read once. The listing is cached (see
-    :mod:`simclr_cli.data.index`): a later call on an unchanged tree lists no folder.
+    :mod:`simclr_cli.data.listing.index`): a later call on an unchanged tree lists no folder.
 
     Args:
         folder: an existing folder.
@@ -233,17 +230,3 @@ def warn_class_layout(folder: Path, classes: list[str], labels: list[int]) -> No
         if line not in _LAYOUT_WARNED and int(os.environ.get("RANK", "0")) == 0:
             _LAYOUT_WARNED.add(line)
             print(line, file=sys.stderr, flush=True)
-
-
-def align_classes(reference: ImageSource, other: ImageSource) -> None:
-    """Renumber ``other``'s labels to ``reference``'s class order (image folders number their own class
-    folders per split); raise when ``other`` has classes the reference lacks."""
-    if other.classes == reference.classes:
-        return
-    index = {name: i for i, name in enumerate(reference.classes)}
-    unknown = sorted(set(other.classes) - set(index))
-    if unknown:
-        raise DataError(f"{other.name}: classes {unknown[:5]} are not among the classes of {reference.name}; "
-                        "the splits need the same class names", missing=True)
-    other.labels = as_ints([index[other.classes[y]] if y >= 0 else y for y in other.labels])
-    other.classes = list(reference.classes)

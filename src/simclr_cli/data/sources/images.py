@@ -15,8 +15,9 @@ from typing import BinaryIO, Protocol, Sequence
 import numpy as np
 import torch
 
-from simclr_cli.data.folders import IMAGE_EXTENSIONS, scan_class_folders
-from simclr_cli.data.index import Ints, as_ints, as_strings
+from simclr_cli.data.listing.folders import IMAGE_EXTENSIONS, scan_class_folders
+from simclr_cli.data.listing.index import Ints, as_ints, as_strings
+from simclr_cli.data.listing.lists import FileList
 from simclr_cli.errors import DataError
 
 
@@ -36,6 +37,20 @@ class ImageSource(Protocol):
     def describe(self, index: int) -> str:
         """A name for the sample in messages: the file path, or ``name[index]``."""
         ...
+
+
+def align_classes(reference: ImageSource, other: ImageSource) -> None:
+    """Renumber ``other``'s labels to ``reference``'s class order (image folders number their own class
+    folders per split); raise when ``other`` has classes the reference lacks."""
+    if other.classes == reference.classes:
+        return
+    index = {name: i for i, name in enumerate(reference.classes)}
+    unknown = sorted(set(other.classes) - set(index))
+    if unknown:
+        raise DataError(f"{other.name}: classes {unknown[:5]} are not among the classes of {reference.name}; "
+                        "the splits need the same class names", missing=True)
+    other.labels = as_ints([index[other.classes[y]] if y >= 0 else y for y in other.labels])
+    other.classes = list(reference.classes)
 
 
 class TensorSource:
@@ -170,8 +185,8 @@ def to_8bit(arr: np.ndarray, mode: str) -> np.ndarray:
 class FileListSource:
     """Images given as a list of files with integer labels (or rows of a multi-hot ``targets`` matrix).
 
-    ``files`` and ``labels`` are kept as compact read-only sequences (:class:`~simclr_cli.data.index.Strings`,
-    :class:`~simclr_cli.data.index.Ints`: a few numpy arrays, no per-file Python object), so DataLoader
+    ``files`` and ``labels`` are kept as compact read-only sequences (:class:`~simclr_cli.data.listing.index.Strings`,
+    :class:`~simclr_cli.data.listing.index.Ints`: a few numpy arrays, no per-file Python object), so DataLoader
     workers do not copy a million strings through reference counting; they index and iterate like lists.
     """
 
@@ -183,6 +198,11 @@ class FileListSource:
         self.name = name
         self.targets = targets  # multi-label: (N, C) 0/1; labels[i] is then the row index i
 
+    @classmethod
+    def of(cls, listed: FileList) -> FileListSource:
+        """The images a list file names (:func:`~simclr_cli.data.listing.lists.read_file_list`)."""
+        return cls(listed.files, listed.labels, listed.classes, listed.name)
+
     def __len__(self) -> int:
         return len(self.files)
 
@@ -190,7 +210,7 @@ class FileListSource:
         return read_image(self.files[index])
 
     def raw(self, index: int) -> bytes:
-        """The file's encoded bytes (reduced-size and GPU decoding, :mod:`simclr_cli.data.decode`)."""
+        """The file's encoded bytes (reduced-size and GPU decoding, :mod:`simclr_cli.data.pipeline.decode`)."""
         with open(self.files[index], "rb") as f:
             return f.read()
 
@@ -211,7 +231,7 @@ class ImageFolderSource(FileListSource):
     """``root/<split>/<class>/<image>``: class folders sorted by name, any common extension in any case."""
 
     def __init__(self, root: Path, split: str, *, cache: str = "auto") -> None:
-        """``cache``: ``data.listing_cache`` (see :mod:`simclr_cli.data.index`)."""
+        """``cache``: ``data.listing_cache`` (see :mod:`simclr_cli.data.listing.index`)."""
         root = Path(root).expanduser()
         folder = root / split
         if not folder.is_dir():

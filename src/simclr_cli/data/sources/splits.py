@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import torch
 
-from simclr_cli.data.sources import ImageSource, SubsetSource
+from simclr_cli.data.sources.images import ImageSource, SubsetSource
 from simclr_cli.errors import UsageError
 from simclr_cli.utils import mix_seed
 

@@ -1,8 +1,8 @@
 """The dataset registry: one entry per dataset name, read by pretraining and evaluation (``data.dataset``,
-through :func:`simclr_cli.data.loaders.build_source`) and by transfer (``transfer.datasets`` /
-``simclr transfer --dataset``, through :func:`simclr_cli.data.transfer.load_transfer`).
+through :func:`simclr_cli.data.pipeline.loaders.build_source`) and by transfer (``transfer.datasets`` /
+``simclr transfer --dataset``, through :func:`simclr_cli.data.sources.transfer.load_transfer`).
 
-An entry names its builders (:mod:`simclr_cli.data.builders`), the paper's metric for it ([v1] App. B.8:
+An entry names its builders (:mod:`simclr_cli.data.sources.builders`), the paper's metric for it ([v1] App. B.8:
 mean per-class accuracy for Aircraft, Pets, Caltech-101 and Flowers, 11-point mAP for VOC2007, top-1
 otherwise), the hint shown when its data is missing, and the splits a recipe may name. Adding a dataset is
 one builder and one entry here; ``docs/extending.md`` walks through it.
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-from simclr_cli.data import builders
-from simclr_cli.data.builders import TransferSplits
-from simclr_cli.data.sources import ImageSource
+from simclr_cli.data.sources import builders
+from simclr_cli.data.sources.builders import TransferSplits
+from simclr_cli.data.sources.images import ImageSource
 from simclr_cli.errors import DataError, RecipeError, UsageError
 from simclr_cli.recipe.schema import DataConfig
 

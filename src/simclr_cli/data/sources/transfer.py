@@ -1,4 +1,4 @@
-"""Transfer datasets ([v1] App. B.8): any dataset of the registry (:mod:`simclr_cli.data.registry`) with a
+"""Transfer datasets ([v1] App. B.8): any dataset of the registry (:mod:`simclr_cli.data.sources.registry`) with a
 transfer builder, the 12 built-in ones and image folders in three layouts. Each gives train / val / test
 sources, the class names and the paper's metric.
 
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from simclr_cli.data.folders import align_classes
-from simclr_cli.data.registry import transfer_dataset
-from simclr_cli.data.sources import ImageSource
-from simclr_cli.data.splits import stratified_split
+from simclr_cli.data.sources.images import ImageSource, align_classes
+from simclr_cli.data.sources.registry import transfer_dataset
+from simclr_cli.data.sources.splits import stratified_split
 
 
 class ConcatSource:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from simclr_cli.data.augment import SimCLRAugment, ViewParams
+from simclr_cli.data.pipeline.augment import SimCLRAugment, ViewParams
 
 PARAM_FIELDS = ("top", "left", "h", "w", "flip", "jitter", "brightness", "contrast", "saturation", "hue",
                 "order0", "order1", "order2", "order3", "gray", "sigma")

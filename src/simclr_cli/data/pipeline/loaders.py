@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
-from simclr_cli.data.augment import EvalTransform, SimCLRAugment
-from simclr_cli.data.batched import pack
-from simclr_cli.data.decode import DRAFT_MARGIN, crop_views, decode_bytes, decode_views, header_size
-from simclr_cli.data.registry import pretraining_dataset
-from simclr_cli.data.sources import ImageSource, MemorySource, SubsetSource, TensorSource, unreadable_reason
+from simclr_cli.data.pipeline.augment import EvalTransform, SimCLRAugment
+from simclr_cli.data.pipeline.batched import pack
+from simclr_cli.data.pipeline.decode import DRAFT_MARGIN, crop_views, decode_bytes, decode_views, header_size
+from simclr_cli.data.sources.images import ImageSource, MemorySource, SubsetSource, TensorSource, unreadable_reason
+from simclr_cli.data.sources.registry import pretraining_dataset
 from simclr_cli.errors import DataError, UsageError
 from simclr_cli.recipe.schema import DataConfig
 from simclr_cli.utils import mix_seed
@@ -139,9 +139,9 @@ class ContrastiveViews(Dataset):
     ``label``, the class of the image actually used (for objectives that need labels).
 
     ``decode_draft``: a source of encoded files (one with ``raw(i)``) decodes a large JPEG at a reduced
-    size where both crop boxes allow it (:mod:`simclr_cli.data.decode`); the parameter draws are the
+    size where both crop boxes allow it (:mod:`simclr_cli.data.pipeline.decode`); the parameter draws are the
     same as at full size. ``decode="gpu"`` (batched backend): items carry the encoded bytes (``jpeg``),
-    the full-size ``size`` and the view parameters; :class:`~simclr_cli.data.decode.DeviceDecoder`
+    the full-size ``size`` and the view parameters; :class:`~simclr_cli.data.pipeline.decode.DeviceDecoder`
     makes the views in the main process.
     """
 

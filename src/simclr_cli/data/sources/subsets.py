@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from simclr_cli.data.sources import ImageSource
+from simclr_cli.data.sources.images import ImageSource
 from simclr_cli.errors import UsageError
 from simclr_cli.utils import mix_seed
 
