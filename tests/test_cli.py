@@ -407,5 +407,10 @@ def test_recipes_validate_checks_the_dataset_and_the_objective(tiny_recipe_file)
 def test_old_flat_objective_keys_exit_2_naming_their_new_place(tiny_recipe_file):
     r = invoke("pretrain", str(tiny_recipe_file), "--set", "pretrain.temperature=0.2")
     assert r.exit_code == 2 and "pretrain.simclr.temperature" in r.stderr
-    r = invoke("pretrain", str(tiny_recipe_file), "--set", "pretrain.objective=supcon")
+    # switching the objective on the command line replaces the file's [pretrain.simclr]; a section given on the
+    # command line for an objective that is not selected is still refused
+    r = invoke("recipes", "validate", str(tiny_recipe_file), "--set", "pretrain.objective=supcon")
+    assert r.exit_code == 0, r.stderr
+    r = invoke("pretrain", str(tiny_recipe_file), "--set", "pretrain.objective=supcon",
+               "--set", "pretrain.simclr.temperature=0.2")
     assert r.exit_code == 2 and "[pretrain.simclr] holds options of the objective 'simclr'" in r.stderr
