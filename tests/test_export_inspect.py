@@ -45,7 +45,7 @@ def test_info_and_runs(tiny_recipe_file):
     assert runner.invoke(app, ["linear-eval", "-q", "--set", "linear_eval.epochs=1"]).exit_code == 0
     r = runner.invoke(app, ["info", "runs/tiny/pretrain/model.safetensors"])
     assert r.exit_code == 0, r.output
-    for text in ("pretrain", "test_resnet", "knn_top1", "batch 16"):
+    for text in ("pretrain", "test_resnet", "knn_top1", "batch 16", "simclr, loss nt_xent, temperature"):
         assert text in r.output
     r = runner.invoke(app, ["runs"])
     assert r.exit_code == 0 and "runs/tiny" in r.output and "linear_eval" in r.output

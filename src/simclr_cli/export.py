@@ -100,16 +100,6 @@ _LR_SCALING = {"linear": " x B/256", "sqrt": " x sqrt(B)", "none": " (not scaled
 _HUB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "stl10": "stl10"}  # known Hub names
 
 
-def _objective_line(p) -> str:
-    """The objective and its own options (``[pretrain.<objective>]``) as the checkpoint's recipe gives them."""
-    from dataclasses import fields
-
-    options = p.options
-    if options is None or not fields(options):
-        return p.objective
-    return p.objective + ", " + ", ".join(f"{f.name} {getattr(options, f.name)}" for f in fields(options))
-
-
 def run_summaries(run_dir: Path, checkpoint: Path | None = None) -> dict[str, dict]:
     """The ``summary.json`` of each stage of ``run_dir`` that measured the pretrained encoder (``--init random``
     baselines are left out); missing or unreadable ones are absent.
@@ -258,7 +248,7 @@ def _card_recipe(recipe, pre: dict, cifar: bool) -> list[str]:
         "| | |", "|---|---|",
         _row("backbone", f"`{m.backbone}`" + (" (CIFAR stem)" if cifar else "")),
         _row("projection head", f"{m.proj_layers} layers, output {m.proj_dim}"),
-        _row("objective", _objective_line(p)),
+        _row("objective", p.objective_summary()),
         _row("global batch", pre.get("global_batch", p.batch_size)),
         _row("epochs", f"{p.epochs}" + (f" (capped at {p.max_steps} steps)" if p.max_steps else "")),
         _row("steps trained", steps if steps is not None else "not recorded"),

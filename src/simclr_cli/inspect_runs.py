@@ -75,8 +75,8 @@ def checkpoint_info(path: Path) -> list[tuple[str, str]]:
         ("data", f"{r.data.dataset} ({r.data.root if r.data.dataset != 'synthetic' else 'built in'}), "
                  f"train '{r.data.train_split}', {r.data.image_size} px"),
         ("pretrain", f"{p.epochs} epochs" + (f" (max {p.max_steps} steps)" if p.max_steps else "")
-                     + f", batch {p.batch_size}, {p.optimizer} lr {p.lr:g} ({p.lr_scaling}), {p.objective}"
-                     + (f" tau {p.options.temperature:g}" if hasattr(p.options, "temperature") else "")),
+                     + f", batch {p.batch_size}, {p.optimizer} lr {p.lr:g} ({p.lr_scaling})"),
+        ("objective", p.objective_summary()),
         ("projection head", f"{r.model.proj_layers} layers, out {r.model.proj_dim}"),
     ]
     if "simclr.num_classes" in meta:

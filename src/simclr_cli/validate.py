@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from simclr_cli.data.sources.registry import pretraining_dataset
+from simclr_cli.engine.tasks import grad_cache_chunk
 from simclr_cli.engine.trackers import require_trackers, tracker_names
 from simclr_cli.errors import RecipeError, SimclrError
 from simclr_cli.models.backbone import check_backbone, create_backbone, fixed_input_size
@@ -37,7 +38,11 @@ def validate_recipe(file: str | Path, overrides: Sequence[str] = ()) -> tuple[Pa
         create_backbone(r.model.backbone, image_size=r.data.image_size,
                         where=f"{origin('data.image_size')}: model.backbone")
     pretraining_dataset(r.data.dataset, where=f"{origin('data.dataset')}: data.dataset")
-    build_objective(r.pretrain)
+    objective = build_objective(r.pretrain)
+    try:  # the gradient cache on one process (more processes split the batch further: checked again at the start)
+        grad_cache_chunk(objective, r.pretrain.micro_batch_size, r.pretrain.batch_size, 1)
+    except RecipeError as e:
+        raise RecipeError(f"{origin('pretrain.micro_batch_size')}: {e}") from None
     try:
         require_trackers(tracker_names(r))  # an unknown name, or a tracker whose extra is not installed
     except SimclrError as e:

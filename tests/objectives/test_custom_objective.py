@@ -37,7 +37,7 @@ class Toy(Objective):
     fit_infos: list[FitInfo] = []
 
     def build(self, model: nn.Module) -> None:
-        dim = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1].out_features
+        dim = self.projection_dim(model)
         self.predictor = nn.Linear(dim, dim)
         self.register_buffer("center", torch.zeros(dim))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))

@@ -122,12 +122,11 @@ def test_supcon_on_unlabeled_data_fails_before_training(tiny_recipe_file, tmp_pa
         require_labels(source, "pretrain.objective='supcon'")
 
 
-def test_model_card_names_the_selected_objectives_own_options():
-    """The card printed SimCLR's loss and temperature for every objective; now the selected one's section."""
-    from simclr_cli.export import _objective_line
+def test_model_card_and_info_name_the_selected_objectives_own_options():
+    """The card printed SimCLR's loss and temperature for every objective, `simclr info` a temperature only when
+    the objective had one; now both show the selected one's section (PretrainConfig.objective_summary)."""
     from simclr_cli.recipe import load_recipe
 
-    line = _objective_line(load_recipe("quickstart", ["pretrain.objective=supcon", "pretrain.supcon.temperature=0.2"])
-                           .pretrain)
-    assert line == "supcon, temperature 0.2"
-    assert "loss nt_xent, temperature 0.1" in _objective_line(load_recipe("quickstart").pretrain)
+    line = load_recipe("quickstart", ["pretrain.objective=supcon", "pretrain.supcon.temperature=0.2"]).pretrain
+    assert line.objective_summary() == "supcon, temperature 0.2"
+    assert "loss nt_xent, temperature 0.1" in load_recipe("quickstart").pretrain.objective_summary()

@@ -8,7 +8,7 @@ The hooks the trainer and the loop call on every task are declared on :class:`Ta
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,7 @@ class ContrastiveTask(Task):
         x1, x2 = self.views(batch)
         if self.channels_last:
             x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
-        return self.objective(self.model, x1, x2, batch)
+        return objective_outputs(self.objective, self.objective(self.model, x1, x2, batch))
 
     def on_fit_start(self, info: FitInfo) -> None:
         self.objective.on_fit_start(info)
@@ -105,6 +105,26 @@ class ContrastiveTask(Task):
     def warning(self, record: dict[str, float]) -> str | None:
         """The objective's warning (e.g. collapse)."""
         return self.objective.warning(record)
+
+
+def objective_outputs(objective: Objective, out: Any) -> dict[str, torch.Tensor]:
+    """An objective's ``forward`` result checked: a dict with ``loss``, every other value a scalar to log (a
+    0-dim or one-element tensor, or a Python number), made a 0-dim tensor so that the loop logs it. Anything else
+    is a mistake in the objective, told with its name and the key rather than dropped from the log."""
+    where = f"objective '{objective.name}': forward()"
+    if not isinstance(out, dict) or "loss" not in out:
+        raise TypeError(f"{where} must return a dict with 'loss' (and scalars to log), got {type(out).__name__}"
+                        + (f" with keys {sorted(out)}" if isinstance(out, dict) else ""))
+    checked = {}
+    for key, value in out.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = torch.tensor(float(value), device=out["loss"].device)
+        elif not torch.is_tensor(value) or value.numel() != 1:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise TypeError(f"{where} returned {key!r} = {shape}: the loss and each logged value must be a 0-dim or "
+                            "one-element tensor or a number (log a statistic of it, e.g. its mean)")
+        checked[key] = value.reshape(())
+    return checked
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -228,9 +248,8 @@ def grad_cache_chunk(objective: Objective, micro_batch_size: int, batch_size: in
     if not 0 < micro_batch_size < batch_size // world:
         return 0
     if not objective.supports_grad_cache:
-        raise RecipeError(f"pretrain.micro_batch_size={micro_batch_size}: the objective '{objective.name}' with "
-                          "these options does not support the gradient cache (e.g. pretrain.simclr.memory_size > 0); "
-                          "set pretrain.micro_batch_size=0")
+        raise RecipeError(f"pretrain.micro_batch_size={micro_batch_size}: {objective.grad_cache_refusal()}; set "
+                          f"pretrain.micro_batch_size=0 (or at least the batch per process, {batch_size // world})")
     return micro_batch_size
 
 

@@ -105,17 +105,22 @@ class Objective(nn.Module):
         return projection_head(in_dim, model.proj_layers, model.proj_hidden_dim, model.proj_dim)
 
     def build(self, model: nn.Module) -> None:
-        """Called once with the built model (a ``SimCLRModel``: ``backbone`` f, ``head`` g; BN already converted
-        for several processes), before the optimizer and resume: create parameters and buffers here (a
-        momentum copy of the encoder, a predictor sized to the head, a queue)."""
+        """Called once with the built model (a ``SimCLRModel``: ``backbone`` f, ``head`` g), before the optimizer
+        and resume: create parameters and buffers here (a momentum copy of the encoder, a predictor sized to
+        the head with :meth:`projection_dim`, a queue). BatchNorm layers created here are converted to global BN
+        with the model's when several processes run with ``pretrain.sync_bn``. Do not keep ``model`` as an
+        attribute: it would become a submodule (a second copy of its weights in the state, refused after
+        ``build``); keep it in a list (``self._online = [model]``) or take it from :meth:`forward`."""
 
     def on_fit_start(self, info: FitInfo) -> None:
-        """Called once per invocation before the first step (also on resume): total steps, steps per epoch,
-        process count, e.g. for a momentum schedule."""
+        """Called once per invocation before the first step (also on resume), after a resume's state has been
+        restored (so do not initialise parameters or buffers here: that belongs in :meth:`build`): total
+        steps, steps per epoch, process count and the step a resume starts from, e.g. for a momentum schedule."""
 
     def forward(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor,
                 batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One step's loss and metrics: ``{"loss": this process's share, **scalars to log}``.
+        """One step's loss and metrics: ``{"loss": this process's share, **scalars to log}``; a scalar is a
+        0-dim or one-element tensor or a Python number (anything else is an error naming the key).
 
         The default runs both views through ``model`` in one pass (BN sees all 2n) and applies :meth:`loss`.
         ``x1, x2``: the two views of this process's n images; ``batch``: the loaded batch (``label``, ...).
@@ -126,6 +131,8 @@ class Objective(nn.Module):
 
     def loss(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """This process's share of the loss on projections; averaged over processes it is the global loss.
+        Called by the default :meth:`forward` and by the gradient cache; an objective that overrides
+        :meth:`forward` and declares no ``supports_grad_cache`` need not implement it.
 
         Args:
             z1, z2: (n, d) projections of view 1 and view 2 of this process's n images.
@@ -135,7 +142,30 @@ class Objective(nn.Module):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        """Called after each applied optimizer update (not after a skipped one); ``step`` counts from 1."""
+        """Called after each applied optimizer update (not after a skipped one), under ``torch.no_grad()``;
+        ``step`` is the run's global optimizer step: 1 after the first update, and it goes on counting across
+        ``--resume`` (the first step after resuming from step N is N + 1)."""
+
+    def grad_cache_refusal(self) -> str:
+        """Why the gradient cache cannot run this objective (when ``supports_grad_cache`` is false): one clause."""
+        return (f"the objective '{self.name}' does not support the gradient cache (it runs networks of its own on "
+                "the views, or needs the whole batch at once)")
+
+    def check_built(self, model: nn.Module) -> None:
+        """After :meth:`build`: refuse an objective that holds the trained model's parameters as its own (kept as
+        an attribute, ``self.online = model``): they would be saved twice and could be optimized twice."""
+        own = {id(p): n for n, p in self.named_parameters()}
+        shared = [own[id(p)] for p in model.parameters() if id(p) in own]
+        if shared:
+            raise TypeError(f"objective '{self.name}': build() kept the trained model's parameters as its own "
+                            f"({shared[0]}, {len(shared)} in all): keep the model out of the objective's attributes "
+                            "(store it in a list, self._online = [model], or use the model forward() receives)")
+
+    @staticmethod
+    def projection_dim(model: nn.Module) -> int:
+        """The width of the model's projections z (the last linear layer of the head; without a head, h's)."""
+        linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+        return linears[-1].out_features if linears else model.backbone.num_features
 
     def metrics(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """Health scalars logged with the loss: ``z_std`` (std of normalized z over the global batch,

@@ -63,14 +63,16 @@ class SimCLR(Objective):
     def supports_grad_cache(self) -> bool:  # the memory runs the momentum encoder on the views itself
         return self.memory_size == 0
 
+    def grad_cache_refusal(self) -> str:
+        return (f"pretrain.simclr.memory_size={self.memory_size}: the memory runs the momentum encoder on the views "
+                "itself, which the gradient cache does not support")
+
     def build(self, model: nn.Module) -> None:
         if not self.memory_size:
             return
         self._online = [model]
         self.momentum_model = copy.deepcopy(model).requires_grad_(False)
-        linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
-        dim = linears[-1].out_features if linears else model.backbone.num_features
-        self.register_buffer("queue", torch.zeros(self.memory_size, dim))
+        self.register_buffer("queue", torch.zeros(self.memory_size, self.projection_dim(model)))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # the next row to write
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))  # projections queued so far
 

@@ -8,7 +8,7 @@ Each stage reads only its own section plus the shared ones
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal
 
 
@@ -160,6 +160,13 @@ class PretrainConfig:
     options: Any = field(default=None, metadata={
         "help": "the selected objective's own options, the [pretrain.<objective>] section (e.g. [pretrain.simclr]); "
                 "None: its defaults", "objective_section": True})
+
+    def objective_summary(self) -> str:
+        """The objective and its own options, e.g. ``simclr, loss nt_xent, temperature 0.5, ...`` (model card,
+        ``simclr info``)."""
+        if self.options is None or not fields(self.options):
+            return self.objective
+        return self.objective + ", " + ", ".join(f"{f.name} {getattr(self.options, f.name)}" for f in fields(self.options))
 
 
 @dataclass(frozen=True)

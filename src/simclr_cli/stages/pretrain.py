@@ -125,6 +125,8 @@ def _build_task(recipe: Recipe, objective: Objective, views: ContrastiveViews, a
     model = build_simclr_model(recipe.model, head=objective.head, image_size=recipe.data.image_size)
     model, bn_mode = convert_sync_bn(model, accelerator, pcfg.sync_bn)
     objective.build(model)  # before channels_last, compile, the optimizer and resume: its state goes with the task's
+    objective.check_built(model)
+    convert_sync_bn(objective, accelerator, pcfg.sync_bn)  # BN layers of its own (a predictor's) global too
     task = contrastive_task(model, objective, chunk, batched=BatchedAugment(views.augment) if views.batched else None)
     if views.device_decode:  # JPEG batches decoded on the device before the batched augmentation
         task.decoder = DeviceDecoder(views, accelerator.device)
