@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from simclr_cli.engine.fit import FitSpec, fit
 from simclr_cli.engine.setup import make_accelerator
 from simclr_cli.engine.tasks import Task
 from simclr_cli.objectives import FitInfo
-
-
-class _Indexed(Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, key):
-        _, i = key
-        return {"x": torch.tensor([float(i)]), "bad": -1}
+from tests.engine.test_loop_data import _Indexed  # the indexed dataset the loop's tests share
 
 
 class _Hooked(Task):
