@@ -120,7 +120,7 @@ def parse_saved_toml(text: str, source: str) -> dict[str, Any]:
     if isinstance(pretrain, dict) and any(k.split(".")[1] in pretrain for k in MOVED_KEYS):
         objective = pretrain.get("objective", "simclr")
         old = {k.split(".")[1]: pretrain.pop(k.split(".")[1]) for k in MOVED_KEYS if k.split(".")[1] in pretrain}
-        options = _objective_sections().get(objective)
+        options = registered_objective_sections().get(objective)
         if options is not None:  # each objective keeps the old keys it has (supcon: temperature)
             names = {f.name for f in fields(options)}
             section = pretrain.setdefault(objective, {})
@@ -186,8 +186,8 @@ def _apply_override(merged: dict, key: str, value: Any, where: str, source: str)
         # an objective's section is a table, so only a part followed by more can name one: a misspelt key
         # (`pretrain.epoch`) is told without importing the objectives (and torch with them)
         section_part = i < len(parts) - 1 and part not in names and _has_objective_section(cls)
-        if section_part and part in _objective_sections():
-            hint = _objective_sections()[part]  # [pretrain.<objective>]: checked against the objective when built
+        if section_part and part in registered_objective_sections():
+            hint = registered_objective_sections()[part]  # [pretrain.<objective>]: checked against the objective when built
         elif part not in names:
             if dotted in MOVED_KEYS:
                 raise RecipeError(f"{where}: '{dotted}' moved to '{MOVED_KEYS[dotted]}' (the objective's own section); "
@@ -195,7 +195,7 @@ def _apply_override(merged: dict, key: str, value: Any, where: str, source: str)
                                   "in the recipe")
             valid = [".".join([*parts[:i], n]) for n in names]
             if section_part:
-                valid += [".".join([*parts[:i], n]) for n in _objective_sections()]
+                valid += [".".join([*parts[:i], n]) for n in registered_objective_sections()]
             elif i == len(parts) - 1 and _has_objective_section(cls):
                 _refuse_objective_key(part, parts[:i], names, where)
             raise RecipeError(f"{where}: unknown key '{dotted}'{_did_you_mean(dotted, valid)}")
@@ -220,7 +220,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str
         raise RecipeError(f"{source}: [{where}] must be a table, got {_type_name(raw)}")
     hints = get_type_hints(cls)
     known = {f.name: f for f in _keys(cls)}
-    sections = _objective_sections() if _has_objective_section(cls) else {}
+    sections = registered_objective_sections() if _has_objective_section(cls) else {}
     for key in raw:
         if key not in known and key not in sections:
             if prefix + key in MOVED_KEYS:
@@ -261,7 +261,7 @@ def _refuse_objective_key(key: str, section: list[str], plain: typing.Iterable[s
     if difflib.get_close_matches(key, list(plain), n=1, cutoff=0.85):
         return
     prefix = ".".join(section)
-    sections = _objective_sections()
+    sections = registered_objective_sections()
     if key in sections:
         example = fields(sections[key])[0].name if fields(sections[key]) else "KEY"
         raise RecipeError(f"{where}: '{prefix}.{key}' is the objective {key}'s section, not a key; set one of its "
@@ -283,7 +283,7 @@ def _has_objective_section(cls: type) -> bool:
     return any(f.metadata.get("objective_section") for f in fields(cls))
 
 
-def _objective_sections() -> dict[str, type]:
+def registered_objective_sections() -> dict[str, type]:
     """Objective name -> options dataclass. Objectives register their sections when imported; importing the
     package here (late, like a plugin entry point) makes the built-in ones known to every recipe load."""
     import simclr_cli.objectives  # noqa: F401

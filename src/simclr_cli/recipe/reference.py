@@ -76,7 +76,7 @@ def recipe_reference() -> str:
 
 def _objective_sections(parent: str) -> list[str]:
     """One table per objective with options: ``[pretrain.<objective>]``, read only when that objective is selected."""
-    from simclr_cli.recipe.loader import _objective_sections as sections
+    from simclr_cli.recipe.loader import registered_objective_sections as sections
 
     out = []
     for name, cls in sorted(sections().items()):

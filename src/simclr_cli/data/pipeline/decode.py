@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from simclr_cli.data.sources.images import _ORIENTATION, decode_opened, draft_factor
+from simclr_cli.data.sources.images import EXIF_ORIENTATION, decode_opened, draft_factor
 from simclr_cli.errors import RecipeError
 
 # A crop box must stay at least this many times the output side (in both dimensions) on the reduced image.
@@ -66,7 +66,7 @@ def header_size(raw: bytes) -> tuple[int, int, int]:
 def _upright_size(img) -> tuple[int, int, int]:
     """(height, width, EXIF orientation) of an opened PIL image as it will be decoded, upright."""
     w, h = img.size
-    orientation = img.getexif().get(_ORIENTATION, 1)
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     orientation = orientation if orientation in range(1, 9) else 1
     if orientation in (5, 6, 7, 8):
         w, h = h, w

@@ -127,7 +127,7 @@ def decode_opened(img, *, min_side: int | None = None, channels_last: bool = Fal
     full_width = img.width
     drafted = img.draft("RGB", size)  # also lets JPEG decode straight to RGB
     scale = _draft_scale(drafted, full_width)
-    if img.getexif().get(_ORIENTATION, 1) != 1:  # checked first: exif_transpose copies even upright images
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # checked first: exif_transpose copies even upright images
         img = ImageOps.exif_transpose(img)
     elif channels_last and img.mode == "RGB":
         return torch.from_numpy(np.array(img)).permute(2, 0, 1), scale
@@ -156,7 +156,7 @@ def _draft_scale(drafted: tuple | None, width: int) -> int:
     return int(round(width / drafted[1][2]))
 
 
-_ORIENTATION = 0x0112  # the EXIF orientation tag
+EXIF_ORIENTATION = 0x0112  # the EXIF orientation tag
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 

@@ -1,7 +1,8 @@
-"""Issue 20, part 3: no function in the package over 60 lines without a reason in its docstring.
+"""Issue 20, part 3: the package's shape, kept.
 
-A longer function says why in its docstring, with a line starting ``Long:`` (e.g. ``Long: one collective sequence
-that every process must run in the same order``)."""
+- No function over 60 lines without a reason in its docstring. A longer function says why with a line starting
+  ``Long:`` (e.g. ``Long: one collective sequence that every process must run in the same order``).
+- No module imports another module's private (``_name``) helper: what is shared is public and named for what it is."""
 
 from __future__ import annotations
 
@@ -33,4 +34,14 @@ def test_no_long_function_without_a_reason(part):
     folder = PACKAGE / part
     found = (_long_functions(folder) if part != "." else  # the top-level modules
              [f for f in _long_functions(PACKAGE) if "/" not in f.split(":")[0].removeprefix("simclr_cli/")])
+    assert found == []
+
+
+def test_no_private_name_is_imported_from_another_module():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("simclr_cli"):
+                found += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.module}.{a.name}"
+                          for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
     assert found == []
