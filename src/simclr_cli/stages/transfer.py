@@ -177,10 +177,10 @@ def _finetune(src, init: str, data: TransferData, recipe: Recipe, accelerator, s
         model = common.load_encoder(src, recipe, init)
         clf = Classifier(model.backbone, [], k)
         batch = min(cfg.batch_size, len(source))
-        spec = FitSpec(epochs=math.ceil(cfg.finetune_steps * batch / len(source)) + 1, batch_size=cfg.batch_size,
-                       lr=lr * 256 / batch, momentum=0.9, weight_decay=wd, seed=recipe.seed,
-                       num_workers=recipe.data.num_workers, log_every=max(1, cfg.finetune_steps // 10),
-                       max_bad_fraction=recipe.data.max_bad_fraction, max_steps=cfg.finetune_steps)
+        # the grid's lr is the step size itself: divided here by the B/256 the trainer's linear scaling applies
+        spec = FitSpec.from_section(cfg, data=recipe.data, seed=recipe.seed, lr=lr * 256 / batch, weight_decay=wd,
+                                    epochs=math.ceil(cfg.finetune_steps * batch / len(source)) + 1,
+                                    log_every=max(1, cfg.finetune_steps // 10), max_steps=cfg.finetune_steps)
         task, _, _ = fit(accelerator, ClassificationTask(clf), LabeledViews(source, augment, recipe.seed), spec,
                          stage=STAGE, metrics_path=logs / f"{safe}-{tag}.jsonl", show_progress=False, state_dir=None)
         return task.model
