@@ -48,6 +48,17 @@ def test_the_schema_help_names_every_registered_dataset():
     assert all(n in transfer_help for n in transfer_names())
 
 
+def test_the_transfer_commands_dataset_help_names_every_transfer_dataset():
+    # `simclr transfer --dataset`'s help is a fixed text (the CLI does not import the registry, to start fast)
+    import typer
+
+    from simclr_cli.cli import app
+
+    command = typer.main.get_command(app).commands["transfer"]
+    help_text = next(p.help for p in command.params if p.name == "dataset")
+    assert [n for n in transfer_names() if n not in help_text] == []
+
+
 def _tiny_split(name, hint, cfg, split, seed):
     import torch
 
@@ -87,10 +98,14 @@ def test_unknown_names_are_refused_by_both_with_the_registrys_names(tmp_path):
     with pytest.raises(UsageError) as e:
         load_transfer("cifar", str(tmp_path))
     plain = [n for n in transfer_names() if ":" not in n]
-    assert str(e.value) == f"unknown transfer dataset 'cifar'; built in: {', '.join(plain)}, or imagefolder:PATH"
-    for name in ("synthetic", "imagefolder", "cifar10:x"):  # pretraining only; a path where none is taken, or none given
-        with pytest.raises(UsageError, match="unknown transfer dataset"):
+    assert str(e.value) == (f"unknown transfer dataset 'cifar' (did you mean 'cifar10'?); built in: {', '.join(plain)}, "
+                            "or imagefolder:PATH")
+    # pretraining only; a path where none is taken, or none given: each names the transfer spelling nearest to it
+    for name, near in (("synthetic", None), ("imagefolder", "imagefolder:PATH"), ("cifar10:x", "cifar10"),
+                       ("imagefoldr:/data", "imagefolder:PATH")):
+        with pytest.raises(UsageError, match="unknown transfer dataset") as e:
             load_transfer(name, str(tmp_path))
+        assert (f"(did you mean '{near}'?)" in str(e.value)) if near else ("did you mean" not in str(e.value))
 
 
 def test_torchvision_splits_come_from_the_registry(tmp_path):

@@ -142,4 +142,7 @@ def transfer_dataset(name: str) -> tuple[Dataset, Optional[str]]:
         raise UsageError(f"transfer dataset '{name}' has no path; write {base}:PATH, e.g. --dataset {base}:/data/caltech101")
     plain = [n for n in transfer_names() if not n.endswith(":PATH")]
     with_path = [n for n in transfer_names() if n.endswith(":PATH")]
-    raise UsageError(f"unknown transfer dataset '{name}'; built in: {', '.join(plain)}, or {' or '.join(with_path)}")
+    close = difflib.get_close_matches(base if colon else name, [n.removesuffix(":PATH") for n in transfer_names()], n=1)
+    near = f" (did you mean '{close[0]}{':PATH' if DATASETS[close[0]].path_in_name else ''}'?)" if close else ""
+    raise UsageError(f"unknown transfer dataset '{name}'{near}; built in: {', '.join(plain)}, "
+                     f"or {' or '.join(with_path)}")
