@@ -204,3 +204,31 @@ def test_quickstart_with_memory_on_two_processes_follows_one_over_24_steps(tmp_p
     assert [x for _, x in l2] == pytest.approx([x for _, x in l1], rel=5e-3)
     a, b = _state(tmp_path / "one"), _state(tmp_path / "two")
     assert int(a["model.objective.queue_count"]) == int(b["model.objective.queue_count"]) == 24 * 64
+
+
+@pytest.mark.slow
+def test_quickstart_with_memory_sigterm_then_the_printed_resume_is_bit_identical(tmp_path):
+    """The issue's check as a user meets it (slow: three quickstart runs): the bundled quickstart with a 256-row
+    memory, SIGTERM mid-run, then the printed resume command run verbatim: losses, weights, queue and momentum
+    encoder equal an uninterrupted run bit for bit."""
+    from tests.stages.test_preemption import _resume
+
+    args = ["pretrain", "quickstart", "--set", "pretrain.simclr.memory_size=256", "--set", "pretrain.max_steps=24",
+            "--set", "pretrain.knn_every=0", "--set", "pretrain.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run([sys.executable, "-m", "simclr_cli", *args, "--out", str(tmp_path / "ref")],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "run"
+    returncode, err = sigterm_once_logged([sys.executable, "-m", "simclr_cli", *args, "--out", str(out)],
+                                          out / "pretrain" / "metrics.jsonl", lines=6, env=env)
+    assert returncode == 130, err[-3000:]
+    from simclr_cli.checkpoints import read_trainer
+
+    assert 6 <= read_trainer(out / "pretrain" / "state")["step"] < 24, "the run finished before the signal"
+    resumed = _resume(err)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _losses(out) == _losses(tmp_path / "ref") and len(_losses(out)) == 24
+    a, b = _state(out), _state(tmp_path / "ref")
+    assert int(a["model.objective.queue_count"]) == 24 * 64
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
