@@ -186,8 +186,8 @@ def _apply_override(merged: dict, key: str, value: Any, where: str, source: str)
         # an objective's section is a table, so only a part followed by more can name one: a misspelt key
         # (`pretrain.epoch`) is told without importing the objectives (and torch with them)
         section_part = i < len(parts) - 1 and part not in names and _has_objective_section(cls)
-        if section_part and part in registered_objective_sections():
-            hint = registered_objective_sections()[part]  # [pretrain.<objective>]: checked against the objective when built
+        if section_part and part in (sections := registered_objective_sections()):
+            hint = sections[part]  # [pretrain.<objective>]: checked against the objective when built
         elif part not in names:
             if dotted in MOVED_KEYS:
                 raise RecipeError(f"{where}: '{dotted}' moved to '{MOVED_KEYS[dotted]}' (the objective's own section); "
